@@ -1,0 +1,139 @@
+"""Atomic, deterministic NDC writer (format_spec/NDC-v1.md).
+
+Payloads stream into a temporary file next to the target as they are added, so a large model never
+has to sit in memory whole; `finish` appends the index and the payload table, fsyncs, and renames
+over the target. Until that rename nothing exists under the target name, and on any error the
+temporary file is removed. Same payloads + same index → same bytes (no timestamps, sorted JSON keys,
+fixed zstd level, single-threaded compression).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+
+import numpy as np
+
+from nadoo.runtime.format import (
+    CODEC_RAW, CODEC_ZSTD, MAJOR, MINOR, PREAMBLE_SIZE, TABLE_DTYPE, Preamble, align_up,
+)
+
+# zstd keeps a payload only when it saves at least this fraction: decompression costs time on every
+# cache fill, and quantized codes rarely compress by more than a few percent.
+MIN_ZSTD_SAVING = 0.05
+
+
+def dumps_json(obj) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8. Used for the index and JSON payloads."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class BundleWriter:
+    def __init__(self, path, alignment: int = 64, zstd_level: int = 3):
+        if alignment < 8 or alignment & (alignment - 1):
+            raise ValueError("alignment must be a power of two >= 8")
+        self.path = os.fspath(path)
+        self.alignment = alignment
+        self.zstd_level = zstd_level
+        self._records: list[tuple[int, int, int, int, int]] = []
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, self._tmp = tempfile.mkstemp(prefix=".nadoo-", suffix=".ndc.tmp", dir=directory)
+        self._f = os.fdopen(fd, "wb")
+        self._pos = 0
+        self._write(b"\0" * PREAMBLE_SIZE)  # placeholder, rewritten by finish()
+        self._cctx = None
+        self.finished = False
+
+    def _write(self, data) -> None:
+        self._f.write(data)
+        self._pos += len(data)
+
+    def _pad_to(self, alignment: int) -> None:
+        pad = align_up(self._pos, alignment) - self._pos
+        if pad:
+            self._write(b"\0" * pad)
+
+    def add_payload(self, data, compress: str = "auto") -> int:
+        """Append one payload; returns its id. compress: 'auto' (zstd if it pays), 'always', 'never'."""
+        raw = bytes(data)
+        codec, stored = CODEC_RAW, raw
+        if compress != "never" and raw:
+            if self._cctx is None:
+                import zstandard
+
+                self._cctx = zstandard.ZstdCompressor(level=self.zstd_level, write_content_size=True, threads=0)
+            packed = self._cctx.compress(raw)
+            if compress == "always" or len(packed) <= (1 - MIN_ZSTD_SAVING) * len(raw):
+                codec, stored = CODEC_ZSTD, packed
+        self._pad_to(self.alignment)
+        self._records.append((self._pos, len(stored), len(raw), zlib.crc32(stored), codec))
+        self._write(stored)
+        return len(self._records) - 1
+
+    def add_json(self, obj) -> int:
+        return self.add_payload(dumps_json(obj), compress="always")
+
+    def add_array(self, a: np.ndarray, compress: str = "auto") -> int:
+        a = np.ascontiguousarray(a)
+        return self.add_payload(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(), compress)
+
+    def finish(self, index: dict) -> None:
+        """Write index + table + preamble, fsync, and atomically rename onto the target path."""
+        try:
+            self._pad_to(8)
+            index_offset = self._pos
+            index_raw = dumps_json(index)
+            self._write(index_raw)
+            self._pad_to(8)
+            table_offset = self._pos
+            table = np.zeros(len(self._records), dtype=TABLE_DTYPE)
+            for i, (off, stored, raw, crc, codec) in enumerate(self._records):
+                table[i] = (off, stored, raw, crc, codec, b"\0\0\0")
+            table_raw = table.tobytes()
+            self._write(table_raw)
+            pre = Preamble(
+                major=MAJOR, minor=MINOR, preamble_size=PREAMBLE_SIZE, alignment=self.alignment, flags=0,
+                index_offset=index_offset, index_length=len(index_raw), table_offset=table_offset,
+                table_count=len(self._records), index_crc32=zlib.crc32(table_raw, zlib.crc32(index_raw)),
+            )
+            self._f.seek(0)
+            self._f.write(pre.pack())
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self._tmp, self.path)
+            self.finished = True
+            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop the temporary file; the target path is left exactly as it was."""
+        if not self._f.closed:
+            self._f.close()
+        if not self.finished and os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.finished:
+            self.abort()
+
+
+def _fsync_dir(directory: str) -> None:
+    # Makes the rename itself durable; not every platform lets a directory be opened, hence the guard.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

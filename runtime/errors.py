@@ -1,0 +1,22 @@
+"""The runtime's error types. Every failure a user can cause (bad bundle, bad input, unsupported
+model) is one of these, so the CLI can print one line and exit 2 instead of a traceback."""
+
+
+class NadooError(Exception):
+    """Base of every error nadoo reports to a user."""
+
+
+class BundleError(NadooError):
+    """The .ndc file is missing, truncated, corrupt, or of a version/feature we cannot read."""
+
+
+class InputError(NadooError):
+    """Inputs given to a run do not match the model (name, shape, dtype, missing)."""
+
+
+class UnsupportedError(NadooError):
+    """The model uses something nadoo cannot compile or run (operator, attribute, dtype)."""
+
+
+class CompileError(NadooError):
+    """The compiler could not load, calibrate or write a model."""

@@ -1,0 +1,192 @@
+"""Grouped asymmetric quantization payload codec (.ndc format v1), pure NumPy.
+
+A quantized chunk is a matrix W of ``rows`` (R) x ``row_len`` (K). Along K the columns are cut
+into groups of ``group_size`` (G) columns; ``ng = ceil(K / G)`` and ``K_pad = ng * G`` (the
+caller passes the *effective* group size, i.e. ``G = K`` when ``K`` is smaller than the compile
+option). Every group has one float16 ``scale`` and one float16 ``min``.
+
+Payload layout (no padding between the parts)::
+
+    codes   ceil(R * K_pad * bits / 8) bytes: the row-major [R, K_pad] code array (columns >= K
+            are padding, written as 0 and ignored on decode) flattened to a stream of codes and
+            bit-packed LSB-first: code i occupies bits (i*bits mod 8).. of byte floor(i*bits/8)
+    scales  float16 little-endian [R, ng] row-major
+    mins    float16 little-endian [R, ng] row-major
+
+Decoding (float32): ``w[r, k] = f32(scale[r, k // G]) * f32(q[r, k]) + f32(min[r, k // G])``.
+
+Every length or argument mismatch on the decoding side raises :class:`BundleError`, so a
+truncated or mis-described chunk can never decode to silently wrong numbers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import BundleError
+
+__all__ = ["SUPPORTED_BITS", "payload_nbytes", "pack", "unpack", "dequantize"]
+
+SUPPORTED_BITS = (8, 4, 2)
+_F16LE = np.dtype("<f2")
+
+
+def _check_dims(rows, row_len, group_size, bits, exc=BundleError):
+    for name, v in (("rows", rows), ("row_len", row_len), ("group_size", group_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise exc(f"quantized chunk: {name} must be a positive integer, got {v!r}")
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise exc(f"quantized chunk: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return int(rows), int(row_len), int(group_size), int(bits)
+
+
+def _layout(rows, row_len, group_size, bits):
+    ng = -(-row_len // group_size)
+    k_pad = ng * group_size
+    code_bytes = -(-(rows * k_pad * bits) // 8)
+    return ng, k_pad, code_bytes
+
+
+def payload_nbytes(rows: int, row_len: int, group_size: int, bits: int) -> int:
+    """Exact payload length in bytes: ceil(R*K_pad*bits/8) + 4*R*ng."""
+    rows, row_len, group_size, bits = _check_dims(rows, row_len, group_size, bits)
+    ng, _, code_bytes = _layout(rows, row_len, group_size, bits)
+    return code_bytes + 4 * rows * ng
+
+
+# ----------------------------------------------------------------------------------- packing
+def _pack_stream(stream: np.ndarray, bits: int) -> bytes:
+    """Bit-pack a flat uint8 code stream LSB-first."""
+    if bits == 8:
+        return stream.tobytes()
+    per = 8 // bits
+    n = stream.size
+    pad = (-n) % per
+    if pad:
+        stream = np.concatenate([stream, np.zeros(pad, np.uint8)])
+    s = stream.reshape(-1, per)
+    out = s[:, 0].copy()
+    for j in range(1, per):
+        out |= s[:, j] << np.uint8(j * bits)
+    return out.tobytes()
+
+
+def _unpack_stream(raw: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of :func:`_pack_stream`: uint8 bytes -> flat uint8 codes (first ``n``)."""
+    if bits == 8:
+        return raw[:n]
+    per = 8 // bits
+    mask = np.uint8((1 << bits) - 1)
+    out = np.empty((raw.size, per), np.uint8)
+    for j in range(per):
+        if j == 0:
+            np.bitwise_and(raw, mask, out=out[:, 0])
+        elif j == per - 1:
+            np.right_shift(raw, np.uint8(j * bits), out=out[:, j])
+        else:
+            np.right_shift(raw, np.uint8(j * bits), out=out[:, j])
+            out[:, j] &= mask
+    return out.reshape(-1)[:n]
+
+
+def pack(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray, bits: int, group_size: int) -> bytes:
+    """Serialize codes uint8 [R, K] (unpadded), scales/mins float16 [R, ng] into a payload.
+
+    Raises ValueError on inconsistent arguments (this is the compiler side)."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"pack: codes must be 2-D [rows, row_len], got shape {codes.shape}")
+    rows, row_len = codes.shape
+    rows, row_len, group_size, bits = _check_dims(rows, row_len, group_size, bits, ValueError)
+    ng, k_pad, _ = _layout(rows, row_len, group_size, bits)
+    if codes.dtype.kind not in "ui":
+        raise ValueError(f"pack: codes must be an integer array, got {codes.dtype}")
+    if codes.size and (codes.min() < 0 or codes.max() > (1 << bits) - 1):
+        raise ValueError(f"pack: codes out of range [0, {(1 << bits) - 1}] for {bits}-bit")
+    scales = np.asarray(scales)
+    mins = np.asarray(mins)
+    for name, a in (("scales", scales), ("mins", mins)):
+        if a.shape != (rows, ng):
+            raise ValueError(f"pack: {name} must have shape {(rows, ng)}, got {a.shape}")
+        if a.dtype != np.float16:
+            raise ValueError(f"pack: {name} must be float16, got {a.dtype}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"pack: {name} contain non-finite values")
+    c = codes.astype(np.uint8, copy=False)
+    if k_pad != row_len:
+        cp = np.zeros((rows, k_pad), np.uint8)
+        cp[:, :row_len] = c
+        c = cp
+    body = _pack_stream(np.ascontiguousarray(c).reshape(-1), bits)
+    return body + scales.astype(_F16LE).tobytes() + mins.astype(_F16LE).tobytes()
+
+
+def _split(buf, rows, row_len, group_size, bits):
+    rows, row_len, group_size, bits = _check_dims(rows, row_len, group_size, bits)
+    ng, k_pad, code_bytes = _layout(rows, row_len, group_size, bits)
+    want = code_bytes + 4 * rows * ng
+    try:
+        raw = np.frombuffer(buf, dtype=np.uint8)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"quantized chunk: payload is not a byte buffer ({e})") from None
+    if raw.size != want:
+        raise BundleError(
+            f"quantized chunk: payload is {raw.size} bytes, expected {want} for "
+            f"{rows}x{row_len} at {bits}-bit, group {group_size}")
+    scales = raw[code_bytes:code_bytes + 2 * rows * ng].view(_F16LE).reshape(rows, ng)
+    mins = raw[code_bytes + 2 * rows * ng:].view(_F16LE).reshape(rows, ng)
+    return raw[:code_bytes], scales, mins, (rows, row_len, group_size, bits, ng, k_pad)
+
+
+def unpack(buf, rows: int, row_len: int, group_size: int, bits: int):
+    """Payload -> (codes uint8 [R, K], scales float16 [R, ng], mins float16 [R, ng])."""
+    raw, scales, mins, (rows, row_len, group_size, bits, ng, k_pad) = _split(
+        buf, rows, row_len, group_size, bits)
+    codes = _unpack_stream(raw, bits, rows * k_pad).reshape(rows, k_pad)[:, :row_len]
+    return (np.ascontiguousarray(codes),
+            scales.astype(np.float16), mins.astype(np.float16))
+
+
+# ---------------------------------------------------------------------------- dequantization
+_LUT_CACHE: dict = {}
+
+
+def _code_lut(bits: int) -> np.ndarray:
+    """1-D table of 256 entries: byte value -> the 8//bits float32 codes it holds, packed in one
+    wide element (uint64 for 4-bit, complex128 for 2-bit) so the lookup is a single fast gather;
+    viewing the result as float32 gives the codes in stream order."""
+    lut = _LUT_CACHE.get(bits)
+    if lut is None:
+        b = np.arange(256, dtype=np.uint8)[:, None]
+        per = 8 // bits
+        shifts = (np.arange(per, dtype=np.uint8) * bits)[None, :]
+        tab = np.ascontiguousarray(((b >> shifts) & ((1 << bits) - 1)).astype("<f4"))
+        lut = tab.view(np.uint64 if bits == 4 else np.complex128).reshape(256)
+        _LUT_CACHE[bits] = lut
+    return lut
+
+
+def dequantize(buf, rows: int, row_len: int, group_size: int, bits: int) -> np.ndarray:
+    """Payload -> float32 [R, K] using w = f32(scale) * f32(q) + f32(min) (no fused multiply-add).
+
+    Raises BundleError on a wrong payload length or non-finite scales/mins (a corrupt chunk)."""
+    raw, scales, mins, (rows, row_len, group_size, bits, ng, k_pad) = _split(
+        buf, rows, row_len, group_size, bits)
+    s32 = scales.astype(np.float32)
+    m32 = mins.astype(np.float32)
+    if not (np.isfinite(s32).all() and np.isfinite(m32).all()):
+        raise BundleError("quantized chunk: scales/mins contain non-finite values (corrupt payload)")
+    n = rows * k_pad
+    if bits == 8:
+        q = raw.astype(np.float32)
+    else:
+        # One table lookup per byte yields its 2 or 4 codes already as float32.
+        q = _code_lut(bits)[raw].view(np.float32)
+        if q.size != n:
+            q = q[:n]
+    q = q.reshape(rows, ng, group_size)
+    q *= s32[:, :, None]
+    q += m32[:, :, None]
+    out = q.reshape(rows, k_pad)
+    if k_pad != row_len:
+        out = np.ascontiguousarray(out[:, :row_len])
+    return out
