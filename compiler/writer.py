@@ -76,7 +76,7 @@ class BundleWriter:
         return self.add_payload(dumps_json(obj), compress="always")
 
     def add_array(self, a: np.ndarray, compress: str = "auto") -> int:
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a)  # tobytes() is C-order; ascontiguousarray would turn a 0-d array into 1-d
         return self.add_payload(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(), compress)
 
     def finish(self, index: dict) -> None:

@@ -142,7 +142,8 @@ def unpack(buf, rows: int, row_len: int, group_size: int, bits: int):
     raw, scales, mins, (rows, row_len, group_size, bits, ng, k_pad) = _split(
         buf, rows, row_len, group_size, bits)
     codes = _unpack_stream(raw, bits, rows * k_pad).reshape(rows, k_pad)[:, :row_len]
-    return (np.ascontiguousarray(codes),
+    # always fresh, writable arrays (never views into the caller's buffer)
+    return (np.array(codes, dtype=np.uint8, order="C", copy=True),
             scales.astype(np.float16), mins.astype(np.float16))
 
 

@@ -1,0 +1,186 @@
+"""Calibration: run the rewritten graph on the calibration set with dense float weights and record,
+per weight-bearing op, what the compiler and the run-time policies need:
+
+- per input channel: importance = mean x² (activation-aware quantization weights its error by it);
+- per output unit (row): mean |y|, fraction of positions where it is active, peak |y|;
+- per chunk and per sample: the share of output energy, from which `routable` is decided — a layer
+  is routable when, sample by sample, a few chunks carry nearly all of its output energy.
+
+Outputs consumed only by a Relu are measured after the Relu: that is what the next layer sees.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nadoo.runtime.engine import Plan
+
+from .rewrite import Weight, consumers
+
+
+class LayerStats:
+    def __init__(self, w: Weight, relu_after: bool, activation: str | None = None):
+        self.w = w
+        self.relu_after = relu_after
+        self.activation = activation
+        self.sum_x2 = np.zeros(w.row_len if w.kind != "conv" else w.array.shape[1], np.float64)
+        self.n_x = 0
+        self.sum_abs = np.zeros(w.rows, np.float64)
+        self.n_active = np.zeros(w.rows, np.float64)
+        self.peak = np.zeros(w.rows, np.float64)
+        self.n_pos = 0
+        self.sample_energy: list[np.ndarray] = []  # per sample: energy per row
+        self.lookups = np.zeros(w.rows, np.float64) if w.kind == "gather" else None
+        self.threshold = None
+
+    def record(self, x: np.ndarray, y: np.ndarray) -> None:
+        """x: the op's input activation (indices for gather); y: its output."""
+        kind = self.w.kind
+        if kind == "gather":
+            idx = np.asarray(x).reshape(len(x), -1) if np.ndim(x) > 1 else np.asarray(x).reshape(1, -1)
+            for row in idx:
+                touched = np.unique(row % self.w.rows)
+                self.lookups[touched] += 1
+                e = np.zeros(self.w.rows)
+                e[touched] = 1.0
+                self.sample_energy.append(e)
+            return
+        if self.relu_after:
+            y = np.maximum(y, 0)
+        if kind == "conv":
+            # rows = output channels (axis 1); importance per input channel (axis 1 of x)
+            xc = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+            yb = np.moveaxis(y, 1, -1).reshape(y.shape[0], -1, y.shape[1])
+        else:
+            xc = x.reshape(-1, x.shape[-1])
+            yb = y.reshape(y.shape[0], -1, y.shape[-1]) if y.ndim > 1 else y.reshape(1, 1, -1)
+        self.sum_x2 += np.einsum("ij,ij->j", xc, xc, dtype=np.float64)
+        self.n_x += xc.shape[0]
+        a = np.abs(yb)
+        flat = a.reshape(-1, a.shape[-1])
+        if self.threshold is None:
+            # "active" = above a tenth of the layer's RMS output, fixed from the first batch.
+            self.threshold = 0.1 * float(np.sqrt(np.mean(flat.astype(np.float64) ** 2)) + 1e-30)
+        self.sum_abs += flat.sum(0, dtype=np.float64)
+        self.n_active += (flat > self.threshold).sum(0)
+        self.peak = np.maximum(self.peak, flat.max(0))
+        self.n_pos += flat.shape[0]
+        self.sample_energy.extend(np.einsum("bpr,bpr->br", yb, yb, dtype=np.float64))
+
+    def importance(self) -> np.ndarray:
+        imp = (self.sum_x2 / max(self.n_x, 1)).astype(np.float32)
+        if self.w.kind == "conv":
+            kk = int(np.prod(self.w.array.shape[2:]))
+            groups = self.w.meta.get("groups", 1)
+            cin_g = self.w.array.shape[1]
+            imp = imp.reshape(groups, cin_g).mean(0) if groups > 1 else imp[:cin_g]
+            imp = np.repeat(imp, kk)
+        return imp
+
+    def summary(self, bounds: np.ndarray, route_share: float = 0.5, route_threshold: float = 0.9) -> dict:
+        n = len(bounds) - 1
+        seg = lambda v: np.add.reduceat(v, bounds[:-1])  # noqa: E731 - per-chunk sums
+        rows_per = np.diff(bounds)
+        E = np.array(self.sample_energy) if self.sample_energy else np.zeros((0, self.w.rows))
+        chunk_e = np.add.reduceat(E, bounds[:-1], axis=1) if len(E) else np.zeros((0, n))
+        k = max(1, int(np.ceil(route_share * n)))
+        tot = chunk_e.sum(1)
+        top = -np.sort(-chunk_e, axis=1)[:, :k].sum(1)
+        conc = float(np.mean(top[tot > 0] / tot[tot > 0])) if np.any(tot > 0) else 0.0
+        if self.w.kind == "gather":
+            act = seg(self.lookups) / max(len(E), 1)
+            out = {"chunk_activity": act.tolist(), "chunk_active_frac": (seg((self.lookups > 0).astype(float)) / rows_per).tolist(),
+                   "chunk_peak": act.tolist()}
+        else:
+            mean_abs = self.sum_abs / max(self.n_pos, 1)
+            out = {
+                "chunk_activity": (seg(mean_abs) / rows_per).tolist(),
+                "chunk_active_frac": (seg(self.n_active / max(self.n_pos, 1)) / rows_per).tolist(),
+                "chunk_peak": np.maximum.reduceat(self.peak, bounds[:-1]).tolist(),
+                "input_importance_mean": float(self.importance().mean()),
+            }
+        # Exact-on-skip evidence: the share of per-sample output energy in the top `route_share` chunks.
+        out["concentration"] = conc
+        # Skipping a chunk zeroes its outputs; that is near-exact only in front of an activation that
+        # maps small/negative inputs to ~0 (ReLU, GELU). Heads, projections and residual paths are not.
+        out["routable"] = bool(self.w.kind == "linear" and self.activation is not None and n >= 4 and conc >= route_threshold)
+        out["activation_after"] = self.activation
+        out["kind"] = self.w.kind
+        return out
+
+
+_ACTIVATIONS = {"Relu", "Gelu", "FastGelu", "BiasGelu", "QuickGelu"}
+
+
+def activation_after(node: dict, cons: dict) -> str | None:
+    """The activation this op's output feeds, if any: a Relu/Gelu node, or the Erf form of GELU
+    (x * 0.5 * (1 + erf(x / sqrt 2))) that exporters write, possibly after a bias Add."""
+    out = node["outputs"][0]
+    after = cons.get(out, [])
+    if len(after) == 1 and after[0]["op"] == "Add" and after[0].get("domain", "") in ("", "ai.onnx"):
+        out, after = after[0]["outputs"][0], cons.get(after[0]["outputs"][0], [])
+    ops = sorted(a["op"] for a in after)
+    if len(after) == 1 and ops[0] in _ACTIVATIONS:
+        return "Relu" if ops[0] == "Relu" else "Gelu"
+    if any(o in ("Div", "Mul") for o in ops):
+        for a in after:
+            for nxt in cons.get(a["outputs"][0], []):
+                if nxt["op"] == "Erf":
+                    return "Gelu"
+    return None
+
+
+def calibrate(graph: dict, constants: dict, weights: list[Weight], calib: dict[str, np.ndarray],
+              batch_size: int = 16, progress=None) -> dict[str, LayerStats]:
+    """Run the rewritten graph on every calibration sample (in batches) and collect LayerStats."""
+    cons = consumers(graph)
+    by_name = {w.name: w for w in weights}
+    stats = {}
+    for n in graph["nodes"]:
+        if n.get("domain") == "nadoo":
+            w = by_name[n["attrs"]["weight"]]
+            act = activation_after(n, cons)
+            stats[w.name] = LayerStats(w, act == "Relu", act)
+            if w.kind == "conv":
+                w.meta["groups"] = n["attrs"].get("group", 1)
+    plan = Plan(graph, constants, custom_ops=dense_builders(by_name, stats))
+    n = len(next(iter(calib.values())))
+    starts = range(0, n, batch_size)
+    for s in (progress(starts) if progress else starts):
+        plan.run({k: v[s : s + batch_size] for k, v in calib.items()})
+    return stats
+
+
+def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | None = None) -> dict:
+    """Float, full-weight implementations of the nadoo ops (calibration and reference runs)."""
+    from nadoo.runtime.chunked_ops import conv_with_weight, gather_rows, linear
+
+    def rec(name, x, y):
+        if stats is not None:
+            stats[name].record(x, y)
+        return y
+
+    def b_linear(node, ctx):
+        w = weights[node["attrs"]["weight"]]
+        wt = np.ascontiguousarray(w.array.T)
+
+        def run(x, bias=None):
+            return rec(w.name, x, linear(x, wt, bias))
+        return run
+
+    def b_gather(node, ctx):
+        w = weights[node["attrs"]["weight"]]
+
+        def run(idx):
+            return rec(w.name, idx, gather_rows(w.array, idx))
+        return run
+
+    def b_conv(node, ctx):
+        w = weights[node["attrs"]["weight"]]
+        attrs = node["attrs"]
+
+        def run(x, bias=None):
+            return rec(w.name, x, conv_with_weight(x, w.array, bias, attrs))
+        return run
+
+    return {("nadoo", "ChunkedLinear"): b_linear, ("nadoo", "ChunkedGather"): b_gather, ("nadoo", "ChunkedConv"): b_conv}

@@ -1,0 +1,249 @@
+"""`nadoo compile`: load → ONNX graph → rewrite weight ops → calibrate → chunk → prune → quantize → write.
+
+Each step is its own module; this file only wires them together and reports progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nadoo.runtime import __version__
+from nadoo.runtime.errors import CompileError
+
+from .calib_data import load_calibration, synthetic_calibration
+from .calibrate import calibrate, dense_builders
+from .rewrite import Weight, rewrite_weight_ops
+from .writer import BundleWriter
+
+TIER_BITS = (("q8", 8), ("q4", 4), ("q2", 2))
+
+
+@dataclass
+class CompileOptions:
+    calib: str | None = None
+    chunks: int = 16  # chunks per linear/conv weight
+    embedding_rows: int = 64  # rows per chunk of an embedding table
+    group_size: int = 64
+    keep_float: bool = False
+    prune_tau: float = 0.0
+    min_elements: int = 1024  # weights smaller than this stay inline
+    input_shapes: dict | None = None
+    model_class: str | None = None
+    allow_pickle: bool = False
+    synthetic_samples: int = 32
+    route_threshold: float = 0.9  # routable if this share of per-sample energy sits in the top half of chunks
+    calib_batch: int = 16
+    alignment: int = 64
+
+
+@dataclass
+class CompileReport:
+    path: str
+    seconds: float
+    tensors: int
+    chunks: int
+    bundle_bytes: int
+    dense_fp32_weight_bytes: int
+    tier_bytes: dict
+    kept_params_ratio: float
+    routable: list
+    calibration: str
+    prune_tau: float = 0.0
+    notes: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        mb = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+        lines = [
+            f"wrote {self.path}: {self.tensors} chunked tensors, {self.chunks} chunks, {mb(self.bundle_bytes)} "
+            f"({self.bundle_bytes / max(self.dense_fp32_weight_bytes, 1):.2f}x the {mb(self.dense_fp32_weight_bytes)} of fp32 weights) "
+            f"in {self.seconds:.1f} s",
+            "bytes per tier: " + ", ".join(f"{t} {mb(b)}" for t, b in self.tier_bytes.items()),
+            f"calibration: {self.calibration}; routable layers: {len(self.routable)}"
+            + (f" ({', '.join(self.routable[:4])}{', …' if len(self.routable) > 4 else ''})" if self.routable else ""),
+        ]
+        if self.kept_params_ratio < 1 and self.prune_tau > 0:
+            lines.append(f"boundary pruning kept {self.kept_params_ratio:.1%} of the chunked parameters")
+        return "\n".join(lines + self.notes)
+
+
+def _bounds(rows: int, n: int) -> list[int]:
+    n = max(1, min(n, rows))
+    return [round(i * rows / n) for i in range(n + 1)]
+
+
+def _progress(label: str, quiet: bool):
+    import click
+
+    def wrap(items):
+        if quiet:
+            return contextlib.nullcontext(items)
+        return click.progressbar(items, label=label, file=click.get_text_stream("stderr"))
+    return wrap
+
+
+def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = None, quiet: bool = False) -> CompileReport:
+    from .load import load_model
+    from .onnx_to_graph import onnx_to_graph
+
+    opts = opts or CompileOptions()
+    if opts.group_size < 1 or opts.chunks < 1 or opts.embedding_rows < 1:
+        raise CompileError("--group-size, --chunks and --embedding-rows must be positive")
+    if not 0 <= opts.prune_tau < 1:
+        raise CompileError("--prune-tau must be in [0, 1)")
+    t0 = time.perf_counter()
+    notes = []
+    calib = load_calibration(opts.calib) if opts.calib else None
+    loaded = load_model(model_path, example_inputs=calib, input_shapes=opts.input_shapes,
+                        model_class=opts.model_class, allow_pickle=opts.allow_pickle)
+    if calib is not None:
+        calib = load_calibration(opts.calib, loaded.input_specs)
+        calib_note = f"{len(next(iter(calib.values())))} samples from {opts.calib}"
+    else:
+        calib = synthetic_calibration(loaded.input_specs, n=opts.synthetic_samples)
+        calib_note = f"SYNTHETIC ({opts.synthetic_samples} random samples; pass --calib for a real activity profile)"
+        notes.append("warning: no --calib given; the activity profile comes from random inputs")
+    graph, consts = onnx_to_graph(loaded.onnx_model)
+    ref_graph, ref_consts = graph, consts
+    graph, consts, weights = rewrite_weight_ops(graph, consts, opts.min_elements)
+    bounds = {w.name: _bounds(w.rows, -(-w.rows // opts.embedding_rows) if w.kind == "gather" else opts.chunks)
+              for w in weights}
+
+    n = len(next(iter(calib.values())))
+    with _progress("calibrating ", quiet)(range(0, n, opts.calib_batch)) as it:
+        stats = calibrate(graph, consts, weights, calib, opts.calib_batch, progress=lambda _: it)
+    layers = {w.name: stats[w.name].summary(np.asarray(bounds[w.name]), route_threshold=opts.route_threshold)
+              for w in weights}
+
+    # The stored sample: first calibration sample and the *source* model's fp32 output for it.
+    sample_in = {k: np.ascontiguousarray(v[:1]) for k, v in calib.items()}
+    sample_out = _reference_outputs(loaded, ref_graph, ref_consts, sample_in)
+
+    kept, total = 0, 0
+    for w in weights:
+        if opts.prune_tau > 0:
+            cut = opts.prune_tau * float(np.abs(w.array).max())
+            w.array = np.where(np.abs(w.array) < cut, np.float32(0), w.array)
+        kept += int(np.count_nonzero(w.array))
+        total += w.array.size
+    dense_bytes = 4 * (total + sum(int(a.size) for a in consts.values() if a.dtype.kind == "f"))
+
+    tier_bytes = {t: 0 for t in (["f32"] if opts.keep_float else []) + [t for t, _ in TIER_BITS]}
+    entries = []
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with BundleWriter(out_path, alignment=opts.alignment) as wr:
+        graph_pid = wr.add_json(graph)
+        const_entry = _write_constants(wr, consts)
+        profile_pid = wr.add_json({"samples": n, "source": "synthetic" if opts.calib is None else "calibration file",
+                                   "layers": layers})
+        sample = {
+            "inputs": [_raw(wr, k, v) for k, v in sample_in.items()],
+            "outputs": [_raw(wr, k, v) for k, v in sample_out.items()],
+        }
+        work = [(w, t) for w in weights for t in tier_bytes]
+        with _progress("quantizing  ", quiet)(work) as it:
+            per_tensor: dict[str, dict] = {}
+            for w, tier in it:
+                e = per_tensor.setdefault(w.name, _entry(w, bounds[w.name], opts, layers[w.name]))
+                imp = stats[w.name].importance() if w.kind != "gather" else None
+                pids, errs = _write_tier(wr, w, e, tier, imp)
+                e["tiers"][tier] = pids
+                if errs:
+                    e["errors"][tier] = errs
+                tier_bytes[tier] += sum(int(wr._records[p][1]) for p in pids if p >= 0)
+        entries = list(per_tensor.values())
+        index = {
+            "format": "ndc",
+            "producer": {"name": "nadoo", "version": __version__},
+            "model": {"source": os.path.basename(os.fspath(model_path)), "source_kind": loaded.source_kind},
+            "graph": graph_pid,
+            "constants": const_entry,
+            "profile": profile_pid,
+            "sample": sample,
+            "tensors": entries,
+            "stats": {"dense_fp32_weight_bytes": dense_bytes, "kept_params_ratio": kept / max(total, 1),
+                      "prune_tau": opts.prune_tau, "calibration_samples": n},
+        }
+        wr.finish(index)
+    return CompileReport(
+        path=out_path, seconds=time.perf_counter() - t0, tensors=len(entries),
+        chunks=sum(len(e["bounds"]) - 1 for e in entries), bundle_bytes=os.path.getsize(out_path),
+        dense_fp32_weight_bytes=dense_bytes, tier_bytes=tier_bytes, kept_params_ratio=kept / max(total, 1),
+        routable=[k for k, v in layers.items() if v["routable"]], calibration=calib_note, prune_tau=opts.prune_tau,
+        notes=notes + list(loaded.warnings),
+    )
+
+
+def _entry(w: Weight, bounds: list[int], opts: CompileOptions, layer: dict) -> dict:
+    a = np.abs(w.array.reshape(w.rows, -1))
+    return {
+        "name": w.name, "kind": w.kind, "shape": list(w.array.shape), "group_size": opts.group_size,
+        "bounds": bounds, "tiers": {}, "errors": {}, "routable": layer["routable"],
+        "absmax": float(a.max()), "chunk_absmax": np.maximum.reduceat(a.max(1), bounds[:-1]).astype(float).tolist(),
+        "kept_ratio": float(np.count_nonzero(a) / a.size), "prune_tau": opts.prune_tau,
+    }
+
+
+def _write_tier(wr: BundleWriter, w: Weight, e: dict, tier: str, imp) -> tuple[list[int], dict]:
+    from .quantize import quantize_payload
+
+    m = w.array.reshape(w.rows, -1)
+    g = min(e["group_size"], m.shape[1])
+    pids, mse, out_err = [], [], []
+    for lo, hi in zip(e["bounds"], e["bounds"][1:]):
+        chunk = m[lo:hi]
+        if not chunk.any():  # all pruned away: marked empty, never read
+            pids.append(-1)
+            mse.append(0.0)
+            out_err.append(0.0)
+            continue
+        if tier == "f32":
+            pids.append(wr.add_array(np.ascontiguousarray(chunk, np.float32)))
+            continue
+        payload, err = quantize_payload(chunk, dict(TIER_BITS)[tier], g, imp)
+        pids.append(wr.add_payload(payload))
+        mse.append(err["mse"])
+        out_err.append(err["out_err"])
+    return pids, ({"mse": mse, "out_err": out_err} if tier != "f32" else {})
+
+
+def _write_constants(wr: BundleWriter, consts: dict) -> dict | None:
+    if not consts:
+        return None
+    blob, table = bytearray(), []
+    for name in sorted(consts):
+        a = np.asarray(consts[name])  # not ascontiguousarray: that turns 0-d into 1-d
+        if a.dtype.name not in ("float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8",
+                                "uint16", "uint32", "uint64", "bool"):
+            raise CompileError(f"constant {name} has unsupported dtype {a.dtype}")
+        blob += b"\0" * (-len(blob) % 16)  # 16-byte aligned so numpy views are aligned
+        table.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "offset": len(blob)})
+        blob += a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+    return {"payload": wr.add_payload(bytes(blob)), "tensors": table}
+
+
+def _raw(wr: BundleWriter, name: str, a: np.ndarray) -> dict:
+    a = np.asarray(a)
+    return {"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "payload": wr.add_array(a)}
+
+
+def _reference_outputs(loaded, graph, consts, inputs: dict) -> dict:
+    """The source model's fp32 output: torch for torch sources, else the ONNX graph itself."""
+    names = [o["name"] for o in graph["outputs"]]
+    if loaded.torch_module is not None:
+        out = loaded.run_torch(inputs)
+        return {k: np.asarray(out[k], np.float32) if np.asarray(out[k]).dtype.kind == "f" else np.asarray(out[k]) for k in names}
+    from nadoo.runtime.engine import Plan
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs = Plan(graph, consts).run(inputs)
+    return dict(zip(names, outs))
+
+
+__all__ = ["CompileOptions", "CompileReport", "compile_model", "dense_builders"]

@@ -1,0 +1,98 @@
+"""Find the weight-bearing operators of a nadoo graph and rewrite them into chunk-aware `nadoo` ops.
+
+MatMul/Gemm with a constant weight → `ChunkedLinear`, Gather from a constant 2-D table (axis 0) →
+`ChunkedGather`, Conv with a constant kernel → `ChunkedConv`. Their weights leave the constants and
+become chunked tensors in rows-first form (one row per output unit). Weights below `min_elements`
+stay inline: chunking a tiny tensor costs more index than it can ever save.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Weight:
+    name: str
+    kind: str  # "linear" | "gather" | "conv"
+    array: np.ndarray  # float32, rows first: [out, in] / [vocab, dim] / [Cout, Cin/g, kh, kw]
+    node_name: str
+    input_name: str  # the activation feeding the op (for calibration importance)
+    output_name: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.array.shape[0]
+
+    @property
+    def row_len(self) -> int:
+        return int(np.prod(self.array.shape[1:]))
+
+
+def rewrite_weight_ops(graph: dict, constants: dict[str, np.ndarray], min_elements: int = 1024
+                       ) -> tuple[dict, dict[str, np.ndarray], list[Weight]]:
+    """Return (new graph, remaining inline constants, chunkable weights). Inputs are not modified."""
+    uses = Counter(i for n in graph["nodes"] for i in n["inputs"] if i)
+    uses.update(o["name"] for o in graph["outputs"])
+    consts = dict(constants)
+    nodes, weights = [], []
+
+    def big_float(name, ndim=None):
+        a = consts.get(name)
+        return (a is not None and a.dtype.kind == "f" and a.size >= min_elements and uses[name] == 1
+                and (ndim is None or a.ndim == ndim))
+
+    for n in graph["nodes"]:
+        op, dom, ins, attrs = n["op"], n.get("domain", ""), n["inputs"], n.get("attrs", {})
+        new = None
+        if dom == "" and op == "MatMul" and len(ins) == 2 and ins[0] not in consts and big_float(ins[1], 2):
+            w = np.ascontiguousarray(consts.pop(ins[1]).T, dtype=np.float32)
+            weights.append(Weight(ins[1], "linear", w, n["name"], ins[0], n["outputs"][0]))
+            new = _node(n, "ChunkedLinear", [ins[0]], {"weight": ins[1]})
+        elif (dom == "" and op == "Gemm" and ins[0] not in consts and big_float(ins[1], 2)
+              and not attrs.get("transA", 0)):
+            bias = ins[2] if len(ins) > 2 else ""
+            b = consts.get(bias) if bias else None
+            n_out = consts[ins[1]].shape[0 if attrs.get("transB", 0) else 1]
+            if not bias or (b is not None and b.size == n_out and uses[bias] == 1):
+                w = consts.pop(ins[1])
+                w = w if attrs.get("transB", 0) else w.T
+                w = np.ascontiguousarray(w * np.float32(attrs.get("alpha", 1.0)), dtype=np.float32)
+                new_ins = [ins[0]]
+                if bias:
+                    consts[bias] = (consts[bias].reshape(-1) * np.float32(attrs.get("beta", 1.0))).astype(np.float32)
+                    new_ins.append(bias)
+                weights.append(Weight(ins[1], "linear", w, n["name"], ins[0], n["outputs"][0]))
+                new = _node(n, "ChunkedLinear", new_ins, {"weight": ins[1]})
+        elif dom == "" and op == "Gather" and attrs.get("axis", 0) == 0 and big_float(ins[0], 2) and ins[1] not in consts:
+            w = np.ascontiguousarray(consts.pop(ins[0]), dtype=np.float32)
+            weights.append(Weight(ins[0], "gather", w, n["name"], ins[1], n["outputs"][0]))
+            new = _node(n, "ChunkedGather", [ins[1]], {"weight": ins[0]})
+        elif dom == "" and op == "Conv" and ins[0] not in consts and big_float(ins[1]):
+            w = np.ascontiguousarray(consts.pop(ins[1]), dtype=np.float32)
+            weights.append(Weight(ins[1], "conv", w, n["name"], ins[0], n["outputs"][0]))
+            new_attrs = dict(attrs, weight=ins[1])
+            new_attrs.setdefault("kernel_shape", list(w.shape[2:]))
+            new = _node(n, "ChunkedConv", [ins[0]] + ([ins[2]] if len(ins) > 2 and ins[2] else []), new_attrs)
+        nodes.append(new or n)
+    g = dict(graph, nodes=nodes)
+    g["opset"] = dict(graph.get("opset", {}), nadoo=1)
+    g["constants"] = sorted(consts)
+    return g, consts, weights
+
+
+def _node(n: dict, op: str, inputs: list, attrs: dict) -> dict:
+    return {"op": op, "domain": "nadoo", "name": n["name"], "inputs": inputs, "outputs": list(n["outputs"]), "attrs": attrs}
+
+
+def consumers(graph: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for n in graph["nodes"]:
+        for i in n["inputs"]:
+            if i:
+                out.setdefault(i, []).append(n)
+    return out

@@ -1,0 +1,262 @@
+"""The `nadoo` domain operators, which fetch only the chunks a policy selects.
+
+`WeightStore` turns (tensor, chunk, tier) requests into decoded float32 blocks through the reader
+(merged positioned reads) and the budgeted cache; `ChunkedOps` binds the graph's nadoo nodes to it
+under a `Policy` and counts, per layer, chunks used, bytes read and multiply-accumulates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cache import ChunkCache
+from .errors import InputError
+from .policy import Policy
+from .reader import Bundle, TensorEntry
+
+
+# -- the math, shared with the compiler's calibration (float weights in memory) ---------------------
+def linear(x: np.ndarray, wt: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """x[..., K] @ wt[K, R] (+ bias[R]); wt is the transposed weight."""
+    y = np.matmul(x, wt)
+    if bias is not None:
+        y += bias
+    return y
+
+
+def gather_rows(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    idx = np.asarray(idx)
+    n = table.shape[0]
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        raise InputError(f"index out of range for a table of {n} rows")
+    return table[np.where(idx < 0, idx + n, idx)]
+
+
+_conv_cache: dict = {}
+
+
+def conv_with_weight(x, w, bias, attrs):
+    """ONNX Conv with an explicit weight, reusing the engine's Conv implementation."""
+    from .engine import build_node
+
+    key = tuple(sorted((k, str(v)) for k, v in attrs.items() if k != "weight"))
+    f = _conv_cache.get(key)
+    if f is None:
+        node = {"op": "Conv", "domain": "", "name": "conv", "inputs": ["x", "w", "b"], "outputs": ["y"],
+                "attrs": {k: v for k, v in attrs.items() if k != "weight"}}
+        f = _conv_cache[key] = build_node(node, [None, None, None], {"": 18})
+    return f(x, w, bias) if bias is not None else f(x, w)
+
+
+class LayerCounters:
+    __slots__ = ("kind", "chunks_total", "chunks_read", "bytes_read", "macs", "dense_macs", "calls", "tiers", "dense_fallback")
+
+    def __init__(self, kind: str, chunks_total: int):
+        self.kind = kind
+        self.chunks_total = chunks_total
+        self.chunks_read = 0
+        self.bytes_read = 0
+        self.macs = 0
+        self.dense_macs = 0
+        self.calls = 0
+        self.tiers: set = set()
+        self.dense_fallback = False
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "chunks_read": self.chunks_read, "chunks_total": self.chunks_total * max(self.calls, 1),
+                "bytes_read": self.bytes_read, "macs": self.macs, "dense_macs": self.dense_macs,
+                "tiers": sorted(self.tiers), "dense_fallback": self.dense_fallback}
+
+
+class WeightStore:
+    def __init__(self, bundle: Bundle, cache: ChunkCache, tau: float = 0.0):
+        self.b = bundle
+        self.cache = cache
+        self.tau = tau
+
+    def _prune(self, e: TensorEntry, a: np.ndarray) -> np.ndarray:
+        if self.tau <= 0:
+            return a
+        cut = self.tau * float(e.meta.get("absmax", np.abs(a).max()))
+        return np.where(np.abs(a) < cut, np.float32(0), a).astype(np.float32)
+
+    def skipped_by_tau(self, e: TensorEntry) -> np.ndarray:
+        """Chunks whose largest |w| is below tau·max|W|: all zero after pruning, never read."""
+        cm = e.meta.get("chunk_absmax")
+        empty = np.asarray(next(iter(e.tiers.values()))) < 0
+        if self.tau <= 0 or cm is None:
+            return empty
+        return empty | (np.asarray(cm) < self.tau * float(e.meta["absmax"]))
+
+    def chunks(self, e: TensorEntry, ids, tiers: list[str]) -> list[np.ndarray]:
+        """Decoded blocks [rows_c, K] for chunk ids, each at tiers[id]; missing ones read in one pass."""
+        keys = [(e.name, tiers[i], int(i), self.tau) for i in ids]
+        out: list = [self.cache.get(k) for k in keys]
+        missing = [j for j, a in enumerate(out) if a is None]
+        if missing:
+            pids = {}
+            for j in missing:
+                i = int(ids[j])
+                pid = int(e.tiers[tiers[i]][i])
+                if pid >= 0:
+                    pids[j] = pid
+            data = self.b.read_payloads(pids.values()) if pids else {}
+            for j in missing:
+                i = int(ids[j])
+                a = self._prune(e, self.b.decode_chunk(e, i, tiers[i], data.get(pids.get(j, -1))))
+                self.cache.put(keys[j], a)
+                out[j] = a
+        return out
+
+    def full(self, e: TensorEntry, tiers: list[str], transposed: bool = False) -> np.ndarray:
+        """The whole weight as one cached block (dense path): [R, K] in stored shape, or [K, R] for x @ W.T."""
+        key = (e.name, "full_t" if transposed else "full", tuple(tiers), self.tau)
+        a = self.cache.get(key)
+        if a is None:
+            ids = np.arange(e.n_chunks)
+            pids = [int(e.tiers[tiers[i]][i]) for i in ids]
+            data = self.b.read_payloads([p for p in pids if p >= 0])
+            blocks = [self._prune(e, self.b.decode_chunk(e, int(i), tiers[i], data.get(pids[i]))) for i in ids]
+            a = np.concatenate(blocks, axis=0).reshape(e.rows, e.row_len)
+            a = np.ascontiguousarray(a.T) if transposed else a.reshape(e.shape)
+            self.cache.put(key, a)
+        return a
+
+
+class ChunkedOps:
+    """Builders for the nadoo ops of one session (see engine.Plan custom_ops)."""
+
+    def __init__(self, bundle: Bundle, policy: Policy, cache: ChunkCache, profile: dict | None):
+        self.b = bundle
+        self.policy = policy
+        self.store = WeightStore(bundle, cache, policy.tau)
+        self.profile = (profile or {}).get("layers", {})
+        self.layers: dict[str, LayerCounters] = {}
+
+    def builders(self) -> dict:
+        return {("nadoo", "ChunkedLinear"): self._linear, ("nadoo", "ChunkedGather"): self._gather,
+                ("nadoo", "ChunkedConv"): self._conv}
+
+    def _entry(self, node) -> tuple[TensorEntry, LayerCounters, list[str], dict]:
+        e = self.b.tensors.get(node["attrs"]["weight"])
+        if e is None:
+            raise InputError(f"graph names weight {node['attrs']['weight']!r}, which the bundle does not hold")
+        prof = self.profile.get(e.name, {})
+        act = np.asarray(prof["chunk_activity"]) if "chunk_activity" in prof else None
+        tiers = self.policy.tiers_for(e, set(e.tiers), act)
+        c = self.layers[e.name] = LayerCounters(e.kind, e.n_chunks)
+        c.tiers = set(tiers)
+        return e, c, tiers, prof
+
+    def _count(self, c: LayerCounters, before: int, n_chunks: int, macs: int, dense_macs: int) -> None:
+        c.calls += 1
+        c.chunks_read += n_chunks
+        c.bytes_read += self.b.bytes_read - before
+        c.macs += macs
+        c.dense_macs += dense_macs
+
+    def _selection(self, e: TensorEntry, prof: dict, c: LayerCounters):
+        """Static part of the choice: None = dense, else the chunk ids kept on every call."""
+        skip = self.store.skipped_by_tau(e)
+        routable = bool(e.meta.get("routable", prof.get("routable", False)))
+        if self.policy.kind == "topk" and routable:
+            if prof.get("concentration", 1.0) < self.policy.fallback:
+                c.dense_fallback = True
+            elif self.policy.predictor == "static":
+                act = np.asarray(prof.get("chunk_activity", np.ones(e.n_chunks)), dtype=float)
+                act = np.where(skip, -np.inf, act)
+                keep = np.sort(np.argsort(-act, kind="stable")[: self.policy.k_for(e.n_chunks)])
+                return keep[~skip[keep]]
+            else:
+                return "oracle"
+        if skip.any():
+            return np.flatnonzero(~skip)
+        return None
+
+    def _linear(self, node, ctx):
+        e, c, tiers, prof = self._entry(node)
+        sel = self._selection(e, prof, c)
+        store, b, bounds, K, R = self.store, self.b, e.bounds, e.row_len, e.rows
+        policy = self.policy
+
+        def rows_of(ids):
+            return np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in ids])
+
+        def dense(x, bias=None):
+            before = b.bytes_read
+            y = linear(x, store.full(e, tiers, transposed=True), bias)
+            pos = x.size // K
+            self._count(c, before, e.n_chunks, pos * R * K, pos * R * K)
+            return y
+
+        def partial(x, ids, bias, before):
+            blocks = store.chunks(e, ids, tiers)
+            rows = rows_of(ids)
+            w = np.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
+            y = np.zeros(x.shape[:-1] + (R,), np.float32)
+            part = np.matmul(x, w.T)
+            if bias is not None:
+                part += bias[rows]
+            y[..., rows] = part
+            pos = x.size // K
+            self._count(c, before, len(ids), pos * len(rows) * K, pos * R * K)
+            return y
+
+        if sel is None:
+            return dense
+        if isinstance(sel, str):  # oracle: exact product, then keep the k chunks with most energy
+            def oracle(x, bias=None):
+                before = b.bytes_read
+                full = linear(x, store.full(e, tiers, transposed=True), bias).reshape(-1, R)
+                energy = np.add.reduceat((full * full).sum(0), bounds[:-1])
+                keep = np.sort(np.argsort(-energy, kind="stable")[: policy.k_for(e.n_chunks)])
+                y = np.zeros_like(full)
+                rows = rows_of(keep)
+                y[:, rows] = full[:, rows]
+                pos = x.size // K
+                self._count(c, before, e.n_chunks, pos * R * K, pos * R * K)
+                return y.reshape(x.shape[:-1] + (R,))
+            return oracle
+        if len(sel) == 0:
+            def zeros(x, bias=None):
+                self._count(c, b.bytes_read, 0, 0, (x.size // K) * R * K)
+                y = np.zeros(x.shape[:-1] + (R,), np.float32)
+                return y  # every chunk pruned away: the layer contributes nothing but its bias
+            return zeros
+        return lambda x, bias=None: partial(x, sel, bias, b.bytes_read)
+
+    def _gather(self, node, ctx):
+        e, c, tiers, _ = self._entry(node)
+        store, b, bounds, n = self.store, self.b, e.bounds, e.rows
+
+        def run(idx):
+            before = b.bytes_read
+            idx = np.asarray(idx)
+            if idx.dtype.kind not in "iu":
+                raise InputError(f"{node['name']}: indices must be integers, got {idx.dtype}")
+            if idx.size and (idx.min() < -n or idx.max() >= n):
+                raise InputError(f"{node['name']}: index out of range for {n} rows")
+            flat = np.where(idx < 0, idx + n, idx).reshape(-1)
+            chunk_of = np.searchsorted(bounds, flat, side="right") - 1
+            ids = np.unique(chunk_of)
+            blocks = store.chunks(e, ids, tiers)
+            table = np.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
+            base = np.zeros(e.n_chunks, np.int64)
+            base[ids] = np.concatenate([[0], np.cumsum(np.diff(bounds)[ids])[:-1]])
+            out = table[flat - bounds[chunk_of] + base[chunk_of]]
+            self._count(c, before, len(ids), 0, 0)
+            return out.reshape(idx.shape + e.shape[1:])
+        return run
+
+    def _conv(self, node, ctx):
+        e, c, tiers, _ = self._entry(node)
+        store, b = self.store, self.b
+        attrs = node["attrs"]
+
+        def run(x, bias=None):
+            before = b.bytes_read
+            y = conv_with_weight(x, store.full(e, tiers), bias, attrs)
+            macs = int(y.size) * e.row_len  # N·P·Cout output values, each a K-long dot product
+            self._count(c, before, e.n_chunks, macs, macs)
+            return y
+        return run

@@ -1,0 +1,23 @@
+"""Built-in NumPy operator implementations for the nadoo engine.
+
+Every operator is a *builder*: ``builder(node: dict, ctx: BuildContext) -> callable``. The builder runs once
+when a :class:`~nadoo.runtime.engine.Plan` is built; it reads the node's attributes and any constant inputs
+(``ctx.const(i)``) to precompute what it can, and returns a callable that takes the node's inputs (arrays, or
+``None`` for an omitted optional input) and returns one array (single-output nodes) or a tuple of arrays.
+
+A builder may raise :class:`Fallback` to say "this particular node configuration is not implemented natively";
+the engine then uses the onnx.reference fallback for that node (compile machines only).
+"""
+from __future__ import annotations
+
+from ._common import Fallback, REGISTRY, register  # noqa: F401
+from . import elementwise, matmul, conv, shape, reduce, norm  # noqa: F401  (populate REGISTRY)
+
+__all__ = ["REGISTRY", "Fallback", "register", "get_builder"]
+
+
+def get_builder(op: str, domain: str = ""):
+    """Return the built-in builder for (domain, op) or None."""
+    if domain == "ai.onnx":
+        domain = ""
+    return REGISTRY.get((domain, op))

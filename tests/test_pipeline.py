@@ -1,0 +1,250 @@
+"""compile → bundle → run, on real models trained here: the digits MLP (TorchScript) and CNN (ONNX)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from examples.models import digits_data, export_onnx, train_digits_cnn, train_digits_mlp  # noqa: E402
+from nadoo.compiler.pipeline import CompileOptions, compile_model  # noqa: E402
+from nadoo.runtime import InputError, Policy, Session  # noqa: E402
+from nadoo.runtime.reader import Bundle  # noqa: E402
+
+RUN_KEYS = ["bytes_read", "bundle_bytes", "dense_fp32_weight_bytes", "chunks_read", "chunks_total", "macs",
+            "dense_macs", "latency_s", "peak_rss_bytes", "cache_hits", "layers"]
+
+
+def nadoo(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "nadoo.runtime.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_data()
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory, digits):
+    """The digits MLP saved as TorchScript and compiled through the CLI with float weights kept."""
+    d = tmp_path_factory.mktemp("mlp")
+    Xtr, ytr, Xte, yte = digits
+    model = train_digits_mlp()
+    torch.jit.save(torch.jit.trace(model, torch.zeros(1, 64)), d / "mlp.pt")
+    np.savez(d / "calib.npz", input=Xtr[:128])
+    r = nadoo("compile", d / "mlp.pt", "--calib", d / "calib.npz", "-o", d / "mlp.ndc", "--keep-float",
+              "--chunks", "8", "--route-threshold", "0", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and "routable layers: 2" in r.stdout
+    with torch.no_grad():
+        ref = model(torch.from_numpy(Xte)).numpy()
+    return d, model, ref
+
+
+def test_dense_float_equals_source(mlp, digits):
+    d, _, ref = mlp
+    with Session(d / "mlp.ndc", Policy(bits="float")) as s:
+        (y,) = s.run(None, {"input": digits[2]})
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_tiers_keep_accuracy(mlp, digits):
+    d, _, ref = mlp
+    yte = digits[3]
+    acc = {}
+    for bits in ("float", "8", "4", "2"):
+        with Session(d / "mlp.ndc", Policy(bits=bits)) as s:
+            acc[bits] = float(np.mean(s.run(None, {"input": digits[2]})[0].argmax(1) == yte))
+    assert acc["float"] > 0.95
+    assert acc["8"] >= acc["float"] - 0.005
+    assert acc["4"] >= acc["float"] - 0.01
+    assert acc["2"] >= acc["float"] - 0.10, acc  # 2-bit is the cold tier; recorded, loosely bounded
+
+
+def test_topk_all_chunks_equals_dense_and_half_reads_less(mlp, digits):
+    d, _, _ = mlp
+    x = digits[2][:5]
+    with Session(d / "mlp.ndc", Policy(bits="4")) as s:
+        dense = s.run(None, {"input": x})[0]
+        dense_bytes = s.last_stats["bytes_read"]
+    with Session(d / "mlp.ndc", Policy("topk", bits="4", topk=1.0)) as s:
+        np.testing.assert_array_equal(s.run(None, {"input": x})[0], dense)
+    with Session(d / "mlp.ndc", Policy("topk", bits="4", topk=0.5)) as s:
+        s.run(None, {"input": x})
+        st = s.last_stats
+    routed = [l for l in st["layers"].values() if l["chunks_read"] < l["chunks_total"]]
+    assert len(routed) == 2 and all(l["chunks_read"] == 4 for l in routed)
+    assert st["bytes_read"] < dense_bytes and st["macs"] < st["dense_macs"]
+
+
+def test_oracle_topk_keeps_the_most_active_chunks(mlp, digits):
+    d, _, _ = mlp
+    x = digits[2][:1]
+    with Session(d / "mlp.ndc", Policy("topk", bits="float", topk=1.0, predictor="oracle")) as s:
+        full = s.run(None, {"input": x})[0]
+    with Session(d / "mlp.ndc", Policy(bits="float")) as s:
+        np.testing.assert_allclose(s.run(None, {"input": x})[0], full, rtol=1e-6, atol=1e-6)
+
+
+def test_bytes_read_is_the_sum_of_payloads_read(mlp, digits, monkeypatch):
+    d, _, _ = mlp
+    decoded = []
+    orig = Bundle._decode
+
+    def spy(self, pid, stored, counted=True):
+        decoded.append((pid, len(stored)))
+        return orig(self, pid, stored, counted)
+
+    monkeypatch.setattr(Bundle, "_decode", spy)
+    with Session(d / "mlp.ndc", Policy("topk", bits="4", topk=0.5)) as s:
+        decoded.clear()
+        s.run(None, {"input": digits[2][:3]})
+        st = s.last_stats
+        assert st["bytes_read"] == sum(n for _, n in decoded) > 0
+        assert st["bytes_read"] == int(s.bundle.table["stored"][[p for p, _ in decoded]].sum())
+        decoded.clear()
+        s.run(None, {"input": digits[2][:3]})  # warm: everything cached, nothing read
+        assert s.last_stats["bytes_read"] == 0 and not decoded and s.last_stats["cache_hits"] > 0
+
+
+def test_memory_budget_is_never_exceeded(mlp, digits):
+    d, _, _ = mlp
+    budget = 40_000
+    with Session(d / "mlp.ndc", Policy(bits="4"), memory_budget=budget) as s:
+        for i in range(3):
+            s.run(None, {"input": digits[2][i : i + 1]})
+            assert s.cache.bytes <= budget and s.cache.peak_bytes <= budget
+
+
+def test_payloads_decode_within_tier_error(mlp):
+    d, model, _ = mlp
+    with Bundle.open(d / "mlp.ndc") as b:
+        for e in b.tensors.values():
+            w = b.read_weight(e.name, "f32")
+            for tier, bound in (("q8", 1e-4), ("q4", 2e-2), ("q2", 0.25)):
+                q = b.read_weight(e.name, tier)
+                rel = float(np.sum((q - w) ** 2) / np.sum(w**2))
+                assert rel < bound, (e.name, tier, rel)
+                stored = np.mean(e.errors[tier]["mse"])
+                assert np.isclose(np.mean((q - w) ** 2), stored, rtol=0.3) or stored < 1e-9
+
+
+def test_run_json_without_input_checks_stored_sample(mlp):
+    d, _, _ = mlp
+    r = nadoo("run", d / "mlp.ndc", "--bits", "float", "--json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    for k in RUN_KEYS:
+        assert k in st
+    assert st["check"]["output"]["cosine"] > 0.999999 and st["check"]["output"]["max_abs_err"] < 1e-4
+    r = nadoo("run", d / "mlp.ndc", "--stats")
+    assert r.returncode == 0 and "chunks" in r.stdout and "bytes_read" in r.stdout
+
+
+def test_run_with_input_file_and_output(mlp, digits, tmp_path):
+    d, _, ref = mlp
+    np.save(tmp_path / "x.npy", digits[2][:7])
+    r = nadoo("run", d / "mlp.ndc", "--bits", "float", "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npz")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "y.npz")["output"], ref[:7], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["name", "shape", "dtype", "missing"])
+def test_bad_inputs_give_one_line_and_exit_2(mlp, digits, tmp_path, bad):
+    d, _, _ = mlp
+    x = digits[2][:2]
+    feeds = {"name": {"inputs": x}, "shape": {"input": x[:, :10]}, "dtype": {"input": x.astype(np.complex64)},
+             "missing": {}}[bad]
+    np.savez(tmp_path / "in.npz", **feeds)
+    r = nadoo("run", d / "mlp.ndc", "--input", tmp_path / "in.npz")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nadoo: error:"), r.stderr
+    with Session(d / "mlp.ndc") as s, pytest.raises(InputError):
+        s.run(None, feeds)
+
+
+def test_runtime_runs_where_torch_cannot_be_imported(mlp, tmp_path):
+    d, _, _ = mlp
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nclass _Block:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'onnx', 'onnxruntime'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, _Block())\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    r = nadoo("run", d / "mlp.ndc", "--bits", "4", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["check"]["output"]["cosine"] > 0.999
+
+
+def test_prune_tau_at_compile_and_run(tmp_path, digits):
+    Xtr = digits[0]
+    m = train_digits_mlp()
+    torch.jit.save(torch.jit.trace(m, torch.zeros(1, 64)), tmp_path / "m.pt")
+    np.savez(tmp_path / "c.npz", input=Xtr[:64])
+    rep = compile_model(tmp_path / "m.pt", str(tmp_path / "p.ndc"),
+                        CompileOptions(calib=str(tmp_path / "c.npz"), prune_tau=0.05, chunks=64, keep_float=True),
+                        quiet=True)
+    assert 0 < rep.kept_params_ratio < 1
+    with Bundle.open(tmp_path / "p.ndc") as b:
+        assert b.index["stats"]["kept_params_ratio"] == rep.kept_params_ratio
+        e = b.tensors["0.weight"]
+        w = np.abs(b.read_weight("0.weight", "f32"))
+        assert w.max() == e.meta["absmax"] and np.all((w == 0) | (w >= 0.05 * e.meta["absmax"]))
+    with Session(tmp_path / "p.ndc", Policy(bits="8", tau=0.5)) as s:
+        s.run(None, {"input": digits[2][:2]})
+        assert s.last_stats["chunks_read"] < s.last_stats["chunks_total"]
+
+
+def test_cnn_from_onnx_file(tmp_path, digits):
+    Xtr, _, Xte, yte = digits
+    model = train_digits_cnn()
+    x = Xtr[:2].reshape(-1, 1, 8, 8)
+    export_onnx(model, (x,), tmp_path / "cnn.onnx", ["image"], ["logits"], {"image": {0: "batch"}, "logits": {0: "batch"}})
+    np.savez(tmp_path / "c.npz", image=Xtr[:64].reshape(-1, 1, 8, 8))
+    rep = compile_model(tmp_path / "cnn.onnx", str(tmp_path / "cnn.ndc"),
+                        CompileOptions(calib=str(tmp_path / "c.npz"), keep_float=True, chunks=4), quiet=True)
+    assert rep.tensors >= 2
+    xs = Xte.reshape(-1, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(xs)).numpy()
+    with Session(tmp_path / "cnn.ndc", Policy(bits="float")) as s:
+        kinds = {l["kind"] for l in (s.run(None, {"image": xs[:1]}) and s.last_stats["layers"]).values()}
+        assert "conv" in kinds
+        np.testing.assert_allclose(s.run(None, {"image": xs})[0], ref, rtol=1e-4, atol=1e-4)
+    with Session(tmp_path / "cnn.ndc", Policy(bits="4")) as s:
+        acc4 = float(np.mean(s.run(None, {"image": xs})[0].argmax(1) == yte))
+    assert acc4 >= float(np.mean(ref.argmax(1) == yte)) - 0.01
+
+
+def test_compile_bad_input_leaves_no_bundle(tmp_path):
+    r = nadoo("compile", tmp_path / "missing.pt", "-o", tmp_path / "o.ndc")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x01garbage" * 10)
+    r = nadoo("compile", tmp_path / "junk.onnx", "-o", tmp_path / "o.ndc")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o.ndc").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_compile_unsupported_op_is_one_clear_error(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [64, 32], np.ones(64 * 32, np.float32))
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Frobnicate", ["h"], ["y"], domain="acme")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("acme", 1)])
+    onnx.save(m, tmp_path / "u.onnx")
+    np.savez(tmp_path / "c.npz", x=np.ones((4, 64), np.float32))
+    r = nadoo("compile", tmp_path / "u.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / "o.ndc", "-q")
+    assert r.returncode == 2 and "Frobnicate" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o.ndc").exists()
