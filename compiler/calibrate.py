@@ -32,6 +32,9 @@ class LayerStats:
         self.sample_energy: list[np.ndarray] = []  # per sample: energy per row
         self.lookups = np.zeros(w.rows, np.float64) if w.kind == "gather" else None
         self.threshold = None
+        # Input second moment H = sum x^T x (K x K, float64) for GPTQ-style error feedback; linear only
+        # (conv would need the im2col columns, gather has no input activation).
+        self.sum_xxt = np.zeros((w.row_len, w.row_len), np.float64) if w.kind == "linear" else None
 
     def record(self, x: np.ndarray, y: np.ndarray) -> None:
         """x: the op's input activation (indices for gather); y: its output."""
@@ -56,6 +59,10 @@ class LayerStats:
             yb = y.reshape(y.shape[0], -1, y.shape[-1]) if y.ndim > 1 else y.reshape(1, 1, -1)
         self.sum_x2 += np.einsum("ij,ij->j", xc, xc, dtype=np.float64)
         self.n_x += xc.shape[0]
+        if self.sum_xxt is not None:
+            # float32 product per batch (fast BLAS), accumulated in float64 across batches
+            x32 = np.ascontiguousarray(xc, np.float32)
+            self.sum_xxt += x32.T @ x32
         a = np.abs(yb)
         flat = a.reshape(-1, a.shape[-1])
         if self.threshold is None:
@@ -76,6 +83,13 @@ class LayerStats:
             imp = imp.reshape(groups, cin_g).mean(0) if groups > 1 else imp[:cin_g]
             imp = np.repeat(imp, kk)
         return imp
+
+    def hessian(self) -> np.ndarray | None:
+        """H = mean x^T x over calibration positions (K x K float64), or None (not a linear layer).
+        Its diagonal equals importance(); GPTQ propagates quantization error through its inverse."""
+        if self.sum_xxt is None or self.n_x == 0:
+            return None
+        return self.sum_xxt / self.n_x
 
     def summary(self, bounds: np.ndarray, route_share: float = 0.5, route_threshold: float = 0.9) -> dict:
         n = len(bounds) - 1
@@ -109,6 +123,77 @@ class LayerStats:
         return out
 
 
+class FFNStats:
+    """Calibration of a fused FFN: the up-projection's input importance, per-neuron activity of the
+    post-activation h, per-sample contribution energy Σ h² (weighted by |down row|² at summary time),
+    and a subsample of (x, |h|) rows for co-activation reordering and fitting the predictor sketch."""
+
+    MAX_ROWS = 4096
+
+    def __init__(self, up: Weight, down: Weight, activation: str):
+        self.w, self.down, self.activation = up, down, activation
+        R, K = up.rows, up.row_len
+        self.sum_x2 = np.zeros(K, np.float64)
+        self.n_x = 0
+        self.sum_abs = np.zeros(R, np.float64)
+        self.n_active = np.zeros(R, np.float64)
+        self.peak = np.zeros(R, np.float64)
+        self.n_pos = 0
+        self.sample_energy: list[np.ndarray] = []
+        self.x_rows: list[np.ndarray] = []
+        self.h_rows: list[np.ndarray] = []
+        self.n_rows = 0
+        self.threshold = None
+
+    def record(self, x: np.ndarray, h: np.ndarray) -> None:
+        xf = x.reshape(-1, x.shape[-1])
+        hf = h.reshape(-1, h.shape[-1])
+        self.sum_x2 += np.einsum("ij,ij->j", xf, xf, dtype=np.float64)
+        self.n_x += xf.shape[0]
+        a = np.abs(hf)
+        if self.threshold is None:
+            self.threshold = 0.1 * float(np.sqrt(np.mean(a.astype(np.float64) ** 2)) + 1e-30)
+        self.sum_abs += a.sum(0, dtype=np.float64)
+        self.n_active += (a > self.threshold).sum(0)
+        self.peak = np.maximum(self.peak, a.max(0))
+        self.n_pos += a.shape[0]
+        hb = h.reshape(h.shape[0], -1, h.shape[-1])
+        self.sample_energy.extend(np.einsum("bpr,bpr->br", hb, hb, dtype=np.float64))
+        if self.n_rows < self.MAX_ROWS:
+            step = max(1, xf.shape[0] // 256)  # spread the subsample over the calibration set
+            self.x_rows.append(xf[::step][: self.MAX_ROWS - self.n_rows].copy())
+            self.h_rows.append(a[::step][: self.MAX_ROWS - self.n_rows].copy())
+            self.n_rows += len(self.x_rows[-1])
+
+    def importance(self) -> np.ndarray:
+        return (self.sum_x2 / max(self.n_x, 1)).astype(np.float32)
+
+    def permute(self, perm: np.ndarray) -> None:
+        self.sum_abs, self.n_active, self.peak = self.sum_abs[perm], self.n_active[perm], self.peak[perm]
+        self.sample_energy = [e[perm] for e in self.sample_energy]
+        self.h_rows = [h[:, perm] for h in self.h_rows]
+
+    def summary(self, bounds: np.ndarray, route_share: float = 0.5, route_threshold: float = 0.9) -> dict:
+        n = len(bounds) - 1
+        rows_per = np.diff(bounds)
+        contrib = np.einsum("rn,rn->r", self.down.array, self.down.array)  # |down row|² per neuron
+        E = np.array(self.sample_energy) * contrib
+        chunk_e = np.add.reduceat(E, bounds[:-1], axis=1)
+        k = max(1, int(np.ceil(route_share * n)))
+        tot = chunk_e.sum(1)
+        top = -np.sort(-chunk_e, axis=1)[:, :k].sum(1)
+        conc = float(np.mean(top[tot > 0] / tot[tot > 0])) if np.any(tot > 0) else 0.0
+        mean_abs = self.sum_abs / max(self.n_pos, 1)
+        return {
+            "kind": "ffn", "activation_after": self.activation,
+            "chunk_activity": (np.add.reduceat(mean_abs * contrib, bounds[:-1]) / rows_per).tolist(),
+            "chunk_active_frac": (np.add.reduceat(self.n_active / max(self.n_pos, 1), bounds[:-1]) / rows_per).tolist(),
+            "chunk_peak": np.maximum.reduceat(self.peak, bounds[:-1]).tolist(),
+            "concentration": conc,
+            "routable": bool(n >= 4 and conc >= route_threshold),
+        }
+
+
 _ACTIVATIONS = {"Relu", "Gelu", "FastGelu", "BiasGelu", "QuickGelu"}
 
 
@@ -137,7 +222,10 @@ def calibrate(graph: dict, constants: dict, weights: list[Weight], calib: dict[s
     by_name = {w.name: w for w in weights}
     stats = {}
     for n in graph["nodes"]:
-        if n.get("domain") == "nadoo":
+        if n.get("domain") == "nadoo" and n["op"] == "ChunkedFFN":
+            a = n["attrs"]
+            stats[a["up"]] = FFNStats(by_name[a["up"]], by_name[a["down"]], a["activation"])
+        elif n.get("domain") == "nadoo":
             w = by_name[n["attrs"]["weight"]]
             act = activation_after(n, cons)
             stats[w.name] = LayerStats(w, act == "Relu", act)
@@ -153,7 +241,7 @@ def calibrate(graph: dict, constants: dict, weights: list[Weight], calib: dict[s
 
 def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | None = None) -> dict:
     """Float, full-weight implementations of the nadoo ops (calibration and reference runs)."""
-    from nadoo.runtime.chunked_ops import conv_with_weight, gather_rows, linear
+    from nadoo.runtime.chunked_ops import activation, conv_with_weight, gather_rows, linear
 
     def rec(name, x, y):
         if stats is not None:
@@ -183,4 +271,17 @@ def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | No
             return rec(w.name, x, conv_with_weight(x, w.array, bias, attrs))
         return run
 
-    return {("nadoo", "ChunkedLinear"): b_linear, ("nadoo", "ChunkedGather"): b_gather, ("nadoo", "ChunkedConv"): b_conv}
+    def b_ffn(node, ctx):
+        a = node["attrs"]
+        up, down, act = weights[a["up"]], weights[a["down"]], activation(a["activation"])
+        upt = np.ascontiguousarray(up.array.T)
+
+        def run(x, b1=None, b2=None):
+            h = act(linear(x, upt, b1))
+            if stats is not None:
+                stats[up.name].record(x, h)
+            return linear(h, down.array, b2)
+        return run
+
+    return {("nadoo", "ChunkedLinear"): b_linear, ("nadoo", "ChunkedGather"): b_gather, ("nadoo", "ChunkedConv"): b_conv,
+            ("nadoo", "ChunkedFFN"): b_ffn}

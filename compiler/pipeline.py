@@ -18,6 +18,7 @@ from nadoo.runtime.errors import CompileError
 
 from .calib_data import load_calibration, synthetic_calibration
 from .calibrate import calibrate, dense_builders
+from .ffn import coactivation_order, fit_sketch, fuse_ffn
 from .rewrite import Weight, rewrite_weight_ops
 from .writer import BundleWriter
 
@@ -38,6 +39,9 @@ class CompileOptions:
     allow_pickle: bool = False
     synthetic_samples: int = 32
     route_threshold: float = 0.9  # routable if this share of per-sample energy sits in the top half of chunks
+    fuse_ffn: bool = True  # Linear → activation → Linear becomes one neuron-group op
+    reorder: bool = True  # co-activation reordering of FFN neurons before chunking
+    sketch_rank: int = 32  # rank of the FFN top-k predictor
     calib_batch: int = 16
     alignment: int = 64
 
@@ -110,15 +114,28 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         notes.append("warning: no --calib given; the activity profile comes from random inputs")
     graph, consts = onnx_to_graph(loaded.onnx_model)
     ref_graph, ref_consts = graph, consts
+    # Every float constant of the source graph is a weight (chunked or inline): the dense reference.
+    dense_bytes = 4 * sum(int(a.size) for a in consts.values() if a.dtype.kind == "f")
     graph, consts, weights = rewrite_weight_ops(graph, consts, opts.min_elements)
+    ffns = []
+    if opts.fuse_ffn:
+        graph, weights, ffns = fuse_ffn(graph, consts, weights)
     bounds = {w.name: _bounds(w.rows, -(-w.rows // opts.embedding_rows) if w.kind == "gather" else opts.chunks)
               for w in weights}
 
     n = len(next(iter(calib.values())))
     with _progress("calibrating ", quiet)(range(0, n, opts.calib_batch)) as it:
         stats = calibrate(graph, consts, weights, calib, opts.calib_batch, progress=lambda _: it)
-    layers = {w.name: stats[w.name].summary(np.asarray(bounds[w.name]), route_threshold=opts.route_threshold)
-              for w in weights}
+    for f in ffns:
+        _prepare_ffn(f, stats[f["up"].name], consts, graph, bounds, opts)
+    layers = {}
+    for w in weights:
+        if w.kind == "ffn_down":
+            continue
+        layers[w.name] = stats[w.name].summary(np.asarray(bounds[w.name]), route_threshold=opts.route_threshold)
+    for f in ffns:
+        up = f["up"].name
+        layers[f["down"].name] = {"kind": "ffn_down", "group_of": up, "routable": layers[up]["routable"]}
 
     # The stored sample: first calibration sample and the *source* model's fp32 output for it.
     sample_in = {k: np.ascontiguousarray(v[:1]) for k, v in calib.items()}
@@ -131,7 +148,6 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
             w.array = np.where(np.abs(w.array) < cut, np.float32(0), w.array)
         kept += int(np.count_nonzero(w.array))
         total += w.array.size
-    dense_bytes = 4 * (total + sum(int(a.size) for a in consts.values() if a.dtype.kind == "f"))
 
     tier_bytes = {t: 0 for t in (["f32"] if opts.keep_float else []) + [t for t, _ in TIER_BITS]}
     entries = []
@@ -145,18 +161,22 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
             "inputs": [_raw(wr, k, v) for k, v in sample_in.items()],
             "outputs": [_raw(wr, k, v) for k, v in sample_out.items()],
         }
-        work = [(w, t) for w in weights for t in tier_bytes]
+        # An FFN's up and down chunks are written interleaved (up_i, down_i, ...) per tier, so a
+        # neuron group is one contiguous range: one positioned read serves both halves.
+        downs = {f["up"].name: f["down"] for f in ffns}
+        groups = [[w] + ([downs[w.name]] if w.name in downs else []) for w in weights if w.kind != "ffn_down"]
+        work = [(g, t) for g in groups for t in tier_bytes]
+        per_tensor: dict[str, dict] = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
         with _progress("quantizing  ", quiet)(work) as it:
-            per_tensor: dict[str, dict] = {}
-            for w, tier in it:
-                e = per_tensor.setdefault(w.name, _entry(w, bounds[w.name], opts, layers[w.name]))
-                imp = stats[w.name].importance() if w.kind != "gather" else None
-                pids, errs = _write_tier(wr, w, e, tier, imp)
-                e["tiers"][tier] = pids
-                if errs:
-                    e["errors"][tier] = errs
-                tier_bytes[tier] += sum(int(wr._records[p][1]) for p in pids if p >= 0)
-        entries = list(per_tensor.values())
+            for group, tier in it:
+                imps = [stats[w.name].importance() if w.kind in ("linear", "conv", "ffn_up") else None for w in group]
+                for w, (pids, errs) in zip(group, _write_tier(wr, group, [per_tensor[w.name] for w in group], tier, imps)):
+                    e = per_tensor[w.name]
+                    e["tiers"][tier] = pids
+                    if errs:
+                        e["errors"][tier] = errs
+                    tier_bytes[tier] += sum(wr.stored_length(p) for p in pids if p >= 0)
+        entries = [per_tensor[w.name] for w in weights]
         index = {
             "format": "ndc",
             "producer": {"name": "nadoo", "version": __version__},
@@ -174,7 +194,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         path=out_path, seconds=time.perf_counter() - t0, tensors=len(entries),
         chunks=sum(len(e["bounds"]) - 1 for e in entries), bundle_bytes=os.path.getsize(out_path),
         dense_fp32_weight_bytes=dense_bytes, tier_bytes=tier_bytes, kept_params_ratio=kept / max(total, 1),
-        routable=[k for k, v in layers.items() if v["routable"]], calibration=calib_note, prune_tau=opts.prune_tau,
+        routable=[k for k, v in layers.items() if v["routable"] and v["kind"] != "ffn_down"], calibration=calib_note, prune_tau=opts.prune_tau,
         notes=notes + list(loaded.warnings),
     )
 
@@ -189,27 +209,53 @@ def _entry(w: Weight, bounds: list[int], opts: CompileOptions, layer: dict) -> d
     }
 
 
-def _write_tier(wr: BundleWriter, w: Weight, e: dict, tier: str, imp) -> tuple[list[int], dict]:
+def _write_tier(wr: BundleWriter, group: list[Weight], entries: list[dict], tier: str, imps: list
+                ) -> list[tuple[list[int], dict]]:
+    """Write one tier of each chunk of the tensors in `group` (which share chunk bounds), chunk by
+    chunk and interleaved, so that chunk i of every tensor in the group is one contiguous range."""
     from .quantize import quantize_payload
 
-    m = w.array.reshape(w.rows, -1)
-    g = min(e["group_size"], m.shape[1])
-    pids, mse, out_err = [], [], []
-    for lo, hi in zip(e["bounds"], e["bounds"][1:]):
-        chunk = m[lo:hi]
-        if not chunk.any():  # all pruned away: marked empty, never read
-            pids.append(-1)
-            mse.append(0.0)
-            out_err.append(0.0)
-            continue
-        if tier == "f32":
-            pids.append(wr.add_array(np.ascontiguousarray(chunk, np.float32)))
-            continue
-        payload, err = quantize_payload(chunk, dict(TIER_BITS)[tier], g, imp)
-        pids.append(wr.add_payload(payload))
-        mse.append(err["mse"])
-        out_err.append(err["out_err"])
-    return pids, ({"mse": mse, "out_err": out_err} if tier != "f32" else {})
+    out = [([], {"mse": [], "out_err": []}) for _ in group]
+    bounds = entries[0]["bounds"]
+    for lo, hi in zip(bounds, bounds[1:]):
+        for w, e, imp, (pids, err) in zip(group, entries, imps, out):
+            m = w.array.reshape(w.rows, -1)
+            chunk = m[lo:hi]
+            if not chunk.any():  # all pruned away: marked empty, never read
+                pids.append(-1)
+                err["mse"].append(0.0)
+                err["out_err"].append(0.0)
+            elif tier == "f32":
+                pids.append(wr.add_array(np.ascontiguousarray(chunk, np.float32)))
+            else:
+                payload, e_ = quantize_payload(chunk, dict(TIER_BITS)[tier], min(e["group_size"], m.shape[1]), imp)
+                pids.append(wr.add_payload(payload))
+                err["mse"].append(e_["mse"])
+                err["out_err"].append(e_["out_err"])
+    return [(pids, err if tier != "f32" else {}) for pids, err in out]
+
+
+def _prepare_ffn(f: dict, st, consts: dict, graph: dict, bounds: dict, opts: CompileOptions) -> None:
+    """Reorder an FFN's neurons by co-activation (exact permutation) and attach its predictor."""
+    up, down = f["up"], f["down"]
+    n_chunks = len(bounds[up.name]) - 1
+    if opts.reorder and st.h_rows:
+        perm = coactivation_order(np.concatenate(st.h_rows), n_chunks)
+        up.array = np.ascontiguousarray(up.array[perm])
+        down.array = np.ascontiguousarray(down.array[perm])
+        if f["bias"]:
+            consts[f["bias"]] = np.ascontiguousarray(consts[f["bias"]].reshape(-1)[perm])
+        st.permute(perm)
+    node = f["node"]
+    names = [f"{up.name}.sketch_p", f"{up.name}.sketch_q", f"{up.name}.down_energy"]
+    if st.x_rows and opts.sketch_rank > 0:
+        P, Q = fit_sketch(np.concatenate(st.x_rows), up.array, opts.sketch_rank)
+        consts[names[0]], consts[names[1]] = P, Q
+    else:
+        names[0] = names[1] = ""
+    consts[names[2]] = np.einsum("rn,rn->r", down.array, down.array).astype(np.float32)
+    node["inputs"] = node["inputs"][:3] + names
+    graph["constants"] = sorted(set(graph["constants"]) | {x for x in names if x})
 
 
 def _write_constants(wr: BundleWriter, consts: dict) -> dict | None:

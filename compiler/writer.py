@@ -72,6 +72,9 @@ class BundleWriter:
         self._write(stored)
         return len(self._records) - 1
 
+    def stored_length(self, pid: int) -> int:
+        return self._records[pid][1]
+
     def add_json(self, obj) -> int:
         return self.add_payload(dumps_json(obj), compress="always")
 

@@ -24,6 +24,17 @@ def linear(x: np.ndarray, wt: np.ndarray, bias: np.ndarray | None) -> np.ndarray
     return y
 
 
+def activation(name: str):
+    """The elementwise activation of a fused FFN, as the graph's own nodes would compute it."""
+    if name == "Relu":
+        return lambda z: np.maximum(z, 0, out=z)
+    if name == "Gelu":
+        from .ops.elementwise import gelu
+
+        return gelu
+    raise InputError(f"unknown FFN activation {name!r}")
+
+
 def gather_rows(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
     idx = np.asarray(idx)
     n = table.shape[0]
@@ -49,7 +60,8 @@ def conv_with_weight(x, w, bias, attrs):
 
 
 class LayerCounters:
-    __slots__ = ("kind", "chunks_total", "chunks_read", "bytes_read", "macs", "dense_macs", "calls", "tiers", "dense_fallback")
+    __slots__ = ("kind", "chunks_total", "chunks_read", "bytes_read", "macs", "dense_macs", "calls", "tiers",
+                 "dense_fallback", "selected")
 
     def __init__(self, kind: str, chunks_total: int):
         self.kind = kind
@@ -61,6 +73,7 @@ class LayerCounters:
         self.calls = 0
         self.tiers: set = set()
         self.dense_fallback = False
+        self.selected = None  # chunk ids chosen on the last call (routed layers), for recall measurements
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "chunks_read": self.chunks_read, "chunks_total": self.chunks_total * max(self.calls, 1),
@@ -135,12 +148,12 @@ class ChunkedOps:
 
     def builders(self) -> dict:
         return {("nadoo", "ChunkedLinear"): self._linear, ("nadoo", "ChunkedGather"): self._gather,
-                ("nadoo", "ChunkedConv"): self._conv}
+                ("nadoo", "ChunkedConv"): self._conv, ("nadoo", "ChunkedFFN"): self._ffn}
 
-    def _entry(self, node) -> tuple[TensorEntry, LayerCounters, list[str], dict]:
-        e = self.b.tensors.get(node["attrs"]["weight"])
+    def _entry(self, node, key: str = "weight") -> tuple[TensorEntry, LayerCounters, list[str], dict]:
+        e = self.b.tensors.get(node["attrs"][key])
         if e is None:
-            raise InputError(f"graph names weight {node['attrs']['weight']!r}, which the bundle does not hold")
+            raise InputError(f"graph names weight {node['attrs'][key]!r}, which the bundle does not hold")
         prof = self.profile.get(e.name, {})
         act = np.asarray(prof["chunk_activity"]) if "chunk_activity" in prof else None
         tiers = self.policy.tiers_for(e, set(e.tiers), act)
@@ -162,7 +175,7 @@ class ChunkedOps:
         if self.policy.kind == "topk" and routable:
             if prof.get("concentration", 1.0) < self.policy.fallback:
                 c.dense_fallback = True
-            elif self.policy.predictor == "static":
+            elif self.policy.predictor != "oracle":  # linear layers have no sketch: static profile
                 act = np.asarray(prof.get("chunk_activity", np.ones(e.n_chunks)), dtype=float)
                 act = np.where(skip, -np.inf, act)
                 keep = np.sort(np.argsort(-act, kind="stable")[: self.policy.k_for(e.n_chunks)])
@@ -260,3 +273,85 @@ class ChunkedOps:
             self._count(c, before, e.n_chunks, macs, macs)
             return y
         return run
+
+    def _ffn(self, node, ctx):
+        """act(x·Upᵀ + b1)·Down + b2 over neuron groups. Inputs: x, b1, b2, and (constants written by
+        the compiler) the predictor sketch P [K, r], Q [r, R] and each neuron's |down row|² E [R]."""
+        up, c, tiers, prof = self._entry(node, "up")
+        down = self.b.tensors[node["attrs"]["down"]]
+        if not np.array_equal(up.bounds, down.bounds):
+            raise InputError(f"{node['name']}: up and down projections are chunked differently")
+        act = activation(node["attrs"]["activation"])
+        store, b, bounds, policy = self.store, self.b, up.bounds, self.policy
+        K, R, N, n = up.row_len, up.rows, down.row_len, up.n_chunks
+        P, Q, E = ctx.const(3), ctx.const(4), ctx.const(5)
+        E = np.ones(R, np.float32) if E is None else E
+        skip = store.skipped_by_tau(up) | store.skipped_by_tau(down)
+        routable = bool(up.meta.get("routable", prof.get("routable", False)))
+        routed = policy.kind == "topk" and routable
+        if routed and prof.get("concentration", 1.0) < policy.fallback:
+            c.dense_fallback, routed = True, False
+        k = policy.k_for(n) if routed else n
+        predictor = policy.predictor
+        if predictor == "auto":
+            predictor = "sketch" if P is not None else "static"
+
+        def dense(x, b1=None, b2=None, *_):
+            before = b.bytes_read
+            h = act(linear(x, store.full(up, tiers, transposed=True), b1))
+            y = linear(h, store.full(down, tiers), b2)
+            pos = x.size // K
+            self._count(c, before, n, pos * R * (K + N), pos * R * (K + N))
+            return y
+
+        def groups(x, ids, b1, b2, extra_macs, before):
+            ids = ids[~skip[ids]]
+            pos = x.size // K
+            c.selected = ids
+            if len(ids) == 0:
+                self._count(c, before, 0, extra_macs, pos * R * (K + N))
+                y = np.zeros(x.shape[:-1] + (N,), np.float32)
+                return y + b2 if b2 is not None else y
+            ups, downs = store.chunks(up, ids, tiers), store.chunks(down, ids, tiers)
+            rows = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in ids])
+            wu = np.concatenate(ups) if len(ups) > 1 else ups[0]
+            wd = np.concatenate(downs) if len(downs) > 1 else downs[0]
+            h = act(linear(x, wu.T, None if b1 is None else b1[rows]))
+            y = linear(h, wd, b2)
+            self._count(c, before, len(ids), pos * len(rows) * (K + N) + extra_macs, pos * R * (K + N))
+            return y
+
+        def chunk_scores(z):
+            hz = act(z.reshape(-1, R))
+            return np.add.reduceat((hz * hz).sum(0) * E, bounds[:-1])
+
+        if not routed:
+            if skip.any():  # tau emptied some groups: skip them, exactly
+                keep_all = np.arange(n)
+                return lambda x, b1=None, b2=None, *_: groups(x, keep_all, b1, b2, 0, b.bytes_read)
+            return dense
+        if predictor == "oracle":
+            def oracle(x, b1=None, b2=None, *_):
+                before = b.bytes_read
+                z = linear(x, store.full(up, tiers, transposed=True), b1)
+                keep = np.sort(np.argsort(-chunk_scores(z), kind="stable")[:k])
+                y = groups(x, keep, b1, b2, (x.size // K) * R * K, before)
+                c.chunks_read = c.chunks_read - len(c.selected) + n  # deciding needed every up chunk
+                return y
+            return oracle
+        if predictor == "static" or P is None:
+            act_static = np.asarray(prof.get("chunk_activity", np.ones(n)), dtype=float)
+            keep_static = np.sort(np.argsort(-act_static, kind="stable")[:k])
+            return lambda x, b1=None, b2=None, *_: groups(x, keep_static, b1, b2, 0, b.bytes_read)
+
+        def sketched(x, b1=None, b2=None, *_):
+            before = b.bytes_read
+            xf = x.reshape(-1, K)
+            z = (xf @ P) @ Q
+            if b1 is not None:
+                z += b1
+            score = chunk_scores(z)
+            order = np.argsort(-score, kind="stable")
+            keep = np.sort(order[:k])
+            return groups(x, keep, b1, b2, xf.shape[0] * P.shape[1] * (K + R), before)
+        return sketched

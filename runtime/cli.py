@@ -133,7 +133,7 @@ def _load_inputs(path, session) -> dict:
 @click.option("--policy", type=click.Choice(["dense", "topk"]), default="dense", show_default=True, help="dense: every chunk; topk: only the most active chunks of routable layers.")
 @click.option("--bits", type=click.Choice(["8", "4", "2", "float", "auto"]), default="8", show_default=True, help="Weight precision; float needs a bundle compiled with --keep-float; auto: hot chunks 8, warm 4, cold 2 bits.")
 @click.option("--topk", "topk", help="With --policy topk: chunks kept per routable layer, a count (4) or a fraction (0.5).")
-@click.option("--predictor", type=click.Choice(["static", "oracle"]), default="static", show_default=True, help="How topk ranks chunks: static = calibration profile; oracle = exact product (reads all, for measuring recall).")
+@click.option("--predictor", type=click.Choice(["auto", "sketch", "static", "oracle"]), default="auto", show_default=True, help="How topk ranks chunks: sketch = low-rank predictor stored in the bundle (per input); static = calibration profile; oracle = exact product (reads all, for measuring recall); auto = sketch where available.")
 @click.option("--tau", default=0.0, show_default=True, help="Boundary pruning at run time: |w| < tau*max|W| dropped; chunks below it never read.")
 @click.option("--fallback", default=0.0, show_default=True, help="Run a routable layer dense when its calibration concentration is below this (0..1).")
 @click.option("--memory-budget", help="Hard bound on cached (decoded) weight bytes, e.g. 16MB.")

@@ -2,8 +2,10 @@
 
 - `dense`: every chunk, one tier (8, 4, 2 bits, or float when the bundle keeps it) — the reference.
 - `topk`: on each *routable* layer (decided at compile time from calibration evidence) keep the k
-  (or fraction k) most active chunks; activity comes from the calibration profile (`static`) or from
-  the exact product (`oracle`, which reads everything and exists to measure the others' recall).
+  (or fraction k) most active chunks; activity comes from a low-rank sketch of the layer fitted at
+  compile time (`sketch`, per input, ~10 % of the layer's MACs), the calibration profile (`static`,
+  the same chunks for every input), or the exact product (`oracle`, which reads everything and
+  exists to measure the others' recall).
   A layer whose activity is spread out (profile concentration below `fallback`) stays dense.
 - `tau`: boundary pruning at run time: |w| < tau·max|W| is dropped, and chunks whose largest weight
   is below that are never read.
@@ -29,7 +31,7 @@ class Policy:
     kind: str = "dense"  # "dense" | "topk"
     bits: str = "8"  # "8" | "4" | "2" | "float" | "auto"
     topk: float | int | None = None  # per routable layer: an int is a chunk count, a float a fraction
-    predictor: str = "static"  # "static" | "oracle"
+    predictor: str = "auto"  # "auto" (sketch where the bundle has one, else static) | "sketch" | "static" | "oracle"
     tau: float = 0.0
     fallback: float = 0.0  # concentration below which a routable layer runs dense
 
@@ -39,8 +41,8 @@ class Policy:
             raise InputError(f"unknown policy {self.kind!r} (dense or topk)")
         if self.bits != "auto" and self.bits not in BITS_TO_TIER:
             raise InputError(f"unknown --bits {self.bits!r} (8, 4, 2, float or auto)")
-        if self.predictor not in ("static", "oracle"):
-            raise InputError(f"unknown predictor {self.predictor!r} (static or oracle)")
+        if self.predictor not in ("auto", "sketch", "static", "oracle"):
+            raise InputError(f"unknown predictor {self.predictor!r} (auto, sketch, static or oracle)")
         if self.kind == "topk":
             if self.topk is None:
                 raise InputError("--policy topk needs --topk N or a fraction like 0.5")
