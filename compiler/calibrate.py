@@ -216,8 +216,9 @@ def activation_after(node: dict, cons: dict) -> str | None:
 
 
 def calibrate(graph: dict, constants: dict, weights: list[Weight], calib: dict[str, np.ndarray],
-              batch_size: int = 16, progress=None) -> dict[str, LayerStats]:
-    """Run the rewritten graph on every calibration sample (in batches) and collect LayerStats."""
+              batch_size: int = 16, progress=None, extra_ops: dict | None = None) -> dict[str, LayerStats]:
+    """Run the rewritten graph on every calibration sample (in batches) and collect LayerStats.
+    extra_ops: builders for further nadoo ops that record their own statistics (MoE, issue #7)."""
     cons = consumers(graph)
     by_name = {w.name: w for w in weights}
     stats = {}
@@ -225,13 +226,13 @@ def calibrate(graph: dict, constants: dict, weights: list[Weight], calib: dict[s
         if n.get("domain") == "nadoo" and n["op"] == "ChunkedFFN":
             a = n["attrs"]
             stats[a["up"]] = FFNStats(by_name[a["up"]], by_name[a["down"]], a["activation"])
-        elif n.get("domain") == "nadoo":
+        elif n.get("domain") == "nadoo" and "weight" in n.get("attrs", {}):  # [nadoo#7] not MoE
             w = by_name[n["attrs"]["weight"]]
             act = activation_after(n, cons)
             stats[w.name] = LayerStats(w, act == "Relu", act)
             if w.kind == "conv":
                 w.meta["groups"] = n["attrs"].get("group", 1)
-    plan = Plan(graph, constants, custom_ops=dense_builders(by_name, stats))
+    plan = Plan(graph, constants, custom_ops={**dense_builders(by_name, stats), **(extra_ops or {})})
     n = len(next(iter(calib.values())))
     starts = range(0, n, batch_size)
     for s in (progress(starts) if progress else starts):

@@ -722,7 +722,7 @@ def _to_torch(arrays):
     return {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in arrays.items()}
 
 
-def _export_dynamo(module, kwargs_t, input_names, output_names, opset, positional=False):
+def _export_dynamo(module, kwargs_t, input_names, output_names, opset, positional=False, table=None):
     torch = _import_torch()
     D = torch.export.Dim.DYNAMIC
     dyn = {}
@@ -736,6 +736,7 @@ def _export_dynamo(module, kwargs_t, input_names, output_names, opset, positiona
             module, tuple(kwargs_t.values()) if positional else (), None,
             kwargs=None if positional else kwargs_t, dynamic_shapes=tuple(dyn.values()) if positional else dyn, dynamo=True, verbose=False, opset_version=opset,
             input_names=input_names, output_names=output_names, external_data=False,
+            custom_translation_table=table,  # [nadoo#7 MoE] nadoo::moe -> one nadoo.MoE node
         )
     return prog.model_proto
 
@@ -801,6 +802,9 @@ def _export_module(module, kind, arrays, opset, where):
         module.eval()
     except Exception:
         pass
+    # [nadoo#7 MoE] recognised mixture-of-experts blocks become one nadoo::moe op each (compiler/moe.py)
+    from .moe import patch_moe_blocks, translation_table
+    moe_table = translation_table() if kind != "torchscript" and patch_moe_blocks(module) else None
     # run once: output structure (and a clean error if the inputs don't fit the model)
     try:
         with torch.no_grad():
@@ -826,7 +830,7 @@ def _export_module(module, kind, arrays, opset, where):
     model = None
     target = module if (plain_tensor or kind == "torchscript") else _flat_wrapper(module, input_names)
     try:
-        model = _export_dynamo(target, kwargs_t, input_names, output_names, opset, kind == "torchscript")
+        model = _export_dynamo(target, kwargs_t, input_names, output_names, opset, kind == "torchscript", moe_table)
     except Exception as e:
         errors.append(e)
     if model is None:

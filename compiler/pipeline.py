@@ -19,6 +19,7 @@ from nadoo.runtime.errors import CompileError
 from .calib_data import load_calibration, synthetic_calibration
 from .calibrate import calibrate, dense_builders
 from .ffn import coactivation_order, fit_sketch, fuse_ffn
+from .moe import MoECalibration, extract_moe, verify_moe_graph, write_moe  # [nadoo#7 MoE]
 from .rewrite import Weight, rewrite_weight_ops
 from .writer import BundleWriter
 
@@ -117,6 +118,9 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
     # Every float constant of the source graph is a weight (chunked or inline): the dense reference.
     dense_bytes = 4 * sum(int(a.size) for a in consts.values() if a.dtype.kind == "f")
     graph, consts, weights = rewrite_weight_ops(graph, consts, opts.min_elements)
+    # [nadoo#7 MoE] expert weights leave the constants; each expert becomes a chunk group (compiler/moe.py)
+    graph, consts, moe_layers = extract_moe(graph, consts)
+    moe_cal = MoECalibration(moe_layers)
     ffns = []
     if opts.fuse_ffn:
         graph, weights, ffns = fuse_ffn(graph, consts, weights)
@@ -125,7 +129,13 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
 
     n = len(next(iter(calib.values())))
     with _progress("calibrating ", quiet)(range(0, n, opts.calib_batch)) as it:
-        stats = calibrate(graph, consts, weights, calib, opts.calib_batch, progress=lambda _: it)
+        stats = calibrate(graph, consts, weights, calib, opts.calib_batch, progress=lambda _: it,
+                          extra_ops=moe_cal.builders())  # [nadoo#7 MoE]
+    if moe_layers:  # [nadoo#7 MoE] the exported graph must compute what the torch model computes
+        s_in = {k: np.ascontiguousarray(v[:2]) for k, v in calib.items()}
+        err = verify_moe_graph(graph, consts, weights, moe_cal, s_in, _reference_outputs(loaded, ref_graph, ref_consts, s_in))
+        notes.append(f"MoE: {len(moe_layers)} layers x {moe_layers[0].n_experts} experts (top-{moe_layers[0].top_k}); "
+                     f"exported graph matches the source model (relative error {err:.1e})")
     for f in ffns:
         _prepare_ffn(f, stats[f["up"].name], consts, graph, bounds, opts)
     layers = {}
@@ -156,7 +166,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         graph_pid = wr.add_json(graph)
         const_entry = _write_constants(wr, consts)
         profile_pid = wr.add_json({"samples": n, "source": "synthetic" if opts.calib is None else "calibration file",
-                                   "layers": layers})
+                                   "layers": layers, **({"moe": moe_cal.profile()} if moe_layers else {})})
         sample = {
             "inputs": [_raw(wr, k, v) for k, v in sample_in.items()],
             "outputs": [_raw(wr, k, v) for k, v in sample_out.items()],
@@ -177,6 +187,9 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
                         e["errors"][tier] = errs
                     tier_bytes[tier] += sum(wr.stored_length(p) for p in pids if p >= 0)
         entries = [per_tensor[w.name] for w in weights]
+        moe_entries, moe_bytes = write_moe(wr, moe_layers, moe_cal, opts.group_size, list(tier_bytes))  # [nadoo#7]
+        for t, nb in moe_bytes.items():
+            tier_bytes[t] += nb
         index = {
             "format": "ndc",
             "producer": {"name": "nadoo", "version": __version__},
@@ -189,6 +202,8 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
             "stats": {"dense_fp32_weight_bytes": dense_bytes, "kept_params_ratio": kept / max(total, 1),
                       "prune_tau": opts.prune_tau, "calibration_samples": n},
         }
+        if moe_entries:  # [nadoo#7 MoE] NDC 1.1 index key, ignored by readers that do not know it
+            index["moe"] = moe_entries
         wr.finish(index)
     return CompileReport(
         path=out_path, seconds=time.perf_counter() - t0, tensors=len(entries),

@@ -74,6 +74,10 @@ def bundle_facts(b: Bundle) -> dict:
     profile = b.read_profile()
     if profile is not None:
         facts["profile"] = profile
+    if b.moe:  # [nadoo#7 MoE] experts and their calibration usage
+        from .moe_info import moe_facts
+
+        facts["moe"] = moe_facts(b, profile)
     return facts
 
 
@@ -130,6 +134,10 @@ def format_facts(f: dict) -> str:
     if prof:
         out.append("")
         out.append(format_profile(prof))
+    if f.get("moe"):  # [nadoo#7 MoE]
+        from .moe_info import format_moe
+
+        out += ["", format_moe(f["moe"])]
     return "\n".join(out)
 
 

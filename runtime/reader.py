@@ -273,6 +273,10 @@ class Bundle:
                         if int(self.table["raw"][pid]) != e.payload_nbytes(t, i):
                             _fail(f"tensor {name} tier {t} chunk {i}: payload length does not match the layout")
             self.tensors[name] = e
+        # [nadoo#7 MoE] NDC 1.1 key `moe`: experts stored as chunk groups (runtime/moe_index.py, spec §4.5)
+        from .moe_index import validate_moe
+
+        self.moe = validate_moe(self, ix.get("moe"), used)
 
     # -- payloads ------------------------------------------------------------------------------
     def read_payload(self, pid: int) -> bytes:

@@ -37,15 +37,21 @@ def peak_rss_bytes() -> int:
 
 
 class Session:
-    def __init__(self, path, policy: Policy | None = None, memory_budget=None, use_mmap: bool = False):
+    def __init__(self, path, policy: Policy | None = None, memory_budget=None, use_mmap: bool = False, moe=None):
         self.bundle = Bundle.open(path, use_mmap=use_mmap)
         self.policy = policy or Policy()
         self.cache = ChunkCache(parse_size(memory_budget))
+        self.moe = None  # [nadoo#7 MoE] experts: frequency-aware cache (same budget) + the MoE op; moe = MoEOptions
+        if self.bundle.moe:
+            from .moe_op import ExpertCache, MoEOps
+
+            self.cache = ExpertCache(parse_size(memory_budget))
+            self.moe = MoEOps(self.bundle, self.policy, self.cache, moe)
         graph = self.bundle.read_graph()
         constants = self.bundle.read_constants()
         profile = self.bundle.read_profile() if self.policy.kind == "topk" or self.policy.bits == "auto" else None
         self.ops = ChunkedOps(self.bundle, self.policy, self.cache, profile)
-        self.plan = Plan(graph, constants, custom_ops=self.ops.builders())
+        self.plan = Plan(graph, constants, custom_ops={**self.ops.builders(), **(self.moe.builders() if self.moe else {})})
         self.open_bytes = self.bundle.index_bytes + self.bundle.bytes_read  # index + graph/constants/profile
         self.bundle.reset_counters()
         self.last_stats: dict = {}
@@ -68,6 +74,8 @@ class Session:
         b = self.bundle
         b.reset_counters()
         hits, misses = self.cache.hits, self.cache.misses
+        if self.moe:  # [nadoo#7 MoE]
+            self.moe.reset()
         t0 = time.perf_counter()
         outs = self.plan.run(feeds)
         dt = time.perf_counter() - t0
@@ -91,6 +99,8 @@ class Session:
                        "predictor": self.policy.predictor, "tau": self.policy.tau},
             "layers": layers,
         }
+        if self.moe:  # [nadoo#7 MoE] expert usage, bytes, cache hit rate, prefetch accuracy
+            self.last_stats["moe"] = self.moe.stats()
         if output_names:
             return [outs[names.index(n)] for n in output_names]
         return outs
