@@ -91,6 +91,18 @@ class LayerStats:
             return None
         return self.sum_xxt / self.n_x
 
+    def gptq_factor(self, damp: float | None = None) -> np.ndarray | None:
+        """Upper Cholesky factor of the dampened H^-1 (cached: every tier of this weight reuses it)."""
+        H = self.hessian()
+        if H is None:
+            return None
+        from .quantize import GPTQ_DAMP, gptq_factor
+
+        key = GPTQ_DAMP if damp is None else damp
+        if getattr(self, "_gptq_u", (None, None))[0] != key:
+            self._gptq_u = (key, gptq_factor(H, key))
+        return self._gptq_u[1]
+
     def summary(self, bounds: np.ndarray, route_share: float = 0.5, route_threshold: float = 0.9) -> dict:
         n = len(bounds) - 1
         seg = lambda v: np.add.reduceat(v, bounds[:-1])  # noqa: E731 - per-chunk sums
@@ -144,12 +156,18 @@ class FFNStats:
         self.h_rows: list[np.ndarray] = []
         self.n_rows = 0
         self.threshold = None
+        # GPTQ second moments: of the up-projection input x [K, K] and of the down-projection input h [R, R]
+        self.sum_xxt = np.zeros((K, K), np.float64)
+        self.sum_hht = np.zeros((R, R), np.float64)
 
     def record(self, x: np.ndarray, h: np.ndarray) -> None:
         xf = x.reshape(-1, x.shape[-1])
         hf = h.reshape(-1, h.shape[-1])
         self.sum_x2 += np.einsum("ij,ij->j", xf, xf, dtype=np.float64)
         self.n_x += xf.shape[0]
+        x32, h32 = np.ascontiguousarray(xf, np.float32), np.ascontiguousarray(hf, np.float32)
+        self.sum_xxt += x32.T @ x32
+        self.sum_hht += h32.T @ h32
         a = np.abs(hf)
         if self.threshold is None:
             self.threshold = 0.1 * float(np.sqrt(np.mean(a.astype(np.float64) ** 2)) + 1e-30)
@@ -168,7 +186,15 @@ class FFNStats:
     def importance(self) -> np.ndarray:
         return (self.sum_x2 / max(self.n_x, 1)).astype(np.float32)
 
+    def hessian(self) -> np.ndarray | None:
+        return self.sum_xxt / self.n_x if self.n_x else None
+
+    def down_hessian(self) -> np.ndarray | None:
+        """mean h^T h of the down-projection input (in the current neuron order)."""
+        return self.sum_hht / self.n_x if self.n_x else None
+
     def permute(self, perm: np.ndarray) -> None:
+        self.sum_hht = self.sum_hht[np.ix_(perm, perm)]
         self.sum_abs, self.n_active, self.peak = self.sum_abs[perm], self.n_active[perm], self.peak[perm]
         self.sample_energy = [e[perm] for e in self.sample_energy]
         self.h_rows = [h[:, perm] for h in self.h_rows]

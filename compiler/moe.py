@@ -430,7 +430,9 @@ def make_wrapper(spec: MoESpec):
         def forward(self, hidden_states, *args, **kwargs):
             shape = hidden_states.shape
             x = hidden_states.reshape(-1, shape[-1])
-            y = op(x, self.moe_router_w, self.moe_router_b, self.moe_w1, self.moe_w3, self.moe_w2, self.moe_b1,
+            # dense_reference: every expert on every token in plain torch ops (a dense-equivalent export, e.g. for ORT)
+            fn = moe_reference if getattr(self, "dense_reference", False) else op
+            y = fn(x, self.moe_router_w, self.moe_router_b, self.moe_w1, self.moe_w3, self.moe_w2, self.moe_b1,
                    self.moe_b3, self.moe_b2, self.top_k, self.activation, self.softmax_order, self.normalize)
             if self.shared is not None:
                 s = self.shared(x)

@@ -39,12 +39,13 @@ class CompileOptions:
     model_class: str | None = None
     allow_pickle: bool = False
     synthetic_samples: int = 32
-    route_threshold: float = 0.9  # routable if this share of per-sample energy sits in the top half of chunks
+    route_threshold: float = 0.95  # routable if this share of per-sample energy sits in the top half of chunks
     fuse_ffn: bool = True  # Linear → activation → Linear becomes one neuron-group op
     reorder: bool = True  # co-activation reordering of FFN neurons before chunking
     sketch_rank: int = 32  # rank of the FFN top-k predictor
     calib_batch: int = 16
     alignment: int = 64
+    quant_method: str = "gptq"  # "gptq" (error feedback + clipping search) | "search" | "rtn"  [#5]
 
 
 @dataclass
@@ -180,7 +181,8 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         with _progress("quantizing  ", quiet)(work) as it:
             for group, tier in it:
                 imps = [stats[w.name].importance() if w.kind in ("linear", "conv", "ffn_up") else None for w in group]
-                for w, (pids, errs) in zip(group, _write_tier(wr, group, [per_tensor[w.name] for w in group], tier, imps)):
+                qkw = [_quant_kwargs(w, stats, downs, opts) for w in group]  # [#5] GPTQ inputs
+                for w, (pids, errs) in zip(group, _write_tier(wr, group, [per_tensor[w.name] for w in group], tier, imps, qkw)):
                     e = per_tensor[w.name]
                     e["tiers"][tier] = pids
                     if errs:
@@ -224,18 +226,49 @@ def _entry(w: Weight, bounds: list[int], opts: CompileOptions, layer: dict) -> d
     }
 
 
-def _write_tier(wr: BundleWriter, group: list[Weight], entries: list[dict], tier: str, imps: list
-                ) -> list[tuple[list[int], dict]]:
-    """Write one tier of each chunk of the tensors in `group` (which share chunk bounds), chunk by
-    chunk and interleaved, so that chunk i of every tensor in the group is one contiguous range."""
-    from .quantize import quantize_payload
+def _quant_kwargs(w: Weight, stats: dict, downs: dict, opts: CompileOptions) -> dict:
+    """Quantizer options for one weight: GPTQ needs the second moment of the weight's input."""
+    if opts.quant_method not in ("gptq", "search", "rtn"):
+        raise CompileError(f"unknown quantization method {opts.quant_method!r} (gptq, search or rtn)")
+    method = "rtn" if opts.quant_method == "rtn" else "search"
+    if opts.quant_method != "gptq":
+        return {"method": method}
+    if w.kind == "ffn_down":
+        up = next((u for u, d in downs.items() if d is w), None)
+        st = stats.get(up)
+        h = st.down_hessian() if st is not None and hasattr(st, "down_hessian") else None
+        return {"method": method, **({"down_hessian": h} if h is not None else {})}
+    st = stats.get(w.name)
+    if w.kind in ("linear", "ffn_up") and st is not None and hasattr(st, "hessian"):
+        h = st.hessian()
+        if h is not None:
+            return {"method": method, "hessian": h}
+    return {"method": method}
 
+
+def _write_tier(wr: BundleWriter, group: list[Weight], entries: list[dict], tier: str, imps: list,
+                qkw: list | None = None) -> list[tuple[list[int], dict]]:
+    """Write one tier of each chunk of the tensors in `group` (which share chunk bounds), chunk by
+    chunk and interleaved, so that chunk i of every tensor in the group is one contiguous range.
+    Each tensor is quantized whole, once (GPTQ rows are independent given H), then cut into chunks."""
+    from .quantize import quantize_chunks
+
+    qkw = qkw or [{} for _ in group]
     out = [([], {"mse": [], "out_err": []}) for _ in group]
     bounds = entries[0]["bounds"]
-    for lo, hi in zip(bounds, bounds[1:]):
-        for w, e, imp, (pids, err) in zip(group, entries, imps, out):
-            m = w.array.reshape(w.rows, -1)
-            chunk = m[lo:hi]
+    quantized = []
+    for w, e, imp, kw in zip(group, entries, imps, qkw):
+        m = w.array.reshape(w.rows, -1)
+        if tier == "f32" or not m.any():
+            quantized.append(None)
+        else:
+            if tier == "q8":  # 8-bit is already at cos 0.9999 without error feedback: save the compile time
+                kw = {k: v for k, v in kw.items() if k not in ("hessian", "down_hessian")}
+            quantized.append(quantize_chunks(m, bounds, dict(TIER_BITS)[tier], min(e["group_size"], m.shape[1]),
+                                             imp, **kw))
+    for c, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        for w, q, (pids, err) in zip(group, quantized, out):
+            chunk = w.array.reshape(w.rows, -1)[lo:hi]
             if not chunk.any():  # all pruned away: marked empty, never read
                 pids.append(-1)
                 err["mse"].append(0.0)
@@ -243,7 +276,7 @@ def _write_tier(wr: BundleWriter, group: list[Weight], entries: list[dict], tier
             elif tier == "f32":
                 pids.append(wr.add_array(np.ascontiguousarray(chunk, np.float32)))
             else:
-                payload, e_ = quantize_payload(chunk, dict(TIER_BITS)[tier], min(e["group_size"], m.shape[1]), imp)
+                payload, e_ = q[c]
                 pids.append(wr.add_payload(payload))
                 err["mse"].append(e_["mse"])
                 err["out_err"].append(e_["out_err"])

