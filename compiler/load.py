@@ -829,18 +829,20 @@ def _export_module(module, kind, arrays, opset, where):
     errors = []
     model = None
     target = module if (plain_tensor or kind == "torchscript") else _flat_wrapper(module, input_names)
-    try:
-        model = _export_dynamo(target, kwargs_t, input_names, output_names, opset, kind == "torchscript", moe_table)
-    except Exception as e:
-        errors.append(e)
+    if kind != "torchscript":  # torch.export cannot take a ScriptModule: go straight to the TorchScript exporter
+        try:
+            model = _export_dynamo(target, kwargs_t, input_names, output_names, opset, False, moe_table)
+        except Exception as e:
+            errors.append(e)
     if model is None:
         try:
             model = _export_legacy(target, kwargs_t, input_names, output_names, opset, arrays,
                                    positional=(kind == "torchscript"))
             _verify_fallback(model, target, kwargs_t, arrays, kind == "torchscript", where)
-            msg = (f"{where}: the torch.export-based ONNX exporter failed "
-                   f"({_export_error_text(errors[0])}); used the legacy TorchScript-based exporter")
-            warnings.warn(_one_line(msg, 500), stacklevel=3)
+            if errors:
+                msg = (f"{where}: the torch.export-based ONNX exporter failed "
+                       f"({_export_error_text(errors[0])}); used the legacy TorchScript-based exporter")
+                warnings.warn(_one_line(msg, 500), stacklevel=3)
         except CompileError:
             raise
         except Exception as e:

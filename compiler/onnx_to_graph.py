@@ -155,6 +155,14 @@ def onnx_to_graph(model: onnx.ModelProto, base_dir: str | os.PathLike | None = N
 
     # ---------------------------------------------------------- constant folding
     kept: list[dict] = []
+    origin: dict[str, str] = {}
+    # onnxscript's optimizer (used by torch's exporter) records which weight it folded a value from.
+    for vi in model.graph.value_info:
+        for prop in vi.metadata_props:
+            if prop.key == "pkg.onnxscript.optimizer.folded_from":
+                srcs = [x.strip(" '\"") for x in prop.value.strip("[]").split(",") if x.strip()]
+                if len(srcs) == 1:
+                    origin[vi.name] = srcs[0]
     for nd in nodes:
         ins = [i for i in nd["inputs"] if i]
         foldable = (nd["op"] not in _NO_FOLD and nd["domain"] in ("",) and
@@ -165,9 +173,12 @@ def onnx_to_graph(model: onnx.ModelProto, base_dir: str | os.PathLike | None = N
                 in_bytes = sum(constants[i].nbytes for i in ins)
                 out_bytes = sum(v.nbytes for v in vals)
                 if out_bytes <= fold_max_bytes or out_bytes <= 2 * in_bytes:
+                    big = [i for i in ins if constants[i].size > 1]
                     for name, v in zip(nd["outputs"], vals):
                         if name:
                             constants[name] = v
+                            if len(big) == 1:  # e.g. Transpose(weight): remember which weight it was
+                                origin[name] = origin.get(big[0], big[0])
                     continue
         kept.append(nd)
 
@@ -183,6 +194,19 @@ def onnx_to_graph(model: onnx.ModelProto, base_dir: str | os.PathLike | None = N
     used_consts = [n for n in constants if n in needed and n not in input_names]
     # keep the initializer order stable (nice for on-disk layout), then folded ones
     const_out = {n: np.asarray(constants[n]) for n in used_consts}
+    # A folded weight (Transpose/Cast of an initializer) takes back its source's name when the source
+    # itself is gone, so users see "encoder.layer.0.intermediate.dense.weight", not "val_149".
+    taken = set(const_out) | input_names | {o for nd in live for o in nd["outputs"]} | {o["name"] for o in outputs}
+    rename = {}
+    for n in list(const_out):
+        src = origin.get(n)
+        if src and src not in taken:
+            rename[n] = src
+            taken.add(src)
+    if rename:
+        const_out = {rename.get(n, n): a for n, a in const_out.items()}
+        for nd in live:
+            nd["inputs"] = [rename.get(i, i) for i in nd["inputs"]]
 
     for o in outputs:
         if o["name"] not in const_out and o["name"] not in input_names and \

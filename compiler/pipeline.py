@@ -46,6 +46,7 @@ class CompileOptions:
     calib_batch: int = 16
     alignment: int = 64
     quant_method: str = "gptq"  # "gptq" (error feedback + clipping search) | "search" | "rtn"  [#5]
+    bits_per_weight: float | None = None  # store a mixed-precision allocation under this budget  [#5]
 
 
 @dataclass
@@ -204,6 +205,16 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
             "stats": {"dense_fp32_weight_bytes": dense_bytes, "kept_params_ratio": kept / max(total, 1),
                       "prune_tau": opts.prune_tau, "calibration_samples": n},
         }
+        if opts.bits_per_weight:  # [#5] mixed precision under a budget (NDC 1.1 key "alloc")
+            from .allocate import bundle_allocation
+
+            alloc = bundle_allocation(entries, lambda p: wr.stored_length(p) if p >= 0 else 0, opts.bits_per_weight)
+            index["alloc"] = alloc
+            for e in entries:
+                if e["name"] in alloc["tiers"]:
+                    e["alloc"] = alloc["tiers"][e["name"]]
+            notes.append(f"allocation at <= {opts.bits_per_weight} bits/weight: "
+                         f"{alloc['achieved_bits_per_weight']:.3f} bits/weight (run with --bits alloc)")
         if moe_entries:  # [nadoo#7 MoE] NDC 1.1 index key, ignored by readers that do not know it
             index["moe"] = moe_entries
         wr.finish(index)

@@ -322,8 +322,14 @@ class ChunkedOps:
             return y
 
         def chunk_scores(z):
-            hz = act(z.reshape(-1, R))
-            return np.add.reduceat((hz * hz).sum(0) * E, bounds[:-1])
+            """Per sample (leading axis) and chunk: predicted output energy Σ act(z)²·|down row|²."""
+            hz = act(z.reshape(z.shape[0], -1, R))
+            return np.add.reduceat(np.einsum("bpr,bpr->br", hz, hz) * E, bounds[:-1], axis=1)
+
+        def top_union(scores):
+            """Each sample keeps its own k best groups; a batch reads the union of them."""
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            return np.unique(top)
 
         if not routed:
             if skip.any():  # tau emptied some groups: skip them, exactly
@@ -334,7 +340,7 @@ class ChunkedOps:
             def oracle(x, b1=None, b2=None, *_):
                 before = b.bytes_read
                 z = linear(x, store.full(up, tiers, transposed=True), b1)
-                keep = np.sort(np.argsort(-chunk_scores(z), kind="stable")[:k])
+                keep = top_union(chunk_scores(z))
                 y = groups(x, keep, b1, b2, (x.size // K) * R * K, before)
                 c.chunks_read = c.chunks_read - len(c.selected) + n  # deciding needed every up chunk
                 return y
@@ -346,12 +352,9 @@ class ChunkedOps:
 
         def sketched(x, b1=None, b2=None, *_):
             before = b.bytes_read
-            xf = x.reshape(-1, K)
-            z = (xf @ P) @ Q
+            z = (x @ P) @ Q
             if b1 is not None:
                 z += b1
-            score = chunk_scores(z)
-            order = np.argsort(-score, kind="stable")
-            keep = np.sort(order[:k])
-            return groups(x, keep, b1, b2, xf.shape[0] * P.shape[1] * (K + R), before)
+            keep = top_union(chunk_scores(z))
+            return groups(x, keep, b1, b2, (x.size // K) * P.shape[1] * (K + R), before)
         return sketched

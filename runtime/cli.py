@@ -80,7 +80,7 @@ def info(bundle, as_json, plot):
 @click.option("--input-shape", multiple=True, help="For torch models without --calib: NAME=1,64 (repeatable) or 1,64 for one input.")
 @click.option("--model-class", help="For a state_dict file: the module class as package.module:ClassName.")
 @click.option("--allow-pickle", is_flag=True, help="Load a fully pickled nn.Module. Unpickling RUNS CODE from the file: only for files you trust.")
-@click.option("--route-threshold", default=0.9, show_default=True, help="A layer in front of ReLU/GELU is routable when, per sample, this share of its output energy lies in the top half of its chunks.")
+@click.option("--route-threshold", default=0.95, show_default=True, help="A layer in front of ReLU/GELU is routable when, per sample, this share of its output energy lies in the top half of its chunks.")
 @click.option("--min-elements", default=1024, show_default=True, help="Weights smaller than this stay inline (not chunked).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_friendly
@@ -131,7 +131,7 @@ def _load_inputs(path, session) -> dict:
 @click.option("--input", "input_path", type=click.Path(), help="Inputs: .npz keyed by graph input name, or .npy for a single-input model. Without it, the sample stored at compile time is run and checked against the source model's output.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
 @click.option("--policy", type=click.Choice(["dense", "topk"]), default="dense", show_default=True, help="dense: every chunk; topk: only the most active chunks of routable layers.")
-@click.option("--bits", type=click.Choice(["8", "4", "2", "float", "auto"]), default="8", show_default=True, help="Weight precision; float needs a bundle compiled with --keep-float; auto: hot chunks 8, warm 4, cold 2 bits.")
+@click.option("--bits", type=click.Choice(["8", "4", "2", "float", "auto", "alloc"]), default="8", show_default=True, help="Weight precision; float needs a bundle compiled with --keep-float; auto: hot chunks 8, warm 4, cold 2 bits; alloc: the allocation stored by compile --bits-per-weight.")
 @click.option("--topk", "topk", help="With --policy topk: chunks kept per routable layer, a count (4) or a fraction (0.5).")
 @click.option("--predictor", type=click.Choice(["auto", "sketch", "static", "oracle"]), default="auto", show_default=True, help="How topk ranks chunks: sketch = low-rank predictor stored in the bundle (per input); static = calibration profile; oracle = exact product (reads all, for measuring recall); auto = sketch where available.")
 @click.option("--tau", default=0.0, show_default=True, help="Boundary pruning at run time: |w| < tau*max|W| dropped; chunks below it never read.")
