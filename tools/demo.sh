@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: set up, then train → compile → info → run the digits example,
+# printing accuracy and bytes read per policy.  MiniLM: `bash tools/demo.sh minilm`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+case "${1:-digits}" in
+  digits) exec .venv/bin/python examples/digits.py ;;
+  minilm) exec .venv/bin/python examples/minilm.py ;;
+  moe)    exec .venv/bin/python examples/moe_lm.py ;;
+  *) echo "usage: tools/demo.sh [digits|minilm|moe]" >&2; exit 2 ;;
+esac
