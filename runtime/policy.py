@@ -9,6 +9,7 @@
   A layer whose activity is spread out (profile concentration below `fallback`) stays dense.
 - `tau`: boundary pruning at run time: |w| < tau·max|W| is dropped, and chunks whose largest weight
   is below that are never read.
+- `bits="alloc"`: the per-chunk tiers chosen at compile time under a bits/weight budget.
 - `bits="auto"`: precision by activity: the hottest quarter of a layer's chunks at 8 bits, the
   coldest quarter at 2, the rest at 4.
 Embedding (gather) layers always read only the rows an input looks up: exact, free savings.
@@ -39,8 +40,8 @@ class Policy:
         self.bits = str(self.bits)
         if self.kind not in ("dense", "topk"):
             raise InputError(f"unknown policy {self.kind!r} (dense or topk)")
-        if self.bits != "auto" and self.bits not in BITS_TO_TIER:
-            raise InputError(f"unknown --bits {self.bits!r} (8, 4, 2, float or auto)")
+        if self.bits not in ("auto", "alloc") and self.bits not in BITS_TO_TIER:
+            raise InputError(f"unknown --bits {self.bits!r} (8, 4, 2, float, auto or alloc)")
         if self.predictor not in ("auto", "sketch", "static", "oracle"):
             raise InputError(f"unknown predictor {self.predictor!r} (auto, sketch, static or oracle)")
         if self.kind == "topk":
@@ -60,6 +61,15 @@ class Policy:
     def tiers_for(self, entry, available: set[str], activity: np.ndarray | None) -> list[str]:
         """The tier of each chunk of a tensor."""
         n = entry.n_chunks
+        if self.bits == "alloc":  # [#5] the compile-time mixed-precision allocation (--bits-per-weight)
+            alloc = entry.meta.get("alloc")
+            if alloc is None or len(alloc) != n:
+                if entry.kind not in ("linear", "conv", "gather", "ffn_up", "ffn_down"):
+                    return [sorted(available)[0]] * n
+                raise InputError(f"bundle stores no allocation for {entry.name} (compile with --bits-per-weight)")
+            if any(t not in available for t in alloc):
+                raise InputError(f"allocation of {entry.name} names a tier the bundle does not store")
+            return list(alloc)
         if self.bits != "auto":
             tier = BITS_TO_TIER[self.bits]
             if tier not in available:

@@ -1,0 +1,92 @@
+"""Mixed precision under a budget (#5): one tier per chunk, minimising the summed error, never
+exceeding a byte budget.
+
+Method: per chunk, its tiers sorted by bytes are reduced to the lower convex hull of (bytes, error)
+(a tier that costs more but is not better per byte is never picked). Every chunk starts at its
+cheapest tier; the possible upgrades (one hull step of one chunk) are taken in order of error
+reduction per extra byte, and the allocation for budget B is the longest *prefix* of that one fixed
+sequence that fits. Hence the budget is never exceeded, and a larger budget only extends the prefix,
+so the error never grows with the budget (monotone). Pure function, no I/O.
+"""
+from __future__ import annotations
+
+import heapq
+
+
+def allocate(costs: list[dict], errors: list[dict], budget_bytes: float) -> list[str] | None:
+    """costs[c], errors[c]: {tier: bytes}, {tier: error} of chunk c (same tier keys).
+    Returns the tier per chunk, or None when even the cheapest tiers exceed the budget."""
+    hulls = []
+    for cost, err in zip(costs, errors):
+        tiers = sorted(cost, key=lambda t: (cost[t], err[t]))
+        hull = []
+        for t in tiers:
+            if hull and err[t] >= err[hull[-1]]:
+                continue  # costs at least as much, not better
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                # b is above the chord a→t: upgrading straight a→t is at least as good per byte
+                if (err[a] - err[b]) * (cost[t] - cost[a]) <= (err[a] - err[t]) * (cost[b] - cost[a]):
+                    hull.pop()
+                else:
+                    break
+            hull.append(t)
+        hulls.append(hull)
+    pick = [0] * len(hulls)
+    total = sum(costs[c][h[0]] for c, h in enumerate(hulls))
+    if total > budget_bytes:
+        return None
+
+    def step(c):
+        h, i = hulls[c], pick[c]
+        a, b = h[i], h[i + 1]
+        db = costs[c][b] - costs[c][a]
+        de = errors[c][a] - errors[c][b]
+        return (-(de / db) if db > 0 else float("-inf"), c)
+
+    heap = [step(c) for c, h in enumerate(hulls) if len(h) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, c = heapq.heappop(heap)
+        h, i = hulls[c], pick[c]
+        extra = costs[c][h[i + 1]] - costs[c][h[i]]
+        if total + extra > budget_bytes:
+            break  # the prefix ends here: this keeps the result monotone in the budget
+        total += extra
+        pick[c] = i + 1
+        if pick[c] + 1 < len(h):
+            heapq.heappush(heap, step(c))
+    return [h[i] for h, i in zip(hulls, pick)]
+
+
+def bundle_allocation(entries: list[dict], payload_bytes, bits_per_weight: float) -> dict:
+    """Allocation over a compiled index's tensor entries. error of a chunk = its stored out_err
+    (relative output-error energy of its layer) × its share of the layer's rows, so every layer
+    counts equally; bytes = the chunk's payload bytes (codes + scales + mins). Budget = bits_per_weight/8
+    bytes per weight over all chunked weights. Returns {"bits_per_weight", "tiers": {name: [tier]}}."""
+    costs, errs, owner = [], [], []
+    n_weights = 0
+    for e in entries:
+        qt = [t for t in ("q8", "q4", "q2") if t in e["tiers"] and t in e.get("errors", {})]
+        if not qt:
+            continue
+        rows = e["shape"][0]
+        k = 1
+        for d in e["shape"][1:]:
+            k *= d
+        n_weights += rows * k
+        b = e["bounds"]
+        for c in range(len(b) - 1):
+            share = (b[c + 1] - b[c]) / rows
+            costs.append({t: payload_bytes(e["tiers"][t][c]) for t in qt})
+            errs.append({t: e["errors"][t]["out_err"][c] * share for t in qt})
+            owner.append((e["name"], c))
+    tiers = allocate(costs, errs, bits_per_weight / 8 * n_weights)
+    if tiers is None:
+        raise ValueError(f"--bits-per-weight {bits_per_weight}: even the 2-bit tier does not fit")
+    out: dict = {}
+    for (name, _c), t in zip(owner, tiers):
+        out.setdefault(name, []).append(t)
+    used = sum(cost[t] for cost, t in zip(costs, tiers))
+    return {"bits_per_weight": bits_per_weight, "achieved_bits_per_weight": 8 * used / max(n_weights, 1),
+            "tiers": out}
