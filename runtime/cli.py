@@ -217,6 +217,24 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
         click.echo(format_stats(st))
 
 
+@main.command("export")
+@click.argument("bundle", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--bits", type=click.Choice(["8", "4", "2", "float"]), default="8", show_default=True,
+              help="Tier whose (dequantized) weights the ONNX model gets.")
+@_friendly
+def export_cmd(bundle, out, bits):
+    """Write BUNDLE as a plain ONNX model (for ONNX Runtime, Netron, ...); needs the onnx package."""
+    from .export_onnx import bundle_to_onnx, save_onnx
+    from .policy import BITS_TO_TIER
+    from .reader import Bundle
+
+    with Bundle.open(bundle) as b:
+        model = bundle_to_onnx(b, BITS_TO_TIER[bits])
+    save_onnx(model, out)
+    click.echo(f"wrote {out}: {len(model.graph.node)} nodes, weights at {bits} bits (dequantized to float32)")
+
+
 def format_stats(st: dict) -> str:
     rows = [f"{'layer':<48} {'chunks':>9} {'KiB read':>9} {'MACs %':>7} tiers"]
     for name, l in st["layers"].items():

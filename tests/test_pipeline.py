@@ -281,3 +281,18 @@ def test_compile_unsupported_op_is_one_clear_error(tmp_path):
     r = nadoo("compile", tmp_path / "u.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / "o.ndc", "-q")
     assert r.returncode == 2 and "Frobnicate" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o.ndc").exists()
+
+
+def test_export_to_plain_onnx_matches_the_numpy_engine(mlp, digits, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    d, _, _ = mlp
+    x = digits[2][:9]
+    for bits, tier in (("float", "f32"), ("4", "q4")):
+        r = nadoo("export", d / "mlp.ndc", "-o", tmp_path / f"m{bits}.onnx", "--bits", bits)
+        assert r.returncode == 0, r.stderr
+        y = ort.InferenceSession(str(tmp_path / f"m{bits}.onnx")).run(None, {"input": x})[0]
+        with Session(d / "mlp.ndc", Policy(bits=bits)) as s:
+            np.testing.assert_allclose(y, s.run(None, {"input": x})[0], rtol=1e-5, atol=1e-5)
+    from nadoo.runtime.export_onnx import OrtSession
+
+    np.testing.assert_allclose(OrtSession(d / "mlp.ndc", "q4").run(None, {"input": x})[0], y, rtol=1e-6, atol=1e-6)
