@@ -145,6 +145,7 @@ class ChunkedOps:
         self.store = WeightStore(bundle, cache, policy.tau)
         self.profile = (profile or {}).get("layers", {})
         self.layers: dict[str, LayerCounters] = {}
+        self.tiers_of: dict[str, list[str]] = {}
 
     def builders(self) -> dict:
         return {("nadoo", "ChunkedLinear"): self._linear, ("nadoo", "ChunkedGather"): self._gather,
@@ -159,7 +160,31 @@ class ChunkedOps:
         tiers = self.policy.tiers_for(e, set(e.tiers), act)
         c = self.layers[e.name] = LayerCounters(e.kind, e.n_chunks)
         c.tiers = set(tiers)
+        self.tiers_of[e.name] = tiers
         return e, c, tiers, prof
+
+    def pin_hot(self, budget_bytes: int) -> int:
+        """Load the calibration profile's hottest chunks of routed layers into the cache for good
+        (they are needed by most inputs), hottest first, until `budget_bytes` are pinned."""
+        cands = []
+        for name, c in self.layers.items():
+            e, prof = self.b.tensors[name], self.profile.get(name, {})
+            if not prof.get("routable") or "chunk_activity" not in prof:
+                continue
+            act = np.asarray(prof["chunk_activity"], dtype=float)
+            share = act / max(act.sum(), 1e-30)
+            group = [e] + [self.b.tensors[d] for d, p in self.profile.items() if p.get("group_of") == name]
+            cands += [(share[i], i, group) for i in range(e.n_chunks)]
+        pinned = 0
+        for _, i, group in sorted(cands, key=lambda t: -t[0]):
+            for e in group:
+                tiers = self.tiers_of.get(e.name) or self.tiers_of[group[0].name]
+                key = (e.name, tiers[i], int(i), self.store.tau)
+                a = self.store.chunks(e, [i], tiers)[0]
+                if pinned + a.nbytes > budget_bytes or not self.store.cache.pin(key, a):
+                    return pinned
+                pinned += a.nbytes
+        return pinned
 
     def _count(self, c: LayerCounters, before: int, n_chunks: int, macs: int, dense_macs: int) -> None:
         c.calls += 1

@@ -108,26 +108,13 @@ class ExpertCache(ChunkCache):
         self._touch(key)
         return super().get(key)
 
-    def put(self, key, array) -> None:
-        n = array.nbytes
-        if self.budget is not None and n > self.budget:
-            return
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.bytes -= old.nbytes
-        if self.budget is not None:
-            while self._items and self.bytes + n > self.budget:
-                oldest = []
-                for k in self._items:  # OrderedDict: least recently used first
-                    oldest.append(k)
-                    if len(oldest) >= self.window:
-                        break
-                victim = min(oldest, key=lambda k: self.freq.get(k, 0.0))  # min keeps the first (oldest) on ties
-                self.bytes -= self._items.pop(victim).nbytes
-                self.evictions += 1
-        self._items[key] = array
-        self.bytes += n
-        self.peak_bytes = max(self.peak_bytes, self.bytes)
+    def _victim(self):
+        oldest = []
+        for k in self._items:  # OrderedDict: least recently used first
+            oldest.append(k)
+            if len(oldest) >= self.window:
+                break
+        return min(oldest, key=lambda k: self.freq.get(k, 0.0))  # min keeps the first (oldest) on ties
 
 
 # -- options ----------------------------------------------------------------------------------------

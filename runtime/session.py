@@ -37,7 +37,8 @@ def peak_rss_bytes() -> int:
 
 
 class Session:
-    def __init__(self, path, policy: Policy | None = None, memory_budget=None, use_mmap: bool = False, moe=None):
+    def __init__(self, path, policy: Policy | None = None, memory_budget=None, use_mmap: bool = False, moe=None,
+                 pin_fraction: float = 0.5):
         self.bundle = Bundle.open(path, use_mmap=use_mmap)
         self.policy = policy or Policy()
         self.cache = ChunkCache(parse_size(memory_budget))
@@ -52,7 +53,12 @@ class Session:
         profile = self.bundle.read_profile() if self.policy.kind == "topk" or self.policy.bits == "auto" else None
         self.ops = ChunkedOps(self.bundle, self.policy, self.cache, profile)
         self.plan = Plan(graph, constants, custom_ops={**self.ops.builders(), **(self.moe.builders() if self.moe else {})})
-        self.open_bytes = self.bundle.index_bytes + self.bundle.bytes_read  # index + graph/constants/profile
+        # Under a budget, a top-k run pins the profile's hottest chunks (most inputs need them) in up to
+        # `pin_fraction` of the budget; the rest of the budget is LRU.
+        self.pinned_bytes = 0
+        if self.cache.budget is not None and self.policy.kind == "topk" and pin_fraction > 0:
+            self.pinned_bytes = self.ops.pin_hot(int(self.cache.budget * pin_fraction))
+        self.open_bytes = self.bundle.index_bytes + self.bundle.bytes_read  # index + graph/constants/profile + pins
         self.bundle.reset_counters()
         self.last_stats: dict = {}
 
@@ -93,7 +99,9 @@ class Session:
             "peak_rss_bytes": peak_rss_bytes(),
             "cache_hits": self.cache.hits - hits,
             "cache_misses": self.cache.misses - misses,
+            "cache_hit_rate": (self.cache.hits - hits) / max(self.cache.hits - hits + self.cache.misses - misses, 1),
             "cache_bytes": self.cache.bytes,
+            "cache_pinned_bytes": self.cache.pinned_bytes,
             "cache_budget_bytes": self.cache.budget,
             "policy": {"kind": self.policy.kind, "bits": self.policy.bits, "topk": self.policy.topk,
                        "predictor": self.policy.predictor, "tau": self.policy.tau},

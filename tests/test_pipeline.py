@@ -72,11 +72,13 @@ def test_topk_all_chunks_equals_dense_and_half_reads_less(mlp, digits):
     x = digits[2][:5]
     with Session(d / "mlp.ndc", Policy(bits="4")) as s:
         dense = s.run(None, {"input": x})[0]
+        s.cache.clear()
+        s.run(None, {"input": x[:1]})
         dense_bytes = s.last_stats["bytes_read"]
     with Session(d / "mlp.ndc", Policy("topk", bits="4", topk=1.0)) as s:
         np.testing.assert_array_equal(s.run(None, {"input": x})[0], dense)
     with Session(d / "mlp.ndc", Policy("topk", bits="4", topk=0.5)) as s:
-        s.run(None, {"input": x})
+        s.run(None, {"input": x[:1]})  # one input: its own top half (a batch reads the union of its inputs')
         st = s.last_stats
     routed = [l for l in st["layers"].values() if l["chunks_read"] < l["chunks_total"]]
     assert len(routed) == 1 and routed[0]["chunks_read"] == 4 and routed[0]["kind"] == "ffn_up"
@@ -296,3 +298,17 @@ def test_export_to_plain_onnx_matches_the_numpy_engine(mlp, digits, tmp_path):
     from nadoo.runtime.export_onnx import OrtSession
 
     np.testing.assert_allclose(OrtSession(d / "mlp.ndc", "q4").run(None, {"input": x})[0], y, rtol=1e-6, atol=1e-6)
+
+
+def test_budgeted_topk_pins_hot_chunks_and_stays_in_budget(mlp, digits):
+    d, _, _ = mlp
+    budget = 200_000  # the decoded FFN is 320 KB: half of it fits, two of its eight groups pinned
+    with Session(d / "mlp.ndc", Policy("topk", bits="4", topk=0.5), memory_budget=budget) as s:
+        assert 0 < s.cache.pinned_bytes <= budget // 2
+        rates = []
+        for i in range(20):
+            s.run(None, {"input": digits[2][i : i + 1]})
+            assert s.cache.bytes <= budget
+            rates.append(s.last_stats["cache_hit_rate"])
+        assert s.last_stats["cache_pinned_bytes"] == s.cache.pinned_bytes
+        assert np.mean(rates[1:]) > 0.3  # hot chunks are pinned: later inputs mostly hit
