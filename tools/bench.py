@@ -457,6 +457,11 @@ def targets(results: dict) -> list[tuple[str, str, bool | None, str]]:
         if best:
             out.append(("≤ 5 % of fp32 weight bytes at cosine ≥ 0.99, best nadoo row", f"{best[1] / fp32:.1%} ({best[0]}, cosine {best[2]:.4f})",
                         best[1] / fp32 <= 0.05, ""))
+        for row, goal, label in (("nadoo dense q8", 0.9998, "8-bit"), ("nadoo dense q4", 0.995, "4-bit"),
+                                 ("nadoo topk 50% q4", 0.98, "FFN top-k at half the chunks + 4-bit")):
+            if R.get(row, {}).get("fidelity") is not None:
+                f = R[row]["fidelity"]
+                out.append((f"fidelity MiniLM {label} ({row}) cosine ≥ {goal}", f"{f:.5f}", f >= goal, ""))
         b16 = R.get("nadoo dense q8, --memory-budget 16MB", {}).get("peak_rss_mib")
         if b16:
             out.append(("peak RSS under a 16 MB budget ≤ 50 MiB (MiniLM, `nadoo run` process)", f"{b16:.0f} MiB", b16 <= 50, ""))
@@ -467,7 +472,8 @@ def targets(results: dict) -> list[tuple[str, str, bool | None, str]]:
         for k in ("nadoo topk 25% q8", "nadoo topk 25% auto"):
             if "warm_b1" in R.get(k, {}):
                 v = R[k]["warm_b1"]["median"]
-                out.append((f"wide MLP {k} ≤ 0.4× ORT fp32 dense (b1)", f"{v / o:.2f}× ({v:.1f} vs {o:.1f} ms; reads {R[k]['chunks_read']}/{R[k]['chunks_total']} chunks)",
+                out.append((f"wide MLP {k} ≤ 0.4× ORT fp32 dense (b1)", f"{v / o:.2f}× ({v:.1f} vs {o:.1f} ms; reads {R[k]['chunks_read']}/{R[k]['chunks_total']} chunks"
+                            + ("; no layer routable: top-k ran dense" if R[k]["chunks_read"] >= R[k]["chunks_total"] else "") + ")",
                             v / o <= 0.4, ""))
     bud = results.get("budget")
     if bud:
@@ -540,6 +546,45 @@ def write_readme(text: str) -> None:
         f.write(s.replace("\n\n\n## Benchmark", "\n\n## Benchmark"))
 
 
+def report(results: dict, meta: dict) -> str:
+    """The README's Benchmark section, from the measured results alone (so --replot can redo it)."""
+    mans = {k: {"name": k, "fp32_weight_bytes": results[k]["fp32_weight_bytes"]} for k in ("minilm", "wide_mlp") if k in results}
+    md = [f"## Benchmark\n",
+          f"Measured {meta['date']} with `.venv/bin/python {meta['cmd']}` (nadoo at {meta['git'][:10]}"
+          f"{' + uncommitted work-tree changes' if meta.get('dirty') else ''}; {meta['cores']} cores; "
+          f"BLAS: {meta['blas']}; total {meta['total_s']:.0f} s including builds). Cells are *median (p10–p90)*; "
+          f"all engines ran in one run on the same inputs, interleaved. Machines here are shared and noisy: "
+          f"read the ratios, not the absolute times. ×ORT = ratio to ONNX Runtime fp32 (default threads), lower is better.\n",
+          "- cold start: a fresh process (python start, imports, open, first result; `nadoo run --input`, a 6-line ORT "
+          "script on the .onnx, a TorchScript script for torch), page cache warm; peak RSS of that process.",
+          "- warm: all engines live in one process (OPENBLAS_NUM_THREADS=1; ORT default = 2 intra-op threads; torch default "
+          "threads); each round runs every engine once, in random order.",
+          "- bytes read: nadoo's count for the first run with an empty chunk cache (the index and graph read at open are "
+          "not included); ORT/torch read their whole weight file. % of the fp32 weight bytes.",
+          "- fidelity against torch eager fp32 on the 8 measured inputs (MiniLM: mean-pooled cosine; MLP: relative L2).\n"]
+    if "minilm" in results:
+        md += [f"### all-MiniLM-L6-v2 (batch 1 × 32 and 8 × 32 tokens; calibrated on `examples.models.SENTENCES`, "
+               f"measured on 8 other sentences; `nadoo compile --keep-float` took {results['minilm'].get('compile_s', 0):.0f} s)\n",
+               model_table(mans["minilm"], results["minilm"]), ""]
+    if "wide_mlp" in results:
+        p = results["wide_mlp"]["params"]
+        md += [f"### wide MLP: {p['blocks']} residual blocks {p['d']} → {p['h']} → ReLU → {p['d']}, "
+               f"{mans['wide_mlp']['fp32_weight_bytes'] / MiB:.0f} MiB fp32 (L3 here: 260 MiB)\n",
+               f"Random weights with a trained-like ReLU sparsity: 20 % 'hot' neurons (bias ≈ 0, fire ~50 %), the rest "
+               f"biased to fire ~1 %; hot neurons {'at random positions (as in a trained model)' if p.get('layout') == 'scattered' else 'clustered at the front'}. "
+               f"Calibrated on {p['calib_n']} random inputs, measured on 8 others; `nadoo compile --keep-float` took "
+               f"{results['wide_mlp'].get('compile_s', 0):.0f} s.\n",
+               model_table(mans["wide_mlp"], results["wide_mlp"]), ""]
+    if "budget" in results:
+        md += ["### model larger than its budget\n",
+               f"The wide MLP with `--memory-budget` = fp32 weights / 2 (nadoo's cache holds decoded float32 blocks), "
+               f"batch 1, against a naive numpy loader that reads each layer's fp32 weights whole with `np.fromfile`, "
+               f"computes and drops them. 'bytes read' is per warm inference (the cache cannot hold everything).\n",
+               budget_table(None, results["budget"]), ""]
+    md += ["### DESIGN targets\n", targets_table(targets(results)), "", "![benchmark](docs/bench.png)\n"]
+    return "\n".join(md)
+
+
 # ------------------------------------------------------------------------------------------- driver
 def run_worker(kind: str, man: dict, args, extra: list[str] | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", dir=WORK, delete=False) as f:
@@ -594,6 +639,9 @@ def main(argv=None):
             last = json.load(f)
         png = args.plot or os.path.join(ROOT, "docs", "bench.png")
         plot(last["results"], png)
+        if "meta" in last:
+            last["markdown"] = report(last["results"], last["meta"])
+            print(last["markdown"])
         print(f"[bench] wrote {png}", file=sys.stderr)
         if not args.no_readme:
             write_readme(last["markdown"])
@@ -641,49 +689,21 @@ def main(argv=None):
         results["budget"] = res
 
     # ---- report
-    date = datetime.date.today().isoformat()
-    cmd = "tools/bench.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
-    git = sha or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = "" if args.rev else (" + uncommitted work-tree changes" if subprocess.run(
-        ["git", "status", "--porcelain", "runtime", "compiler"], capture_output=True, text=True, cwd=ROOT).stdout.strip() else "")
-    md = [f"## Benchmark\n",
-          f"Measured {date} with `.venv/bin/python {cmd}` (nadoo at {git[:10]}{dirty}; {os.cpu_count()} cores; "
-          f"BLAS: {blas}; total {time.perf_counter() - t_start:.0f} s). Cells are *median (p10–p90)*; "
-          f"all engines ran in one run on the same inputs, interleaved. Machines here are shared and noisy: "
-          f"read the ratios, not the absolute times. ×ORT = ratio to ONNX Runtime fp32 (default threads), lower is better.\n",
-          "- cold start: a fresh process (python start, imports, open, first result; `nadoo run --input`, a 6-line ORT "
-          "script on the .onnx, a TorchScript script for torch), page cache warm; peak RSS of that process.",
-          "- warm: all engines live in one process (OPENBLAS_NUM_THREADS=1; ORT default = 2 intra-op threads; torch default "
-          "threads); each round runs every engine once, in random order.",
-          "- bytes read: nadoo's count for the first run with an empty chunk cache (the index and graph read at open are "
-          "not included); ORT/torch read their whole weight file. % of the fp32 weight bytes.",
-          "- fidelity against torch eager fp32 on the 8 measured inputs (MiniLM: mean-pooled cosine; MLP: relative L2).\n"]
-    if "minilm" in results:
-        md += [f"### all-MiniLM-L6-v2 (batch 1 × 32 and 8 × 32 tokens; calibrated on `examples.models.SENTENCES`, measured on 8 other sentences)\n",
-               model_table(mans["minilm"], results["minilm"]), ""]
-    if "wide_mlp" in results:
-        p = results["wide_mlp"]["params"]
-        md += [f"### wide MLP: {p['blocks']} residual blocks {p['d']} → {p['h']} → ReLU → {p['d']}, "
-               f"{mans['wide_mlp']['fp32_weight_bytes'] / MiB:.0f} MiB fp32 (L3 here: 260 MiB)\n",
-               f"Random weights with a trained-like ReLU sparsity: 20 % 'hot' neurons (bias ≈ 0, fire ~50 %), the rest "
-               f"biased to fire ~1 %; hot neurons {'at random positions (as in a trained model)' if p.get('layout') == 'scattered' else 'clustered at the front'}. "
-               f"Calibrated on {p['calib_n']} random inputs, measured on 8 others.\n",
-               model_table(mans["wide_mlp"], results["wide_mlp"]), ""]
-    if "budget" in results:
-        md += ["### model larger than its budget\n",
-               f"The wide MLP with `--memory-budget` = fp32 weights / 2 (nadoo's cache holds decoded float32 blocks), "
-               f"batch 1, against a naive numpy loader that reads each layer's fp32 weights whole with `np.fromfile`, "
-               f"computes and drops them. 'bytes read' is per warm inference (the cache cannot hold everything).\n",
-               budget_table(mans["wide_mlp"], results["budget"]), ""]
+    meta = {"date": datetime.date.today().isoformat(),
+            "cmd": "tools/bench.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
+            "git": sha or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+            "dirty": bool(not args.rev and subprocess.run(["git", "status", "--porcelain", "runtime", "compiler"],
+                                                          capture_output=True, text=True, cwd=ROOT).stdout.strip()),
+            "blas": blas, "total_s": time.perf_counter() - t_start, "cores": os.cpu_count()}
+    text = report(results, meta)
     tg = targets(results)
-    md += ["### DESIGN targets\n", targets_table(tg), "", "![benchmark](docs/bench.png)\n"]
-    text = "\n".join(md)
     print(text)
     png = args.plot or (os.path.join(WORK, "bench_quick.png") if args.quick else os.path.join(ROOT, "docs", "bench.png"))
     plot(results, png)
-    with open(os.path.join(WORK, "last_results.json"), "w") as f:
-        json.dump({"results": results, "targets": tg, "markdown": text}, f, indent=1)
-    print(f"[bench] wrote {png} and {os.path.join(WORK, 'last_results.json')}", file=sys.stderr)
+    out_json = os.path.join(WORK, "last_results_quick.json" if args.quick else "last_results.json")
+    with open(out_json, "w") as f:
+        json.dump({"results": results, "meta": meta, "targets": tg, "markdown": text}, f, indent=1)
+    print(f"[bench] wrote {png} and {out_json}", file=sys.stderr)
     if not args.quick and not args.no_readme:
         write_readme(text)
         print("[bench] updated README.md (Benchmark section)", file=sys.stderr)
