@@ -123,38 +123,56 @@ def fuse_ffn(graph: dict, consts: dict, weights: list[Weight]) -> tuple[dict, li
     return g, weights, ffns
 
 
-def coactivation_order(acts: np.ndarray, n_groups: int) -> np.ndarray:
+def coactivation_order(acts: np.ndarray, n_groups: int, iters: int = 60, seed: int = 0) -> np.ndarray:
     """A neuron permutation that puts co-active neurons next to each other.
 
-    acts: [samples, neurons] post-activation magnitudes from calibration. Neurons are ordered by the
-    leading non-trivial eigenvector (Fiedler-like) of their activation-correlation graph, within
-    bands of activation frequency, so each contiguous group gathers neurons that fire together."""
-    a = np.abs(acts).astype(np.float64)
-    R = a.shape[1]
-    if a.shape[0] < 2 or R < 2 * n_groups:
-        return np.argsort(-a.mean(0), kind="stable")
-    x = a - a.mean(0)
-    norm = np.linalg.norm(x, axis=0)
-    norm[norm == 0] = 1
-    x /= norm
-    C = np.clip(x.T @ x, 0, None)  # non-negative correlation = affinity
-    d = C.sum(1)
-    d[d == 0] = 1
-    Dm = 1 / np.sqrt(d)
-    L = (C * Dm[:, None]) * Dm[None, :]
-    w, v = np.linalg.eigh(L)
-    fiedler = v[:, -2] * Dm
-    return np.argsort(fiedler, kind="stable")
+    acts: [samples, neurons] post-activation magnitudes from calibration. Affinity between two neurons
+    is the cosine of their activation vectors (non-negative, as activations are); neurons are sorted
+    by the second eigenvector of the degree-normalised affinity (spectral ordering), so a contiguous
+    group gathers neurons that fire together. The R×R affinity is never formed: subspace iteration
+    applies it as Xᵀ(X·v), O(samples·neurons) per step, so 16k-neuron layers order in seconds."""
+    X = np.abs(acts).astype(np.float64)
+    S, R = X.shape
+    norms = np.linalg.norm(X, axis=0)
+    dead = norms == 0
+    if S < 2 or R < 2 * n_groups or dead.all():
+        return np.argsort(-X.mean(0), kind="stable")
+    X = X[:, ~dead] / norms[~dead]
+    d = X.T @ (X @ np.ones(X.shape[1]))  # degrees of the affinity graph
+    dm = 1 / np.sqrt(np.maximum(d, 1e-30))
+    u0 = np.sqrt(d) / np.linalg.norm(np.sqrt(d))  # the trivial top eigenvector of D^-½ C D^-½
+
+    def apply(V):
+        return dm[:, None] * (X.T @ (X @ (dm[:, None] * V)))
+
+    V = np.random.default_rng(seed).standard_normal((X.shape[1], 3))
+    for _ in range(iters):
+        V -= u0[:, None] * (u0 @ V)[None, :]
+        V, _ = np.linalg.qr(apply(V))
+    V -= u0[:, None] * (u0 @ V)[None, :]
+    B = V.T @ apply(V)
+    w, U = np.linalg.eigh((B + B.T) / 2)
+    fiedler = (V @ U[:, -1]) * dm
+    live = np.flatnonzero(~dead)[np.argsort(fiedler, kind="stable")]
+    return np.concatenate([live, np.flatnonzero(dead)])  # never-active neurons last, together
 
 
-def fit_sketch(x: np.ndarray, up: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_sketch(H: np.ndarray, up: np.ndarray, rank: int, oversample: int = 8, power: int = 2,
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Data-aware rank-r factorization of the up-projection: x @ up.T ≈ (x @ P) @ Q.
 
-    Q = top-r right singular vectors of the calibration pre-activations Z = X·Wᵀ, P = Wᵀ·Q.T, so the
-    sketch is exact on the subspace the calibration inputs actually excite."""
-    Z = x.astype(np.float64) @ up.T.astype(np.float64)
-    rank = max(1, min(rank, *Z.shape))
-    _, _, vt = np.linalg.svd(Z, full_matrices=False)
-    Q = vt[:rank]  # [r, R]
-    P = up.T.astype(np.float64) @ Q.T  # [K, r]
-    return P.astype(np.float32), Q.astype(np.float32)
+    H = E[xᵀx] from calibration [K, K]. Q = the top-r eigenvectors of W·H·Wᵀ (= the right singular
+    vectors of the calibration pre-activations Z = X·Wᵀ), P = Wᵀ·Qᵀ, so the sketch is exact on the
+    subspace the calibration inputs actually excite. Randomised range finder: O(R·K·r), no R×R matrix."""
+    W = up.astype(np.float64)  # [R, K]
+    R, K = W.shape
+    rank = max(1, min(rank, R, K))
+    G = np.random.default_rng(seed).standard_normal((R, min(R, rank + oversample)))
+    M = lambda V: W @ (H @ (W.T @ V))  # noqa: E731 - W·H·Wᵀ applied to a block of vectors
+    Y, _ = np.linalg.qr(M(G))
+    for _ in range(power):
+        Y, _ = np.linalg.qr(M(Y))
+    B = Y.T @ M(Y)
+    w, U = np.linalg.eigh((B + B.T) / 2)
+    Vr = Y @ U[:, ::-1][:, :rank]  # [R, r]
+    return (W.T @ Vr).astype(np.float32), Vr.T.astype(np.float32).copy()

@@ -294,6 +294,50 @@ def _write_tier(wr: BundleWriter, group: list[Weight], entries: list[dict], tier
     return [(pids, err if tier != "f32" else {}) for pids, err in out]
 
 
+def _write_nested(wr: BundleWriter, group: list[Weight], entries: list[dict], imps: list, qkw: list) -> int:
+    """Nested tiers (NDC 1.1 §4.6): per chunk, plane A of every tensor of the group, then B, then C,
+    so a 2-, 4- or 8-bit read of a neuron group is one contiguous range. Returns the stored bytes."""
+    from .quantize import quantize_nested
+
+    bounds = entries[0]["bounds"]
+    per = []
+    for w, e, imp, kw in zip(group, entries, imps, qkw):
+        m = w.array.reshape(w.rows, -1)
+        per.append(quantize_nested(m, bounds, min(e["group_size"], m.shape[1]), imp, **kw) if m.any() else None)
+        e["nested"] = {"planes": [[], [], []]}
+        e["errors"] = {t: {"mse": [], "out_err": []} for t in ("q8", "q4", "q2")}
+    nbytes = 0
+    for c, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        flags = [bool(w.array.reshape(w.rows, -1)[lo:hi].any()) for w in group]
+        live = [(w, e, q) for w, e, q, f in zip(group, entries, per, flags) if f]
+        for e, f in zip(entries, flags):
+            if not f:  # all pruned away: empty in every plane
+                for p in range(3):
+                    e["nested"]["planes"][p].append(-1)
+                for t in e["errors"]:
+                    e["errors"][t]["mse"].append(0.0)
+                    e["errors"][t]["out_err"].append(0.0)
+        for p in range(3):
+            for w, e, q in live:
+                pid = wr.add_payload(q[c][0][p])
+                e["nested"]["planes"][p].append(pid)
+                nbytes += wr.stored_length(pid)
+        for w, e, q in live:
+            for t, er in q[c][1].items():
+                e["errors"][t]["mse"].append(er["mse"])
+                e["errors"][t]["out_err"].append(er["out_err"])
+    return nbytes
+
+
+def _input_moment(st) -> np.ndarray:
+    """E[xᵀx] of an FFN's input: the calibration Hessian when recorded, else from the row subsample."""
+    H = st.hessian() if hasattr(st, "hessian") else None
+    if H is None:
+        x = np.concatenate(st.x_rows).astype(np.float64)
+        H = x.T @ x / max(len(x), 1)
+    return H
+
+
 def _prepare_ffn(f: dict, st, consts: dict, graph: dict, bounds: dict, opts: CompileOptions) -> None:
     """Reorder an FFN's neurons by co-activation (exact permutation) and attach its predictor."""
     up, down = f["up"], f["down"]
@@ -308,7 +352,7 @@ def _prepare_ffn(f: dict, st, consts: dict, graph: dict, bounds: dict, opts: Com
     node = f["node"]
     names = [f"{up.name}.sketch_p", f"{up.name}.sketch_q", f"{up.name}.down_energy"]
     if st.x_rows and opts.sketch_rank > 0:
-        P, Q = fit_sketch(np.concatenate(st.x_rows), up.array, opts.sketch_rank)
+        P, Q = fit_sketch(_input_moment(st), up.array, opts.sketch_rank)
         consts[names[0]], consts[names[1]] = P, Q
     else:
         names[0] = names[1] = ""
