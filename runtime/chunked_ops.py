@@ -231,11 +231,11 @@ class ChunkedOps:
             blocks = store.chunks(e, ids, tiers)
             rows = rows_of(ids)
             w = np.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
+            # Skipped rows output their bias alone: exact for pruned (all-zero) chunks.
             y = np.zeros(x.shape[:-1] + (R,), np.float32)
-            part = np.matmul(x, w.T)
             if bias is not None:
-                part += bias[rows]
-            y[..., rows] = part
+                y += bias
+            y[..., rows] += np.matmul(x, w.T)
             pos = x.size // K
             self._count(c, before, len(ids), pos * len(rows) * K, pos * R * K)
             return y
@@ -259,7 +259,7 @@ class ChunkedOps:
             def zeros(x, bias=None):
                 self._count(c, b.bytes_read, 0, 0, (x.size // K) * R * K)
                 y = np.zeros(x.shape[:-1] + (R,), np.float32)
-                return y  # every chunk pruned away: the layer contributes nothing but its bias
+                return y + bias if bias is not None else y  # every chunk pruned away: only the bias is left
             return zeros
         return lambda x, bias=None: partial(x, sel, bias, b.bytes_read)
 
