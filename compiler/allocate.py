@@ -67,7 +67,8 @@ def bundle_allocation(entries: list[dict], payload_bytes, bits_per_weight: float
     costs, errs, owner = [], [], []
     n_weights = 0
     for e in entries:
-        qt = [t for t in ("q8", "q4", "q2") if t in e["tiers"] and t in e.get("errors", {})]
+        nested = e.get("nested", {}).get("planes")  # NDC 1.1 nested planes: a b-bit read costs its planes
+        qt = [t for t in ("q8", "q4", "q2") if (t in e["tiers"] or nested) and t in e.get("errors", {})]
         if not qt:
             continue
         rows = e["shape"][0]
@@ -78,7 +79,11 @@ def bundle_allocation(entries: list[dict], payload_bytes, bits_per_weight: float
         b = e["bounds"]
         for c in range(len(b) - 1):
             share = (b[c + 1] - b[c]) / rows
-            costs.append({t: payload_bytes(e["tiers"][t][c]) for t in qt})
+            if nested:
+                n_planes = {"q2": 1, "q4": 2, "q8": 3}
+                costs.append({t: sum(payload_bytes(p[c]) for p in nested[:n_planes[t]]) for t in qt})
+            else:
+                costs.append({t: payload_bytes(e["tiers"][t][c]) for t in qt})
             errs.append({t: e["errors"][t]["out_err"][c] * share for t in qt})
             owner.append((e["name"], c))
     tiers = allocate(costs, errs, bits_per_weight / 8 * n_weights)

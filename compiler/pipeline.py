@@ -47,6 +47,7 @@ class CompileOptions:
     alignment: int = 64
     quant_method: str = "gptq"  # "gptq" (error feedback + clipping search) | "search" | "rtn"  [#5]
     bits_per_weight: float | None = None  # store a mixed-precision allocation under this budget  [#5]
+    nested: bool = False  # [#5] q8/q4/q2 as nested bit-planes of one 8-bit quantization (NDC 1.1 `nested`)
 
 
 @dataclass
@@ -161,7 +162,8 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         kept += int(np.count_nonzero(w.array))
         total += w.array.size
 
-    tier_bytes = {t: 0 for t in (["f32"] if opts.keep_float else []) + [t for t, _ in TIER_BITS]}
+    tier_bytes = {t: 0 for t in (["f32"] if opts.keep_float else [])
+                  + (["nested"] if opts.nested else [t for t, _ in TIER_BITS])}
     entries = []
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with BundleWriter(out_path, alignment=opts.alignment) as wr:
@@ -183,6 +185,9 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
             for group, tier in it:
                 imps = [stats[w.name].importance() if w.kind in ("linear", "conv", "ffn_up") else None for w in group]
                 qkw = [_quant_kwargs(w, stats, downs, opts) for w in group]  # [#5] GPTQ inputs
+                if tier == "nested":  # [#5] one payload per bit-plane (compiler/quantize.py quantize_nested)
+                    tier_bytes[tier] += _write_nested(wr, group, [per_tensor[w.name] for w in group], imps, qkw)
+                    continue
                 for w, (pids, errs) in zip(group, _write_tier(wr, group, [per_tensor[w.name] for w in group], tier, imps, qkw)):
                     e = per_tensor[w.name]
                     e["tiers"][tier] = pids
@@ -295,7 +300,7 @@ def _write_tier(wr: BundleWriter, group: list[Weight], entries: list[dict], tier
 
 
 def _write_nested(wr: BundleWriter, group: list[Weight], entries: list[dict], imps: list, qkw: list) -> int:
-    """Nested tiers (NDC 1.1 §4.6): per chunk, plane A of every tensor of the group, then B, then C,
+    """Nested tiers (NDC 1.1 §4.2b): per chunk, plane A of every tensor of the group, then B, then C,
     so a 2-, 4- or 8-bit read of a neuron group is one contiguous range. Returns the stored bytes."""
     from .quantize import quantize_nested
 

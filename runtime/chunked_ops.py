@@ -110,13 +110,11 @@ class WeightStore:
             pids = {}
             for j in missing:
                 i = int(ids[j])
-                pid = int(e.tiers[tiers[i]][i])
-                if pid >= 0:
-                    pids[j] = pid
-            data = self.b.read_payloads(pids.values()) if pids else {}
+                pids[j] = e.chunk_pids(tiers[i], i)  # one payload, or a nested chunk's planes (#5)
+            data = self.b.read_payloads([p for ps in pids.values() for p in ps]) if pids else {}
             for j in missing:
                 i = int(ids[j])
-                a = self._prune(e, self.b.decode_chunk(e, i, tiers[i], data.get(pids.get(j, -1))))
+                a = self._prune(e, self.b.decode_chunk(e, i, tiers[i], data))
                 self.cache.put(keys[j], a)
                 out[j] = a
         return out
@@ -127,9 +125,8 @@ class WeightStore:
         a = self.cache.get(key)
         if a is None:
             ids = np.arange(e.n_chunks)
-            pids = [int(e.tiers[tiers[i]][i]) for i in ids]
-            data = self.b.read_payloads([p for p in pids if p >= 0])
-            blocks = [self._prune(e, self.b.decode_chunk(e, int(i), tiers[i], data.get(pids[i]))) for i in ids]
+            data = self.b.read_payloads([p for i in ids for p in e.chunk_pids(tiers[i], int(i))])
+            blocks = [self._prune(e, self.b.decode_chunk(e, int(i), tiers[i], data)) for i in ids]
             a = np.concatenate(blocks, axis=0).reshape(e.rows, e.row_len)
             a = np.ascontiguousarray(a.T) if transposed else a.reshape(e.shape)
             self.cache.put(key, a)

@@ -84,10 +84,11 @@ def info(bundle, as_json, plot):
 @click.option("--min-elements", default=1024, show_default=True, help="Weights smaller than this stay inline (not chunked).")
 @click.option("--bits-per-weight", type=float, default=None, help="Also store a mixed-precision allocation (one tier per chunk) within this average bits/weight budget (scales included); run it with --bits alloc.")
 @click.option("--quant-method", type=click.Choice(["gptq", "search", "rtn"]), default="gptq", show_default=True, help="gptq: error feedback through the calibration inputs' second moments + clipping search; search: clipping search only; rtn: plain min/max.")
+@click.option("--nested", is_flag=True, help="Store 8/4/2 bits as nested bit-planes of one 8-bit quantization (~8.5 bits/weight for all three; a b-bit read reads b bits per weight).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_friendly
 def compile_cmd(model, out, calib, chunks, embedding_rows, group_size, keep_float, prune_tau, input_shape,
-                model_class, allow_pickle, route_threshold, min_elements, bits_per_weight, quant_method, quiet):
+                model_class, allow_pickle, route_threshold, min_elements, bits_per_weight, quant_method, nested, quiet):
     """Compile MODEL (.onnx, TorchScript .pt, torch.export .pt2, state_dict + --model-class) into a bundle."""
     try:
         from nadoo.compiler.pipeline import CompileOptions, compile_model
@@ -98,7 +99,7 @@ def compile_cmd(model, out, calib, chunks, embedding_rows, group_size, keep_floa
                           keep_float=keep_float, prune_tau=prune_tau, min_elements=min_elements,
                           input_shapes=parse_input_shapes(list(input_shape)) if input_shape else None,
                           model_class=model_class, allow_pickle=allow_pickle, route_threshold=route_threshold,
-                          bits_per_weight=bits_per_weight, quant_method=quant_method)
+                          bits_per_weight=bits_per_weight, quant_method=quant_method, nested=nested)
     report = compile_model(model, out, opts, quiet=quiet)
     click.echo(report.summary())
 

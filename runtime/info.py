@@ -45,6 +45,8 @@ def bundle_facts(b: Bundle) -> dict:
             if tier not in e.tiers:
                 continue
             pids = e.tiers[tier]
+            if e.is_nested(tier):  # (1.1) nested planes: a tier costs every plane it reads
+                pids = np.concatenate([np.asarray(e.chunk_pids(tier, i), np.int64) for i in range(e.n_chunks)])
             live = pids[pids >= 0]
             stored = int(t["stored"][live].sum()) if len(live) else 0
             raw = int(t["raw"][live].sum()) if len(live) else 0

@@ -24,7 +24,8 @@ import numpy as np
 
 from .errors import BundleError
 
-__all__ = ["SUPPORTED_BITS", "payload_nbytes", "pack", "unpack", "dequantize"]
+__all__ = ["SUPPORTED_BITS", "payload_nbytes", "pack", "unpack", "dequantize", "NESTED_PLANES", "NESTED_TIER_PLANES",
+           "nested_plane_nbytes", "pack_nested", "nested_codes", "dequantize_nested"]
 
 SUPPORTED_BITS = (8, 4, 2)
 _F16LE = np.dtype("<f2")
@@ -191,3 +192,86 @@ def dequantize(buf, rows: int, row_len: int, group_size: int, bits: int) -> np.n
     if k_pad != row_len:
         out = np.ascontiguousarray(out[:, :row_len])
     return out
+
+
+# ------------------------------------------------------------------ nested bit-planes (NDC 1.1)
+# One 8-bit quantization (codes q8, float16 scale/min per group) stored as three *planes* per chunk:
+#   plane A: bits 7-6 of q8 as a 2-bit stream + scales + mins   (exactly the q2 layout above)
+#   plane B: bits 5-4 of q8 as a 2-bit stream
+#   plane C: bits 3-0 of q8 as a 4-bit stream
+# A b-bit read (b = 2, 4, 8) fetches the first 1, 2 or 3 planes; its code q_b = q8 >> (8 - b) is the
+# bin of 2^(8-b) consecutive 8-bit codes, decoded at the bin's centre:
+#   w = f32(scale) * f32(2^(8-b) * q_b + (2^(8-b) - 1) / 2) + f32(min)      (b = 8: scale * q8 + min)
+NESTED_PLANES = ((2, True), (2, False), (4, False))  # (code bits, carries scales + mins) of A, B, C
+NESTED_TIER_PLANES = {2: 1, 4: 2, 8: 3}               # bits of a read -> planes it needs
+
+
+def nested_plane_nbytes(rows: int, row_len: int, group_size: int, plane: int) -> int:
+    """Exact length of nested plane ``plane`` (0 = A, 1 = B, 2 = C) of a rows x row_len chunk."""
+    rows, row_len, group_size, _ = _check_dims(rows, row_len, group_size, 8)
+    if plane not in (0, 1, 2):
+        raise BundleError(f"nested chunk: plane must be 0, 1 or 2, got {plane!r}")
+    bits, params = NESTED_PLANES[plane]
+    ng, k_pad, _ = _layout(rows, row_len, group_size, 8)
+    return -(-(rows * k_pad * bits) // 8) + (4 * rows * ng if params else 0)
+
+
+def pack_nested(codes8: np.ndarray, scales: np.ndarray, mins: np.ndarray, group_size: int) -> list[bytes]:
+    """8-bit codes uint8 [R, K] + float16 scales/mins [R, ng] -> [plane A, plane B, plane C] bytes."""
+    c = np.asarray(codes8)
+    a = pack(c >> 6, scales, mins, 2, group_size)
+    rows, row_len = c.shape
+    ng, k_pad, _ = _layout(rows, row_len, group_size, 8)
+    cp = np.zeros((rows, k_pad), np.uint8)
+    cp[:, :row_len] = c
+    flat = cp.reshape(-1)
+    return [a, _pack_stream((flat >> 4) & 3, 2), _pack_stream(flat & 15, 4)]
+
+
+def nested_codes(planes, rows: int, row_len: int, group_size: int, bits: int):
+    """The first NESTED_TIER_PLANES[bits] planes -> (q_b uint8 [R, K_pad], scales, mins, ng, k_pad)."""
+    rows, row_len, group_size, bits = _check_dims(rows, row_len, group_size, bits)
+    need = NESTED_TIER_PLANES[bits]
+    if len(planes) < need:
+        raise BundleError(f"nested chunk: a {bits}-bit read needs {need} planes, got {len(planes)}")
+    ng, k_pad, _ = _layout(rows, row_len, group_size, 8)
+    bufs = []
+    for p in range(need):
+        want = nested_plane_nbytes(rows, row_len, group_size, p)
+        try:
+            raw = np.frombuffer(planes[p], dtype=np.uint8)
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"nested chunk: plane {p} is not a byte buffer ({e})") from None
+        if raw.size != want:
+            raise BundleError(f"nested chunk: plane {'ABC'[p]} is {raw.size} bytes, expected {want} for "
+                              f"{rows}x{row_len}, group {group_size}")
+        bufs.append(raw)
+    n = rows * k_pad
+    code_a = -(-(n * 2) // 8)
+    q = _unpack_stream(bufs[0][:code_a], 2, n).astype(np.uint8)
+    if need >= 2:
+        q = (q << 2) | _unpack_stream(bufs[1], 2, n)
+    if need >= 3:
+        q = (q << 4) | _unpack_stream(bufs[2], 4, n)
+    scales = bufs[0][code_a:code_a + 2 * rows * ng].view(_F16LE).reshape(rows, ng)
+    mins = bufs[0][code_a + 2 * rows * ng:].view(_F16LE).reshape(rows, ng)
+    return q.reshape(rows, k_pad), scales, mins, ng, k_pad
+
+
+def dequantize_nested(planes, rows: int, row_len: int, group_size: int, bits: int) -> np.ndarray:
+    """Planes (A[, B[, C]]) -> float32 [R, K] at ``bits`` by the nested formula above."""
+    q, scales, mins, ng, k_pad = nested_codes(planes, rows, row_len, group_size, bits)
+    s32 = scales.astype(np.float32)
+    m32 = mins.astype(np.float32)
+    if not (np.isfinite(s32).all() and np.isfinite(m32).all()):
+        raise BundleError("nested chunk: scales/mins contain non-finite values (corrupt payload)")
+    step = 1 << (8 - bits)
+    c = q.astype(np.float32)
+    if step > 1:
+        c *= np.float32(step)          # exact: integers < 256
+        c += np.float32((step - 1) / 2)
+    c = c.reshape(rows, ng, group_size)
+    c *= s32[:, :, None]
+    c += m32[:, :, None]
+    out = c.reshape(rows, k_pad)
+    return np.ascontiguousarray(out[:, :row_len]) if k_pad != row_len else out

