@@ -32,6 +32,15 @@ class NodeArg:
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident set of this process. On Linux VmHWM of /proc/self/status: getrusage's ru_maxrss
+    survives exec, so a nadoo process started from a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)  # Linux reports KiB, macOS bytes
 
