@@ -124,11 +124,20 @@ class WeightStore:
         key = (e.name, "full_t" if transposed else "full", tuple(tiers), self.tau)
         a = self.cache.get(key)
         if a is None:
-            ids = np.arange(e.n_chunks)
-            data = self.b.read_payloads([p for i in ids for p in e.chunk_pids(tiers[i], int(i))])
-            blocks = [self._prune(e, self.b.decode_chunk(e, int(i), tiers[i], data)) for i in ids]
-            a = np.concatenate(blocks, axis=0).reshape(e.rows, e.row_len)
-            a = np.ascontiguousarray(a.T) if transposed else a.reshape(e.shape)
+            data = self.b.read_payloads([p for i in range(e.n_chunks) for p in e.chunk_pids(tiers[i], i)])
+            # Decode chunk by chunk straight into the result, dropping each payload once decoded:
+            # the peak is the result plus one chunk, not three copies of the layer.
+            a = np.empty((e.row_len, e.rows) if transposed else (e.rows, e.row_len), np.float32)
+            for i in range(e.n_chunks):
+                blk = self._prune(e, self.b.decode_chunk(e, i, tiers[i], data))
+                for p in e.chunk_pids(tiers[i], i):
+                    data.pop(p, None)
+                lo, hi = e.bounds[i], e.bounds[i + 1]
+                if transposed:
+                    a[:, lo:hi] = blk.T
+                else:
+                    a[lo:hi] = blk
+            a = a if transposed else a.reshape(e.shape)
             self.cache.put(key, a)
         return a
 
