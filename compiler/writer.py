@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 
 from nadoo.runtime.format import (
-    CODEC_RAW, CODEC_ZSTD, MAJOR, MINOR, PREAMBLE_SIZE, TABLE_DTYPE, Preamble, align_up,
+    CODEC_RAW, CODEC_ZSTD, MAJOR, PREAMBLE_SIZE, TABLE_DTYPE, Preamble, align_up,
 )
 
 # zstd keeps a payload only when it saves at least this fraction: decompression costs time on every
@@ -28,6 +28,13 @@ MIN_ZSTD_SAVING = 0.05
 def dumps_json(obj) -> bytes:
     """Canonical JSON: sorted keys, no whitespace, UTF-8. Used for the index and JSON payloads."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def minor_version(index: dict) -> int:
+    """The lowest minor version that describes a bundle: 1 once it uses a 1.1 addition (moe, alloc,
+    nested planes), else 0, so files without them stay readable as 1.0."""
+    uses_1_1 = bool(index.get("moe") or index.get("alloc")) or any("nested" in t for t in index.get("tensors", []))
+    return 1 if uses_1_1 else 0
 
 
 class BundleWriter:
@@ -97,7 +104,7 @@ class BundleWriter:
             table_raw = table.tobytes()
             self._write(table_raw)
             pre = Preamble(
-                major=MAJOR, minor=MINOR, preamble_size=PREAMBLE_SIZE, alignment=self.alignment, flags=0,
+                major=MAJOR, minor=minor_version(index), preamble_size=PREAMBLE_SIZE, alignment=self.alignment, flags=0,
                 index_offset=index_offset, index_length=len(index_raw), table_offset=table_offset,
                 table_count=len(self._records), index_crc32=zlib.crc32(table_raw, zlib.crc32(index_raw)),
             )

@@ -357,3 +357,13 @@ def test_cli_bad_bundle_is_one_line_exit_2(tmp_path, make):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nadoo: error:"), r.stderr
+
+
+def test_writer_records_the_lowest_minor_version(tmp_path):
+    from nadoo.compiler.writer import minor_version
+
+    assert minor_version({"format": "ndc", "tensors": [{"name": "w", "tiers": {"q8": []}}]}) == 0
+    assert minor_version({"format": "ndc", "tensors": [{"name": "w", "nested": {}}]}) == 1
+    assert minor_version({"format": "ndc", "tensors": [], "moe": [{"name": "m"}]}) == 1
+    with Bundle.open(GOLDEN / "tiny.ndc") as b:
+        assert (b.preamble.major, b.preamble.minor) == (1, 0)
