@@ -18,6 +18,54 @@ from nadoo.runtime.engine import Plan
 from .rewrite import Weight, consumers
 
 
+class OutputActivity:
+    """Per output unit (row / neuron): mean |y|, how often it is active, peak |y|, and per sample the
+    energy Σ y² of every unit — the evidence behind chunk activity, routability and hot-chunk pinning."""
+
+    def __init__(self, rows: int):
+        self.sum_abs = np.zeros(rows, np.float64)
+        self.n_active = np.zeros(rows, np.float64)
+        self.peak = np.zeros(rows, np.float64)
+        self.n_pos = 0
+        self.sample_energy: list[np.ndarray] = []  # per sample: energy per row
+        self.threshold = None
+
+    def add(self, yb: np.ndarray) -> None:
+        """yb: [samples, positions, rows] outputs (after the activation that follows, if known)."""
+        a = np.abs(yb).reshape(-1, yb.shape[-1])
+        if self.threshold is None:
+            # "active" = above a tenth of the layer's RMS output, fixed from the first batch.
+            self.threshold = 0.1 * float(np.sqrt(np.mean(a.astype(np.float64) ** 2)) + 1e-30)
+        self.sum_abs += a.sum(0, dtype=np.float64)
+        self.n_active += (a > self.threshold).sum(0)
+        self.peak = np.maximum(self.peak, a.max(0))
+        self.n_pos += a.shape[0]
+        self.sample_energy.extend(np.einsum("bpr,bpr->br", yb, yb, dtype=np.float64))
+
+    def permute(self, perm: np.ndarray) -> None:
+        self.sum_abs, self.n_active, self.peak = self.sum_abs[perm], self.n_active[perm], self.peak[perm]
+        self.sample_energy = [e[perm] for e in self.sample_energy]
+
+    def mean_abs(self) -> np.ndarray:
+        return self.sum_abs / max(self.n_pos, 1)
+
+    def active_frac(self) -> np.ndarray:
+        return self.n_active / max(self.n_pos, 1)
+
+
+def concentration(energy: np.ndarray, bounds: np.ndarray, share: float) -> float:
+    """Mean over samples of the share of a layer's output energy in its top `share` chunks:
+    the evidence that skipping the other chunks per input is (near) exact."""
+    n = len(bounds) - 1
+    if len(energy) == 0:
+        return 0.0
+    chunk_e = np.add.reduceat(energy, bounds[:-1], axis=1)
+    k = max(1, int(np.ceil(share * n)))
+    tot = chunk_e.sum(1)
+    top = -np.sort(-chunk_e, axis=1)[:, :k].sum(1)
+    return float(np.mean(top[tot > 0] / tot[tot > 0])) if np.any(tot > 0) else 0.0
+
+
 class LayerStats:
     def __init__(self, w: Weight, relu_after: bool, activation: str | None = None):
         self.w = w
@@ -25,13 +73,8 @@ class LayerStats:
         self.activation = activation
         self.sum_x2 = np.zeros(w.row_len if w.kind != "conv" else w.array.shape[1], np.float64)
         self.n_x = 0
-        self.sum_abs = np.zeros(w.rows, np.float64)
-        self.n_active = np.zeros(w.rows, np.float64)
-        self.peak = np.zeros(w.rows, np.float64)
-        self.n_pos = 0
-        self.sample_energy: list[np.ndarray] = []  # per sample: energy per row
+        self.out = OutputActivity(w.rows)
         self.lookups = np.zeros(w.rows, np.float64) if w.kind == "gather" else None
-        self.threshold = None
         # Input second moment H = sum x^T x (K x K, float64) for GPTQ-style error feedback; linear only
         # (conv would need the im2col columns, gather has no input activation).
         self.sum_xxt = np.zeros((w.row_len, w.row_len), np.float64) if w.kind == "linear" else None
@@ -46,7 +89,7 @@ class LayerStats:
                 self.lookups[touched] += 1
                 e = np.zeros(self.w.rows)
                 e[touched] = 1.0
-                self.sample_energy.append(e)
+                self.out.sample_energy.append(e)
             return
         if self.relu_after:
             y = np.maximum(y, 0)
@@ -63,16 +106,7 @@ class LayerStats:
             # float32 product per batch (fast BLAS), accumulated in float64 across batches
             x32 = np.ascontiguousarray(xc, np.float32)
             self.sum_xxt += x32.T @ x32
-        a = np.abs(yb)
-        flat = a.reshape(-1, a.shape[-1])
-        if self.threshold is None:
-            # "active" = above a tenth of the layer's RMS output, fixed from the first batch.
-            self.threshold = 0.1 * float(np.sqrt(np.mean(flat.astype(np.float64) ** 2)) + 1e-30)
-        self.sum_abs += flat.sum(0, dtype=np.float64)
-        self.n_active += (flat > self.threshold).sum(0)
-        self.peak = np.maximum(self.peak, flat.max(0))
-        self.n_pos += flat.shape[0]
-        self.sample_energy.extend(np.einsum("bpr,bpr->br", yb, yb, dtype=np.float64))
+        self.out.add(yb)
 
     def importance(self) -> np.ndarray:
         imp = (self.sum_x2 / max(self.n_x, 1)).astype(np.float32)
@@ -107,22 +141,17 @@ class LayerStats:
         n = len(bounds) - 1
         seg = lambda v: np.add.reduceat(v, bounds[:-1])  # noqa: E731 - per-chunk sums
         rows_per = np.diff(bounds)
-        E = np.array(self.sample_energy) if self.sample_energy else np.zeros((0, self.w.rows))
-        chunk_e = np.add.reduceat(E, bounds[:-1], axis=1) if len(E) else np.zeros((0, n))
-        k = max(1, int(np.ceil(route_share * n)))
-        tot = chunk_e.sum(1)
-        top = -np.sort(-chunk_e, axis=1)[:, :k].sum(1)
-        conc = float(np.mean(top[tot > 0] / tot[tot > 0])) if np.any(tot > 0) else 0.0
+        E = np.array(self.out.sample_energy) if self.out.sample_energy else np.zeros((0, self.w.rows))
+        conc = concentration(E, bounds, route_share)
         if self.w.kind == "gather":
             act = seg(self.lookups) / max(len(E), 1)
             out = {"chunk_activity": act.tolist(), "chunk_active_frac": (seg((self.lookups > 0).astype(float)) / rows_per).tolist(),
                    "chunk_peak": act.tolist()}
         else:
-            mean_abs = self.sum_abs / max(self.n_pos, 1)
             out = {
-                "chunk_activity": (seg(mean_abs) / rows_per).tolist(),
-                "chunk_active_frac": (seg(self.n_active / max(self.n_pos, 1)) / rows_per).tolist(),
-                "chunk_peak": np.maximum.reduceat(self.peak, bounds[:-1]).tolist(),
+                "chunk_activity": (seg(self.out.mean_abs()) / rows_per).tolist(),
+                "chunk_active_frac": (seg(self.out.active_frac()) / rows_per).tolist(),
+                "chunk_peak": np.maximum.reduceat(self.out.peak, bounds[:-1]).tolist(),
                 "input_importance_mean": float(self.importance().mean()),
             }
         # Exact-on-skip evidence: the share of per-sample output energy in the top `route_share` chunks.
@@ -147,15 +176,10 @@ class FFNStats:
         R, K = up.rows, up.row_len
         self.sum_x2 = np.zeros(K, np.float64)
         self.n_x = 0
-        self.sum_abs = np.zeros(R, np.float64)
-        self.n_active = np.zeros(R, np.float64)
-        self.peak = np.zeros(R, np.float64)
-        self.n_pos = 0
-        self.sample_energy: list[np.ndarray] = []
+        self.out = OutputActivity(R)
         self.x_rows: list[np.ndarray] = []
         self.h_rows: list[np.ndarray] = []
         self.n_rows = 0
-        self.threshold = None
         # GPTQ second moments: of the up-projection input x [K, K] and of the down-projection input h [R, R]
         self.sum_xxt = np.zeros((K, K), np.float64)
         self.sum_hht = np.zeros((R, R), np.float64)
@@ -168,15 +192,8 @@ class FFNStats:
         x32, h32 = np.ascontiguousarray(xf, np.float32), np.ascontiguousarray(hf, np.float32)
         self.sum_xxt += x32.T @ x32
         self.sum_hht += h32.T @ h32
+        self.out.add(h.reshape(h.shape[0], -1, h.shape[-1]))
         a = np.abs(hf)
-        if self.threshold is None:
-            self.threshold = 0.1 * float(np.sqrt(np.mean(a.astype(np.float64) ** 2)) + 1e-30)
-        self.sum_abs += a.sum(0, dtype=np.float64)
-        self.n_active += (a > self.threshold).sum(0)
-        self.peak = np.maximum(self.peak, a.max(0))
-        self.n_pos += a.shape[0]
-        hb = h.reshape(h.shape[0], -1, h.shape[-1])
-        self.sample_energy.extend(np.einsum("bpr,bpr->br", hb, hb, dtype=np.float64))
         if self.n_rows < self.MAX_ROWS:
             step = max(1, xf.shape[0] // 256)  # spread the subsample over the calibration set
             self.x_rows.append(xf[::step][: self.MAX_ROWS - self.n_rows].copy())
@@ -195,26 +212,19 @@ class FFNStats:
 
     def permute(self, perm: np.ndarray) -> None:
         self.sum_hht = self.sum_hht[np.ix_(perm, perm)]
-        self.sum_abs, self.n_active, self.peak = self.sum_abs[perm], self.n_active[perm], self.peak[perm]
-        self.sample_energy = [e[perm] for e in self.sample_energy]
+        self.out.permute(perm)
         self.h_rows = [h[:, perm] for h in self.h_rows]
 
     def summary(self, bounds: np.ndarray, route_share: float = 0.5, route_threshold: float = 0.9) -> dict:
         n = len(bounds) - 1
         rows_per = np.diff(bounds)
         contrib = np.einsum("rn,rn->r", self.down.array, self.down.array)  # |down row|² per neuron
-        E = np.array(self.sample_energy) * contrib
-        chunk_e = np.add.reduceat(E, bounds[:-1], axis=1)
-        k = max(1, int(np.ceil(route_share * n)))
-        tot = chunk_e.sum(1)
-        top = -np.sort(-chunk_e, axis=1)[:, :k].sum(1)
-        conc = float(np.mean(top[tot > 0] / tot[tot > 0])) if np.any(tot > 0) else 0.0
-        mean_abs = self.sum_abs / max(self.n_pos, 1)
+        conc = concentration(np.array(self.out.sample_energy) * contrib, bounds, route_share)
         return {
             "kind": "ffn", "activation_after": self.activation,
-            "chunk_activity": (np.add.reduceat(mean_abs * contrib, bounds[:-1]) / rows_per).tolist(),
-            "chunk_active_frac": (np.add.reduceat(self.n_active / max(self.n_pos, 1), bounds[:-1]) / rows_per).tolist(),
-            "chunk_peak": np.maximum.reduceat(self.peak, bounds[:-1]).tolist(),
+            "chunk_activity": (np.add.reduceat(self.out.mean_abs() * contrib, bounds[:-1]) / rows_per).tolist(),
+            "chunk_active_frac": (np.add.reduceat(self.out.active_frac(), bounds[:-1]) / rows_per).tolist(),
+            "chunk_peak": np.maximum.reduceat(self.out.peak, bounds[:-1]).tolist(),
             "concentration": conc,
             "routable": bool(n >= 4 and conc >= route_threshold),
         }
