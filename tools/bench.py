@@ -2,7 +2,8 @@
 
     .venv/bin/python tools/bench.py                 # full run (~15 min the first time: builds the wide MLP)
     .venv/bin/python tools/bench.py --quick         # smoke run (~2 min): fewer repeats, a small MLP
-    .venv/bin/python tools/bench.py --models minilm # only some sections: minilm, mlp, budget
+    .venv/bin/python tools/bench.py --models minilm # only some sections: minilm, mlp, budget, moe
+    .venv/bin/python tools/bench.py --models moe    # MoE LM only (~6 min): updates just its README subsection
     .venv/bin/python tools/bench.py --rev HEAD      # run nadoo from a git revision, not the (edited) work tree
 
 What is measured, per model and engine (see the Benchmark section of README.md for the table):
@@ -17,6 +18,11 @@ What is measured, per model and engine (see the Benchmark section of README.md f
   wide MLP relative L2 error.
 - budget section: the wide MLP under --memory-budget = fp32 weights / 2 vs a naive numpy loader that
   reads each layer's fp32 weights whole with np.fromfile, computes and drops them.
+- moe section: the char-level Mixtral of examples/moe_lm.py (trained --moe-seconds on the stdlib source),
+  nadoo float / 8 / 4 / auto bits and 4-bit under a --memory-budget holding 6 of its 16 decoded experts
+  (with and without --prefetch) vs ONNX Runtime on a dense-equivalent export and the torch module; expert
+  bytes read per token vs all experts (from Session.last_stats["moe"]), cache hit rate, prefetch
+  precision, held-out perplexity and next-character accuracy.
 
 Environment: workers run with OPENBLAS_NUM_THREADS=1 (as the nadoo CLI sets it) set before NumPy is
 imported. Where OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE are set (an old-OpenBLAS workaround on this
@@ -49,6 +55,7 @@ sys.path[:0] = [p for p in (HERE, ROOT) if p not in sys.path]
 import bench_models as bm  # noqa: E402
 
 WORK = os.path.join(ROOT, "work_out", "bench")
+ALL_SECTIONS = ("minilm", "mlp", "budget", "moe")
 MiB = 2**20
 
 # (row name, Policy kwargs, CLI flags)
@@ -363,6 +370,215 @@ def run_cold(cmds: dict, runs: int, seed: int = 0) -> dict:
     return {n: {"cold": stats(v["t"]), "peak_rss_mib": max(v["rss"]) / 1024, "json": v["json"]} for n, v in out.items()}
 
 
+# ------------------------------------------------------------------------------------ MoE section
+# (row name, Policy kwargs, budget?, prefetch?, CLI flags)
+MOE_ROWS = [
+    ("nadoo float", dict(bits="float"), False, False, ["--bits", "float"]),
+    ("nadoo q8", dict(bits="8"), False, False, ["--bits", "8"]),
+    ("nadoo q4", dict(bits="4"), False, False, ["--bits", "4"]),
+    ("nadoo auto 8/4", dict(bits="auto"), False, False, ["--bits", "auto"]),
+    ("nadoo q4, budget", dict(bits="4"), True, False, ["--bits", "4"]),
+    ("nadoo q4, budget + prefetch", dict(bits="4"), True, True, ["--bits", "4", "--prefetch"]),
+]
+MOE_ORT_ROWS = [("ORT fp32 (dense MoE)", 0), ("ORT fp32 (dense MoE) 1 thread", 1)]
+MOE_REFERENCE = "ORT fp32 (dense MoE)"
+MOE_QUICK_COLD = {"nadoo q8", "nadoo q4, budget", "ORT fp32 (dense MoE)", "torch eager fp32",
+                  "python + import numpy (floor)"}
+MOE_STREAM = 32  # held-out windows streamed one at a time through the budget rows
+
+
+def perplexity(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """(perplexity, next-character accuracy) of logits [B, T, V] against targets [B, T]."""
+    z = logits.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, targets[..., None], -1).mean()
+    return float(np.exp(nll)), float((logits.argmax(-1) == targets).mean())
+
+
+def moe_session(man: dict, pol: dict, budget: bool, prefetch: bool):
+    import nadoo.runtime as nd
+    from nadoo.runtime.moe_op import MoEOptions
+
+    return nd.Session(man["ndc"], policy=nd.Policy(**pol), memory_budget=man["budget_bytes"] if budget else None,
+                      moe=MoEOptions(prefetch=prefetch))
+
+
+def stored_expert_bytes(sess, tier: str) -> int:
+    """Bytes on disk of every expert of every MoE layer at `tier` (what reading all experts would cost)."""
+    b = sess.bundle
+    return int(sum(int(b.table["stored"][pid]) for e in b.moe.values() for x in range(e.n_experts) for pid in e.pids(x, tier)))
+
+
+def worker_moe(man: dict, runs: int, warmup: int) -> dict:
+    import warnings
+
+    import torch
+
+    warnings.simplefilter("ignore")
+    feeds = {b: load_npz(p) for b, p in man["inputs"].items()}
+    held = load_npz(man["heldout"])
+    X, Y = held["input_ids"], held["targets"]
+    res = {"blas": blas_info(), "rows": {}}
+    model = bm.load_moe_torch(man)
+
+    def torch_run(f):
+        with torch.no_grad():
+            return model(torch.from_numpy(f["input_ids"])).numpy()
+    engines = {"torch eager fp32": torch_run}
+    for name, th in MOE_ORT_ROWS:
+        engines[name] = ort_callable(man["onnx"], th, man["output"])
+        res["rows"][name] = {"bytes_read": os.path.getsize(man["onnx"])}
+    res["rows"]["torch eager fp32"] = {"bytes_read": man["fp32_weight_bytes"]}
+    for name, pol, budget, prefetch, _ in MOE_ROWS:
+        # One token, empty cache: the expert bytes it reads vs all experts (mean over 16 held-out characters).
+        # "All experts" = every expert's stored bytes at the row's tier (--bits auto: at 8 bits, its larger tier).
+        one = []
+        sess = moe_session(man, pol, budget, prefetch)
+        all_bytes = stored_expert_bytes(sess, {"float": "f32", "auto": "q8"}.get(pol["bits"], "q" + pol["bits"]))
+        if not budget:
+            for c in X[:16, 0]:
+                with moe_session(man, pol, False, False) as s:
+                    s.run(None, {"input_ids": np.array([[c]], X.dtype)})
+                    one.append(s.last_stats["moe"]["expert_bytes_read"])
+        r = {}
+        if budget:  # stream held-out windows one at a time: bytes read per window, hit rate, prefetch precision
+            rd = tot = tok = hits = look = pfh = pft = 0
+            for w in X[:MOE_STREAM]:
+                sess.run(None, {"input_ids": w[None]})
+                st = sess.last_stats
+                m = st["moe"]
+                rd += m["expert_bytes_read"]
+                tot += st["bytes_read"]
+                tok += m["tokens"]
+                look += m["cache_lookups"]
+                hits += round((m["cache_hit_rate"] or 0) * m["cache_lookups"])
+                if m["prefetch_precision"] is not None:
+                    pfh += m["prefetch_precision"]
+                    pft += 1
+            r.update(bytes_read=tot / MOE_STREAM, expert_bytes_read_per_token=rd / max(tok, 1),
+                     all_expert_bytes=all_bytes, cache_hit_rate=hits / max(look, 1),
+                     prefetch_precision=pfh / pft if pft else None, cache_peak=sess.cache.peak_bytes,
+                     budget_bytes=man["budget_bytes"])
+        else:
+            sess.run(None, feeds["b1"])  # first run, empty cache: what one window needs
+            st = sess.last_stats
+            m = st["moe"]
+            r.update(bytes_read=st["bytes_read"], window_expert_bytes_read=m["expert_bytes_read"],
+                     window_all_expert_bytes=m["all_expert_bytes"],
+                     needed_per_token=m["expert_bytes_per_token"], open_bytes=sess.open_bytes,
+                     expert_bytes_read_per_token=float(np.mean(one)), all_expert_bytes=all_bytes)
+        r["one_token_fraction"] = float(np.mean(one)) / all_bytes if one else None
+        res["rows"][name] = r
+        engines[name] = lambda f, s=sess: s.run(None, f)[0]
+    ref = torch_run({"input_ids": X})
+    res["torch_ppl"], res["torch_acc"] = perplexity(ref, Y)
+    for name, fn in engines.items():
+        y = np.asarray(fn({"input_ids": X}))
+        r = res["rows"][name]
+        r["ppl"], r["acc"] = perplexity(y, Y)
+        r["max_abs_diff"] = float(np.abs(y - ref).max())
+    for b in ("b1", "b8"):
+        ts = interleaved(engines, feeds[b], runs, warmup, seed=11 if b == "b1" else 18)
+        for name, t in ts.items():
+            res["rows"][name][f"warm_{b}"] = stats(t)
+    return res
+
+
+COLD_TORCH_MOE = """import sys, numpy as np, torch
+sys.path.insert(0, sys.argv[3])
+from examples.moe_lm import CharMixtral
+m = CharMixtral()
+m.load_state_dict(torch.load(sys.argv[1], weights_only=True))
+m.eval()
+with np.load(sys.argv[2]) as z:
+    x = torch.from_numpy(z["input_ids"])
+with torch.no_grad():
+    y = m(x)
+"""
+
+
+def moe_cold_commands(man: dict) -> dict:
+    scripts = {}
+    for nm, text in (("ort", COLD_ORT), ("numpy", COLD_NUMPY), ("torch_moe", COLD_TORCH_MOE)):
+        p = os.path.join(WORK, f"cold_{nm}.py")
+        with open(p, "w") as f:
+            f.write(text)
+        scripts[nm] = p
+    b1, py = man["inputs"]["b1"], sys.executable
+    cmds = {"python + import numpy (floor)": [py, scripts["numpy"]]}
+    for name, _, budget, _, flags in MOE_ROWS:
+        cmds[name] = nadoo_cmd() + ["run", man["ndc"], "--input", b1, "--json", *flags] + (
+            ["--memory-budget", str(man["budget_bytes"])] if budget else [])
+    cmds[MOE_REFERENCE] = [py, scripts["ort"], man["onnx"], b1]
+    cmds["torch eager fp32"] = [py, scripts["torch_moe"], man["state"], b1, ROOT]
+    return cmds
+
+
+def pct(v, d=1) -> str:
+    return "–" if v is None else f"{v:.{d}%}"
+
+
+def moe_table(res: dict) -> str:
+    rows = res["rows"]
+    ref = rows.get(MOE_REFERENCE, {})
+    fp32 = res["fp32_weight_bytes"]
+    tp = res["torch_ppl"]
+    lines = ["| engine | cold start ms | peak RSS MiB | warm b1 ms | warm b8 ms | bytes read / inference (% fp32) "
+             "| expert bytes read / token (% of all experts) | cache hit rate | prefetch precision "
+             "| held-out perplexity (Δ vs torch) | next-char acc. | cold ×ORT | b1 ×ORT | b8 ×ORT |", "|" + "---|" * 14]
+    order = [r[0] for r in MOE_ROWS] + [n for n, _ in MOE_ORT_ROWS] + ["torch eager fp32", "python + import numpy (floor)"]
+    for n in order:
+        r = rows.get(n)
+        if not r:
+            continue
+        br, rss = r.get("bytes_read"), r.get("peak_rss_mib")
+        eb = r.get("expert_bytes_read_per_token")
+        eb_s = "–" if eb is None else f"{fmt_bytes(eb)} ({eb / r['all_expert_bytes']:.1%})"
+        ppl = r.get("ppl")
+        ppl_s = "–" if ppl is None else f"{ppl:.4f} ({(ppl - tp) / tp:+.2%})"
+        lines.append(
+            f"| {n} | {fmt_ms(r.get('cold'))} | {'–' if rss is None else f'{rss:.0f}'} | {fmt_ms(r.get('warm_b1'))} "
+            f"| {fmt_ms(r.get('warm_b8'))} | {fmt_bytes(br) + f' ({br / fp32:.1%})' if br is not None else '–'} "
+            f"| {eb_s} | {pct(r.get('cache_hit_rate'))} | {pct(r.get('prefetch_precision'))} | {ppl_s} "
+            f"| {pct(r.get('acc'), 2)} "
+            f"| {ratio((r.get('cold') or {}).get('median'), (ref.get('cold') or {}).get('median'))} "
+            f"| {ratio((r.get('warm_b1') or {}).get('median'), (ref.get('warm_b1') or {}).get('median'))} "
+            f"| {ratio((r.get('warm_b8') or {}).get('median'), (ref.get('warm_b8') or {}).get('median'))} |")
+    return "\n".join(lines)
+
+
+def moe_section(res: dict, meta: dict | None = None) -> str:
+    p, mo = res["params"], res["moe"]
+    E, k, nl = mo["n_experts"], mo["top_k"], mo["layers"]
+    bud = res["budget_bytes"]
+    md = [f"### mixture-of-experts LM: the char-level Mixtral of `examples/moe_lm.py` ({nl} layers × {E} experts, top-{k}; "
+          f"{res['fp32_weight_bytes'] / MiB:.1f} MiB fp32, experts {res['expert_fp32_bytes'] / res['fp32_weight_bytes']:.0%} of it)\n"]
+    if meta:
+        md.append(f"Measured {meta['date']} with `.venv/bin/python {meta['cmd']}` (nadoo at {meta['git'][:10]}"
+                  f"{' + uncommitted work-tree changes' if meta.get('dirty') else ''}; {meta['cores']} cores; "
+                  f"BLAS: {meta['blas']}; total {meta['total_s']:.0f} s including the build); same method as above.\n")
+    md.append(
+        f"`transformers`' MixtralForCausalLM (hidden 128, experts 128 → 256 → 128 SwiGLU) trained {p['seconds']:.0f} s "
+        f"({res['train_steps']} steps) on the stdlib source; `nadoo compile --keep-float --model-class "
+        f"examples.moe_lm:CharMixtral` on the state_dict took {res.get('compile_s', 0):.0f} s. ONNX Runtime runs a "
+        f"dense-equivalent export of the same model (every expert on every token; max |logit diff| vs torch "
+        f"{res['ort_max_abs_diff']:.1e}); torch eager is the transformers module itself (its cold start imports "
+        f"transformers). Inputs: held-out windows of 64 characters, batch 1 and 8. Perplexity and next-character "
+        f"accuracy on 64 held-out windows (4096 characters; torch: {res['torch_ppl']:.4f}, {res['torch_acc']:.2%}).\n")
+    md.append(
+        f"- expert bytes read / token: a one-character input with an empty cache, mean of 16 characters: "
+        f"`last_stats['moe']['expert_bytes_read']` vs the stored bytes of all experts of all layers at that tier "
+        f"(auto: at 8 bits; a {k}-of-{E} router should read {k / E:.0%}). A 64-character window's tokens together route to almost every expert: the first "
+        f"window with an empty cache reads all of them (bytes read / inference).\n"
+        f"- budget rows: `--memory-budget {bud}` ({fmt_bytes(bud)}: the decoded non-expert weights + "
+        f"{p['budget_experts']} of the {nl * E} decoded experts); {MOE_STREAM} held-out windows streamed one at a time: "
+        f"bytes read per window (mean), expert bytes read per token, expert-cache hit rate, prefetch precision "
+        f"(share of prefetched experts the next layer used).\n")
+    md.append(moe_table(res))
+    return "\n".join(md) + "\n"
+
+
 # --------------------------------------------------------------------------------------- the report
 def fmt_ms(s: dict | None) -> str:
     if not s:
@@ -484,7 +700,21 @@ def targets(results: dict) -> list[tuple[str, str, bool | None, str]]:
                 v = R[n]["warm_b1"]["median"]
                 out.append((f"budget model ≥ 4× faster than naive per-layer loading: {n}",
                             f"{nv / v:.2f}× (max abs diff {R[n]['max_abs_diff']:.1e})", nv / v >= 4, ""))
+    moe = results.get("moe")
+    if moe:
+        R, mo = moe["rows"], moe["moe"]
+        k, E = mo["top_k"], mo["n_experts"]
+        fr = {n: R[n]["one_token_fraction"] for n in ("nadoo float", "nadoo q8", "nadoo q4") if R.get(n, {}).get("one_token_fraction") is not None}
+        if fr:
+            q4 = R.get("nadoo q4", {})
+            detail = ", ".join(f"{n.split()[1]} {v:.1%}" for n, v in fr.items())
+            out.append((MOE_TARGET, f"{detail} (top_k/n_experts = {k}/{E} = {k / E:.1%}"
+                        + (f"; q4: {fmt_bytes(q4['expert_bytes_read_per_token'])} of {fmt_bytes(q4['all_expert_bytes'])}" if "all_expert_bytes" in q4 else "")
+                        + "; one-character input, empty cache)", all(abs(v - k / E) <= 0.005 for v in fr.values()), ""))
     return out
+
+
+MOE_TARGET = "MoE LM: only routed experts are read: expert bytes per token = top_k/n_experts of all experts"
 
 
 def targets_table(tg) -> str:
@@ -509,6 +739,9 @@ def plot(results: dict, path: str) -> None:
         panels.append((f"wide MLP {p['d']}→{p['h']}→{p['d']} ×{p['blocks']}, warm batch 1 (ms)", results["wide_mlp"]["rows"], "warm_b1"))
     if "budget" in results:
         panels.append((f"wide MLP under a {fmt_bytes(results['budget']['budget_bytes'])} budget, batch 1 (ms)", results["budget"]["rows"], "warm_b1"))
+    if "moe" in results:
+        panels += [("MoE LM (char-level Mixtral, 2 × 8 experts, top-2), warm batch 1 × 64 (ms)", results["moe"]["rows"], "warm_b1"),
+                   ("MoE LM, cold process (ms)", results["moe"]["rows"], "cold")]
     if not panels:
         return
     sizes = [sum(1 for r in rows.values() if r.get(key)) for _, rows, key in panels]
@@ -536,14 +769,68 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_readme(text: str) -> None:
+# README subsection of each result key: a partial run (--models moe) replaces only its subsections
+SUBSECTIONS = {"minilm": "### all-MiniLM", "wide_mlp": "### wide MLP", "budget": "### model larger than its budget",
+               "moe": "### mixture-of-experts"}
+TARGETS_HEADING = "### DESIGN targets"
+
+
+def _subsection(s: str, prefix: str, lo: int = 0, hi: int | None = None) -> tuple[int, int] | None:
+    """[start, end) of the subsection whose heading line starts with prefix: up to the next ### or ## heading."""
+    hi = len(s) if hi is None else hi
+    a = s.find("\n" + prefix, lo, hi)
+    if a < 0:
+        return None
+    a += 1
+    ends = [j + 1 for j in (s.find("\n### ", a, hi), s.find("\n## ", a, hi)) if j >= 0]
+    return a, min(ends) if ends else hi
+
+
+def _merge_targets(old: str, new: str) -> str:
+    """The targets table `old` with each row of `new` replacing the row of the same target (or appended)."""
+    cell = lambda ln: ln.split(" | ")[0][2:].strip()  # noqa: E731
+    new_rows = [ln for ln in new.splitlines() if ln.startswith("| ") and not ln.startswith("| DESIGN") and not ln.startswith("|---")]
+    lines = old.splitlines()
+    for row in new_rows:
+        hit = [i for i, ln in enumerate(lines) if ln.startswith("| ") and cell(ln) == cell(row)]
+        if hit:
+            lines[hit[0]] = row
+        else:
+            last = max(i for i, ln in enumerate(lines) if ln.startswith("|"))
+            lines.insert(last + 1, row)
+    return "\n".join(lines) + ("\n" if old.endswith("\n") else "")
+
+
+def write_readme(text: str, only: list[str] | None = None) -> None:
+    """Rewrite README's Benchmark section with `text`; with `only` (result keys of a partial run) replace just
+    those subsections in place (adding a missing one before the targets) and merge the targets rows."""
     p = os.path.join(ROOT, "README.md")
     with open(p) as f:
         s = f.read()
     i = s.find("\n## Benchmark\n")
-    s = (s[:i] if i >= 0 else s.rstrip("\n")) + "\n\n" + text.rstrip("\n") + "\n"
+    if only and i >= 0:
+        j = s.find("\n## ", i + 1)
+        j = len(s) if j < 0 else j + 1
+        sec = s[i:j]
+        for key in only:
+            got = _subsection(text, SUBSECTIONS[key])
+            if not got:
+                continue
+            block = text[got[0]:got[1]].rstrip("\n") + "\n\n"
+            old = _subsection(sec, SUBSECTIONS[key])
+            if old is None:
+                t = _subsection(sec, TARGETS_HEADING)
+                old = (t[0], t[0]) if t else (len(sec), len(sec))
+            sec = sec[:old[0]] + block + sec[old[1]:]
+        new_t, old_t = _subsection(text, TARGETS_HEADING), _subsection(sec, TARGETS_HEADING)
+        if new_t and old_t:
+            sec = sec[:old_t[0]] + _merge_targets(sec[old_t[0]:old_t[1]], text[new_t[0]:new_t[1]]) + sec[old_t[1]:]
+        s = s[:i] + sec + s[j:]
+    else:
+        s = (s[:i] if i >= 0 else s.rstrip("\n")) + "\n\n" + text.rstrip("\n") + "\n"
+        s = s.replace("\n\n\n## Benchmark", "\n\n## Benchmark")
     with open(p, "w") as f:
-        f.write(s.replace("\n\n\n## Benchmark", "\n\n## Benchmark"))
+        f.write(s)
 
 
 def report(results: dict, meta: dict) -> str:
@@ -581,6 +868,8 @@ def report(results: dict, meta: dict) -> str:
                f"batch 1, against a naive numpy loader that reads each layer's fp32 weights whole with `np.fromfile`, "
                f"computes and drops them. 'bytes read' is per warm inference (the cache cannot hold everything).\n",
                budget_table(None, results["budget"]), ""]
+    if "moe" in results:
+        md += [moe_section(results["moe"], results["moe"].get("meta") if meta.get("partial") else None)]
     md += ["### DESIGN targets\n", targets_table(targets(results)), "", "![benchmark](docs/bench.png)\n"]
     return "\n".join(md)
 
@@ -605,7 +894,9 @@ def run_worker(kind: str, man: dict, args, extra: list[str] | None = None) -> di
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: few repeats, a small MLP, no README/plot update")
-    ap.add_argument("--models", default="minilm,mlp,budget", help="comma list of sections: minilm, mlp, budget")
+    ap.add_argument("--models", default=",".join(ALL_SECTIONS), help="comma list of sections: minilm, mlp, budget, moe "
+                    "(a run of only some sections updates only their README subsections and targets rows)")
+    ap.add_argument("--moe-seconds", type=float, help="MoE LM training time in s (default 150; quick 30)")
     ap.add_argument("--rows", help="comma list of nadoo rows to keep (default: all)")
     ap.add_argument("--runs", type=int, help="warm runs per engine and batch (default 25; quick 5)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -629,7 +920,12 @@ def main(argv=None):
     if args.worker:
         with open(args.manifest) as f:
             man = json.load(f)
-        res = worker_warm(man, args.runs, args.warmup, rows) if args.worker == "warm" else worker_budget(man, args.runs, args.warmup)
+        if args.worker == "moe":
+            res = worker_moe(man, args.runs, args.warmup)
+        elif args.worker == "warm":
+            res = worker_warm(man, args.runs, args.warmup, rows)
+        else:
+            res = worker_budget(man, args.runs, args.warmup)
         with open(args.out, "w") as f:
             json.dump(res, f)
         return
@@ -660,9 +956,11 @@ def main(argv=None):
         mans["minilm"] = bm.minilm(WORK)
     if "mlp" in sections or "budget" in sections:
         mans["wide_mlp"] = bm.wide_mlp(WORK, d=d, h=h, blocks=blocks, layout=args.mlp_layout)
+    if "moe" in sections:
+        mans["moe"] = bm.moe_lm(WORK, seconds=args.moe_seconds or (30 if args.quick else 150))
     blas = None
     for key, man in mans.items():
-        if key == "wide_mlp" and "mlp" not in sections:
+        if key == "moe" or (key == "wide_mlp" and "mlp" not in sections):
             continue
         print(f"[bench] {key}: warm latency, {args.runs} interleaved rounds per batch …", file=sys.stderr, flush=True)
         res = run_worker("warm", man, args, ["--rows", ",".join(rows)])
@@ -687,6 +985,21 @@ def main(argv=None):
             res["rows"][n]["cold"], res["rows"][n]["peak_rss_mib"] = c["cold"], c["peak_rss_mib"]
         res.update(params=man["params"])
         results["budget"] = res
+    if "moe" in sections:
+        man = mans["moe"]
+        print(f"[bench] moe: warm latency, {args.runs} interleaved rounds per batch; budget streaming …", file=sys.stderr, flush=True)
+        res = run_worker("moe", man, args)
+        blas = blas or res["blas"]
+        print(f"[bench] moe: cold starts, {cold_runs} fresh processes per engine …", file=sys.stderr, flush=True)
+        cmds = moe_cold_commands(man)
+        if args.quick:
+            cmds = {n: c for n, c in cmds.items() if n in MOE_QUICK_COLD}
+        for n, c in run_cold(cmds, cold_runs, seed=7).items():
+            r = res["rows"].setdefault(n, {})
+            r["cold"], r["peak_rss_mib"] = c["cold"], c["peak_rss_mib"]
+        res.update({k: man[k] for k in ("fp32_weight_bytes", "expert_fp32_bytes", "params", "compile_s", "train_s",
+                                        "train_steps", "ort_max_abs_diff", "budget_bytes", "moe")})
+        results["moe"] = res
 
     # ---- report
     meta = {"date": datetime.date.today().isoformat(),
@@ -694,19 +1007,26 @@ def main(argv=None):
             "git": sha or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
             "dirty": bool(not args.rev and subprocess.run(["git", "status", "--porcelain", "runtime", "compiler"],
                                                           capture_output=True, text=True, cwd=ROOT).stdout.strip()),
-            "blas": blas, "total_s": time.perf_counter() - t_start, "cores": os.cpu_count()}
+            "blas": blas, "total_s": time.perf_counter() - t_start, "cores": os.cpu_count(),
+            "partial": not set(ALL_SECTIONS) <= set(sections)}
+    for res in results.values():
+        res["meta"] = {k: v for k, v in meta.items() if k != "partial"}
     text = report(results, meta)
     tg = targets(results)
     print(text)
-    png = args.plot or (os.path.join(WORK, "bench_quick.png") if args.quick else os.path.join(ROOT, "docs", "bench.png"))
+    # A partial run leaves docs/bench.png and last_results.json (the full run's) alone.
+    tag = "quick" if args.quick else "_".join(sections) if meta["partial"] else None
+    png = args.plot or (os.path.join(WORK, f"bench_{tag}.png") if tag else os.path.join(ROOT, "docs", "bench.png"))
     plot(results, png)
-    out_json = os.path.join(WORK, "last_results_quick.json" if args.quick else "last_results.json")
+    out_json = os.path.join(WORK, f"last_results_{tag}.json" if tag else "last_results.json")
     with open(out_json, "w") as f:
         json.dump({"results": results, "meta": meta, "targets": tg, "markdown": text}, f, indent=1)
     print(f"[bench] wrote {png} and {out_json}", file=sys.stderr)
     if not args.quick and not args.no_readme:
-        write_readme(text)
-        print("[bench] updated README.md (Benchmark section)", file=sys.stderr)
+        only = [k for k in results if k in SUBSECTIONS] if meta["partial"] else None
+        write_readme(text, only)
+        print("[bench] updated README.md (Benchmark " + (f"subsections {', '.join(only)} and targets rows)" if only else "section)"),
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

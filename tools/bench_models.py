@@ -316,3 +316,138 @@ def load_wide_mlp_torch(man: dict):
     model = make_wide_mlp(p["d"], p["h"], p["blocks"], layout=p.get("layout", "scattered"))
     model.load_state_dict(torch.load(man["state"], weights_only=True))
     return model.eval()
+
+
+# -------------------------------------------------------------------------------------- MoE language model
+def _import_moe_example():
+    """examples/moe_lm.py (its model, corpus and training loop), without its import-time env changes."""
+    saved = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    if NADOO_PATH and NADOO_PATH not in sys.path:  # --rev: patch_moe_blocks from the pinned compiler
+        sys.path.insert(0, NADOO_PATH)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from examples import moe_lm as ex
+
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    return ex
+
+
+def moe_heldout(ex, data: np.ndarray, n: int = 64, seed: int = 1):
+    """The example's split and windows: 90 % train / 10 % held out; n held-out windows + n calibration ones."""
+    split = int(0.9 * len(data))
+    train, test = data[:split], data[split:]
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(test) - ex.CTX - 1, n)
+    X = np.stack([test[s: s + ex.CTX] for s in starts])
+    Y = np.stack([test[s + 1: s + ex.CTX + 1] for s in starts])
+    calib = np.stack([train[s: s + ex.CTX] for s in rng.integers(0, len(train) - ex.CTX, n)])
+    return train, X, Y, calib
+
+
+def moe_lm(root: str, seconds: float = 150, budget_experts: int = 6) -> dict:
+    """The char-level Mixtral of examples/moe_lm.py (2 MoE layers x 8 experts, top-2), trained `seconds` on the
+    stdlib source. moe_lm.pt (state_dict), moe_lm.ndc (--keep-float, --model-class examples.moe_lm:CharMixtral),
+    moe_lm.onnx (dense-equivalent export: every expert on every token, as the example's ORT comparison),
+    inputs b1 / b8 (held-out windows of 64 characters), heldout.npz (64 windows + next characters), and
+    budget_bytes: the decoded non-expert weights + `budget_experts` decoded experts (of 2 x 8)."""
+    params = {"model": "moe_lm", "seconds": seconds, "budget_experts": budget_experts}
+    d = os.path.join(root, f"moe_lm-{_key(params)}")
+    man = _done(d)
+    if man:
+        return man
+    os.makedirs(d, exist_ok=True)
+    import contextlib
+
+    import torch
+
+    ex = _import_moe_example()
+    data = ex.corpus()
+    train, X, Y, calib = moe_heldout(ex, data)
+    model = ex.CharMixtral()
+    _log(f"training the char-level Mixtral of examples/moe_lm.py for {seconds:.0f} s")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        steps = ex.train(model, train, seconds)
+    train_s = time.perf_counter() - t
+    torch.set_num_threads(threads)
+    state = os.path.join(d, "moe_lm.pt")
+    torch.save(model.state_dict(), state)
+    np.savez(os.path.join(d, "calib.npz"), input_ids=calib)
+    np.savez(os.path.join(d, "heldout.npz"), input_ids=X, targets=Y)
+    np.savez(os.path.join(d, "b1.npz"), input_ids=X[:1])
+    np.savez(os.path.join(d, "b8.npz"), input_ids=X[:8])
+
+    _log("exporting the dense-equivalent MoE LM to ONNX (every expert on every token)")
+    from nadoo.compiler.moe import patch_moe_blocks
+
+    dense = ex.CharMixtral()
+    dense.load_state_dict(model.state_dict())
+    dense.eval()
+    patch_moe_blocks(dense)
+    for mod in dense.modules():
+        if type(mod).__name__ == "NadooMoE":
+            mod.dense_reference = True
+    onnx_path = os.path.join(d, "moe_lm.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(dense, (torch.from_numpy(X[:8]),), None, dynamo=True, input_names=["input_ids"],
+                                 output_names=["logits"], dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), verbose=False)
+    with open(onnx_path, "wb") as f:
+        f.write(prog.model_proto.SerializeToString())
+    import onnxruntime as ort
+
+    with torch.no_grad():
+        ref8 = model(torch.from_numpy(X[:8])).numpy()
+    y8 = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"]).run(None, {"input_ids": X[:8]})[0]
+    ort_diff = float(np.abs(y8 - ref8).max())
+
+    ndc = os.path.join(d, "moe_lm.ndc")
+    _log("nadoo compile MoE LM (--keep-float)")
+    secs = _nadoo_compile(state, ndc, os.path.join(d, "calib.npz"),
+                          ["--keep-float", "--model-class", "examples.moe_lm:CharMixtral"])
+
+    # Budget: what the non-expert layers' decoded weights take in the cache, plus `budget_experts` decoded experts.
+    r = subprocess.run([sys.executable, "-c", _MOE_SIZES, ndc, os.path.join(d, "b8.npz")], capture_output=True,
+                       text=True, cwd=ROOT, env=nadoo_env())
+    if r.returncode:
+        raise RuntimeError(f"measuring the MoE bundle failed: {r.stderr.strip()[-2000:]}")
+    sizes = json.loads(r.stdout)
+    budget = sizes["other_decoded"] + budget_experts * sizes["expert_decoded"]
+    n_params = sum(p.numel() for p in model.parameters())
+    expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    return _finish(d, {
+        "name": "moe_lm", "dir": d, "onnx": onnx_path, "state": state, "ndc": ndc, "compile_s": secs,
+        "train_s": train_s, "train_steps": steps, "ort_max_abs_diff": ort_diff,
+        "inputs": {"b1": os.path.join(d, "b1.npz"), "b8": os.path.join(d, "b8.npz")},
+        "heldout": os.path.join(d, "heldout.npz"), "input_names": ["input_ids"], "output": "logits",
+        "fp32_weight_bytes": int(n_params * 4), "expert_fp32_bytes": int(expert_params * 4),
+        "onnx_bytes": os.path.getsize(onnx_path), "budget_bytes": int(budget), "moe": sizes, "params": params,
+    })
+
+
+_MOE_SIZES = """import json, sys, numpy as np
+from nadoo.runtime import Policy, Session
+with Session(sys.argv[1], Policy(bits="4")) as s:
+    with np.load(sys.argv[2]) as z:
+        s.run(None, {"input_ids": z["input_ids"]})
+    other = sum(a.nbytes for k, a in s.cache._items.items() if not (isinstance(k, tuple) and k and k[0] == "moe"))
+    e = next(iter(s.bundle.moe.values()))
+    print(json.dumps({"other_decoded": int(other), "expert_decoded": len(e.mats) * e.intermediate * e.hidden * 4,
+                      "layers": len(s.bundle.moe), "n_experts": e.n_experts, "top_k": e.top_k,
+                      "expert_bytes": {t: e.expert_bytes(t) for t in e.tiers}}))
+"""
+
+
+def load_moe_torch(man: dict):
+    import torch
+
+    ex = _import_moe_example()
+    model = ex.CharMixtral()
+    model.load_state_dict(torch.load(man["state"], weights_only=True))
+    return model.eval()
