@@ -120,10 +120,13 @@ class LayerStats:
 
     def hessian(self) -> np.ndarray | None:
         """H = mean x^T x over calibration positions (K x K float64), or None (not a linear layer).
-        Its diagonal equals importance(); GPTQ propagates quantization error through its inverse."""
+        Its diagonal equals importance(); GPTQ propagates quantization error through its inverse.
+        The same array is returned on every call, so its GPTQ factor is computed once for all tiers."""
         if self.sum_xxt is None or self.n_x == 0:
             return None
-        return self.sum_xxt / self.n_x
+        if getattr(self, "_H", (None, -1))[1] != self.n_x:
+            self._H = (self.sum_xxt / self.n_x, self.n_x)
+        return self._H[0]
 
     def gptq_factor(self, damp: float | None = None) -> np.ndarray | None:
         """Upper Cholesky factor of the dampened H^-1 (cached: every tier of this weight reuses it)."""
@@ -204,14 +207,23 @@ class FFNStats:
         return (self.sum_x2 / max(self.n_x, 1)).astype(np.float32)
 
     def hessian(self) -> np.ndarray | None:
-        return self.sum_xxt / self.n_x if self.n_x else None
+        if not self.n_x:
+            return None
+        if getattr(self, "_H", (None, -1))[1] != self.n_x:  # one array per state: GPTQ factors are memoised on it
+            self._H = (self.sum_xxt / self.n_x, self.n_x)
+        return self._H[0]
 
     def down_hessian(self) -> np.ndarray | None:
         """mean h^T h of the down-projection input (in the current neuron order)."""
-        return self.sum_hht / self.n_x if self.n_x else None
+        if not self.n_x:
+            return None
+        if getattr(self, "_Hd", (None, -1))[1] != self.n_x:
+            self._Hd = (self.sum_hht / self.n_x, self.n_x)
+        return self._Hd[0]
 
     def permute(self, perm: np.ndarray) -> None:
         self.sum_hht = self.sum_hht[np.ix_(perm, perm)]
+        self._Hd = (None, -1)
         self.out.permute(perm)
         self.h_rows = [h[:, perm] for h in self.h_rows]
 

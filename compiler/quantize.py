@@ -197,11 +197,26 @@ def _prepare(w, bits, group_size, importance):
     return w, int(group_size), imp
 
 
+_FACTORS: dict = {}  # id(H) -> (H, damp, U): each tier of a weight reuses its factor (O(K³) to make)
+
+
 def gptq_factor(hessian: np.ndarray, damp: float = GPTQ_DAMP) -> np.ndarray:
     """Upper Cholesky factor U of (H + damp·mean(diag H)·I)^-1 (float32 [K, K]); U^T U = H^-1.
 
     Input channels never excited in calibration (diag 0) get diag 1, so H is invertible; the
-    dampening is raised tenfold (up to 3 times) if the factorisation still fails."""
+    dampening is raised tenfold (up to 3 times) if the factorisation still fails. Memoised on the
+    array's identity (the entry keeps H alive, so the id cannot be reused), for the last few H."""
+    hit = _FACTORS.get(id(hessian))
+    if hit is not None and hit[0] is hessian and hit[1] == damp:
+        return hit[2]
+    U = _gptq_factor(hessian, damp)
+    if len(_FACTORS) >= 4:
+        _FACTORS.pop(next(iter(_FACTORS)))
+    _FACTORS[id(hessian)] = (hessian, damp, U)
+    return U
+
+
+def _gptq_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
     H = np.array(hessian, dtype=np.float64)
     K = H.shape[0]
     if H.shape != (K, K) or not np.isfinite(H).all():
