@@ -17,7 +17,7 @@ from .reader import Bundle, TensorEntry
 
 # -- the math, shared with the compiler's calibration (float weights in memory) ---------------------
 def linear(x: np.ndarray, wt: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """x[..., K] @ wt[K, R] (+ bias[R]); wt is the transposed weight."""
+    """x[..., K] @ wt[K, R] (+ bias[R]); wt is the transposed weight (a view is fine)."""
     y = np.matmul(x, wt)
     if bias is not None:
         y += bias
@@ -119,25 +119,25 @@ class WeightStore:
                 out[j] = a
         return out
 
-    def full(self, e: TensorEntry, tiers: list[str], transposed: bool = False) -> np.ndarray:
-        """The whole weight as one cached block (dense path): [R, K] in stored shape, or [K, R] for x @ W.T."""
-        key = (e.name, "full_t" if transposed else "full", tuple(tiers), self.tau)
+    def fits(self, e: TensorEntry) -> bool:
+        """Whether the whole decoded tensor fits in the cache beside what is pinned."""
+        return self.cache.budget is None or 4 * e.rows * e.row_len <= self.cache.budget - self.cache.pinned_bytes
+
+    def full(self, e: TensorEntry, tiers: list[str]) -> np.ndarray:
+        """The whole weight as one cached block in its stored shape ([R, K] for linear: use `.T` in
+        products; BLAS takes the transposed view at the same speed, so no transposed copy is made)."""
+        key = (e.name, "full", tuple(tiers), self.tau)
         a = self.cache.get(key)
         if a is None:
             data = self.b.read_payloads([p for i in range(e.n_chunks) for p in e.chunk_pids(tiers[i], i)])
             # Decode chunk by chunk straight into the result, dropping each payload once decoded:
             # the peak is the result plus one chunk, not three copies of the layer.
-            a = np.empty((e.row_len, e.rows) if transposed else (e.rows, e.row_len), np.float32)
+            a = np.empty((e.rows, e.row_len), np.float32)
             for i in range(e.n_chunks):
-                blk = self._prune(e, self.b.decode_chunk(e, i, tiers[i], data))
+                a[e.bounds[i] : e.bounds[i + 1]] = self._prune(e, self.b.decode_chunk(e, i, tiers[i], data))
                 for p in e.chunk_pids(tiers[i], i):
                     data.pop(p, None)
-                lo, hi = e.bounds[i], e.bounds[i + 1]
-                if transposed:
-                    a[:, lo:hi] = blk.T
-                else:
-                    a[lo:hi] = blk
-            a = a if transposed else a.reshape(e.shape)
+            a = a.reshape(e.shape)
             self.cache.put(key, a)
         return a
 
@@ -226,9 +226,13 @@ class ChunkedOps:
         def rows_of(ids):
             return np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in ids])
 
+        fits = store.fits(e)
+
         def dense(x, bias=None):
+            if not fits:  # larger than the budget: stream it chunk by chunk
+                return partial(x, np.arange(e.n_chunks), bias, b.bytes_read)
             before = b.bytes_read
-            y = linear(x, store.full(e, tiers, transposed=True), bias)
+            y = linear(x, store.full(e, tiers).T, bias)
             pos = x.size // K
             self._count(c, before, e.n_chunks, pos * R * K, pos * R * K)
             return y
@@ -252,7 +256,7 @@ class ChunkedOps:
         if isinstance(sel, str):  # oracle: exact product, then keep the k chunks with most energy
             def oracle(x, bias=None):
                 before = b.bytes_read
-                full = linear(x, store.full(e, tiers, transposed=True), bias).reshape(-1, R)
+                full = linear(x, store.full(e, tiers).T, bias).reshape(-1, R)
                 energy = np.add.reduceat((full * full).sum(0), bounds[:-1])
                 keep = np.sort(np.argsort(-energy, kind="stable")[: policy.k_for(e.n_chunks)])
                 y = np.zeros_like(full)
@@ -328,9 +332,14 @@ class ChunkedOps:
         if predictor == "auto":
             predictor = "sketch" if P is not None else "static"
 
+        fits = store.fits(up) and store.fits(down)
+        all_ids = np.arange(n)
+
         def dense(x, b1=None, b2=None, *_):
+            if not fits:  # the layer is larger than the budget: stream it group by group
+                return groups(x, all_ids, b1, b2, 0, b.bytes_read)
             before = b.bytes_read
-            h = act(linear(x, store.full(up, tiers, transposed=True), b1))
+            h = act(linear(x, store.full(up, tiers).T, b1))
             y = linear(h, store.full(down, tiers), b2)
             pos = x.size // K
             self._count(c, before, n, pos * R * (K + N), pos * R * (K + N))
@@ -344,7 +353,7 @@ class ChunkedOps:
                 self._count(c, before, 0, extra_macs, pos * R * (K + N))
                 y = np.zeros(x.shape[:-1] + (N,), np.float32)
                 return y + b2 if b2 is not None else y
-            if len(ids) == n:  # every group selected (e.g. a batch's union): the dense path is the same, faster
+            if len(ids) == n and fits:  # every group selected (e.g. a batch's union): the dense path is the same, faster
                 y = dense(x, b1, b2)
                 c.macs += extra_macs
                 return y
@@ -380,7 +389,7 @@ class ChunkedOps:
         if predictor == "oracle":
             def oracle(x, b1=None, b2=None, *_):
                 before = b.bytes_read
-                z = linear(x, store.full(up, tiers, transposed=True), b1)
+                z = linear(x, store.full(up, tiers).T, b1)
                 keep = top_union(chunk_scores(z))
                 y = groups(x, keep, b1, b2, (x.size // K) * R * K, before)
                 c.chunks_read = c.chunks_read - len(c.selected) + n  # deciding needed every up chunk
