@@ -698,8 +698,13 @@ def targets(results: dict) -> list[tuple[str, str, bool | None, str]]:
         for n, _, _ in BUDGET_ROWS:
             if n in R:
                 v = R[n]["warm_b1"]["median"]
-                out.append((f"budget model ≥ 4× faster than naive per-layer loading: {n}",
-                            f"{nv / v:.2f}× (max abs diff {R[n]['max_abs_diff']:.1e})", nv / v >= 4, ""))
+                # The target asks for equal output: within 5e-2 (8-bit quantization error) of the
+                # naive fp32 result; a faster run that changes the output does not count.
+                equal = R[n]["max_abs_diff"] <= 5e-2
+                out.append((f"budget model ≥ 4× faster than naive per-layer loading at equal output: {n}",
+                            f"{nv / v:.2f}× (max abs diff {R[n]['max_abs_diff']:.1e}"
+                            + ("" if equal else "; output differs: top-k is an approximation") + ")",
+                            nv / v >= 4 and equal, ""))
     moe = results.get("moe")
     if moe:
         R, mo = moe["rows"], moe["moe"]
