@@ -358,7 +358,8 @@ def _prepare_ffn(f: dict, st, consts: dict, graph: dict, bounds: dict, opts: Com
     names = [f"{up.name}.sketch_p", f"{up.name}.sketch_q", f"{up.name}.down_energy"]
     if st.x_rows and opts.sketch_rank > 0:
         P, Q = fit_sketch(_input_moment(st), up.array, opts.sketch_rank)
-        consts[names[0]], consts[names[1]] = P, Q
+        # float16 halves the predictor's bytes (read at open); it only ranks groups, so its precision is ample
+        consts[names[0]], consts[names[1]] = P.astype(np.float16), Q.astype(np.float16)
     else:
         names[0] = names[1] = ""
     consts[names[2]] = np.einsum("rn,rn->r", down.array, down.array).astype(np.float32)

@@ -321,6 +321,8 @@ class ChunkedOps:
         store, b, bounds, policy = self.store, self.b, up.bounds, self.policy
         K, R, N, n = up.row_len, up.rows, down.row_len, up.n_chunks
         P, Q, E = ctx.const(3), ctx.const(4), ctx.const(5)
+        if P is not None:  # stored as float16; computed in float32 (converted once, here)
+            P, Q = P.astype(np.float32), Q.astype(np.float32)
         E = np.ones(R, np.float32) if E is None else E
         skip = store.skipped_by_tau(up) | store.skipped_by_tau(down)
         routable = bool(up.meta.get("routable", prof.get("routable", False)))
