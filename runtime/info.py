@@ -107,7 +107,7 @@ def format_facts(f: dict) -> str:
     if g:
         sig = lambda xs: ", ".join(f"{x['name']}:{x['dtype']}{x['shape']}" for x in xs)
         out.append(f"graph: {g['node_count']} nodes; inputs {sig(g['inputs'])}; outputs {sig(g['outputs'])}")
-        out.append("  ops: " + ", ".join(f"{k}x{v}" for k, v in g["ops"].items()))
+        out.append("  ops: " + ", ".join(f"{k} ×{v}" for k, v in g["ops"].items()))
     c = f["inline_constants"]
     out.append(f"inline constants: {c['count']} tensors, {_human(c['bytes'])}")
     tiers = [t for t in TIERS if any(t in r["tiers"] for r in f["tensors"])]
