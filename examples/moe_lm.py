@@ -87,6 +87,21 @@ def train(model, data, seconds: float, batch: int = 32, lr: float = 3e-3):
     return step
 
 
+def dense_equivalent(model: "CharMixtral") -> "CharMixtral":
+    """A copy whose MoE blocks compute every expert on every token and mask by the routing: the same
+    function, exportable by torch.onnx for ONNX Runtime (which has no sparse MoE operator)."""
+    from nadoo.compiler.moe import patch_moe_blocks
+
+    dense = CharMixtral()
+    dense.load_state_dict(model.state_dict())
+    dense.eval()
+    patch_moe_blocks(dense)
+    for mod in dense.modules():
+        if type(mod).__name__ == "NadooMoE":
+            mod.dense_reference = True
+    return dense
+
+
 def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
     z = logits - logits.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -195,15 +210,7 @@ def main():
     try:
         import onnxruntime as ort
 
-        from nadoo.compiler.moe import patch_moe_blocks, translation_table  # noqa: F401
-
-        dense = CharMixtral()
-        dense.load_state_dict(model.state_dict())
-        dense.eval()
-        patch_moe_blocks(dense)
-        for mod in dense.modules():
-            if type(mod).__name__ == "NadooMoE":
-                mod.dense_reference = True
+        dense = dense_equivalent(model)
         ids = torch.from_numpy(X[:8])
         prog = torch.onnx.export(dense, (ids,), None, dynamo=True, input_names=["input_ids"],
                                  dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), verbose=False)

@@ -384,15 +384,7 @@ def moe_lm(root: str, seconds: float = 150, budget_experts: int = 6) -> dict:
     np.savez(os.path.join(d, "b8.npz"), input_ids=X[:8])
 
     _log("exporting the dense-equivalent MoE LM to ONNX (every expert on every token)")
-    from nadoo.compiler.moe import patch_moe_blocks
-
-    dense = ex.CharMixtral()
-    dense.load_state_dict(model.state_dict())
-    dense.eval()
-    patch_moe_blocks(dense)
-    for mod in dense.modules():
-        if type(mod).__name__ == "NadooMoE":
-            mod.dense_reference = True
+    dense = ex.dense_equivalent(model)
     onnx_path = os.path.join(d, "moe_lm.onnx")
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
