@@ -290,7 +290,7 @@ def calibrate(graph: dict, constants: dict, weights: list[Weight], calib: dict[s
 
 def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | None = None) -> dict:
     """Float, full-weight implementations of the nadoo ops (calibration and reference runs)."""
-    from nadoo.runtime.chunked_ops import activation, conv_with_weight, gather_rows, linear
+    from nadoo.runtime.chunked_ops import activation, conv_fn, gather_rows, linear
 
     def rec(name, x, y):
         if stats is not None:
@@ -314,10 +314,10 @@ def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | No
 
     def b_conv(node, ctx):
         w = weights[node["attrs"]["weight"]]
-        attrs = node["attrs"]
+        conv = conv_fn(node["attrs"])
 
         def run(x, bias=None):
-            return rec(w.name, x, conv_with_weight(x, w.array, bias, attrs))
+            return rec(w.name, x, conv(x, w.array, bias))
         return run
 
     def b_ffn(node, ctx):

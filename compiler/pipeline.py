@@ -15,6 +15,7 @@ import numpy as np
 
 from nadoo.runtime import __version__
 from nadoo.runtime.errors import CompileError
+from nadoo.runtime.format import MAX_GROUP_SIZE
 
 from .calib_data import load_calibration, synthetic_calibration
 from .calibrate import calibrate, dense_builders
@@ -102,6 +103,8 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
     opts = opts or CompileOptions()
     if opts.group_size < 1 or opts.chunks < 1 or opts.embedding_rows < 1:
         raise CompileError("--group-size, --chunks and --embedding-rows must be positive")
+    if opts.group_size > MAX_GROUP_SIZE:
+        raise CompileError(f"--group-size must be at most {MAX_GROUP_SIZE} (the format's cap)")
     if not 0 <= opts.prune_tau < 1:
         raise CompileError("--prune-tau must be in [0, 1)")
     t0 = time.perf_counter()

@@ -43,20 +43,14 @@ def gather_rows(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return table[np.where(idx < 0, idx + n, idx)]
 
 
-_conv_cache: dict = {}
-
-
-def conv_with_weight(x, w, bias, attrs):
-    """ONNX Conv with an explicit weight, reusing the engine's Conv implementation."""
+def conv_fn(attrs: dict):
+    """ONNX Conv taking its weight as an argument (the engine's implementation), built once per node."""
     from .engine import build_node
 
-    key = tuple(sorted((k, str(v)) for k, v in attrs.items() if k != "weight"))
-    f = _conv_cache.get(key)
-    if f is None:
-        node = {"op": "Conv", "domain": "", "name": "conv", "inputs": ["x", "w", "b"], "outputs": ["y"],
-                "attrs": {k: v for k, v in attrs.items() if k != "weight"}}
-        f = _conv_cache[key] = build_node(node, [None, None, None], {"": 18})
-    return f(x, w, bias) if bias is not None else f(x, w)
+    node = {"op": "Conv", "domain": "", "name": "conv", "inputs": ["x", "w", "b"], "outputs": ["y"],
+            "attrs": {k: v for k, v in attrs.items() if k != "weight"}}
+    f = build_node(node, [None, None, None], {"": 18})
+    return lambda x, w, bias=None: f(x, w, bias) if bias is not None else f(x, w)
 
 
 class LayerCounters:
@@ -90,8 +84,9 @@ class WeightStore:
     def _prune(self, e: TensorEntry, a: np.ndarray) -> np.ndarray:
         if self.tau <= 0:
             return a
-        cut = self.tau * float(e.meta.get("absmax", np.abs(a).max()))
-        return np.where(np.abs(a) < cut, np.float32(0), a).astype(np.float32)
+        absmax = e.meta.get("absmax")
+        cut = self.tau * float(absmax if absmax is not None else np.abs(a).max())
+        return np.where(np.abs(a) < cut, np.float32(0), a)
 
     def skipped_by_tau(self, e: TensorEntry) -> np.ndarray:
         """Chunks whose largest |w| is below tau·max|W|: all zero after pruning, never read."""
@@ -118,6 +113,25 @@ class WeightStore:
                 self.cache.put(keys[j], a)
                 out[j] = a
         return out
+
+    def slices(self, e: TensorEntry, ids, extra: TensorEntry | None = None):
+        """`ids` in consecutive slices whose decoded chunks (of `e`, and of `extra` beside it) fit the
+        budget: all at once when unbounded, so fetching stays one merged read in the common case."""
+        ids = np.asarray(ids)
+        if self.cache.budget is None:
+            yield ids
+            return
+        room = max(self.cache.budget - self.cache.pinned_bytes, 1)
+        per_row = 4 * (e.row_len + (extra.row_len if extra is not None else 0))
+        start, used = 0, 0
+        for j, i in enumerate(ids):
+            n = per_row * int(e.bounds[i + 1] - e.bounds[i])
+            if j > start and used + n > room:
+                yield ids[start:j]
+                start, used = j, 0
+            used += n
+        if start < len(ids):
+            yield ids[start:]
 
     def fits(self, e: TensorEntry) -> bool:
         """Whether the whole decoded tensor fits in the cache beside what is pinned."""
@@ -229,7 +243,7 @@ class ChunkedOps:
         fits = store.fits(e)
 
         def dense(x, bias=None):
-            if not fits:  # larger than the budget: stream it chunk by chunk
+            if not fits:  # larger than the budget: stream it, a budget-sized slice of chunks at a time
                 return partial(x, np.arange(e.n_chunks), bias, b.bytes_read)
             before = b.bytes_read
             y = linear(x, store.full(e, tiers).T, bias)
@@ -238,14 +252,14 @@ class ChunkedOps:
             return y
 
         def partial(x, ids, bias, before):
-            blocks = store.chunks(e, ids, tiers)
             # Skipped rows output their bias alone: exact for pruned (all-zero) chunks. Each kept
             # block writes its own output columns (no per-call concatenation of weights).
             y = np.zeros(x.shape[:-1] + (R,), np.float32)
             if bias is not None:
                 y += bias
-            for i, w in zip(ids, blocks):
-                y[..., bounds[i] : bounds[i + 1]] += np.matmul(x, w.T)
+            for part in store.slices(e, ids):
+                for i, w in zip(part, store.chunks(e, part, tiers)):
+                    y[..., bounds[i] : bounds[i + 1]] += np.matmul(x, w.T)
             pos = x.size // K
             rows = int(sum(bounds[i + 1] - bounds[i] for i in ids))
             self._count(c, before, len(ids), pos * rows * K, pos * R * K)
@@ -256,15 +270,17 @@ class ChunkedOps:
         if isinstance(sel, str):  # oracle: exact product, then keep the k chunks with most energy
             def oracle(x, bias=None):
                 before = b.bytes_read
-                full = linear(x, store.full(e, tiers).T, bias).reshape(-1, R)
-                energy = np.add.reduceat((full * full).sum(0), bounds[:-1])
-                keep = np.sort(np.argsort(-energy, kind="stable")[: policy.k_for(e.n_chunks)])
-                y = np.zeros_like(full)
+                full = linear(x, store.full(e, tiers).T, bias)
+                fb = full.reshape(full.shape[0] if full.ndim > 1 else 1, -1, R)
+                energy = np.add.reduceat(np.einsum("bpr,bpr->br", fb, fb), bounds[:-1], axis=1)
+                keep = np.unique(np.argsort(-energy, axis=1, kind="stable")[:, : policy.k_for(e.n_chunks)])
+                y = np.zeros_like(full) if bias is None else np.broadcast_to(bias, full.shape).copy()
                 rows = rows_of(keep)
-                y[:, rows] = full[:, rows]
+                y[..., rows] = full[..., rows]
+                c.selected = keep
                 pos = x.size // K
                 self._count(c, before, e.n_chunks, pos * R * K, pos * R * K)
-                return y.reshape(x.shape[:-1] + (R,))
+                return y
             return oracle
         if len(sel) == 0:
             def zeros(x, bias=None):
@@ -285,6 +301,9 @@ class ChunkedOps:
                 raise InputError(f"{node['name']}: indices must be integers, got {idx.dtype}")
             if idx.size and (idx.min() < -n or idx.max() >= n):
                 raise InputError(f"{node['name']}: index out of range for {n} rows")
+            if idx.size == 0:
+                self._count(c, before, 0, 0, 0)
+                return np.empty(idx.shape + e.shape[1:], np.float32)
             flat = np.where(idx < 0, idx + n, idx).reshape(-1)
             chunk_of = np.searchsorted(bounds, flat, side="right") - 1
             ids = np.unique(chunk_of)
@@ -300,11 +319,11 @@ class ChunkedOps:
     def _conv(self, node, ctx):
         e, c, tiers, _ = self._entry(node)
         store, b = self.store, self.b
-        attrs = node["attrs"]
+        conv = conv_fn(node["attrs"])
 
         def run(x, bias=None):
             before = b.bytes_read
-            y = conv_with_weight(x, store.full(e, tiers), bias, attrs)
+            y = conv(x, store.full(e, tiers), bias)
             macs = int(y.size) * e.row_len  # N·P·Cout output values, each a K-long dot product
             self._count(c, before, e.n_chunks, macs, macs)
             return y
@@ -315,6 +334,10 @@ class ChunkedOps:
         the compiler) the predictor sketch P [K, r], Q [r, R] and each neuron's |down row|² E [R]."""
         up, c, tiers, prof = self._entry(node, "up")
         down = self.b.tensors[node["attrs"]["down"]]
+        act_prof = np.asarray(prof["chunk_activity"]) if "chunk_activity" in prof else None
+        tiers_d = self.policy.tiers_for(down, set(down.tiers), act_prof)  # its own tiers (e.g. --bits alloc)
+        self.tiers_of[down.name] = tiers_d
+        c.tiers |= set(tiers_d)
         if not np.array_equal(up.bounds, down.bounds):
             raise InputError(f"{node['name']}: up and down projections are chunked differently")
         act = activation(node["attrs"]["activation"])
@@ -324,7 +347,9 @@ class ChunkedOps:
         if P is not None:  # stored as float16; computed in float32 (converted once, here)
             P, Q = P.astype(np.float32), Q.astype(np.float32)
         E = np.ones(R, np.float32) if E is None else E
-        skip = store.skipped_by_tau(up) | store.skipped_by_tau(down)
+        # A group contributes nothing only when its *down* chunk is empty: an emptied up chunk still
+        # adds act(b1)·down for its neurons (its up rows decode to zeros, so computing it is exact).
+        skip = store.skipped_by_tau(down)
         routable = bool(up.meta.get("routable", prof.get("routable", False)))
         routed = policy.kind == "topk" and routable
         if routed and prof.get("concentration", 1.0) < policy.fallback:
@@ -342,7 +367,7 @@ class ChunkedOps:
                 return groups(x, all_ids, b1, b2, 0, b.bytes_read)
             before = b.bytes_read
             h = act(linear(x, store.full(up, tiers).T, b1))
-            y = linear(h, store.full(down, tiers), b2)
+            y = linear(h, store.full(down, tiers_d), b2)
             pos = x.size // K
             self._count(c, before, n, pos * R * (K + N), pos * R * (K + N))
             return y
@@ -359,14 +384,15 @@ class ChunkedOps:
                 y = dense(x, b1, b2)
                 c.macs += extra_macs
                 return y
-            ups, downs = store.chunks(up, ids, tiers), store.chunks(down, ids, tiers)
             # Group by group, accumulating: concatenating the selected blocks first would copy
             # every selected weight on every call (measured: most of a top-k call on a wide MLP).
+            # Groups are fetched a budget-sized slice at a time, so a layer larger than the budget streams.
             y = None
-            for i, wu, wd in zip(ids, ups, downs):
-                lo, hi = bounds[i], bounds[i + 1]
-                part = act(linear(x, wu.T, None if b1 is None else b1[lo:hi])) @ wd
-                y = part if y is None else np.add(y, part, out=y)
+            for sl in store.slices(up, ids, extra=down):
+                for i, wu, wd in zip(sl, store.chunks(up, sl, tiers), store.chunks(down, sl, tiers_d)):
+                    lo, hi = bounds[i], bounds[i + 1]
+                    part = act(linear(x, wu.T, None if b1 is None else b1[lo:hi])) @ wd
+                    y = part if y is None else np.add(y, part, out=y)
             if b2 is not None:
                 y += b2
             rows = int(sum(bounds[i + 1] - bounds[i] for i in ids))

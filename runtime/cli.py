@@ -124,9 +124,14 @@ def _load_inputs(path, session) -> dict:
             if len(names) != 1:
                 raise InputError(f".npy input is only for single-input models; this one takes {names} (use .npz)")
             return {names[0]: np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as z:
+        obj = np.load(path, allow_pickle=False)
+        if isinstance(obj, np.ndarray):  # a .npy under another name
+            if len(names) != 1:
+                raise InputError(f"{path} holds one array; this model takes {names} (use an .npz keyed by name)")
+            return {names[0]: obj}
+        with obj as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise InputError(f"cannot read input file {path}: {e}") from None
 
 

@@ -83,7 +83,9 @@ class Policy:
             tiers[int(i)] = "q8"
         for i in order[n - q :] if q else []:
             tiers[int(i)] = "q2"
-        return [t if t in available else sorted(available)[0] for t in tiers]
+        # a tier the bundle lacks falls back to the nearest one it has (never silently to float32)
+        near = {"q8": ("q8", "q4", "q2", "f32"), "q4": ("q4", "q8", "q2", "f32"), "q2": ("q2", "q4", "q8", "f32")}
+        return [next(x for x in near[t] if x in available) for t in tiers]
 
 
 def parse_size(text) -> int | None:

@@ -19,7 +19,7 @@ import numpy as np
 from . import qcodec
 from .errors import BundleError
 from .format import (
-    CODEC_RAW, CODEC_ZSTD, CODECS, DTYPES, MAX_DIM, MAX_ELEMENTS, MAX_NAME_LEN, MAX_PAYLOAD_RAW, MAX_RANK,
+    CODEC_RAW, CODEC_ZSTD, CODECS, DTYPES, MAX_DIM, MAX_GROUP_SIZE, MAX_ELEMENTS, MAX_NAME_LEN, MAX_PAYLOAD_RAW, MAX_RANK,
     PREAMBLE_SIZE, TABLE_DTYPE, TIER_BITS, TIERS, Preamble, align_up,
 )
 
@@ -274,7 +274,7 @@ class Bundle:
             if _check_shape(shape, f"tensor {name}") == 0 or len(shape) < 2:
                 _fail(f"tensor {name}: a chunked tensor needs rank >= 2 and no zero dims")
             g = d.get("group_size")
-            if type(g) is not int or not 1 <= g <= 1 << 16:
+            if type(g) is not int or not 1 <= g <= MAX_GROUP_SIZE:
                 _fail(f"tensor {name}: bad group_size {g!r}")
             b = d.get("bounds")
             if (not isinstance(b, list) or len(b) < 2 or any(type(x) is not int for x in b)

@@ -49,26 +49,30 @@ class Session:
     def __init__(self, path, policy: Policy | None = None, memory_budget=None, use_mmap: bool = False, moe=None,
                  pin_fraction: float = 0.5):
         self.bundle = Bundle.open(path, use_mmap=use_mmap)
-        self.policy = policy or Policy()
-        self.cache = ChunkCache(parse_size(memory_budget))
-        self.moe = None  # [nadoo#7 MoE] experts: frequency-aware cache (same budget) + the MoE op; moe = MoEOptions
-        if self.bundle.moe:
-            from .moe_op import ExpertCache, MoEOps
+        try:
+            self.policy = policy or Policy()
+            self.cache = ChunkCache(parse_size(memory_budget))
+            self.moe = None  # [nadoo#7 MoE] experts: frequency-aware cache (same budget) + the MoE op; moe = MoEOptions
+            if self.bundle.moe:
+                from .moe_op import ExpertCache, MoEOps
 
-            self.cache = ExpertCache(parse_size(memory_budget))
-            self.moe = MoEOps(self.bundle, self.policy, self.cache, moe)
-        graph = self.bundle.read_graph()
-        constants = self.bundle.read_constants()
-        profile = self.bundle.read_profile() if self.policy.kind == "topk" or self.policy.bits == "auto" else None
-        self.ops = ChunkedOps(self.bundle, self.policy, self.cache, profile)
-        self.plan = Plan(graph, constants, custom_ops={**self.ops.builders(), **(self.moe.builders() if self.moe else {})})
-        # Under a budget, a top-k run pins the profile's hottest chunks (most inputs need them) in up to
-        # `pin_fraction` of the budget; the rest of the budget is LRU.
-        self.pinned_bytes = 0
-        if self.cache.budget is not None and self.policy.kind == "topk" and pin_fraction > 0:
-            self.pinned_bytes = self.ops.pin_hot(int(self.cache.budget * pin_fraction))
-        self.open_bytes = self.bundle.index_bytes + self.bundle.bytes_read  # index + graph/constants/profile + pins
-        self.bundle.reset_counters()
+                self.cache = ExpertCache(parse_size(memory_budget))
+                self.moe = MoEOps(self.bundle, self.policy, self.cache, moe)
+            graph = self.bundle.read_graph()
+            constants = self.bundle.read_constants()
+            profile = self.bundle.read_profile() if self.policy.kind == "topk" or self.policy.bits == "auto" else None
+            self.ops = ChunkedOps(self.bundle, self.policy, self.cache, profile)
+            self.plan = Plan(graph, constants, custom_ops={**self.ops.builders(), **(self.moe.builders() if self.moe else {})})
+            # Under a budget, a top-k run pins the profile's hottest chunks (most inputs need them) in up to
+            # `pin_fraction` of the budget; the rest of the budget is LRU.
+            self.pinned_bytes = 0
+            if self.cache.budget is not None and self.policy.kind == "topk" and pin_fraction > 0:
+                self.pinned_bytes = self.ops.pin_hot(int(self.cache.budget * pin_fraction))
+            self.open_bytes = self.bundle.index_bytes + self.bundle.bytes_read  # index + graph/constants/profile + pins
+            self.bundle.reset_counters()
+        except BaseException:
+            self.bundle.close()  # a failed construction must not leak the file descriptor
+            raise
         self.last_stats: dict = {}
 
     def get_inputs(self) -> list[NodeArg]:

@@ -312,3 +312,54 @@ def test_budgeted_topk_pins_hot_chunks_and_stays_in_budget(mlp, digits):
             rates.append(s.last_stats["cache_hit_rate"])
         assert s.last_stats["cache_pinned_bytes"] == s.cache.pinned_bytes
         assert np.mean(rates[1:]) > 0.3  # hot chunks are pinned: later inputs mostly hit
+
+
+def test_ffn_group_with_empty_up_chunk_still_adds_its_bias_path(mlp, digits, monkeypatch):
+    """An emptied up chunk decodes to zeros, but act(b1)·down is not zero: the group must be computed."""
+    import nadoo.runtime.session as session_mod
+
+    d, _, _ = mlp
+    real_open = session_mod.Bundle.open
+
+    def open_with_empty_up_chunk(path, use_mmap=False):
+        b = real_open(path, use_mmap)
+        up = next(e for e in b.tensors.values() if e.kind == "ffn_up")
+        for t in up.tiers:
+            up.tiers[t][3] = -1
+        return b
+
+    monkeypatch.setattr(session_mod.Bundle, "open", staticmethod(open_with_empty_up_chunk))
+    x = digits[2][:4]
+    with Session(d / "mlp.ndc", Policy(bits="float")) as s:
+        y = s.run(None, {"input": x})[0]
+        b = s.bundle
+        g = b.read_graph()
+        consts = b.read_constants()
+        ffn = next(n for n in g["nodes"] if n["op"] == "ChunkedFFN")
+        head = next(n for n in g["nodes"] if n["op"] == "ChunkedLinear")
+        wu, wd = b.read_weight(ffn["attrs"]["up"], "f32"), b.read_weight(ffn["attrs"]["down"], "f32")
+        wh = b.read_weight(head["attrs"]["weight"], "f32")
+        b1, b2, bh = consts[ffn["inputs"][1]], consts[ffn["inputs"][2]], consts[head["inputs"][1]]
+    lo, hi = (int(v) for v in next(e for e in b.tensors.values() if e.kind == "ffn_up").bounds[3:5])
+    assert not wu[lo:hi].any() and np.maximum(b1[lo:hi], 0).any()  # the case under test
+    ref = np.maximum(np.maximum(x @ wu.T + b1, 0) @ wd + b2, 0) @ wh.T + bh
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_run_input_npy_under_another_name_is_accepted(mlp, digits, tmp_path):
+    d, _, _ = mlp
+    np.save(tmp_path / "x.npy", digits[2][:2])
+    (tmp_path / "x.npy").rename(tmp_path / "x.bin")
+    r = nadoo("run", d / "mlp.ndc", "--input", tmp_path / "x.bin", "--json")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "junk.bin").write_bytes(b"not numpy at all")
+    r = nadoo("run", d / "mlp.ndc", "--input", tmp_path / "junk.bin")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_layer_larger_than_budget_streams_and_stays_exact(mlp, digits):
+    d, _, ref = mlp
+    with Session(d / "mlp.ndc", Policy(bits="float"), memory_budget=100_000) as s:  # FFN: 320 KB decoded
+        y = s.run(None, {"input": digits[2][:9]})[0]
+        assert s.cache.peak_bytes <= 100_000
+    np.testing.assert_allclose(y, ref[:9], rtol=1e-5, atol=1e-5)
