@@ -125,6 +125,7 @@ class Bundle:
     def __init__(self, path: str, use_mmap: bool = False):
         self.path = os.fspath(path)
         self.bytes_read = 0  # payload bytes (as stored) read since open / last reset
+        self.disk_bytes_read = 0  # every byte taken from the file for payloads, alignment gaps included
         self.payloads_read = 0
         self.index_bytes = 0  # preamble + index + table, read once at open
         self._fd = None
@@ -347,6 +348,7 @@ class Bundle:
                 j += 1
                 end = int(t["offset"][pids[j]]) + int(t["stored"][pids[j]])
             buf = memoryview(self._pread(start, end - start))
+            self.disk_bytes_read += end - start  # payloads plus the alignment gaps between them
             for pid in pids[i : j + 1]:
                 o = int(t["offset"][pid]) - start
                 out[pid] = self._decode(pid, buf[o : o + int(t["stored"][pid])], counted=False)
@@ -359,6 +361,7 @@ class Bundle:
         rec = self.table[pid]
         if counted:
             self.bytes_read += int(rec["stored"])
+            self.disk_bytes_read += int(rec["stored"])
             self.payloads_read += 1
         if zlib.crc32(stored) != int(rec["crc32"]):
             _fail(f"payload {pid} checksum mismatch")
@@ -449,6 +452,7 @@ class Bundle:
 
     def reset_counters(self) -> None:
         self.bytes_read = 0
+        self.disk_bytes_read = 0
         self.payloads_read = 0
 
     def close(self) -> None:

@@ -101,6 +101,7 @@ class Session:
         layers = {n: c.as_dict() for n, c in self.ops.layers.items()}
         self.last_stats = {
             "bytes_read": b.bytes_read,
+            "disk_bytes_read": b.disk_bytes_read,
             "payloads_read": b.payloads_read,
             "bundle_bytes": b.file_size,
             "dense_fp32_weight_bytes": int(b.index.get("stats", {}).get("dense_fp32_weight_bytes", 0)),
