@@ -6,6 +6,7 @@ model's batch axis (axis 0 of every input).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -123,34 +124,29 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         raise CompileError(f"calibration file {path} is a single .npy array; name it <input>.npy or save an .npz")
     if not head.startswith(b"PK"):
         raise CompileError(f"cannot read calibration file {path}: not a valid .npz (use np.savez)")
-    try:
+    with _numpy_errors(path, ".npz", "contains object (pickled) arrays; save plain numeric arrays with np.savez"):
         with np.load(path, allow_pickle=False) as z:
             return {k: np.asarray(z[k]) for k in z.files}
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise CompileError(
-                f"calibration file {path} contains object (pickled) arrays; save plain numeric "
-                f"arrays with np.savez"
-            ) from None
-        raise CompileError(f"cannot read calibration file {path}: {_one_line(e)}") from None
-    except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, ...
-        raise CompileError(f"cannot read calibration file {path}: not a valid .npz ({_one_line(e)})") from None
 
 
 def _read_npy(path: str) -> np.ndarray:
     if not _magic(path).startswith(b"\x93NUMPY"):
         raise CompileError(f"cannot read calibration file {path}: not a valid .npy (use np.save)")
-    try:
+    with _numpy_errors(path, ".npy", "contains an object (pickled) array; save a plain numeric array with np.save"):
         return np.asarray(np.load(path, allow_pickle=False))
+
+
+@contextlib.contextmanager
+def _numpy_errors(path: str, kind: str, pickled: str):
+    """One clear CompileError for whatever np.load raises on a bad calibration file."""
+    try:
+        yield
     except ValueError as e:
         if "pickle" in str(e).lower():
-            raise CompileError(
-                f"calibration file {path} contains an object (pickled) array; save a plain "
-                f"numeric array with np.save"
-            ) from None
+            raise CompileError(f"calibration file {path} {pickled}") from None
         raise CompileError(f"cannot read calibration file {path}: {_one_line(e)}") from None
-    except Exception as e:
-        raise CompileError(f"cannot read calibration file {path}: not a valid .npy ({_one_line(e)})") from None
+    except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, ...
+        raise CompileError(f"cannot read calibration file {path}: not a valid {kind} ({_one_line(e)})") from None
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
