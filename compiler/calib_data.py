@@ -6,7 +6,6 @@ model's batch axis (axis 0 of every input).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nadoo.runtime.errors import CompileError
+from nadoo.runtime.files import load_arrays
 
 log = logging.getLogger(__name__)
 
@@ -110,48 +110,32 @@ def parse_input_shapes(items) -> dict[str, list[int]]:
 # --------------------------------------------------------------------------------------------
 # calibration loading
 
-def _magic(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(6)
-    except OSError as e:
-        raise CompileError(f"cannot read calibration file {path}: {_one_line(e)}") from None
-
-
 def _read_npz(path: str) -> dict[str, np.ndarray]:
-    head = _magic(path)
-    if head.startswith(b"\x93NUMPY"):
+    data = load_arrays(path, "calibration file", CompileError)
+    if not isinstance(data, dict):
         raise CompileError(f"calibration file {path} is a single .npy array; name it <input>.npy or save an .npz")
-    if not head.startswith(b"PK"):
-        raise CompileError(f"cannot read calibration file {path}: not a valid .npz (use np.savez)")
-    with _numpy_errors(path, ".npz", "contains object (pickled) arrays; save plain numeric arrays with np.savez"):
-        with np.load(path, allow_pickle=False) as z:
-            return {k: np.asarray(z[k]) for k in z.files}
+    return data
 
 
 def _read_npy(path: str) -> np.ndarray:
-    if not _magic(path).startswith(b"\x93NUMPY"):
-        raise CompileError(f"cannot read calibration file {path}: not a valid .npy (use np.save)")
-    with _numpy_errors(path, ".npy", "contains an object (pickled) array; save a plain numeric array with np.save"):
-        return np.asarray(np.load(path, allow_pickle=False))
+    data = load_arrays(path, "calibration file", CompileError)
+    if isinstance(data, dict):
+        raise CompileError(f"cannot read calibration file {path}: not a valid .npy (an .npz archive; use np.save)")
+    return data
 
 
-@contextlib.contextmanager
-def _numpy_errors(path: str, kind: str, pickled: str):
-    """One clear CompileError for whatever np.load raises on a bad calibration file."""
-    try:
-        yield
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise CompileError(f"calibration file {path} {pickled}") from None
-        raise CompileError(f"cannot read calibration file {path}: {_one_line(e)}") from None
-    except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, ...
-        raise CompileError(f"cannot read calibration file {path}: not a valid {kind} ({_one_line(e)})") from None
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    s = " ".join(str(e).split()) or type(e).__name__
-    return s if len(s) <= limit else s[: limit - 3] + "..."
+def _require_finite(data: dict[str, np.ndarray], path: str) -> None:
+    """NaN/Inf samples would poison every statistic calibration takes (and end in a failed Cholesky
+    factorisation in GPTQ): refuse them, naming the array."""
+    for k, v in data.items():
+        if v.dtype.kind == "f" and v.size:
+            bad = v.size - int(np.count_nonzero(np.isfinite(v)))
+            if bad:
+                n_nan = int(np.count_nonzero(np.isnan(v)))
+                raise CompileError(
+                    f"calibration array {k!r} in {path} has {n_nan} NaN and {bad - n_nan} infinite values "
+                    f"(of {v.size}); calibration needs finite numbers"
+                )
 
 
 def _castable(src: np.dtype, dst: np.dtype) -> bool:
@@ -186,8 +170,6 @@ def load_calibration(path: str, specs=None) -> dict[str, np.ndarray]:
             )
         data = {f[: -len(".npy")]: _read_npy(os.path.join(path, f)) for f in files}
     else:
-        if os.path.getsize(path) == 0:
-            raise CompileError(f"calibration file {path} is empty")
         if path.endswith(".npy"):
             arr = _read_npy(path)
             if specs is not None and len(specs) == 1:
@@ -221,8 +203,10 @@ def load_calibration(path: str, specs=None) -> dict[str, np.ndarray]:
                 "calibration arrays have different numbers of samples: "
                 + ", ".join(f"{k}={n}" for k, n in counts.items())
             )
-        return data
-    return _validate(data, list(specs), path)
+    else:
+        data = _validate(data, list(specs), path)
+    _require_finite(data, path)  # after the cast: float64 beyond float32's range becomes inf
+    return data
 
 
 def _validate(data: dict[str, np.ndarray], specs: list, path: str) -> dict[str, np.ndarray]:

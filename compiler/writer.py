@@ -1,9 +1,9 @@
 """Atomic, deterministic NDC writer (format_spec/NDC-v1.md).
 
-Payloads stream into a temporary file next to the target as they are added, so a large model never
-has to sit in memory whole; `finish` appends the index and the payload table, fsyncs, and renames
-over the target. Until that rename nothing exists under the target name, and on any error the
-temporary file is removed. Same payloads + same index → same bytes (no timestamps, sorted JSON keys,
+Payloads stream into a temporary file next to the target as they are added (runtime/files.py
+`AtomicFile`), so a large model never has to sit in memory whole; `finish` appends the index and the
+payload table, fsyncs, and renames over the target. Until that rename nothing exists under the target
+name, and on any error or SIGTERM the temporary file is removed. Same payloads + same index → same bytes (no timestamps, sorted JSON keys,
 fixed zstd level, single-threaded compression).
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zlib
 
 import numpy as np
 
+from nadoo.runtime.files import AtomicFile
 from nadoo.runtime.format import (
     CODEC_RAW, CODEC_ZSTD, MAJOR, PREAMBLE_SIZE, TABLE_DTYPE, Preamble, align_up,
 )
@@ -45,9 +45,8 @@ class BundleWriter:
         self.alignment = alignment
         self.zstd_level = zstd_level
         self._records: list[tuple[int, int, int, int, int]] = []
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self._tmp = tempfile.mkstemp(prefix=".nadoo-", suffix=".ndc.tmp", dir=directory)
-        self._f = os.fdopen(fd, "wb")
+        self._out = AtomicFile(self.path)
+        self._f = self._out.file
         self._pos = 0
         self._write(b"\0" * PREAMBLE_SIZE)  # placeholder, rewritten by finish()
         self._cctx = None
@@ -110,22 +109,16 @@ class BundleWriter:
             )
             self._f.seek(0)
             self._f.write(pre.pack())
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            os.replace(self._tmp, self.path)
+            self._out.commit()
             self.finished = True
-            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         except BaseException:
             self.abort()
             raise
 
     def abort(self) -> None:
         """Drop the temporary file; the target path is left exactly as it was."""
-        if not self._f.closed:
-            self._f.close()
-        if not self.finished and os.path.exists(self._tmp):
-            os.unlink(self._tmp)
+        if not self.finished:
+            self._out.abort()
 
     def __enter__(self):
         return self
@@ -134,16 +127,3 @@ class BundleWriter:
         if not self.finished:
             self.abort()
 
-
-def _fsync_dir(directory: str) -> None:
-    # Makes the rename itself durable; not every platform lets a directory be opened, hence the guard.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -2,13 +2,15 @@
 
 `WeightStore` turns (tensor, chunk, tier) requests into decoded float32 blocks through the reader
 (merged positioned reads) and the budgeted cache; `ChunkedOps` binds the graph's nadoo nodes to it
-under a `Policy` and counts, per layer, chunks used, bytes read and multiply-accumulates.
+under a `Policy` and counts, per layer and per call (callstats), chunks used, bytes read and
+multiply-accumulates.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import callstats
 from .cache import ChunkCache
 from .errors import InputError
 from .policy import Policy
@@ -54,6 +56,10 @@ def conv_fn(attrs: dict):
 
 
 class LayerCounters:
+    """One layer's counters. The session's own record of a layer (`ChunkedOps.layers`) holds what is
+    fixed at build time (kind, tiers, fallback) and zero counts; each call counts in a copy of its
+    own (`ChunkedOps.counters`), so concurrent calls never mix."""
+
     __slots__ = ("kind", "chunks_total", "chunks_read", "bytes_read", "macs", "dense_macs", "calls", "tiers",
                  "dense_fallback", "selected")
 
@@ -67,7 +73,12 @@ class LayerCounters:
         self.calls = 0
         self.tiers: set = set()
         self.dense_fallback = False
-        self.selected = None  # chunk ids chosen on the last call (routed layers), for recall measurements
+        self.selected = None  # chunk ids chosen (routed layers), for recall measurements
+
+    def for_call(self) -> "LayerCounters":
+        c = LayerCounters(self.kind, self.chunks_total)
+        c.tiers, c.dense_fallback = self.tiers, self.dense_fallback
+        return c
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "chunks_read": self.chunks_read, "chunks_total": self.chunks_total * max(self.calls, 1),
@@ -206,12 +217,24 @@ class ChunkedOps:
                 pinned += a.nbytes
         return pinned
 
+    @staticmethod
+    def counters(c: LayerCounters) -> LayerCounters:
+        """The current call's counters of layer `c` (a throwaway copy outside a call)."""
+        cs = callstats.current()
+        if cs is None:
+            return c.for_call()
+        lc = cs.layers.get(c)
+        if lc is None:
+            lc = cs.layers[c] = c.for_call()
+        return lc
+
     def _count(self, c: LayerCounters, before: int, n_chunks: int, macs: int, dense_macs: int) -> None:
-        c.calls += 1
-        c.chunks_read += n_chunks
-        c.bytes_read += self.b.bytes_read - before
-        c.macs += macs
-        c.dense_macs += dense_macs
+        lc = self.counters(c)
+        lc.calls += 1
+        lc.chunks_read += n_chunks
+        lc.bytes_read += callstats.bytes_read() - before
+        lc.macs += macs
+        lc.dense_macs += dense_macs
 
     def _selection(self, e: TensorEntry, prof: dict, c: LayerCounters):
         """Static part of the choice: None = dense, else the chunk ids kept on every call."""
@@ -244,8 +267,8 @@ class ChunkedOps:
 
         def dense(x, bias=None):
             if not fits:  # larger than the budget: stream it, a budget-sized slice of chunks at a time
-                return partial(x, np.arange(e.n_chunks), bias, b.bytes_read)
-            before = b.bytes_read
+                return partial(x, np.arange(e.n_chunks), bias, callstats.bytes_read())
+            before = callstats.bytes_read()
             y = linear(x, store.full(e, tiers).T, bias)
             pos = x.size // K
             self._count(c, before, e.n_chunks, pos * R * K, pos * R * K)
@@ -269,7 +292,7 @@ class ChunkedOps:
             return dense
         if isinstance(sel, str):  # oracle: exact product, then keep the k chunks with most energy
             def oracle(x, bias=None):
-                before = b.bytes_read
+                before = callstats.bytes_read()
                 full = linear(x, store.full(e, tiers).T, bias)
                 fb = full.reshape(full.shape[0] if full.ndim > 1 else 1, -1, R)
                 energy = np.add.reduceat(np.einsum("bpr,bpr->br", fb, fb), bounds[:-1], axis=1)
@@ -277,25 +300,25 @@ class ChunkedOps:
                 y = np.zeros_like(full) if bias is None else np.broadcast_to(bias, full.shape).copy()
                 rows = rows_of(keep)
                 y[..., rows] = full[..., rows]
-                c.selected = keep
+                c.selected = self.counters(c).selected = keep  # the layer's: the last call's, any thread
                 pos = x.size // K
                 self._count(c, before, e.n_chunks, pos * R * K, pos * R * K)
                 return y
             return oracle
         if len(sel) == 0:
             def zeros(x, bias=None):
-                self._count(c, b.bytes_read, 0, 0, (x.size // K) * R * K)
+                self._count(c, callstats.bytes_read(), 0, 0, (x.size // K) * R * K)
                 y = np.zeros(x.shape[:-1] + (R,), np.float32)
                 return y + bias if bias is not None else y  # every chunk pruned away: only the bias is left
             return zeros
-        return lambda x, bias=None: partial(x, sel, bias, b.bytes_read)
+        return lambda x, bias=None: partial(x, sel, bias, callstats.bytes_read())
 
     def _gather(self, node, ctx):
         e, c, tiers, _ = self._entry(node)
         store, b, bounds, n = self.store, self.b, e.bounds, e.rows
 
         def run(idx):
-            before = b.bytes_read
+            before = callstats.bytes_read()
             idx = np.asarray(idx)
             if idx.dtype.kind not in "iu":
                 raise InputError(f"{node['name']}: indices must be integers, got {idx.dtype}")
@@ -322,7 +345,7 @@ class ChunkedOps:
         conv = conv_fn(node["attrs"])
 
         def run(x, bias=None):
-            before = b.bytes_read
+            before = callstats.bytes_read()
             y = conv(x, store.full(e, tiers), bias)
             macs = int(y.size) * e.row_len  # N·P·Cout output values, each a K-long dot product
             self._count(c, before, e.n_chunks, macs, macs)
@@ -364,8 +387,8 @@ class ChunkedOps:
 
         def dense(x, b1=None, b2=None, *_):
             if not fits:  # the layer is larger than the budget: stream it group by group
-                return groups(x, all_ids, b1, b2, 0, b.bytes_read)
-            before = b.bytes_read
+                return groups(x, all_ids, b1, b2, 0, callstats.bytes_read())
+            before = callstats.bytes_read()
             h = act(linear(x, store.full(up, tiers).T, b1))
             y = linear(h, store.full(down, tiers_d), b2)
             pos = x.size // K
@@ -375,14 +398,14 @@ class ChunkedOps:
         def groups(x, ids, b1, b2, extra_macs, before):
             ids = ids[~skip[ids]]
             pos = x.size // K
-            c.selected = ids
+            c.selected = self.counters(c).selected = ids  # the layer's: the last call's, any thread
             if len(ids) == 0:
                 self._count(c, before, 0, extra_macs, pos * R * (K + N))
                 y = np.zeros(x.shape[:-1] + (N,), np.float32)
                 return y + b2 if b2 is not None else y
             if len(ids) == n and fits:  # every group selected (e.g. a batch's union): the dense path is the same, faster
                 y = dense(x, b1, b2)
-                c.macs += extra_macs
+                self.counters(c).macs += extra_macs
                 return y
             # Group by group, accumulating: concatenating the selected blocks first would copy
             # every selected weight on every call (measured: most of a top-k call on a wide MLP).
@@ -412,24 +435,25 @@ class ChunkedOps:
         if not routed:
             if skip.any():  # tau emptied some groups: skip them, exactly
                 keep_all = np.arange(n)
-                return lambda x, b1=None, b2=None, *_: groups(x, keep_all, b1, b2, 0, b.bytes_read)
+                return lambda x, b1=None, b2=None, *_: groups(x, keep_all, b1, b2, 0, callstats.bytes_read())
             return dense
         if predictor == "oracle":
             def oracle(x, b1=None, b2=None, *_):
-                before = b.bytes_read
+                before = callstats.bytes_read()
                 z = linear(x, store.full(up, tiers).T, b1)
                 keep = top_union(chunk_scores(z))
                 y = groups(x, keep, b1, b2, (x.size // K) * R * K, before)
-                c.chunks_read = c.chunks_read - len(c.selected) + n  # deciding needed every up chunk
+                lc = self.counters(c)
+                lc.chunks_read += n - len(lc.selected)  # deciding needed every up chunk
                 return y
             return oracle
         if predictor == "static" or P is None:
             act_static = np.asarray(prof.get("chunk_activity", np.ones(n)), dtype=float)
             keep_static = np.sort(np.argsort(-act_static, kind="stable")[:k])
-            return lambda x, b1=None, b2=None, *_: groups(x, keep_static, b1, b2, 0, b.bytes_read)
+            return lambda x, b1=None, b2=None, *_: groups(x, keep_static, b1, b2, 0, callstats.bytes_read())
 
         def sketched(x, b1=None, b2=None, *_):
-            before = b.bytes_read
+            before = callstats.bytes_read()
             z = (x @ P) @ Q
             if b1 is not None:
                 z += b1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 
@@ -38,7 +39,28 @@ def _friendly(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineGroup(click.Group):
+    """Click's own usage errors (missing argument, bad option value) print three lines ("Usage: ...",
+    "Try ...", "Error: ..."); here they are one line and exit 2, like every other error."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            rv = super().main(args, prog_name or "nadoo", standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"nadoo: error: {' '.join(e.format_message().split())}{where}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"nadoo: error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(2)
+        except click.Abort:  # Ctrl-C outside a command
+            click.echo("nadoo: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nadoo")
 def main():
     """nadoo: compile models into chunked .ndc bundles and run them reading only what an input needs."""
@@ -51,9 +73,11 @@ def main():
 @_friendly
 def info(bundle, as_json, plot):
     """Show what is inside BUNDLE and how the model behaved during calibration."""
+    from .files import refuse_overwrite
     from .info import bundle_facts, format_facts
     from .reader import Bundle
 
+    refuse_overwrite(plot, {"bundle": bundle}, "--plot")
     with Bundle.open(bundle) as b:
         facts = bundle_facts(b)
     if plot:
@@ -82,7 +106,7 @@ def info(bundle, as_json, plot):
 @click.option("--allow-pickle", is_flag=True, help="Load a fully pickled nn.Module. Unpickling RUNS CODE from the file: only for files you trust.")
 @click.option("--route-threshold", default=0.95, show_default=True, help="A layer in front of ReLU/GELU is routable when, per sample, this share of its output energy lies in the top half of its chunks.")
 @click.option("--min-elements", default=1024, show_default=True, help="Weights smaller than this stay inline (not chunked).")
-@click.option("--bits-per-weight", type=float, default=None, help="Also store a mixed-precision allocation (one tier per chunk) within this average bits/weight budget (scales included); run it with --bits alloc.")
+@click.option("--bits-per-weight", type=float, default=None, callback=lambda c, p, v: _bits_per_weight(v), help="Also store a mixed-precision allocation (one tier per chunk) within this average bits/weight budget (scales included); run it with --bits alloc.")
 @click.option("--quant-method", type=click.Choice(["gptq", "search", "rtn"]), default="gptq", show_default=True, help="gptq: error feedback through the calibration inputs' second moments + clipping search; search: clipping search only; rtn: plain min/max.")
 @click.option("--nested", is_flag=True, help="Store 8/4/2 bits as nested bit-planes of one 8-bit quantization (~8.5 bits/weight for all three; a b-bit read reads b bits per weight).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -90,6 +114,11 @@ def info(bundle, as_json, plot):
 def compile_cmd(model, out, calib, chunks, embedding_rows, group_size, keep_float, prune_tau, input_shape,
                 model_class, allow_pickle, route_threshold, min_elements, bits_per_weight, quant_method, nested, quiet):
     """Compile MODEL (.onnx, TorchScript .pt, torch.export .pt2, state_dict + --model-class) into a bundle."""
+    from .errors import CompileError
+    from .files import open_regular, refuse_overwrite
+
+    os.close(open_regular(model, "model file", CompileError))  # a FIFO would block the loaders forever
+    refuse_overwrite(out, {"model file": model, "calibration data": calib}, "-o")
     try:
         from nadoo.compiler.pipeline import CompileOptions, compile_model
         from nadoo.compiler.calib_data import parse_input_shapes
@@ -104,6 +133,14 @@ def compile_cmd(model, out, calib, chunks, embedding_rows, group_size, keep_floa
     click.echo(report.summary())
 
 
+def _bits_per_weight(value):
+    # the allocation picks among the 8/4/2-bit tiers (with their scales): below 2 nothing fits, and
+    # 0 or nan would silently mean "no allocation"
+    if value is not None and not (math.isfinite(value) and 2 <= value <= 32):
+        raise click.BadParameter(f"{value} is not a number of bits per weight in [2, 32]")
+    return value
+
+
 def _parse_topk(text):
     if text is None:
         return None
@@ -114,25 +151,16 @@ def _parse_topk(text):
 
 
 def _load_inputs(path, session) -> dict:
-    import numpy as np
-
     from .errors import InputError
+    from .files import load_arrays
 
+    arrays = load_arrays(path, "input file", InputError)
+    if isinstance(arrays, dict):
+        return arrays
     names = [i.name for i in session.get_inputs()]
-    try:
-        if str(path).endswith(".npy"):
-            if len(names) != 1:
-                raise InputError(f".npy input is only for single-input models; this one takes {names} (use .npz)")
-            return {names[0]: np.load(path, allow_pickle=False)}
-        obj = np.load(path, allow_pickle=False)
-        if isinstance(obj, np.ndarray):  # a .npy under another name
-            if len(names) != 1:
-                raise InputError(f"{path} holds one array; this model takes {names} (use an .npz keyed by name)")
-            return {names[0]: obj}
-        with obj as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise InputError(f"cannot read input file {path}: {e}") from None
+    if len(names) != 1:  # an .npy, whatever its name
+        raise InputError(f"{path} holds one array; this model takes {names} (use an .npz keyed by input name)")
+    return {names[0]: arrays}
 
 
 @main.command()
@@ -160,9 +188,11 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
 
     import numpy as np
 
+    from .files import refuse_overwrite
     from .policy import Policy
     from .session import Session
 
+    refuse_overwrite(output_path, {"bundle": bundle, "input file": input_path})
     t0 = time.perf_counter()
     pol = Policy(kind=policy, bits=bits, topk=_parse_topk(topk), predictor=predictor, tau=tau, fallback=fallback)
     moe = None
@@ -232,9 +262,11 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
 def export_cmd(bundle, out, bits):
     """Write BUNDLE as a plain ONNX model (for ONNX Runtime, Netron, ...); needs the onnx package."""
     from .export_onnx import bundle_to_onnx, save_onnx
+    from .files import refuse_overwrite
     from .policy import BITS_TO_TIER
     from .reader import Bundle
 
+    refuse_overwrite(out, {"bundle": bundle}, "-o")
     with Bundle.open(bundle) as b:
         model = bundle_to_onnx(b, BITS_TO_TIER[bits])
     save_onnx(model, out)
@@ -256,28 +288,18 @@ def format_stats(st: dict) -> str:
 
 
 def _save_npz(path, arrays: dict) -> None:
-    """Atomic: write to a temporary file beside the target, then rename."""
-    import os
-    import tempfile
+    import zipfile
 
     import numpy as np
 
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz.tmp")
-    try:
-        import zipfile
+    from .files import atomic_write
 
-        # np.savez's own first parameter is called `file`, so an output of that name would clash:
-        # write the archive the way it does, one .npy member per output.
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
-            for name, a in arrays.items():
-                with z.open(f"{name}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # np.savez's own first parameter is called `file`, so an output of that name would clash:
+    # write the archive the way it does, one .npy member per output.
+    with atomic_write(path) as out, zipfile.ZipFile(out.file, "w", zipfile.ZIP_STORED) as z:
+        for name, a in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
 
 
 def _jsonable(x):

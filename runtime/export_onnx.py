@@ -129,23 +129,16 @@ def _node_with_attrs(helper, numpy_helper, op, ins, outs, name, dom, attrs):
 def save_onnx(model, path: str) -> None:
     """Atomic save; models over 2 GB go to external data beside the file."""
     import os
-    import tempfile
+
+    from .files import atomic_write
 
     onnx, _, _ = _onnx()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        big = sum(t.ByteSize() for t in model.graph.initializer) > (1 << 31) - (1 << 26)
-        if big:
-            onnx.save_model(model, tmp, save_as_external_data=True, location=os.path.basename(path) + ".data")
+    big = sum(t.ByteSize() for t in model.graph.initializer) > (1 << 31) - (1 << 26)
+    with atomic_write(path) as out:
+        if big:  # onnx writes external data by path: into the temporary file's inode, then the .data beside it
+            onnx.save_model(model, out.tmp, save_as_external_data=True, location=os.path.basename(path) + ".data")
         else:
-            onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            onnx.save_model(model, out.file)
 
 
 class OrtSession:

@@ -105,8 +105,9 @@ class ExpertCache(ChunkCache):
             self.freq = {k: v / 2 for k, v in self.freq.items() if v >= 0.5}
 
     def get(self, key):
-        self._touch(key)
-        return super().get(key)
+        with self.lock:  # the frequencies change with every lookup: same lock as the entries
+            self._touch(key)
+            return super().get(key)
 
     def _victim(self):
         oldest = []
@@ -219,7 +220,7 @@ class MoEOps:
         out, missing = {}, []
         for e, t in wanted:
             key = ("moe", entry.name, e, t)
-            a = self.cache.get(key) if not prefetch else (self.cache._items.get(key) if key in self.cache else None)
+            a = self.cache.get(key) if not prefetch else self.cache.peek(key)
             if a is None:
                 missing.append((e, t))
             else:

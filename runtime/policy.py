@@ -97,10 +97,18 @@ def parse_size(text) -> int | None:
              "g": 10**9, "gb": 10**9, "gib": 2**30}
     num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = s[len(num):]
+    bad = InputError(f"cannot read size {text!r} (use e.g. 16MB, 512KiB)")
     try:
         value = float(num)
     except ValueError:
-        raise InputError(f"cannot read size {text!r} (use e.g. 16MB, 512KiB)") from None
-    if unit not in units or value < 0:
-        raise InputError(f"cannot read size {text!r} (use e.g. 16MB, 512KiB)")
-    return int(value * units[unit])
+        raise bad from None
+    # float() takes "inf", "nan" and 1e400 (= inf), none of which is a byte count
+    if unit not in units or not math.isfinite(value) or value < 0:
+        raise bad
+    n = int(value * units[unit])
+    if n > MAX_SIZE:
+        raise InputError(f"size {text!r} is larger than any memory (at most {MAX_SIZE} bytes)")
+    return n
+
+
+MAX_SIZE = 2**63 - 1  # what a byte count in the OS's terms (ssize_t) can hold

@@ -17,7 +17,9 @@ from typing import Iterable
 import numpy as np
 
 from . import qcodec
+from .callstats import count_read
 from .errors import BundleError
+from .files import mapped_read, open_regular
 from .format import (
     CODEC_RAW, CODEC_ZSTD, CODECS, DTYPES, MAX_DIM, MAX_GROUP_SIZE, MAX_ELEMENTS, MAX_NAME_LEN, MAX_PAYLOAD_RAW, MAX_RANK,
     PREAMBLE_SIZE, TABLE_DTYPE, TIER_BITS, TIERS, Preamble, align_up,
@@ -120,7 +122,7 @@ def _check_dtype(dt, what: str) -> np.dtype:
 
 
 class Bundle:
-    """An open .ndc file. Use `Bundle.open(path)`; thread-compatible, not thread-safe."""
+    """An open .ndc file. Use `Bundle.open(path)`; reads and their counters are safe from several threads."""
 
     def __init__(self, path: str, use_mmap: bool = False):
         self.path = os.fspath(path)
@@ -131,7 +133,7 @@ class Bundle:
         self._fd = None
         self._mm = None
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            self._fd = open_regular(self.path, "bundle", BundleError)  # never blocks on a FIFO
         except IsADirectoryError:
             raise BundleError(f"{self.path} is a directory, not an NDC bundle") from None
         except FileNotFoundError:
@@ -159,7 +161,7 @@ class Bundle:
     # -- low level -----------------------------------------------------------------------------
     def _pread(self, offset: int, length: int) -> bytes:
         if self._mm is not None:
-            return self._mm[offset : offset + length]
+            return mapped_read(self._mm, self._fd, offset, length)
         data = os.pread(self._fd, length, offset)
         if len(data) != length:
             raise BundleError(f"truncated bundle: wanted {length} bytes at offset {offset}, got {len(data)}")
@@ -348,21 +350,18 @@ class Bundle:
                 j += 1
                 end = int(t["offset"][pids[j]]) + int(t["stored"][pids[j]])
             buf = memoryview(self._pread(start, end - start))
-            self.disk_bytes_read += end - start  # payloads plus the alignment gaps between them
             for pid in pids[i : j + 1]:
                 o = int(t["offset"][pid]) - start
                 out[pid] = self._decode(pid, buf[o : o + int(t["stored"][pid])], counted=False)
-            self.bytes_read += int(sum(int(t["stored"][p]) for p in pids[i : j + 1]))
-            self.payloads_read += j + 1 - i
+            # disk bytes: the payloads plus the alignment gaps between them
+            count_read(self, int(sum(int(t["stored"][p]) for p in pids[i : j + 1])), end - start, j + 1 - i)
             i = j + 1
         return out
 
     def _decode(self, pid: int, stored, counted: bool = True) -> bytes:
         rec = self.table[pid]
         if counted:
-            self.bytes_read += int(rec["stored"])
-            self.disk_bytes_read += int(rec["stored"])
-            self.payloads_read += 1
+            count_read(self, int(rec["stored"]), int(rec["stored"]), 1)
         if zlib.crc32(stored) != int(rec["crc32"]):
             _fail(f"payload {pid} checksum mismatch")
         raw_len = int(rec["raw"])

@@ -4,18 +4,25 @@
     sess = nd.Session("model.ndc", policy=nd.Policy("topk", bits="4", topk=0.5), memory_budget="16MB")
     (y,) = sess.run(None, {"x": x})
     print(sess.last_stats["bytes_read"])
+
+Like ONNX Runtime's, `run` may be called from several threads at once on one Session: the chunk cache
+is locked, reads are positioned (no shared file offset), and every call counts its statistics in a
+context of its own (callstats). `last_stats` is per thread (the stats of that thread's last call);
+`run_with_stats` returns them with the outputs.
 """
 
 from __future__ import annotations
 
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from . import callstats
 from .cache import ChunkCache
 from .chunked_ops import ChunkedOps
 from .engine import Plan
@@ -46,6 +53,10 @@ def peak_rss_bytes() -> int:
 
 
 class Session:
+    """An open bundle ready to run. `use_mmap=True` maps the file instead of reading it with positioned
+    reads; a read past the end of a file truncated while open raises BundleError, but a truncation racing
+    with the copy of a mapped range can still kill the process with SIGBUS (positioned reads cannot)."""
+
     def __init__(self, path, policy: Policy | None = None, memory_budget=None, use_mmap: bool = False, moe=None,
                  pin_fraction: float = 0.5):
         self.bundle = Bundle.open(path, use_mmap=use_mmap)
@@ -73,7 +84,16 @@ class Session:
         except BaseException:
             self.bundle.close()  # a failed construction must not leak the file descriptor
             raise
-        self.last_stats: dict = {}
+        self._local = threading.local()
+        # MoEOps keeps each call's routing statistics and the next layer's prefetch guess in per-layer
+        # records shared by all calls (runtime/moe_op.py), so calls of a bundle with MoE layers take
+        # turns; everything else (the chunked ops, reader, cache) counts per call and runs concurrently.
+        self._moe_turn = threading.Lock() if self.moe else None
+
+    @property
+    def last_stats(self) -> dict:
+        """Statistics of this thread's last `run` (empty before its first)."""
+        return getattr(self._local, "stats", {})
 
     def get_inputs(self) -> list[NodeArg]:
         return [NodeArg(i["name"], i.get("shape"), i["dtype"]) for i in self.plan.inputs]
@@ -82,27 +102,44 @@ class Session:
         return [NodeArg(o["name"], o.get("shape"), o["dtype"]) for o in self.plan.outputs]
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.run_with_stats(output_names, feeds)[0]
+
+    def run_with_stats(self, output_names: Sequence[str] | None,
+                       feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], dict]:
+        """`run`, also returning the statistics of this call (the same dict `last_stats` then holds)."""
         names = self.plan.output_names
         if output_names:
             unknown = [n for n in output_names if n not in names]
             if unknown:
                 raise InputError(f"unknown output {unknown[0]!r}; the model's outputs are {names}")
-        for c in self.ops.layers.values():
-            for f in ("chunks_read", "bytes_read", "macs", "dense_macs", "calls"):
-                setattr(c, f, 0)
-        b = self.bundle
-        b.reset_counters()
-        hits, misses = self.cache.hits, self.cache.misses
-        if self.moe:  # [nadoo#7 MoE]
-            self.moe.reset()
-        t0 = time.perf_counter()
-        outs = self.plan.run(feeds)
-        dt = time.perf_counter() - t0
-        layers = {n: c.as_dict() for n, c in self.ops.layers.items()}
-        self.last_stats = {
-            "bytes_read": b.bytes_read,
-            "disk_bytes_read": b.disk_bytes_read,
-            "payloads_read": b.payloads_read,
+        if self._moe_turn is None:
+            outs, st = self._call(feeds)
+        else:
+            with self._moe_turn:
+                self.moe.reset()
+                outs, st = self._call(feeds)
+                st["moe"] = self.moe.stats()  # expert usage, bytes, cache hit rate, prefetch accuracy
+        self._local.stats = st
+        if output_names:
+            outs = [outs[names.index(n)] for n in output_names]
+        return outs, st
+
+    def _call(self, feeds) -> tuple[list[np.ndarray], dict]:
+        b, cache = self.bundle, self.cache
+        # Overflow/invalid-value warnings are ordinary float32 numerics here (exp of a large logit, a
+        # masked softmax); the values they flag (inf, nan) still reach the outputs unchanged. Only the
+        # default "warn" is silenced: a caller who asked NumPy to raise still gets the exception.
+        quiet = {k: "ignore" for k, v in np.geterr().items() if v == "warn"}
+        with callstats.collecting() as cs, np.errstate(**quiet):
+            t0 = time.perf_counter()
+            outs = self.plan.run(feeds)
+            dt = time.perf_counter() - t0
+        layers = {n: cs.layers.get(c, c).as_dict() for n, c in self.ops.layers.items()}
+        lookups = cs.cache_hits + cs.cache_misses
+        return outs, {
+            "bytes_read": cs.bytes_read,
+            "disk_bytes_read": cs.disk_bytes_read,
+            "payloads_read": cs.payloads_read,
             "bundle_bytes": b.file_size,
             "dense_fp32_weight_bytes": int(b.index.get("stats", {}).get("dense_fp32_weight_bytes", 0)),
             "chunks_read": sum(v["chunks_read"] for v in layers.values()),
@@ -111,21 +148,16 @@ class Session:
             "dense_macs": sum(v["dense_macs"] for v in layers.values()),
             "latency_s": dt,
             "peak_rss_bytes": peak_rss_bytes(),
-            "cache_hits": self.cache.hits - hits,
-            "cache_misses": self.cache.misses - misses,
-            "cache_hit_rate": (self.cache.hits - hits) / max(self.cache.hits - hits + self.cache.misses - misses, 1),
-            "cache_bytes": self.cache.bytes,
-            "cache_pinned_bytes": self.cache.pinned_bytes,
-            "cache_budget_bytes": self.cache.budget,
+            "cache_hits": cs.cache_hits,
+            "cache_misses": cs.cache_misses,
+            "cache_hit_rate": cs.cache_hits / max(lookups, 1),
+            "cache_bytes": cache.bytes,
+            "cache_pinned_bytes": cache.pinned_bytes,
+            "cache_budget_bytes": cache.budget,
             "policy": {"kind": self.policy.kind, "bits": self.policy.bits, "topk": self.policy.topk,
                        "predictor": self.policy.predictor, "tau": self.policy.tau},
             "layers": layers,
         }
-        if self.moe:  # [nadoo#7 MoE] expert usage, bytes, cache hit rate, prefetch accuracy
-            self.last_stats["moe"] = self.moe.stats()
-        if output_names:
-            return [outs[names.index(n)] for n in output_names]
-        return outs
 
     def sample(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
         """The calibration sample stored at compile time and the source model's fp32 output for it."""

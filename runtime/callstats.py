@@ -1,0 +1,80 @@
+"""Per-call run statistics.
+
+`Session.run` opens a `CallStats` for its call in a context variable, so every thread (and every
+asyncio task) running the same Session has its own; the reader, the cache and the chunked ops add
+to whichever is current. Concurrent calls therefore never mix their counts, without a lock around
+the run. Counts made outside a call (opening a session, pinning) go to the reader's and the cache's
+totals only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+
+
+class CallStats:
+    """What one call read and looked up. `layers` maps an op's layer record (chunked_ops) to the
+    counters of this call."""
+
+    __slots__ = ("bytes_read", "disk_bytes_read", "payloads_read", "cache_hits", "cache_misses", "layers")
+
+    def __init__(self):
+        self.bytes_read = 0
+        self.disk_bytes_read = 0
+        self.payloads_read = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.layers: dict = {}
+
+
+_current: contextvars.ContextVar[CallStats | None] = contextvars.ContextVar("nadoo_call_stats", default=None)
+
+
+def current() -> CallStats | None:
+    return _current.get()
+
+
+@contextlib.contextmanager
+def collecting():
+    """`with collecting() as cs:` everything counted in this thread/task until the block ends goes to cs."""
+    cs = CallStats()
+    token = _current.set(cs)
+    try:
+        yield cs
+    finally:
+        _current.reset(token)
+
+
+def bytes_read() -> int:
+    """Payload bytes the current call has read so far (0 outside a call)."""
+    cs = _current.get()
+    return 0 if cs is None else cs.bytes_read
+
+
+# `+=` on an attribute is a read, an add and a write: two threads can lose one of their updates.
+_totals_lock = threading.Lock()
+
+
+def count_read(bundle, payload_bytes: int, disk_bytes: int, payloads: int) -> None:
+    """Account a read of `bundle`'s payloads: to its running totals and to the current call."""
+    with _totals_lock:
+        bundle.bytes_read += payload_bytes
+        bundle.disk_bytes_read += disk_bytes
+        bundle.payloads_read += payloads
+    cs = _current.get()
+    if cs is not None:
+        cs.bytes_read += payload_bytes
+        cs.disk_bytes_read += disk_bytes
+        cs.payloads_read += payloads
+
+
+def count_lookup(hit: bool) -> None:
+    """A cache lookup of the current call (the cache keeps its own totals)."""
+    cs = _current.get()
+    if cs is not None:
+        if hit:
+            cs.cache_hits += 1
+        else:
+            cs.cache_misses += 1
