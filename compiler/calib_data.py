@@ -134,7 +134,7 @@ def _require_finite(data: dict[str, np.ndarray], path: str) -> None:
                 n_nan = int(np.count_nonzero(np.isnan(v)))
                 raise CompileError(
                     f"calibration array {k!r} in {path} has {n_nan} NaN and {bad - n_nan} infinite values "
-                    f"(of {v.size}); calibration needs finite numbers"
+                    f"(of {v.size}, as {v.dtype}); calibration needs finite numbers"
                 )
 
 
@@ -257,7 +257,8 @@ def _validate(data: dict[str, np.ndarray], specs: list, path: str) -> dict[str, 
                 f"cannot be used for an integer input"
             )
         if arr.dtype != dst:
-            arr = arr.astype(dst)
+            with np.errstate(over="ignore"):  # float64 beyond float32's range: _require_finite names it
+                arr = arr.astype(dst)
         out[spec.name] = np.ascontiguousarray(arr)
     return out
 

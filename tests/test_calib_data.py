@@ -149,3 +149,34 @@ def test_synthetic_shapes_and_dtypes():
     assert static["x"].shape == (3, 4)  # axis 0 is always the sample axis
     # synthetic data passes validation against the same specs
     assert set(d) == {s.name for s in specs}
+
+
+# --- the runtime's loader, NaN/Inf ----------------------------------------------------------------
+
+def test_corrupt_files_are_one_compile_error_from_the_shared_loader(tmp_path):
+    import os
+    import zipfile
+
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    for save in (np.savez, np.savez_compressed):
+        save(tmp_path / "c.npz", x=x)
+        data = (tmp_path / "c.npz").read_bytes()
+        info = zipfile.ZipFile(tmp_path / "c.npz").infolist()[0]
+        mid = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2
+        for bad in (data[: len(data) // 2], data[:mid] + bytes([data[mid] ^ 0x40]) + data[mid + 1:]):
+            (tmp_path / "bad.npz").write_bytes(bad)
+            _err(lambda: load_calibration(str(tmp_path / "bad.npz"), IMG), "cannot read calibration file")
+    os.mkfifo(tmp_path / "pipe.npz")
+    _err(lambda: load_calibration(str(tmp_path / "pipe.npz"), IMG), "FIFO")  # refused, not waited on
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 1e300])  # 1e300: float64 → float32 inf
+def test_non_finite_calibration_data_is_refused_naming_the_array(tmp_path, value):
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8))
+    x[2, 0, 3, 3] = value
+    np.savez(tmp_path / "c.npz", x=x)
+    msg = _err(lambda: load_calibration(str(tmp_path / "c.npz"), IMG), "'x'")
+    assert ("1 NaN" if np.isnan(value) else "1 infinite") in msg
+    np.save(tmp_path / "x.npy", x)  # a folder of .npy: the same rule
+    (tmp_path / "c.npz").unlink()
+    _err(lambda: load_calibration(str(tmp_path), IMG), "finite")
