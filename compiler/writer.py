@@ -3,8 +3,8 @@
 Payloads stream into a temporary file next to the target as they are added (runtime/files.py
 `AtomicFile`), so a large model never has to sit in memory whole; `finish` appends the index and the
 payload table, fsyncs, and renames over the target. Until that rename nothing exists under the target
-name, and on any error or SIGTERM the temporary file is removed. Same payloads + same index → same bytes (no timestamps, sorted JSON keys,
-fixed zstd level, single-threaded compression).
+name, and on any error or SIGTERM the temporary file is removed. Same payloads + same index → same
+bytes (no timestamps, sorted JSON keys, fixed zstd level, single-threaded compression).
 """
 
 from __future__ import annotations

@@ -99,16 +99,16 @@ def parse_size(text) -> int | None:
     unit = s[len(num):]
     bad = InputError(f"cannot read size {text!r} (use e.g. 16MB, 512KiB)")
     try:
-        value = float(num)
+        value = int(num) if num.isdigit() else float(num)  # whole numbers exactly, however large
     except ValueError:
         raise bad from None
     # float() takes "inf", "nan" and 1e400 (= inf), none of which is a byte count
     if unit not in units or not math.isfinite(value) or value < 0:
         raise bad
-    n = int(value * units[unit])
-    if n > MAX_SIZE:
+    total = value * units[unit]  # 1e308GiB overflows to inf here
+    if not total <= MAX_SIZE:
         raise InputError(f"size {text!r} is larger than any memory (at most {MAX_SIZE} bytes)")
-    return n
+    return int(total)
 
 
 MAX_SIZE = 2**63 - 1  # what a byte count in the OS's terms (ssize_t) can hold
