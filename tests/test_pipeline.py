@@ -267,7 +267,7 @@ def test_compile_bad_input_leaves_no_bundle(tmp_path):
     r = nadoo("compile", tmp_path / "junk.onnx", "-o", tmp_path / "o.ndc")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o.ndc").exists()
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert sorted(os.listdir(tmp_path)) == ["junk.onnx"]  # no bundle, no temp file
 
 
 def test_compile_unsupported_op_is_one_clear_error(tmp_path):
