@@ -3,7 +3,8 @@
 Forms (detected by extension and content):
   * ``.onnx`` (external data files beside it are loaded into memory)
   * TorchScript archive (``torch.jit.save``)              → exported to ONNX
-  * ``torch.export`` program (``torch.export.save``, .pt2) → exported to ONNX
+  * ``torch.export`` program (``torch.export.save``, .pt2) → exported to ONNX; without
+    ``allow_pickle`` it must be plain data (compiler/archive_safety.py), never torch.export.load
   * ``torch.save``d state_dict + ``model_class="pkg.mod:Class"`` → exported to ONNX
   * a fully pickled ``nn.Module`` — only with ``allow_pickle=True`` (unpickling runs code)
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from nadoo.runtime.errors import CompileError
 
+from .archive_safety import check_torchscript_code, load_exported_program
 from .calib_data import InputSpec
 
 __all__ = ["LoadedModel", "load_model", "run_torch_reference"]
@@ -853,17 +855,20 @@ def _export_module(module, kind, arrays, opset, where):
     return model, input_names, output_names, len(flat)
 
 
-def _load_exported_program(path, example_inputs, opset):
+def _load_exported_program(path, example_inputs, opset, allow_pickle=False):
     torch = _import_torch()
     try:
         with _quiet_torch_logs():
-            ep = torch.export.load(path)
+            # torch.export.load unpickles and evaluates parts of the file; only a trusted file gets it
+            ep = torch.export.load(path) if allow_pickle else load_exported_program(path)
+    except CompileError:
+        raise
     except Exception as e:
         raise CompileError(_one_line(f"cannot load torch.export program {path}: {_err_text(_root_cause(e))}")) from None
     sig = ep.graph_signature
     names = list(sig.user_inputs)
     try:
-        module = ep.module()
+        module = ep.module(check_guards=False)  # guards would exec code strings from the file
     except Exception as e:
         raise CompileError(_one_line(f"{path}: cannot rebuild the exported program's module: {_err_text(e)}")) from None
     # example inputs: the calibration data if given, else the samples saved with the program
@@ -935,11 +940,14 @@ def load_model(path, *, example_inputs: dict | None = None, input_shapes: dict |
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if kind == "export":
-            model, names, out_names, n_out, arrays, module = _load_exported_program(path, example_inputs, opset)
+            model, names, out_names, n_out, arrays, module = _load_exported_program(
+                path, example_inputs, opset, allow_pickle)
             source = "export"
         else:
             if kind == "torchscript":
                 torch = _import_torch()
+                if not allow_pickle:
+                    check_torchscript_code(path)
                 try:
                     module = torch.jit.load(path, map_location="cpu")
                 except Exception as e:
