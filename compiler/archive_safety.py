@@ -142,9 +142,9 @@ def _check_operator(s: str, where: str) -> None:
     if s in _sym_op_targets():
         return
     m = _OP.match(s)
-    if not m or any(p and p.startswith("__") for p in m.groups()):
+    if not m:
         raise _Unsafe(f"the program calls {s[:80]!r}, which is not a torch operator")
-    ns, op, overload = m.groups()
+    ns, op, overload = m.groups()  # op may be a dunder (aten::__and__); the type check below decides
     if ns not in _OP_NAMESPACES:
         raise _Unsafe(f"the program calls operator {ns}::{op} outside the aten/prims namespaces")
     if op in _FILE_OPS and ns != "higher_order":

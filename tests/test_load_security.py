@@ -302,3 +302,18 @@ def test_torchscript_writing_files_refused(tmp_path):
     r = _cli("compile", path, "-o", tmp_path / "o.ndc", "--input-shape", "x=2,3", "-q")
     assert r.returncode == 2 and len((r.stdout + r.stderr).strip().splitlines()) == 1
     assert not marker.exists()
+
+
+def test_dunder_named_aten_operators_load(tmp_path):
+    """aten has operators named like dunders (aten::__and__ from masks); they are operators."""
+    class Masked(torch.nn.Module):
+        def forward(self, x):
+            return ((x > 0) & (x < 1)).to(torch.float32) * x
+
+    ep = torch.export.export(Masked(), (torch.randn(2, 4),), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    p = tmp_path / "masked.pt2"
+    torch.export.save(ep, str(p))
+    assert "torch.ops.aten.__and__.Tensor" in p.read_bytes().decode("latin-1")
+    lm = load_model(str(p))
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_allclose(next(iter(lm.run_torch({"x": x}).values())), ((x > 0) & (x < 1)) * x, atol=1e-6)
