@@ -52,6 +52,36 @@ class _Unsafe(Exception):
 
 
 # ------------------------------------------------------------------------------------------------
+# torch's (private) serde helpers, bound in one place
+
+@functools.lru_cache(maxsize=None)
+def _torch_serde():
+    """schema, serialize and pt2_archive._package of this torch, checked to have what nadoo uses.
+    When torch moves them nadoo fails closed instead of falling back to torch.export.load."""
+    import types
+
+    try:
+        from torch._export.serde import schema
+        from torch._export.serde import serialize as serde
+        from torch.export.pt2_archive import PT2ArchiveReader
+        from torch.export.pt2_archive import _package as pkg
+
+        for obj, names in ((serde, ("_dict_to_dataclass", "ExportedProgramDeserializer", "_SYM_OPS",
+                                    "deserialize_size", "deserialize_stride", "deserialize_storage_offset")),
+                           (schema, ("ExportedProgram", "PayloadConfig")),
+                           (pkg, ("_build_file_map", "ARCHIVE_VERSION_PATH", "ARCHIVE_VERSION_VALUE",
+                                  "AOTINDUCTOR_DIR", "MODELS_FILENAME_FORMAT", "WEIGHTS_DIR", "CONSTANTS_DIR",
+                                  "WEIGHTS_CONFIG_FILENAME_FORMAT", "CONSTANTS_CONFIG_FILENAME_FORMAT",
+                                  "SAMPLE_INPUTS_FILENAME_FORMAT", "TENSOR_CONSTANT_FILENAME_PREFIX"))):
+            for n in names:
+                getattr(obj, n)
+    except (ImportError, AttributeError) as e:
+        raise CompileError(f"this torch version cannot load .pt2 archives safely ({type(e).__name__}: "
+                           f"{str(e)[:120]}); {TRUST_HINT}") from None
+    return types.SimpleNamespace(schema=schema, serde=serde, pkg=pkg, Reader=PT2ArchiveReader)
+
+
+# ------------------------------------------------------------------------------------------------
 # strings of the program JSON
 
 def _check_name(s: str, where: str) -> None:
@@ -77,6 +107,19 @@ def _sym_names():
     }
     consts = {"oo", "zoo", "nan", "true", "false", "pi", "E", "int_oo"}
     return frozenset(funcs), frozenset(consts)
+
+
+def _huge_power(base, exp) -> bool:
+    """sympy evaluates powers of numbers eagerly: a constant power (torch never writes one, it
+    would have folded it) or an exponent beyond _MAX_POW only costs time and memory."""
+    def symbolic(n):
+        return any(isinstance(c, ast.Name) and _SYMBOL.match(c.id)
+                   or isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == "Symbol"
+                   for c in ast.walk(n))
+
+    nums = [c.value for c in ast.walk(exp) if isinstance(c, ast.Constant)
+            and isinstance(c.value, (int, float)) and not isinstance(c.value, bool)]
+    return any(abs(v) > _MAX_POW for v in nums) or not (symbolic(base) or symbolic(exp))
 
 
 def _check_sym_expr(s: str, where: str) -> None:
@@ -115,13 +158,8 @@ def _check_sym_expr(s: str, where: str) -> None:
                 if kw.arg is None or not isinstance(kw.value, ast.Constant) \
                         or not isinstance(kw.value.value, (bool, int)):
                     raise _Unsafe(f"unexpected symbolic expression {s[:60]!r}")
-            if "Pow" in name and len(n.args) == 2:
-                e = n.args[1]
-                if isinstance(e, ast.Call) and e.args:
-                    e = e.args[0]
-                if isinstance(e, ast.Constant) and isinstance(e.value, (int, float)) \
-                        and abs(e.value) > _MAX_POW:
-                    raise _Unsafe(f"symbolic expression with a huge power {s[:60]!r}")
+            if ("Pow" in name or name == "LShift") and len(n.args) == 2 and _huge_power(*n.args):
+                raise _Unsafe(f"symbolic expression with a huge power {s[:60]!r}")
             return
         raise _Unsafe(f"unexpected symbolic expression {s[:60]!r}")
 
@@ -130,9 +168,8 @@ def _check_sym_expr(s: str, where: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _sym_op_targets():
-    from torch._export.serde import serialize as serde
-
-    return frozenset(f"{op.__module__}.{op.__name__}" for op in serde._SYM_OPS) | {"_operator.getitem"}
+    ops = _torch_serde().serde._SYM_OPS
+    return frozenset(f"{op.__module__}.{op.__name__}" for op in ops) | {"_operator.getitem"}
 
 
 def _check_operator(s: str, where: str) -> None:
@@ -248,10 +285,9 @@ def _read_json(reader, name: str):
 def _payload_tensors(reader, cfg: dict, base_dir: str, what: str, constants: bool) -> dict:
     """Tensors of a weights/constants config whose members are all raw bytes (never pickles)."""
     import torch
-    from torch._export.serde import schema
-    from torch._export.serde import serialize as serde
-    from torch.export.pt2_archive import _package as pkg
 
+    api = _torch_serde()
+    schema, serde, pkg = api.schema, api.serde, api.pkg
     entries = cfg.get("config") if isinstance(cfg, dict) else None
     if not isinstance(entries, dict):
         raise _Unsafe(f"malformed {what} config")
@@ -291,14 +327,10 @@ def _example_inputs(reader, name: str, names: set):
 
 
 def _load_checked(path: str):
-    import torch  # noqa: F401
-    from torch._export.serde import schema
-    from torch._export.serde import serialize as serde
-    from torch.export.pt2_archive import PT2ArchiveReader
-    from torch.export.pt2_archive import _package as pkg
-
+    api = _torch_serde()
+    schema, serde, pkg = api.schema, api.serde, api.pkg
     try:
-        reader = PT2ArchiveReader(path)
+        reader = api.Reader(path)
         names = set(reader.get_file_names())
         version = reader.read_string(pkg.ARCHIVE_VERSION_PATH) if pkg.ARCHIVE_VERSION_PATH in names else None
     except Exception:
@@ -338,10 +370,6 @@ def load_exported_program(path: str):
         raise CompileError(f"{path}: refusing to load this torch.export archive: {e}; {TRUST_HINT}") from None
     except CompileError:
         raise
-    except (ImportError, AttributeError) as e:
-        # torch moved its private serde helpers: fail closed rather than fall back to torch.export.load
-        raise CompileError(f"{path}: this torch version cannot load .pt2 archives safely ({type(e).__name__}: "
-                           f"{str(e)[:120]}); {TRUST_HINT}") from None
     except Exception as e:
         msg = " ".join(str(e).split())[:200] or type(e).__name__
         raise CompileError(f"cannot load torch.export program {path}: {type(e).__name__}: {msg}") from None

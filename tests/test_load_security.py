@@ -317,3 +317,26 @@ def test_dunder_named_aten_operators_load(tmp_path):
     lm = load_model(str(p))
     x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
     np.testing.assert_allclose(next(iter(lm.run_torch({"x": x}).values())), ((x > 0) & (x < 1)) * x, atol=1e-6)
+
+
+@pytest.mark.parametrize("expr,ok", [
+    ("Symbol('s43', positive=True, integer=True)", True),
+    ("Mul(Integer(6), Symbol('s53', positive=True, integer=True))", True),
+    ("FloorDiv(Add(Symbol('s0', integer=True), Integer(-1)), Integer(2))", True),
+    ("PowByNatural(Integer(2), Symbol('s1', integer=True))", True),
+    ("Float('1.5', precision=53)", True),
+    ("__import__('os').system('true')", False),  # sympify would eval it
+    ("Symbol('s0').__class__", False),
+    ("Max('exec(1)')", False),  # Max sympifies string arguments
+    ("Symbol(chr(97))", False),
+    ("Pow(Integer(10), Integer(10000000))", False),  # eager big-number arithmetic
+    ("Pow(Symbol('s0'), -Integer(100000))", False),
+])
+def test_symbolic_expression_rule(expr, ok):
+    from nadoo.compiler.archive_safety import _check_sym_expr, _Unsafe
+
+    if ok:
+        _check_sym_expr(expr, "test")
+    else:
+        with pytest.raises(_Unsafe):
+            _check_sym_expr(expr, "test")
