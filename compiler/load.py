@@ -3,7 +3,8 @@
 Forms (detected by extension and content):
   * ``.onnx`` (external data files beside it are loaded into memory)
   * TorchScript archive (``torch.jit.save``)              → exported to ONNX
-  * ``torch.export`` program (``torch.export.save``, .pt2) → exported to ONNX
+  * ``torch.export`` program (``torch.export.save``, .pt2) → exported to ONNX; without
+    ``allow_pickle`` it must be plain data (compiler/archive_safety.py), never torch.export.load
   * ``torch.save``d state_dict + ``model_class="pkg.mod:Class"`` → exported to ONNX
   * a fully pickled ``nn.Module`` — only with ``allow_pickle=True`` (unpickling runs code)
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from nadoo.runtime.errors import CompileError
 
+from .archive_safety import check_torchscript_code, load_exported_program
 from .calib_data import InputSpec
 
 __all__ = ["LoadedModel", "load_model", "run_torch_reference"]
@@ -722,7 +724,8 @@ def _to_torch(arrays):
     return {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in arrays.items()}
 
 
-def _export_dynamo(module, kwargs_t, input_names, output_names, opset, positional=False, table=None):
+def _export_dynamo(module, kwargs_t, input_names, output_names, opset, positional=False, table=None, axes=None):
+    """`axes` {input: dynamic axes} overrides the default: batch, plus the sequence of 2-D int inputs."""
     torch = _import_torch()
     D = torch.export.Dim.DYNAMIC
     dyn = {}
@@ -730,7 +733,7 @@ def _export_dynamo(module, kwargs_t, input_names, output_names, opset, positiona
         d = {0: D}
         if not t.is_floating_point() and t.dim() == 2:
             d[1] = D
-        dyn[n] = d
+        dyn[n] = d if axes is None else {a: D for a in sorted(axes[n])}
     with _quiet_torch_logs(), contextlib.redirect_stdout(io.StringIO()):
         prog = torch.onnx.export(
             module, tuple(kwargs_t.values()) if positional else (), None,
@@ -853,17 +856,20 @@ def _export_module(module, kind, arrays, opset, where):
     return model, input_names, output_names, len(flat)
 
 
-def _load_exported_program(path, example_inputs, opset):
+def _load_exported_program(path, example_inputs, opset, allow_pickle=False):
     torch = _import_torch()
     try:
         with _quiet_torch_logs():
-            ep = torch.export.load(path)
+            # torch.export.load unpickles and evaluates parts of the file; only a trusted file gets it
+            ep = torch.export.load(path) if allow_pickle else load_exported_program(path)
+    except CompileError:
+        raise
     except Exception as e:
         raise CompileError(_one_line(f"cannot load torch.export program {path}: {_err_text(_root_cause(e))}")) from None
     sig = ep.graph_signature
     names = list(sig.user_inputs)
     try:
-        module = ep.module()
+        module = ep.module(check_guards=False)  # guards would exec code strings from the file
     except Exception as e:
         raise CompileError(_one_line(f"{path}: cannot rebuild the exported program's module: {_err_text(e)}")) from None
     # example inputs: the calibration data if given, else the samples saved with the program
@@ -887,11 +893,15 @@ def _load_exported_program(path, example_inputs, opset):
             raise CompileError(_one_line(f"{path}: the exported program fails on example inputs: {_err_text(_root_cause(e))}")) from None
     flat = _flatten_outputs(res)
     output_names = _output_names(len(flat))
-    # Prefer re-exporting .module() with dynamic batch (works for programs saved with static
-    # shapes too); fall back to the ExportedProgram itself.
+    # Re-export .module() with the axes the saved program keeps symbolic (its graph may rely on
+    # the others, e.g. a fixed sequence length), plus the batch axis calibration stacks samples
+    # along, where the graph allows it; fall back to the ExportedProgram itself.
+    saved = _saved_dynamic_axes(ep, names)
+    with_batch = {n: saved[n] | {0} for n in names}
     errors = []
     model = None
-    for target in ("module", "program"):
+    for target, axes in [("module", with_batch)] + ([("module", saved)] if saved != with_batch else []) \
+            + [("program", saved)]:
         try:
             with _quiet_torch_logs(), contextlib.redirect_stdout(io.StringIO()):
                 if target == "program":
@@ -901,16 +911,28 @@ def _load_exported_program(path, example_inputs, opset):
                     model = prog.model_proto
                 else:
                     model = _export_dynamo(module, dict(zip(names, args_t)), names, output_names,
-                                           opset, positional=True)
+                                           opset, positional=True, axes=axes)
             break
         except Exception as e:
             errors.append(e)
     if model is None:
         raise CompileError(_one_line(f"{path}: ONNX export failed: {_export_error_text(errors[-1])}")) from None
     if target == "program":
-        warnings.warn(f"{path}: exported the program with the shapes it was saved with "
-                      f"(making the batch axis dynamic failed: {_export_error_text(errors[0])[:200]})")
+        warnings.warn(f"{path}: exported the program with the shapes it was saved with (re-exporting "
+                      f"its module failed: {_export_error_text(errors[0])[:200]})")
+    elif axes is not with_batch:
+        warnings.warn(f"{path}: the saved program's graph specializes the batch axis, so the bundle takes "
+                      f"only the input shapes it was saved with; export with a dynamic batch "
+                      f"(torch.export.Dim) to vary it")
     return model, names, output_names, len(flat), arrays, module
+
+
+def _saved_dynamic_axes(ep, names) -> dict[str, set[int]]:
+    """The axes of each user input that the exported program keeps symbolic."""
+    torch = _import_torch()
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    return {n: {i for i, d in enumerate(getattr(vals.get(n), "shape", ())) if isinstance(d, torch.SymInt)}
+            for n in names}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -935,11 +957,14 @@ def load_model(path, *, example_inputs: dict | None = None, input_shapes: dict |
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if kind == "export":
-            model, names, out_names, n_out, arrays, module = _load_exported_program(path, example_inputs, opset)
+            model, names, out_names, n_out, arrays, module = _load_exported_program(
+                path, example_inputs, opset, allow_pickle)
             source = "export"
         else:
             if kind == "torchscript":
                 torch = _import_torch()
+                if not allow_pickle:
+                    check_torchscript_code(path)
                 try:
                     module = torch.jit.load(path, map_location="cpu")
                 except Exception as e:

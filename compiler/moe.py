@@ -611,11 +611,21 @@ class MoECalibration:
         return out
 
 
+def _expert_tiers(tiers: list[str]) -> list[tuple[str, str]]:
+    """(stored expert tier, key its bytes are reported under). Experts have no nested bit-planes
+    (the MoE op decodes whole §4.2 payloads), so a `nested` bundle stores them as the three flat
+    tiers q8/q4/q2 the nested planes give dense layers, counted under `nested`."""
+    out = []
+    for t in tiers:
+        out.extend([(q, t) for q in ("q8", "q4", "q2")] if t == "nested" else [(t, t)])
+    return out
+
+
 def write_moe(wr, layers: list[MoELayer], cal: MoECalibration, group_size: int, tiers: list[str]
               ) -> tuple[list[dict], dict]:
     """Write every expert as a chunk group: per layer and tier, experts in order, each expert's matrices
     (w1, w3, w2) back to back, so one merged positioned read fetches an expert. Returns (index entries,
-    stored bytes per tier)."""
+    stored bytes per tier of `tiers`)."""
     from .quantize import quantize_payload
 
     bits = {"q8": 8, "q4": 4, "q2": 2}
@@ -626,7 +636,7 @@ def write_moe(wr, layers: list[MoELayer], cal: MoECalibration, group_size: int, 
         mats = ("w1", "w3", "w2") if l.gated else ("w1", "w2")
         experts = [{"tensors": {m: {"shape": [H, F] if m == "w2" else [F, H], "tiers": {}, "errors": {}} for m in mats}}
                    for _ in range(E)]
-        for tier in tiers:
+        for tier, counted in _expert_tiers(tiers):
             for e in range(E):
                 for m in mats:
                     w = getattr(l, m)[e]
@@ -639,7 +649,7 @@ def write_moe(wr, layers: list[MoELayer], cal: MoECalibration, group_size: int, 
                         pid = wr.add_payload(payload)
                         d["errors"][tier] = {"mse": err["mse"], "out_err": err["out_err"]}
                     d["tiers"][tier] = pid
-                    tier_bytes[tier] += wr.stored_length(pid)
+                    tier_bytes[counted] += wr.stored_length(pid)
         entries.append({
             "name": l.name, "node": l.node_name, "n_experts": E, "top_k": l.top_k, "hidden": H, "intermediate": F,
             "gated": l.gated, "activation": l.activation, "softmax_order": l.softmax_order,

@@ -10,8 +10,9 @@ Per call (tokens x [N, H]):
 4. Optionally (`prefetch`) the *next* MoE layer's router is applied to this layer's input and its
    likely experts are loaded into the cache ahead of use; the next call scores that guess.
 
-Precision: one tier for all experts (`--bits 8/4/2/float`), or with `--bits auto` each token's expert
-at 8 bits when its routing weight is ≥ 0.5 and 4 bits otherwise.
+Precision: one tier for all experts (`--bits 8/4/2/float`; `--bits alloc`: the quantized tier that
+fits the allocation's bits/weight budget), or with `--bits auto` each token's expert at 8 bits when
+its routing weight is ≥ 0.5 and 4 bits otherwise.
 """
 
 from __future__ import annotations
@@ -208,11 +209,27 @@ class MoEOps:
         if self.policy.bits == "auto":
             hi, lo = ("q8" if "q8" in entry.tiers else entry.tiers[-1]), ("q4" if "q4" in entry.tiers else entry.tiers[-1])
             return np.where(weights >= self.opts.auto_threshold, hi, lo).tolist()
-        t = BITS_TO_TIER[self.policy.bits]
+        return [self._fixed_tier(entry)] * len(weights)
+
+    def _fixed_tier(self, entry) -> str:
+        """The one tier of a layer's experts under --bits 8/4/2/float/alloc."""
+        t = self._alloc_tier(entry) if self.policy.bits == "alloc" else BITS_TO_TIER[self.policy.bits]
         if t not in entry.tiers:
             hint = " (compile with --keep-float)" if t == "f32" else ""
             raise InputError(f"bundle stores no {t} tier for MoE layer {entry.name}{hint}")
-        return [t] * len(weights)
+        return t
+
+    def _alloc_tier(self, entry) -> str:
+        """The compile-time allocation (--bits-per-weight B) covers the chunked tensors, not experts:
+        under --bits alloc experts run at the largest quantized tier whose bits fit B (q8 from 8
+        bits/weight, q4 from 4, else q2), or the nearest one the layer stores."""
+        alloc = self.b.index.get("alloc")
+        budget = alloc.get("bits_per_weight") if isinstance(alloc, dict) else None
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise InputError("bundle stores no allocation (compile with --bits-per-weight)")
+        want = "q8" if budget >= 8 else "q4" if budget >= 4 else "q2"
+        near = {"q8": ("q8", "q4", "q2"), "q4": ("q4", "q8", "q2"), "q2": ("q2", "q4", "q8")}[want]
+        return next((t for t in near if t in entry.tiers), want)
 
     def _fetch(self, L: _Layer, wanted: list[tuple[int, str]], prefetch: bool = False) -> dict:
         """Decoded expert blocks for (expert, tier) pairs: cache first, then one merged read."""
@@ -249,6 +266,8 @@ class MoEOps:
         entry = self.b.moe.get(name)
         if entry is None:
             raise InputError(f"graph names MoE layer {name!r}, which the bundle does not hold")
+        if self.policy.bits != "auto":
+            self._fixed_tier(entry)  # a missing tier fails when the session opens, not mid-run
         L = _Layer(entry, len(self.layers))
         L.router_w, L.router_b = ctx.const(1), ctx.const(2)  # inline constants: known before any call (prefetch)
         self.layers.append(L)

@@ -403,3 +403,79 @@ def test_minilm_pickled_transformers_model(tmp_path):
         assert got[0].shape == (b, L, 384)
         for g, r in zip(got, ref.values()):
             np.testing.assert_allclose(g, r, atol=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# .pt2 text models: the dynamic axes of the saved program are kept, the batch is added where the
+# graph allows it, and nothing is made dynamic against the program (no warning, no fallback)
+
+class FixedLengthText(nn.Module):
+    """Learned positions for exactly 7 tokens: the saved graph relies on the sequence length."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(100, 8)
+        self.pos = nn.Parameter(torch.randn(7, 8))
+        self.out = nn.Linear(8, 6)
+
+    def forward(self, input_ids, attention_mask):
+        h = (self.emb(input_ids) + self.pos) * attention_mask.unsqueeze(-1).to(torch.float32)
+        return self.out(h), h.mean(dim=1)
+
+
+class BatchBakedIn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x.reshape(6, 4)).reshape(2, 9)  # a static export bakes the batch of 2 in
+
+
+def _export_pt2(tmp_path, module, args, dynamic_shapes=None):
+    ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
+    p = tmp_path / "m.pt2"
+    torch.export.save(ep, str(p))
+    return p
+
+
+def _load_recording(path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm = load_model(str(path))
+    return lm, [str(w.message) for w in caught if str(path) in str(w.message)]
+
+
+def test_pt2_text_model_with_fixed_sequence(tmp_path):
+    m = _seeded(FixedLengthText)
+    feeds = _token_feeds(2, 7)
+    b = torch.export.Dim("batch")
+    p = _export_pt2(tmp_path, m, tuple(torch.from_numpy(v) for v in feeds.values()),
+                    ({0: b}, {0: b}))
+    lm, caught = _load_recording(p)
+    assert caught == [] and lm.warnings == []
+    assert [s.shape for s in lm.input_specs] == [["batch", 7], ["batch", 7]]
+    for batch in (1, 5):
+        _compare(lm, m, _token_feeds(batch, 7, seed=batch), positional=True)
+
+
+def test_pt2_text_model_with_dynamic_sequence(tmp_path):
+    m = _seeded(TokenModel)
+    feeds = _token_feeds(2, 5)
+    b, s = torch.export.Dim("batch"), torch.export.Dim("seq")
+    p = _export_pt2(tmp_path, m, tuple(torch.from_numpy(v) for v in feeds.values()),
+                    ({0: b, 1: s}, {0: b, 1: s}))
+    lm, caught = _load_recording(p)
+    assert caught == [] and lm.warnings == []
+    assert [sp.shape for sp in lm.input_specs] == [["batch", "seq"], ["batch", "seq"]]
+    for batch, seq in ((1, 3), (4, 9)):
+        _compare(lm, m, _token_feeds(batch, seq, seed=seq), positional=True)
+
+
+def test_pt2_static_batch_the_graph_relies_on_is_kept_with_one_note(tmp_path):
+    m = _seeded(BatchBakedIn)
+    p = _export_pt2(tmp_path, m, (torch.randn(2, 3, 4),))
+    lm, caught = _load_recording(p)
+    assert len(lm.warnings) == 1 and "specializes the batch axis" in lm.warnings[0]
+    assert [s.shape for s in lm.input_specs] == [[2, 3, 4]]
+    _compare(lm, m, {"x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)}, positional=True)

@@ -249,3 +249,55 @@ def test_cli_run_json_and_info(mixtral, tmp_path):
     r = subprocess.run(cli + ["info", str(mixtral), "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "mixture of experts" in r.stdout and "usage over" in r.stdout and (tmp_path / "p.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def plain_nested_alloc(tmp_path_factory):
+    """--nested and --bits-per-weight together: experts get flat q8/q4/q2 tiers beside the dense
+    layers' bit-planes, and the allocation's budget picks the experts' tier under --bits alloc."""
+    x = np.random.default_rng(0).standard_normal((16, 6, 32)).astype(np.float32)
+    return _compile(tmp_path_factory.mktemp("plain_nested"), PlainMoENet, {"x": x}, nested=True, bits_per_weight=4.5)
+
+
+def _cos(a, b):
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_nested_compile_stores_expert_tiers(plain_nested_alloc):
+    with Bundle.open(plain_nested_alloc) as b:
+        assert any("nested" in t for t in b.index["tensors"])
+        assert all(set(e.tiers) == {"f32", "q8", "q4", "q2"} for e in b.moe.values())
+    x = np.random.default_rng(3).standard_normal((5, 6, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = PlainMoENet()(torch.from_numpy(x)).numpy()
+    for bits, floor in (("8", 0.999), ("4", 0.98), ("2", 0.7)):
+        with Session(plain_nested_alloc, Policy(bits=bits)) as s:
+            (y,) = s.run(None, {"x": x})
+            assert {t for L in s.last_stats["moe"]["layers"].values() for t in L["tiers"]} == {f"q{bits}"}
+        assert _cos(y, ref) > floor, (bits, _cos(y, ref))
+
+
+def test_alloc_runs_experts_at_the_budget_tier(plain_nested_alloc, tmp_path):
+    x = np.random.default_rng(4).standard_normal((3, 6, 32)).astype(np.float32)
+    with Session(plain_nested_alloc, Policy(bits="alloc")) as s:
+        (y,) = s.run(None, {"x": x})
+        assert {t for L in s.last_stats["moe"]["layers"].values() for t in L["tiers"]} == {"q4"}  # 4.5 bits/weight
+    with torch.no_grad():
+        ref = PlainMoENet()(torch.from_numpy(x)).numpy()
+    assert _cos(y, ref) > 0.98
+    # a budget of 8 bits runs them at q8 (same payloads, only the index's budget differs)
+    _rewrite_index(plain_nested_alloc, tmp_path / "b8.ndc", lambda ix: ix["alloc"].update(bits_per_weight=8))
+    with Session(tmp_path / "b8.ndc", Policy(bits="alloc")) as s:
+        s.run(None, {"x": x})
+        assert {t for L in s.last_stats["moe"]["layers"].values() for t in L["tiers"]} == {"q8"}
+    r = subprocess.run([sys.executable, "-m", "nadoo.runtime.cli", "run", str(plain_nested_alloc), "--bits", "alloc",
+                        "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["check"]["output"]["cosine"] > 0.98
+
+
+def test_alloc_without_allocation_is_one_line(plain):
+    r = subprocess.run([sys.executable, "-m", "nadoo.runtime.cli", "run", str(plain), "--bits", "alloc"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--bits-per-weight" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "failed at node" not in r.stderr
