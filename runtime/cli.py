@@ -103,7 +103,7 @@ def info(bundle, as_json, plot):
 @click.option("--prune-tau", default=0.0, show_default=True, help="Boundary pruning: drop |w| < tau*max|W| per layer; empty chunks are never read.")
 @click.option("--input-shape", multiple=True, help="For torch models without --calib: NAME=1,64 (repeatable) or 1,64 for one input.")
 @click.option("--model-class", help="For a state_dict file: the module class as package.module:ClassName.")
-@click.option("--allow-pickle", is_flag=True, help="Load a fully pickled nn.Module. Unpickling RUNS CODE from the file: only for files you trust.")
+@click.option("--allow-pickle", is_flag=True, help="Trust the model file: pickled modules, .pt2 archives with pickled or unusual content, TorchScript that writes files. This RUNS CODE from the file: only for files you trust.")
 @click.option("--route-threshold", default=0.95, show_default=True, help="A layer in front of ReLU/GELU is routable when, per sample, this share of its output energy lies in the top half of its chunks.")
 @click.option("--min-elements", default=1024, show_default=True, help="Weights smaller than this stay inline (not chunked).")
 @click.option("--bits-per-weight", type=float, default=None, callback=lambda c, p, v: _bits_per_weight(v), help="Also store a mixed-precision allocation (one tier per chunk) within this average bits/weight budget (scales included); run it with --bits alloc.")
