@@ -158,7 +158,6 @@ def config_from_hf(cfg) -> dict:
         norm_eps=float(cfg.rms_norm_eps), activation=act_name,
         tied_head=bool(getattr(cfg, "tie_word_embeddings", False)),
         query_pre_attn_scalar=getattr(cfg, "query_pre_attn_scalar", None),
-        attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
         final_softcap=getattr(cfg, "final_logit_softcapping", None),
         qkv_bias=True if family == "qwen2" else attn_bias, o_bias=attn_bias and family != "qwen2",
         mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
@@ -182,7 +181,9 @@ def describe(family: str, *, hidden: int, head_dim: int, activation: str, layer_
         # Gemma multiplies the embedding by sqrt(hidden) held as a float32 tensor.
         embed_scale=float(np.float32(hidden ** 0.5)) if gemma else 1.0,
         attn_scale=float((query_pre_attn_scalar if gemma else head_dim) ** -0.5),
-        attn_softcap=_opt_float(attn_softcap) if gemma else None,
+        # Gemma 3 configs carry attn_logit_softcapping, but neither transformers' Gemma 3 attention nor
+        # llama.cpp's applies it (q/k norms replaced it); only a family that does passes attn_softcap.
+        attn_softcap=_opt_float(attn_softcap),
         final_softcap=_opt_float(final_softcap) if gemma else None,
         qk_norm=gemma, sandwich_norm=gemma, layer_types=list(layer_types),
         sliding_window=int(sliding_window) if "sliding" in layer_types and sliding_window is not None else None,

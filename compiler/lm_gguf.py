@@ -156,7 +156,7 @@ def _config(reader, path: Path, shapes: dict) -> tuple[str, dict]:
         kv_heads=int(m("attention.head_count_kv", heads)), head_dim=head_dim, intermediate=int(inter),
         max_positions=int(m("context_length")), norm_eps=float(m("attention.layer_norm_rms_epsilon")),
         activation="gelu_pytorch_tanh" if gemma else "silu", tied_head="output.weight" not in shapes,
-        query_pre_attn_scalar=qpas, attn_softcap=m("attn_logit_softcapping", None),
+        query_pre_attn_scalar=qpas,
         final_softcap=m("final_logit_softcapping", None),
         qkv_bias="blk.0.attn_q.bias" in shapes, o_bias="blk.0.attn_output.bias" in shapes,
         mlp_bias="blk.0.ffn_up.bias" in shapes, layer_types=layer_types, sliding_window=window, rope=rope,
