@@ -68,10 +68,10 @@ BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 def tiny_tokenizer_json(vocab_size: int = 400) -> str:
     """A Llama-2-style sentencepiece BPE (metaspace, byte fallback) trained on a few sentences; any
     character outside its alphabet becomes UTF-8 byte tokens."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(byte_fallback=True, fuse_unk=True, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=SPECIALS, show_progress=False)
