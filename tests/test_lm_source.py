@@ -128,6 +128,20 @@ def test_folder_matches_in_memory_model(tmp_path):
     assert a.tokenizer_json and a.chat_template == "{{ x }}"
 
 
+def test_add_bos_comes_from_the_tokenizer_when_no_flag_says(tmp_path):
+    from tokenizers import Tokenizer, processors
+
+    model = tiny_model("llama", num_hidden_layers=1)
+    plain = tiny_tokenizer_json()
+    tok = Tokenizer.from_str(plain)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    for name, tok_json, want in (("plain", plain, False), ("bos", tok.to_str(), True)):
+        d = tmp_path / name
+        model.save_pretrained(d)
+        (d / "tokenizer.json").write_text(tok_json)
+        assert load_lm_source(d).config["add_bos"] is want
+
+
 def test_bfloat16_folder_is_exact(tmp_path):
     model = tiny_model("llama")
     model.to(torch.bfloat16).save_pretrained(tmp_path)
@@ -241,6 +255,30 @@ def test_gguf_llama_q8_and_rope_factors(tmp_path):
     assert 0 < q < 0.01
 
 
+def test_gguf_qwen2_biases(tmp_path):
+    model = tiny_model("qwen2", vocab=300)
+    path = write_gguf(tmp_path / "tiny-qwen2.gguf", model)
+    direct = load_lm_source(path, with_tokenizer=False)
+    _same_weights(direct.weights, load_lm_source(path, gguf_via="transformers", with_tokenizer=False).weights)
+    _same_weights(direct.weights, lm_source_from_model(model).weights)
+    assert direct.config["qkv_bias"] and not direct.config["tied_head"]
+
+
+def _gguf_with(path, arch, kv=(), tensors=()):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, val in kv:
+        (w.add_float32 if isinstance(val, float) else w.add_uint32)(key, val)
+    for name, arr in tensors:
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def test_bad_gguf_is_one_compile_error(tmp_path):
     model = tiny_model("gemma3", vocab=300)
     path = write_gguf(tmp_path / "t.gguf", model)
@@ -253,3 +291,17 @@ def test_bad_gguf_is_one_compile_error(tmp_path):
         load_lm_source(tmp_path / "x.bin")
     with pytest.raises(CompileError, match="unknown GGUF reader"):
         load_lm_source(path, gguf_via="llama.cpp", with_tokenizer=False)
+    moe = _gguf_with(tmp_path / "moe.gguf", "llama", [("llama.expert_count", 8)])
+    with pytest.raises(CompileError, match="mixture-of-experts"):
+        load_lm_source(moe, with_tokenizer=False)
+    with pytest.raises(CompileError, match="architecture 'mamba'"):
+        load_lm_source(_gguf_with(tmp_path / "m.gguf", "mamba"), with_tokenizer=False)
+    hp = [(f"llama.{k}", v) for k, v in (("embedding_length", 8), ("block_count", 1), ("feed_forward_length", 8),
+                                         ("attention.head_count", 2), ("context_length", 16),
+                                         ("attention.layer_norm_rms_epsilon", 1e-5))]
+    stray = _gguf_with(tmp_path / "stray.gguf", "llama", hp, [("token_embd.weight", np.zeros((4, 8), np.float32)),
+                                                             ("blk.0.attn_sinks.weight", np.zeros(2, np.float32))])
+    with pytest.raises(CompileError, match="attn_sinks.weight' is not part of a llama decoder"):
+        load_lm_source(stray, with_tokenizer=False)
+    with pytest.raises(CompileError, match="lacks llama.embedding_length"):
+        load_lm_source(_gguf_with(tmp_path / "bare.gguf", "llama"), with_tokenizer=False)
