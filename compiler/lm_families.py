@@ -22,7 +22,8 @@ import numpy as np
 from nadoo.runtime.errors import CompileError
 from nadoo.runtime.lm_kernels import ACTIVATIONS, NORM_STYLES, rope_inv_freq
 
-__all__ = ["HF_GLOBAL", "check_config", "config_from_hf", "describe", "expected_shapes", "hf_layer_names", "inv_freq"]
+__all__ = ["HF_GLOBAL", "check_config", "config_from_hf", "describe", "expected_shapes", "hf_layer_names", "inv_freq",
+           "rope_params", "token_ids"]
 
 # ------------------------------------------------------------------ checkpoint names
 HF_GLOBAL = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "head"}
@@ -112,7 +113,8 @@ def inv_freq(params: dict, head_dim: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ config from transformers
-def _ids(x) -> list[int]:
+def token_ids(x) -> list[int]:
+    """A config's token id field (None, one id or a list) as a list."""
     if x is None:
         return []
     return [int(i) for i in (x if isinstance(x, (list, tuple)) else [x])]
@@ -162,7 +164,7 @@ def config_from_hf(cfg) -> dict:
         qkv_bias=True if family == "qwen2" else attn_bias, o_bias=attn_bias and family != "qwen2",
         mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
         layer_types=layer_types, sliding_window=getattr(cfg, "sliding_window", None), rope=rope,
-        bos_id=getattr(cfg, "bos_token_id", None), eos_ids=_ids(getattr(cfg, "eos_token_id", None)),
+        bos_id=getattr(cfg, "bos_token_id", None), eos_ids=token_ids(getattr(cfg, "eos_token_id", None)),
         pad_id=getattr(cfg, "pad_token_id", None))
 
 
@@ -175,6 +177,8 @@ def describe(family: str, *, hidden: int, head_dim: int, activation: str, layer_
     if activation not in _ACTIVATIONS:
         raise CompileError(f"unsupported FFN activation {activation!r}")
     gemma = family == "gemma3"
+    if gemma and not query_pre_attn_scalar:
+        raise CompileError("Gemma config lacks query_pre_attn_scalar")
     return dict(
         family=family, hidden=int(hidden), head_dim=int(head_dim), **fields,
         norm_style="gemma" if gemma else "plain", activation=_ACTIVATIONS[activation], ffn="dense",

@@ -25,7 +25,8 @@ import numpy as np
 
 from nadoo.runtime.errors import CompileError, NadooError
 
-from .lm_families import HF_GLOBAL, check_config, config_from_hf, expected_shapes, hf_layer_names, inv_freq
+from .lm_families import (HF_GLOBAL, check_config, config_from_hf, expected_shapes, hf_layer_names, inv_freq,
+                          token_ids)
 
 __all__ = ["LMSource", "load_lm_source", "lm_source_from_model"]
 
@@ -150,7 +151,7 @@ def lm_source_from_model(model, tokenizer=None) -> LMSource:
     config = config_from_hf(cfg)
     weights = model_weights(model, config)
     gen = getattr(model, "generation_config", None)
-    extra_eos = _ids_of(getattr(gen, "eos_token_id", None))
+    extra_eos = token_ids(getattr(gen, "eos_token_id", None))
     tok_json = chat = add_bos = None
     if tokenizer is not None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -159,12 +160,6 @@ def lm_source_from_model(model, tokenizer=None) -> LMSource:
         tok_json, chat = backend.to_str(), getattr(tokenizer, "chat_template", None)
         add_bos = getattr(tokenizer, "add_bos_token", None)
     return finish(config, weights, tok_json, chat, add_bos, extra_eos)
-
-
-def _ids_of(x) -> list[int]:
-    if x is None:
-        return []
-    return [int(i) for i in (x if isinstance(x, (list, tuple)) else [x])]
 
 
 # ------------------------------------------------------------------ Hugging Face folder
@@ -238,7 +233,7 @@ def _load_hf_folder(folder: Path, allow_pickle: bool) -> LMSource:
 
     extra_eos = []
     if (folder / "generation_config.json").is_file():
-        extra_eos = _ids_of(_read_json(folder / "generation_config.json").get("eos_token_id"))
+        extra_eos = token_ids(_read_json(folder / "generation_config.json").get("eos_token_id"))
     tok_json = chat = add_bos = None
     if (folder / "tokenizer.json").is_file():
         tok_json = (folder / "tokenizer.json").read_text(encoding="utf-8")
