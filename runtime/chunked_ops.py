@@ -189,7 +189,9 @@ class ChunkedOps:
         prof = self.profile.get(e.name, {})
         act = np.asarray(prof["chunk_activity"]) if "chunk_activity" in prof else None
         tiers = self.policy.tiers_for(e, set(e.tiers), act)
-        c = self.layers[e.name] = LayerCounters(e.kind, e.n_chunks)
+        c = self.layers.get(e.name)  # a tied LM head reads the embedding's tensor: one record per tensor
+        if c is None:
+            c = self.layers[e.name] = LayerCounters(e.kind, e.n_chunks)
         c.tiers = set(tiers)
         self.tiers_of[e.name] = tiers
         return e, c, tiers, prof

@@ -28,12 +28,14 @@ __all__ = ["Plan", "BuildContext", "Builder", "build_node"]
 
 
 class BuildContext:
-    """What a builder may look at: the node, its attributes, which inputs are constants, the opset."""
+    """What a builder may look at: the node, its attributes, which inputs are constants, the opset,
+    and `state`: the plan owner's per-sequence state for stateful ops (KV caches), or None."""
 
-    __slots__ = ("node", "attrs", "_consts", "opset", "opsets", "n_inputs", "n_outputs")
+    __slots__ = ("node", "attrs", "_consts", "opset", "opsets", "n_inputs", "n_outputs", "state")
 
-    def __init__(self, node: dict, consts: list, opsets: Mapping[str, int]):
+    def __init__(self, node: dict, consts: list, opsets: Mapping[str, int], state: Any = None):
         self.node = node
+        self.state = state
         self.attrs = node.get("attrs") or {}
         self._consts = consts
         self.opsets = dict(opsets)
@@ -145,13 +147,13 @@ def _fallback_builder(node: dict, ctx: BuildContext):
 
 
 def build_node(node: dict, consts: list, opsets: Mapping[str, int],
-               custom_ops: Mapping[tuple[str, str], Builder] | None = None) -> Callable:
+               custom_ops: Mapping[tuple[str, str], Builder] | None = None, state: Any = None) -> Callable:
     """Resolve one node to a callable: custom ops, then built-ins, then the onnx.reference fallback."""
     op = node["op"]
     domain = node.get("domain", "") or ""
     if domain == "ai.onnx":
         domain = ""
-    ctx = BuildContext(node, consts, opsets)
+    ctx = BuildContext(node, consts, opsets, state)
     if custom_ops:
         b = custom_ops.get((domain, op))
         if b is not None:
@@ -173,7 +175,7 @@ class Plan:
     """A graph resolved to callables. ``Plan(graph, constants).run({name: array}) -> [outputs]``."""
 
     def __init__(self, graph: dict, constants: Mapping[str, np.ndarray],
-                 custom_ops: dict[tuple[str, str], Builder] | None = None):
+                 custom_ops: dict[tuple[str, str], Builder] | None = None, state: Any = None):
         self.graph = graph
         opsets = {("" if k == "ai.onnx" else k): int(v) for k, v in (graph.get("opset") or {}).items()}
         self._inputs = [dict(i) for i in graph.get("inputs", [])]
@@ -243,7 +245,7 @@ class Plan:
             consts = [constants[n] if n in const_set else None for n in ins]
             node_view = dict(nd)
             node_view["inputs"] = ins
-            fn = build_node(node_view, consts, opsets, custom_ops)
+            fn = build_node(node_view, consts, opsets, custom_ops, state)
             dom = nd.get("domain", "") or ""
             if not (custom_ops and (dom, nd["op"]) in custom_ops):
                 if dom == "" and nd["op"] in _INPLACE_UFUNCS and len(ins) == 2:

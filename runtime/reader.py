@@ -304,6 +304,9 @@ class Bundle:
         from .moe_index import validate_moe
 
         self.moe = validate_moe(self, ix.get("moe"), used)
+        from .lm_index import validate_lm  # NDC 1.1 key `lm`: a language model's tokenizer and settings (spec §4.6)
+
+        self.lm = validate_lm(self, ix.get("lm"), used)
 
     def _check_nested(self, e: TensorEntry, nested, used: set) -> None:
         """(1.1) `nested` = {"planes": [A ids, B ids, C ids]} (a prefix of 1-3 planes), spec §4.2b."""

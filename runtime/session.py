@@ -27,6 +27,7 @@ from .cache import ChunkCache
 from .chunked_ops import ChunkedOps
 from .engine import Plan
 from .errors import InputError
+from .kv_cache import SequenceState
 from .policy import Policy, parse_size
 from .reader import Bundle
 
@@ -73,7 +74,9 @@ class Session:
             constants = self.bundle.read_constants()
             profile = self.bundle.read_profile() if self.policy.kind == "topk" or self.policy.bits == "auto" else None
             self.ops = ChunkedOps(self.bundle, self.policy, self.cache, profile)
-            self.plan = Plan(graph, constants, custom_ops={**self.ops.builders(), **(self.moe.builders() if self.moe else {})})
+            self.state = SequenceState()  # a language model's KV caches (runtime/generate.py)
+            self.plan = Plan(graph, constants, custom_ops={**self.ops.builders(), **(self.moe.builders() if self.moe else {})},
+                             state=self.state)
             # Under a budget, a top-k run pins the profile's hottest chunks (most inputs need them) in up to
             # `pin_fraction` of the budget; the rest of the budget is LRU.
             self.pinned_bytes = 0
@@ -158,6 +161,18 @@ class Session:
                        "predictor": self.policy.predictor, "tau": self.policy.tau},
             "layers": layers,
         }
+
+    def generate(self, prompt=None, **kw):
+        """Language models: text (or prompt_ids=[...]) -> GenerationResult; see runtime/generate.py."""
+        from .generate import generate
+
+        return generate(self, prompt, **kw)
+
+    def stream(self, prompt=None, **kw):
+        """Language models: an iterator of generated tokens (id and text delta); see runtime/generate.py."""
+        from .generate import stream
+
+        return stream(self, prompt, **kw)
 
     def sample(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
         """The calibration sample stored at compile time and the source model's fp32 output for it."""
