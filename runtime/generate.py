@@ -185,6 +185,7 @@ class TokenStream:
         self.lm, self.prompt_ids, self.max_new, self.sampler = lm, prompt_ids, max_new_tokens, sampler
         self.eos = set(lm.info.eos_ids) if stop_at_eos else set()
         self.result: GenerationResult | None = None
+        self._restarts = None
         self._steps = self._run()
 
     def __iter__(self):
@@ -196,11 +197,11 @@ class TokenStream:
     def _step(self, ids, start: int, totals: _Totals) -> np.ndarray:
         state = self.lm.session.state
         with state.lock:
-            if start and state.owner is not self:
-                raise InputError("another generation used this session's KV cache since this one started "
+            if start and state.restarts != self._restarts:
+                raise InputError("another sequence used this session's KV cache since this generation started "
                                  "(a session generates one sequence at a time)")
-            state.owner = self
             logits, st = self.lm.forward(ids, start)
+            self._restarts = state.restarts
         totals.add(st)
         return logits[-1]
 
@@ -224,7 +225,9 @@ class TokenStream:
                 stop = "eos"
             text = None
             if decoder is not None:
-                text = decoder.push(t) + (decoder.flush() if last else "")
+                # A model's vocabulary may be padded beyond its tokenizer's: such an id has no text.
+                text = decoder.push(t) if t < tok.vocab_size else ""
+                text += decoder.flush() if last else ""
                 texts.append(text)
             if last:
                 t_end = time.perf_counter()
@@ -293,7 +296,6 @@ def perplexity(session, text: str | None = None, *, ids=None, context: int = 512
         if lm.info.add_bos:
             win = [lm.info.bos_id] + win[1:]
         with session.state.lock:
-            session.state.owner = None
             logits, st = lm.forward(win, 0, keep=context - first)
         totals.add(st)
         nll.append(_nll(logits[:-1], np.asarray(win[first + 1:])))  # position p predicts token p + 1

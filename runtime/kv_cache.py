@@ -147,10 +147,11 @@ class SequenceState:
     def __init__(self, dtype=np.float32):
         self.dtype = np.dtype(dtype)
         self.layers: dict[str, LayerKVCache] = {}
-        # One sequence at a time: a generation holds `lock` for each step and marks itself `owner`,
-        # so a step after another sequence used the caches is refused instead of computing garbage.
+        # One sequence at a time: a generation holds `lock` for each step, and `restarts` (counted by
+        # the attention ops at each position 0) tells it whether another sequence began meanwhile,
+        # so such a step is refused instead of computing garbage.
         self.lock = threading.RLock()
-        self.owner = None
+        self.restarts = 0
 
     def layer(self, key: str, kv_heads: int, head_dim: int, max_positions: int, window: int | None) -> LayerKVCache:
         c = self.layers.get(key)

@@ -54,8 +54,9 @@ def _attention(node, ctx):
             raise InputError(f"{name}: position_ids must be {n} integers, got {pos.dtype}{list(pos.shape)}")
         cache = state.layer(name, kv_heads, head_dim, max_positions, window or None)
         start = int(pos[0]) if n else cache.length
-        if start == 0:
-            cache.reset()  # position 0 begins a new sequence
+        if start == 0:  # position 0 begins a new sequence
+            cache.reset()
+            state.restarts += 1
         if start != cache.length or (n and not np.array_equal(pos, np.arange(start, start + n))):
             raise InputError(f"{name}: position_ids must continue the cached sequence at {cache.length} "
                              f"(or start at 0), got {pos[:4].tolist()}{' …' if n > 4 else ''}")
