@@ -117,7 +117,7 @@ def test_gguf_greedy_equals_transformers(tmp_path, family, over):
     gguf = write_gguf(tmp_path / f"tiny-{family}.gguf", model)
     assert is_lm_source(gguf) and is_lm_source(tmp_path) is False
     bundle = tmp_path / "m.ndc"
-    compile_lm(gguf, bundle, CompileOptions(keep_float=True), quiet=True)
+    compile_lm(gguf, bundle, CompileOptions(keep_float=True, quant_method="rtn"), quiet=True)  # float is compared
     prompt = np.random.default_rng(1).integers(4, 300, 8).tolist()
     tokens, _ = transformers_greedy(model, prompt, NEW)
     with session(bundle) as s:
@@ -209,8 +209,8 @@ def test_eos_stops_generation(built, tmp_path):
     stop = tokens[5]
     src = load_lm_source(folder)
     bundle = tmp_path / "eos.ndc"
-    compile_lm_source(replace(src, config={**src.config, "eos_ids": [stop]}), bundle, CompileOptions(keep_float=True),
-                      quiet=True)
+    compile_lm_source(replace(src, config={**src.config, "eos_ids": [stop]}), bundle,
+                      CompileOptions(keep_float=True, quant_method="rtn"), quiet=True)
     with session(bundle) as s:
         r = s.generate(prompt_ids=prompt, max_new_tokens=NEW)
     assert r.stop_reason == "eos" and r.token_ids == tokens[:tokens.index(stop) + 1]
