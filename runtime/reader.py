@@ -29,6 +29,7 @@ from .schema import (
 # Index and table are read in one positioned read when at most this many bytes lie between them (the
 # writer pads to 8); a larger gap is legal but never read.
 _MAX_READ_GAP = 4096
+_TABLE_BLOCK = 1 << 16  # records checked per vectorised step
 
 _zstd = None
 
@@ -153,8 +154,8 @@ class Bundle:
         index_end = p.index_offset + p.index_length
         table_len = p.table_count * TABLE_DTYPE.itemsize
         if p.table_offset - index_end <= _MAX_READ_GAP:
-            tail = self._pread(p.index_offset, self.file_size - p.index_offset)
-            index_raw, table_raw = tail[: p.index_length], tail[p.table_offset - p.index_offset :]
+            tail = memoryview(self._pread(p.index_offset, self.file_size - p.index_offset))  # slices: no copies
+            index_raw, table_raw = bytes(tail[: p.index_length]), tail[p.table_offset - p.index_offset :]
             self.index_bytes = PREAMBLE_SIZE + len(tail)
         else:  # a gap between index and table is never read (it may be a sparse hole of any size)
             index_raw, table_raw = self._pread(p.index_offset, p.index_length), self._pread(p.table_offset, table_len)
@@ -172,39 +173,45 @@ class Bundle:
         self._validate_index()
 
     def _check_table(self) -> None:
-        """Vectorised over up to 2^22 records, in uint64: every value is first bounded by the index
-        offset (< 2^63), so offset + stored cannot wrap."""
+        """Rule 5 over up to 2^22 records, vectorised in blocks (temporaries stay small next to the table
+        itself) and in uint64: each value is first bounded by the index offset (< 2^63), so offset + stored
+        cannot wrap."""
         t, p = self.table, self.preamble
         if len(t) == 0:
             return
-        off, stored, raw = t["offset"], t["stored"], t["raw"]
-        limit = np.uint64(p.index_offset)
-        if np.any(off > limit) or np.any(stored > limit):
-            _fail("payload outside the payload area")
-        end = off + stored
-        if np.any(off % np.uint64(p.alignment) != 0):
-            _fail("payload offset not aligned")
-        if int(off[0]) < align_up(p.preamble_size, p.alignment) or int(end[-1]) > p.index_offset:
-            _fail("payload outside the payload area")
-        if len(t) > 1 and np.any(off[1:] < end[:-1]):
-            _fail("payload ranges overlap or are not sorted")
-        codec = t["codec"]
+        limit, align = np.uint64(p.index_offset), np.uint64(p.alignment)
         known = np.zeros(256, bool)
         known[list(CODECS)] = True
-        if not known[codec].all():
-            _fail(f"unknown payload codec {sorted(set(np.unique(codec).tolist()) - set(CODECS))}")
-        if np.any(raw > np.uint64(MAX_PAYLOAD_RAW)):
-            _fail("payload raw length exceeds the cap")
-        is_raw = codec == CODEC_RAW
-        if np.any(stored[is_raw] != raw[is_raw]):
-            _fail("uncompressed payload whose stored and raw lengths differ")
-        # raw <= 2^31 and <= 2^22 records: these sums fit in uint64
-        z_raw, z_stored = int(raw[~is_raw].sum(dtype=np.uint64)), int(stored[~is_raw].sum(dtype=np.uint64))
+        prev_end = align_up(p.preamble_size, p.alignment)  # the payload area starts here
+        z_raw = z_stored = 0
+        for lo in range(0, len(t), _TABLE_BLOCK):
+            blk = t[lo : lo + _TABLE_BLOCK]
+            off, stored, raw, codec = blk["offset"], blk["stored"], blk["raw"], blk["codec"]
+            if np.any(off > limit) or np.any(stored > limit):
+                _fail("payload outside the payload area")
+            end = off + stored
+            if np.any(off % align != 0):
+                _fail("payload offset not aligned")
+            if int(off[0]) < prev_end or np.any(off[1:] < end[:-1]):
+                _fail("payload outside the payload area" if lo == 0 and int(off[0]) < prev_end
+                      else "payload ranges overlap or are not sorted")
+            if int(end.max()) > p.index_offset:
+                _fail("payload outside the payload area")
+            prev_end = int(end[-1])
+            if not known[codec].all():
+                _fail(f"unknown payload codec {sorted(set(np.unique(codec).tolist()) - set(CODECS))}")
+            if np.any(raw > np.uint64(MAX_PAYLOAD_RAW)):
+                _fail("payload raw length exceeds the cap")
+            is_raw = codec == CODEC_RAW
+            if np.any((stored != raw) & is_raw):
+                _fail("uncompressed payload whose stored and raw lengths differ")
+            if self._table_u8[lo : lo + _TABLE_BLOCK, 29:].any():
+                _fail("reserved bytes of the payload table are not zero")
+            z_raw += int(raw[~is_raw].sum(dtype=np.uint64))  # raw <= 2^31: no block sum can wrap
+            z_stored += int(stored[~is_raw].sum(dtype=np.uint64))
         if z_raw > ZSTD_MAX_RATIO * z_stored + ZSTD_SLACK:
             _fail(f"compressed payloads decode to {z_raw} bytes from {z_stored}, more than the spec's "
                   f"{ZSTD_MAX_RATIO}x + {ZSTD_SLACK >> 20} MiB")
-        if self._table_u8[:, 29:].any():
-            _fail("reserved bytes of the payload table are not zero")
 
     def _pid(self, x, what: str, used: set, allow_empty: bool = False) -> int:
         if type(x) is not int or not (-1 if allow_empty else 0) <= x < len(self.table):
@@ -230,7 +237,7 @@ class Bundle:
         if ix.get("format") != "ndc":
             _fail("index 'format' is not 'ndc'")
         check_index_info(ix)
-        self.stats = Stats.from_json(ix.get("stats"))
+        self.stats = Stats.from_json(ix.get("stats", {}))
         for key in ("graph", "profile"):
             if ix.get(key) is not None:
                 pid = self._pid(ix[key], key, used)

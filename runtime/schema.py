@@ -497,8 +497,7 @@ class Stats:
 
     @classmethod
     def from_json(cls, s, w: Where = _INDEX) -> "Stats":
-        if s is None:
-            return cls(0, {})
+        """`s`: the index's `stats` ({} when absent); null is refused like any non-object."""
         _object(s, "'stats'", w)
         for k in _STAT_INTS:
             if k in s:
