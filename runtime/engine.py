@@ -37,12 +37,15 @@ __all__ = ["Plan", "BuildContext", "Builder", "build_node"]
 
 
 class BuildContext:
-    """What a builder may look at: the node, its attributes, which inputs are constants, the opset."""
+    """What a builder may look at: the node, its attributes, which inputs are constants, the opset, and
+    (for size rules of the nadoo ops) the shapes of the chunked weights the plan's model holds."""
 
-    __slots__ = ("node", "attrs", "_consts", "opset", "opsets", "n_inputs", "n_outputs")
+    __slots__ = ("node", "attrs", "_consts", "opset", "opsets", "n_inputs", "n_outputs", "weight_shapes")
 
-    def __init__(self, node: dict, consts: list, opsets: Mapping[str, int]):
+    def __init__(self, node: dict, consts: list, opsets: Mapping[str, int],
+                 weight_shapes: Mapping[str, tuple] | None = None):
         self.node = node
+        self.weight_shapes = weight_shapes or {}
         self.attrs = node.get("attrs") or {}
         self._consts = consts
         self.opsets = dict(opsets)
@@ -239,11 +242,12 @@ class Plan:
 
     model_bytes: the size of the model the graph belongs to (a Session passes the bundle's payload
     bytes; default: the constants' bytes); with the inputs' bytes it scales the run-time value cap
-    (`value_cap`). max_elements: a fixed cap instead."""
+    (`value_cap`). max_elements: a fixed cap instead. weight_shapes: shapes of the chunked weights that
+    nadoo nodes name, so their outputs are checked before they are computed too."""
 
     def __init__(self, graph: dict | Graph, constants: Mapping[str, np.ndarray],
                  custom_ops: dict[tuple[str, str], Builder] | None = None, model_bytes: int | None = None,
-                 max_elements: int | None = None):
+                 max_elements: int | None = None, weight_shapes: Mapping[str, tuple] | None = None):
         g = Graph.from_json(graph, constants=constants)
         self.graph = g.to_json()
         opsets = dict(g.opset)
@@ -296,7 +300,7 @@ class Plan:
             node_view = nd.to_json()
             node_view["inputs"] = ins
             fn = build_node(node_view, consts, opsets, custom_ops)
-            need = _size_rule(node_view, (consts, opsets))
+            need = _size_rule(node_view, (consts, opsets, weight_shapes))
             dom, op = nd.domain, nd.op
             if not (custom_ops and (dom, op) in custom_ops):
                 if dom == "" and op in _INPLACE_UFUNCS and len(ins) == 2:

@@ -389,6 +389,11 @@ class Bundle:
         return load_json(self.read_payload(pid), what or f"payload {pid}", MAX_JSON_PAYLOAD)
 
     @property
+    def weight_shapes(self) -> dict[str, tuple]:
+        """Shape of every chunked weight (rows first), for the engine's size checks of nadoo ops."""
+        return {n: e.shape for n, e in self.tensors.items()}
+
+    @property
     def payload_bytes(self) -> int:
         """Bytes of all payloads as stored: the bundle's real content, which scales run-time caps."""
         return int(self.table["stored"].sum(dtype=np.uint64))

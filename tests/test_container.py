@@ -383,7 +383,7 @@ BAD_CONTENT = {
     "alloc names an unknown tier": dict(index=_tensor("alloc", ["q3", "q8"])),
     "chunk_absmax without absmax": dict(index=_tensor("chunk_absmax", [1.0, 1.0])),
     "index too dense in arrays": dict(index=_set("x", [[]] * 5000)),
-    "graph decodes past the JSON cap": dict(table=_row(0, "raw", 17 << 20)),
+    "graph declared at 17 MiB": dict(table=_row(0, "raw", 17 << 20)),
     "zstd payloads decode to too much": dict(table=_row(0, "raw", 1 << 31)),
 }
 

@@ -1,7 +1,7 @@
 """How much an operator will allocate and compute, known from its inputs before its kernel runs.
 
 Only operators whose output can be much larger than what they read have a rule here: generators whose
-output size is a *value* (Range, ConstantOfShape, Expand, Tile, Pad, OneHot, Resize, ...), broadcasting
+output size is a *value* (Range, ConstantOfShape, Expand, Tile, Pad, OneHot, Resize, TopK, ...), broadcasting
 elementwise ops ([n, 1] + [1, m]), index ops (Gather), and the ops whose work exceeds their output
 (MatMul, Gemm, Conv, pooling). Every other operator produces at most about what it reads, so the
 engine's check of each produced value suffices for it. A rule is a builder like the kernels':
@@ -179,6 +179,20 @@ def _random(node, ctx):
     return lambda *args: (n, 0)
 
 
+@size_rule("TopK")
+def _topk(node, ctx):
+    axis = ctx.attr_int("axis", -1)
+
+    def need(x, k):
+        s = _shape(x)
+        d = s[norm_axis(axis, len(s))] if s else 0
+        kk = int(_scalar(k))
+        if not 0 <= kk <= d:
+            raise ValueError(f"TopK k={kk} is not in [0, {d}]")
+        return prod(s) // max(d, 1) * kk, 0
+    return need
+
+
 # ---------------------------------------------------------------------------------------------- indexing
 @size_rule("Gather")
 def _gather(node, ctx):
@@ -247,7 +261,8 @@ def _window_need(shape, kernel, strides, dil, pads, channels_out=None) -> tuple[
     return max(n * c * prod(padded), windows, out), macs
 
 
-def _conv_rule(node, ctx):
+def _conv_rule(node, ctx, weight_shape: tuple | None = None):
+    """Conv over x [N, C, *sp] with weight [M, C/group, *k] (an input, or the chunked weight's shape)."""
     from .conv import _pads_for
 
     group = ctx.attr_int("group", 1)
@@ -258,7 +273,8 @@ def _conv_rule(node, ctx):
     def need(x, w=None, b=None):
         shape = _shape(x)
         nd = len(shape) - 2
-        ws = _shape(w) if w is not None and np.ndim(w) == nd + 2 else None
+        ws = weight_shape or (_shape(w) if w is not None else None)
+        ws = ws if ws is not None and len(ws) == nd + 2 else None
         kernel = list(a_kernel) if a_kernel else (list(ws[2:]) if ws else None)
         if kernel is None or nd < 1:
             raise ValueError("Conv needs a kernel shape and an input [N, C, ...]")
@@ -270,7 +286,13 @@ def _conv_rule(node, ctx):
 
 
 size_rule("Conv")(_conv_rule)
-size_rule("ChunkedConv", domain="nadoo")(_conv_rule)
+
+
+@size_rule("ChunkedConv", domain="nadoo")
+def _chunked_conv(node, ctx):
+    w = ctx.weight_shapes.get(ctx.attrs.get("weight"))
+    rule = _conv_rule(node, ctx, w)
+    return lambda x, b=None: rule(x)
 
 
 @size_rule("MaxPool", "AveragePool")
@@ -284,4 +306,45 @@ def _pool(node, ctx):
         nd, kernel, strides, dil, pads, extra = _pool_params(ctx, x)
         pads = pads[:nd] + [pads[nd + i] + extra[i] for i in range(nd)]
         return _window_need(shape, kernel, strides, dil, pads)
+    return need
+
+
+# ---------------------------------------------------------------------------------------------- nadoo ops
+# Their weights live in the bundle: the plan passes the chunked weights' shapes (rows first, §4.1).
+def _weight(ctx, key: str = "weight") -> tuple | None:
+    return ctx.weight_shapes.get(ctx.attrs.get(key))
+
+
+@size_rule("ChunkedLinear", domain="nadoo")
+def _chunked_linear(node, ctx):
+    w = _weight(ctx)
+    if w is None:
+        return None
+    r, k = w[0], prod(w[1:])
+
+    def need(x, bias=None):
+        pos = prod(_shape(x)[:-1])
+        return pos * r, pos * r * k
+    return need
+
+
+@size_rule("ChunkedGather", domain="nadoo")
+def _chunked_gather(node, ctx):
+    w = _weight(ctx)
+    if w is None:
+        return None
+    row = prod(w[1:])
+    return lambda idx: (prod(_shape(idx)) * row, 0)
+
+
+@size_rule("ChunkedFFN", domain="nadoo")
+def _chunked_ffn(node, ctx):
+    up, down = _weight(ctx, "up"), _weight(ctx, "down")
+    if up is None or down is None:
+        return None
+    r, k, n = up[0], prod(up[1:]), prod(down[1:])
+
+    def need(x, *rest):
+        pos = prod(_shape(x)[:-1])
+        return pos * max(r, n), pos * r * (k + n)
     return need
