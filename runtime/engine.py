@@ -248,7 +248,7 @@ class Plan:
     def __init__(self, graph: dict | Graph, constants: Mapping[str, np.ndarray],
                  custom_ops: dict[tuple[str, str], Builder] | None = None, model_bytes: int | None = None,
                  max_elements: int | None = None, weight_shapes: Mapping[str, tuple] | None = None):
-        g = Graph.from_json(graph, constants=constants)
+        g = Graph.from_json(graph.to_json() if isinstance(graph, Graph) else graph, constants=constants)
         self.graph = g.to_json()
         opsets = dict(g.opset)
         self._inputs = [i.to_json() for i in g.inputs]
@@ -402,6 +402,7 @@ class Plan:
     def _execute(self, feeds, prof: dict | None) -> list[np.ndarray]:
         arrays = self._check_inputs(feeds)
         cap = self.max_elements or value_cap(self.model_bytes, sum(int(a.nbytes) for a in arrays))
+        work_cap = WORK_PER_ELEMENT * cap
         env = self._init.copy()
         for s, a in zip(self._in_slots, arrays):
             env[s] = a
@@ -415,7 +416,9 @@ class Plan:
             for k, (fn, ins, out, single, frees, need) in enumerate(self._steps):
                 args = [env[i] for i in ins]
                 if need is not None:
-                    self._check_need(k, need(*args), cap)
+                    elements, macs = need(*args)
+                    if elements > cap or macs > work_cap:
+                        self._refuse(k, elements, macs, cap)
                 if clock is not None:
                     t = clock()
                 r = fn(*args)
@@ -440,13 +443,11 @@ class Plan:
             raise InputError(f"model failed at node {self._labels[k][0]}: {type(e).__name__}: {e}") from e
         return [_finalize(env[s]) for s in self._out_slots]
 
-    def _check_need(self, k: int, need: tuple[int, int], cap: int) -> None:
-        elements, macs = need
+    def _refuse(self, k: int, elements: int, macs: int, cap: int):
         if elements > cap:
             self._too_big(k, elements, cap)
-        if macs > WORK_PER_ELEMENT * cap:
-            raise ModelError(f"node {self._labels[k][0]} would do {macs:,} multiply-adds, over the run's cap of "
-                             f"{WORK_PER_ELEMENT * cap:,} (format_spec/NDC-v1.md §5)")
+        raise ModelError(f"node {self._labels[k][0]} would do {macs:,} multiply-adds, over the run's cap of "
+                         f"{WORK_PER_ELEMENT * cap:,} (format_spec/NDC-v1.md §5)")
 
     def _too_big(self, k: int, elements: int, cap: int):
         raise ModelError(f"node {self._labels[k][0]} would produce {elements:,} elements, over the run's cap of "

@@ -262,8 +262,6 @@ class Graph:
                   weights: Collection[str] | None = None, moe: Collection[str] | None = None) -> "Graph":
         """`constants`: names the constants table holds (each graph constant must be one); `weights`, `moe`:
         the bundle's chunked tensors and MoE layers, which nadoo nodes must name. None = not checked."""
-        if isinstance(g, Graph):
-            return g
         w = Where(where)
         _object(g, "graph", w)
         opset: dict[str, int] = {}

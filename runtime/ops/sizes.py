@@ -35,7 +35,23 @@ def prod(dims) -> int:
 
 
 def _shape(a) -> tuple:
-    return tuple(np.shape(a))
+    return a.shape if type(a) is np.ndarray else tuple(np.shape(a))
+
+
+def _by_shapes(fn):
+    """need(*args) = fn(*shapes of the given args), memoised per shapes: the rules of the frequent ops
+    (elementwise, MatMul) then cost one dict lookup per step of a run."""
+    memo: dict = {}
+
+    def need(*args):
+        key = tuple(_shape(a) for a in args if a is not None)
+        r = memo.get(key)
+        if r is None:
+            if len(memo) >= 64:
+                memo.clear()
+            r = memo[key] = fn(*key)
+        return r
+    return need
 
 
 def broadcast(*shapes) -> tuple:
@@ -68,7 +84,7 @@ def _scalar(a) -> float:
            "GreaterOrEqual", "And", "Or", "Xor", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "PRelu", "Max", "Min",
            "Sum", "Mean", "Where")
 def _broadcasting(node, ctx):
-    return lambda *args: (prod(broadcast(*[_shape(a) for a in args if a is not None])), 0)
+    return _by_shapes(lambda *shapes: (prod(broadcast(*shapes)), 0))
 
 
 # ---------------------------------------------------------------------------------------------- generators
@@ -228,7 +244,7 @@ def _matmul_need(sa: tuple, sb: tuple) -> tuple[int, int]:
 
 @size_rule("MatMul")
 def _matmul(node, ctx):
-    return lambda a, b: _matmul_need(_shape(a), _shape(b))
+    return _by_shapes(_matmul_need)
 
 
 @size_rule("Gemm")
