@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Collection, Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 
