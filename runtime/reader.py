@@ -192,9 +192,10 @@ class Bundle:
             end = off + stored
             if np.any(off % align != 0):
                 _fail("payload offset not aligned")
-            if int(off[0]) < prev_end or np.any(off[1:] < end[:-1]):
-                _fail("payload outside the payload area" if lo == 0 and int(off[0]) < prev_end
-                      else "payload ranges overlap or are not sorted")
+            if int(off[0]) < prev_end:  # before the payload area, or before the previous block's end
+                _fail("payload outside the payload area" if lo == 0 else "payload ranges overlap or are not sorted")
+            if np.any(off[1:] < end[:-1]):
+                _fail("payload ranges overlap or are not sorted")
             if int(end.max()) > p.index_offset:
                 _fail("payload outside the payload area")
             prev_end = int(end[-1])
