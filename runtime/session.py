@@ -73,7 +73,8 @@ class Session:
             constants = self.bundle.read_constants()
             profile = self.bundle.read_profile() if self.policy.kind == "topk" or self.policy.bits == "auto" else None
             self.ops = ChunkedOps(self.bundle, self.policy, self.cache, profile)
-            self.plan = Plan(graph, constants, custom_ops={**self.ops.builders(), **(self.moe.builders() if self.moe else {})})
+            self.plan = Plan(graph, constants, custom_ops={**self.ops.builders(), **(self.moe.builders() if self.moe else {})},
+                             model_bytes=self.bundle.payload_bytes, weight_shapes=self.bundle.weight_shapes)
             # Under a budget, a top-k run pins the profile's hottest chunks (most inputs need them) in up to
             # `pin_fraction` of the budget; the rest of the budget is LRU.
             self.pinned_bytes = 0
