@@ -74,7 +74,9 @@ def rewrite_weight_ops(graph: dict, constants: dict[str, np.ndarray], min_elemen
             new = _node(n, "ChunkedGather", [ins[1]], {"weight": ins[0]})
         elif dom == "" and op == "Conv" and ins[0] not in consts and big_float(ins[1]):
             w = np.ascontiguousarray(consts.pop(ins[1]), dtype=np.float32)
-            weights.append(Weight(ins[1], "conv", w, n["name"], ins[0], n["outputs"][0]))
+            # groups: a grouped conv's output channel o reads only input-channel group o // (Cout / groups)
+            weights.append(Weight(ins[1], "conv", w, n["name"], ins[0], n["outputs"][0],
+                                  {"groups": int(attrs.get("group", 1))}))
             new_attrs = dict(attrs, weight=ins[1])
             new_attrs.setdefault("kernel_shape", list(w.shape[2:]))
             new = _node(n, "ChunkedConv", [ins[0]] + ([ins[2]] if len(ins) > 2 and ins[2] else []), new_attrs)
