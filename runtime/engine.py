@@ -141,6 +141,7 @@ def _fallback_builder(node: dict, ctx: BuildContext):
         res = ev.run(None, feeds)
         res = [np.asarray(r) for r in res]
         return res[0] if n_out == 1 else tuple(res)
+    f.onnx_reference = True  # marks the callable for Plan.fallback_nodes
     return f
 
 
@@ -296,6 +297,11 @@ class Plan:
     def __len__(self) -> int:
         return len(self._steps)
 
+    @property
+    def fallback_nodes(self) -> list[str]:
+        """Names of the nodes that run through the onnx.reference fallback."""
+        return [s[5] for s in self._steps if getattr(s[0], "onnx_reference", False)]
+
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
         if not isinstance(feeds, Mapping):
@@ -366,8 +372,8 @@ class Plan:
                 return f"{step[5]} ({step[6]})"
         return "?"
 
-    def run_profile(self, feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, float]]:
-        """Like run, but also returns total seconds spent per op type (for benchmarks)."""
+    def run_profile(self, feeds: Mapping[str, np.ndarray], by: str = "op") -> tuple[list[np.ndarray], dict[str, float]]:
+        """Like run, but also returns total seconds spent per op type (by="node": per node name)."""
         import time
 
         arrays = self._check_inputs(feeds)
@@ -378,7 +384,8 @@ class Plan:
         for fn, ins, out, single, frees, name, op in self._steps:
             t = time.perf_counter()
             r = fn(*[env[i] for i in ins])
-            prof[op] = prof.get(op, 0.0) + time.perf_counter() - t
+            key = name if by == "node" else op
+            prof[key] = prof.get(key, 0.0) + time.perf_counter() - t
             if single:
                 env[out] = r
             else:
