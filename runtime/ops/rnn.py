@@ -27,86 +27,59 @@ def _check_attrs(op: str, ctx) -> tuple[str, int, int]:
     return direction, int(ctx.attr("hidden_size", 0)), int(ctx.attr("layout", 0))
 
 
-def _step_mask(seq_lens, T: int, B: int, dtype):
-    """[T, B, 1] 1 where step t < the sequence's length (None when every sequence is full)."""
-    if seq_lens is None:
-        return None
-    lens = np.asarray(seq_lens).reshape(-1).astype(np.int64)
-    if lens.shape != (B,):
-        raise ValueError(f"sequence_lens has {lens.size} entries for a batch of {B}")
-    if np.all(lens >= T):
-        return None
-    return (np.arange(T)[:, None] < lens[None, :]).astype(dtype)[:, :, None]
-
-
-def _order(T: int, lens, reverse: bool):
-    """Time steps in processing order; a reversed sequence starts at its own last valid step, so per
-    batch row the step index is gathered (`idx` [T, B]) when lengths differ."""
+def _order(T: int, B: int, lens, reverse: bool) -> np.ndarray:
+    """[T, B]: the time index that processing step k reads for batch row b. A reversed sequence
+    starts at its own last valid step; steps past a sequence's end stay where they are (masked)."""
+    t = np.broadcast_to(np.arange(T)[:, None], (T, B))
     if not reverse:
-        return None
+        return t
     if lens is None:
-        return np.arange(T)[::-1]
-    lens = np.minimum(np.asarray(lens).reshape(-1).astype(np.int64), T)
-    t = np.arange(T)[:, None]
-    return np.where(t < lens[None, :], lens[None, :] - 1 - t, t)  # [T, B]: padded steps stay in place
+        return t[::-1]
+    return np.where(t < lens[None, :], lens[None, :] - 1 - t, t)
 
 
-def _take(a, idx, k):
-    """a [T, B, ...] at processing step k: a[idx[k, b], b] (idx None = in order, 1-D = same for all b)."""
-    if idx is None:
-        return a[k]
-    if idx.ndim == 1:
-        return a[idx[k]]
-    return a[idx[k], np.arange(a.shape[1])]
-
-
-def _run_direction(op, xw, R, Rb, h0, c0, P, mask, idx, linear_before_reset):
-    """One direction over time. xw [T, B, G·H] = X·Wᵀ + Wb (all steps); returns Y [T, B, H], h, c."""
-    T, B = xw.shape[:2]
-    H = R.shape[1]
-    Rt = np.ascontiguousarray(R.T)  # [H, G·H]
-    h = h0
-    c = c0
-    Y = np.zeros((T, B, H), xw.dtype)
+def _recur(op, XW, Rt, Rbh, h, c, P, m, lbr):
+    """All directions at once, over processing steps. XW [T, D, B, G·H] = X·Wᵀ + biases (except a GRU's
+    Rbh), Rt [D, H, G·H], h / c [D, B, H], P [D, 1, 3H] peepholes, m [T, 1, B, 1] valid-step mask.
+    Returns the outputs per processing step [T, D, B, H] and the final h, c."""
+    T = XW.shape[0]
+    H = Rt.shape[1]
+    Y = np.empty(XW.shape[:3] + (H,), XW.dtype)
     for k in range(T):
-        g = _take(xw, idx, k)
-        m = None if mask is None else _take(mask, idx, k)
-        if op == "LSTM":
-            z = g + h @ Rt + Rb
-            i, o, f, cc = z[:, :H], z[:, H:2 * H], z[:, 2 * H:3 * H], z[:, 3 * H:]
+        z = XW[k] + np.matmul(h, Rt)
+        if op == "LSTM":  # gates i, o, f, c
             if P is not None:
-                i = i + P[:H] * c
-                f = f + P[2 * H:] * c
-            i, f = _sigmoid(i), _sigmoid(f)
-            c_new = f * c + i * np.tanh(cc)
-            if P is not None:
-                o = o + P[H:2 * H] * c_new
-            h_new = _sigmoid(o) * np.tanh(c_new)
-        elif op == "GRU":
-            hr = h @ Rt  # [B, 3H]; gates z, r, h
-            zr = _sigmoid(g[:, :2 * H] + hr[:, :2 * H] + Rb[:2 * H])
-            zg, r = zr[:, :H], zr[:, H:]
-            if linear_before_reset:
-                n = np.tanh(g[:, 2 * H:] + r * (hr[:, 2 * H:] + Rb[2 * H:]))
+                z[..., :H] += P[..., :H] * c
+                z[..., 2 * H:3 * H] += P[..., 2 * H:] * c
+                i, f = _sigmoid(z[..., :H]), _sigmoid(z[..., 2 * H:3 * H])
+                c_new = f * c + i * np.tanh(z[..., 3 * H:])
+                o = _sigmoid(z[..., H:2 * H] + P[..., H:2 * H] * c_new)
             else:
-                n = np.tanh(g[:, 2 * H:] + (r * h) @ Rt[:, 2 * H:] + Rb[2 * H:])
-            h_new = (1 - zg) * n + zg * h
+                s = _sigmoid(z[..., :3 * H])
+                c_new = s[..., 2 * H:] * c + s[..., :H] * np.tanh(z[..., 3 * H:])
+                o = s[..., H:2 * H]
+            h_new = o * np.tanh(c_new)
+        elif op == "GRU":  # gates z, r, h
+            zr = _sigmoid(z[..., :2 * H])
+            zg, r = zr[..., :H], zr[..., H:]
+            if lbr:
+                hn = np.matmul(h, Rt[..., 2 * H:]) + Rbh
+                n = np.tanh(XW[k][..., 2 * H:] + r * hn)
+            else:
+                n = np.tanh(XW[k][..., 2 * H:] + np.matmul(r * h, Rt[..., 2 * H:]))
+            h_new = n + zg * (h - n)
         else:
-            h_new = np.tanh(g + h @ Rt + Rb)
-        if m is not None:  # past a sequence's end its state stays, its output is 0
-            h_new = m * h_new + (1 - m) * h
+            h_new = np.tanh(z)
+        if m is not None:  # past a sequence's end its state stays and its output is 0
+            h_new = h + m[k] * (h_new - h)
             if op == "LSTM":
-                c_new = m * c_new + (1 - m) * c
+                c_new = c + m[k] * (c_new - c)
+            Y[k] = h_new * m[k]
+        else:
+            Y[k] = h_new
         h = h_new
         if op == "LSTM":
             c = c_new
-        out = h if m is None else h * m
-        if idx is None:
-            Y[k] = out
-        elif idx.ndim == 1:
-            Y[idx[k]] = out
-        else:
-            Y[idx[k], np.arange(B)] = out
     return Y, h, c
 
 
@@ -118,35 +91,46 @@ def _builder(op):
         n_out = ctx.n_outputs
 
         def f(X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None):
-            if layout:
-                X = np.swapaxes(X, 0, 1)  # [batch, seq, in] → [seq, batch, in]
+            if layout:  # [batch, seq, ...] → [seq, batch, ...]; states [batch, dir, H] → [dir, batch, H]
+                X = np.swapaxes(X, 0, 1)
+                h0 = None if h0 is None else np.swapaxes(h0, 0, 1)
+                c0 = None if c0 is None else np.swapaxes(c0, 0, 1)
             T, Bn = X.shape[:2]
-            D = W.shape[0]
-            H = R.shape[-1]
+            D, H = W.shape[0], R.shape[-1]
             if hidden and hidden != H:
                 raise ValueError(f"{op} hidden_size {hidden} but R has {H} columns")
             dt = X.dtype
-            mask = _step_mask(seq_lens, T, Bn, dt)
-            lens = None if mask is None else seq_lens
-            Ys, hs, cs = [], [], []
-            for d in range(D):
-                b = np.zeros(2 * G * H, dt) if B is None else B[d]
-                xw = (X.reshape(T * Bn, -1) @ W[d].T).reshape(T, Bn, G * H) + b[:G * H]
-                hd = np.zeros((Bn, H), dt) if h0 is None else (np.swapaxes(h0, 0, 1) if layout else h0)[d]
-                cd = np.zeros((Bn, H), dt) if c0 is None else (np.swapaxes(c0, 0, 1) if layout else c0)[d]
-                reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
-                idx = _order(T, lens, reverse)
-                Pd = None if P is None else P[d]
-                Y, h, c = _run_direction(op, xw, R[d], b[G * H:], hd, cd, Pd, mask, idx, lbr)
-                Ys.append(Y)
-                hs.append(h)
-                cs.append(c)
-            Y = np.stack(Ys, axis=1)  # [T, D, B, H]
-            Yh, Yc = np.stack(hs), np.stack(cs)
+            lens = None
+            if seq_lens is not None:
+                lens = np.minimum(np.asarray(seq_lens).reshape(-1).astype(np.int64), T)
+                if lens.shape != (Bn,):
+                    raise ValueError(f"sequence_lens has {lens.size} entries for a batch of {Bn}")
+                if np.all(lens == T):
+                    lens = None
+            B = np.zeros((D, 2 * G * H), dt) if B is None else B
+            # biases folded into the input projection, except a GRU's Rbh (inside r·(h·Rhᵀ + Rbh))
+            bias = B[:, :G * H] + B[:, G * H:]
+            Rbh = None
+            if op == "GRU" and lbr:
+                bias[:, 2 * H:] -= B[:, G * H + 2 * H:]
+                Rbh = B[:, None, G * H + 2 * H:]
+            XW = np.matmul(X.reshape(1, T * Bn, -1), np.swapaxes(W, 1, 2)).reshape(D, T, Bn, G * H)
+            XW += bias[:, None, None, :]
+            rows = np.arange(Bn)
+            idx = [_order(T, Bn, lens, direction == "reverse" or d == 1) for d in range(D)]
+            XW = np.stack([XW[d][idx[d], rows] for d in range(D)], axis=1)  # [T, D, B, GH], processing order
+            m = None if lens is None else (np.arange(T)[:, None] < lens[None, :]).astype(dt)[:, None, :, None]
+            h = np.zeros((D, Bn, H), dt) if h0 is None else np.asarray(h0, dt)
+            c = np.zeros((D, Bn, H), dt) if c0 is None else np.asarray(c0, dt)
+            Yp, h, c = _recur(op, XW, np.ascontiguousarray(np.swapaxes(R, 1, 2)), Rbh, h, c,
+                              None if P is None else P[:, None, :], m, lbr)
+            Y = np.empty_like(Yp)
+            for d in range(D):  # back to time order
+                Y[idx[d], d, rows] = Yp[:, d]
             if layout:
-                Y, Yh, Yc = Y.transpose(2, 0, 1, 3), np.swapaxes(Yh, 0, 1), np.swapaxes(Yc, 0, 1)
-            outs = (np.ascontiguousarray(Y), Yh, Yc)[:max(n_out, 1)]
-            return outs[0] if n_out == 1 else outs
+                Y, h, c = Y.transpose(2, 0, 1, 3), np.swapaxes(h, 0, 1), np.swapaxes(c, 0, 1)
+            outs = (np.ascontiguousarray(Y), np.ascontiguousarray(h), np.ascontiguousarray(c))
+            return outs[0] if n_out == 1 else outs[:n_out]
         return f
     return build
 
