@@ -115,6 +115,11 @@ def _pool_params(ctx, x):
                 out_c -= 1
             need = (out_c - 1) * strides[i] + eff - (x.shape[2 + i] + pads[i] + pads[i + nd])
             extra[i] = max(0, need)
+            if out_c == 1 and dil[i] == 1 and need > 0:
+                # one window reaching past the input (EfficientNet pools a 1x1 map with a 320x320 kernel):
+                # the overhang is neither summed nor counted, so the window is the padded input itself
+                kernel[i] -= need
+                extra[i] = 0
     return nd, kernel, strides, dil, pads, extra
 
 
