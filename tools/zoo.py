@@ -531,6 +531,8 @@ def evaluate(name: str, forms=FORMS, workdir: str | None = None, latency: bool =
 
 # ------------------------------------------------------------------------------------------- report
 def _fmt_form(r: dict) -> str:
+    if not r:
+        return "–"  # not run (--forms)
     if not r.get("ok"):
         return f"✗ {r.get('stage', '')}"
     return "✓ legacy" if r.get("notes") else "✓"

@@ -11,7 +11,7 @@ the engine then uses the onnx.reference fallback for that node (compile machines
 from __future__ import annotations
 
 from ._common import Fallback, REGISTRY, register  # noqa: F401
-from . import elementwise, matmul, conv, shape, reduce, norm, rnn  # noqa: F401  (populate REGISTRY)
+from . import elementwise, matmul, conv, shape, reduce, norm, rnn, resize, conv_transpose  # noqa: F401  (populate REGISTRY)
 
 __all__ = ["REGISTRY", "Fallback", "register", "get_builder"]
 
