@@ -769,9 +769,13 @@ def _export_torchscript(module, kwargs_t, input_names, output_names, opset, arra
     torch = _import_torch()
     from torch._export.converter import TS2EPConverter
 
+    from .fastpath import DECOMPOSITIONS
+
     args = tuple(kwargs_t.values())
     with _quiet_torch_logs(), contextlib.redirect_stdout(io.StringIO()):
         ep = TS2EPConverter(module, args).convert()
+        if any(n.target in DECOMPOSITIONS for n in ep.graph.nodes):  # fused fast-path kernels (compiler/fastpath.py)
+            ep = ep.run_decompositions(DECOMPOSITIONS)
         prog = torch.onnx.export(ep, args, None, dynamo=True, verbose=False, opset_version=opset,
                                  input_names=input_names, output_names=output_names, external_data=False)
     model = prog.model_proto

@@ -425,6 +425,35 @@ def reference(z: ZooModel, feeds: dict) -> np.ndarray:
         return z.module(*[torch.from_numpy(a) for a in feeds.values()]).numpy()
 
 
+def rtn_cosine(z: ZooModel, feeds: dict, bits: int = 8, group: int = 64, min_elements: int = 1024) -> float:
+    """Cosine to the source of the same model with the weights nadoo chunks (Linear, Conv,
+    Embedding of >= min_elements) rounded to nearest in torch at `bits`, min/max per row and group of
+    `group` columns: how much the model itself amplifies b-bit weight noise (random-init CNNs a lot)."""
+    import copy
+
+    import torch
+
+    m = copy.deepcopy(z.module)
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
+    with torch.no_grad():
+        for mod in m.modules():
+            conv1d = type(mod).__name__ == "Conv1D"  # transformers' GPT-2 layer: weight [in, out]
+            if not (isinstance(mod, kinds) or conv1d) or mod.weight.numel() < min_elements:
+                continue
+            w = mod.weight.T if conv1d else mod.weight
+            rows = w.reshape(w.shape[0], -1)
+            q = torch.empty_like(rows)
+            for g0 in range(0, rows.shape[1], group):
+                blk = rows[:, g0:g0 + group]
+                lo, hi = blk.min(1, keepdim=True).values, blk.max(1, keepdim=True).values
+                step = (hi - lo).clamp_min(1e-30) / (2 ** bits - 1)
+                q[:, g0:g0 + group] = torch.round((blk - lo) / step) * step + lo
+            q = q.reshape(w.shape)
+            mod.weight.copy_(q.T if conv1d else q)
+        y = m(*[torch.from_numpy(a) for a in feeds.values()]).numpy()
+    return cosine(y, reference(z, feeds))
+
+
 def fallback_share(ndc: str, feeds: dict, runs: int = 3) -> tuple[dict[str, int], float]:
     """Operators that run through the onnx.reference fallback ({op: nodes}) and their share of the
     time of a warm 8-bit call (per-node timing, median over `runs`)."""
@@ -496,6 +525,7 @@ def evaluate(name: str, forms=FORMS, workdir: str | None = None, latency: bool =
         np.savez(calib, **z.draw(CALIB_N, 0))
         test = z.draw(2, 99)
         ref = reference(z, test)
+        res["rtn8_cosine"] = rtn_cosine(z, test)
         one = z.draw(1, 5)
         for form in forms:
             r = res["forms"][form] = {"ok": False}
@@ -539,9 +569,9 @@ def _fmt_form(r: dict) -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| model | TorchScript | .pt2 | ONNX | float rel. err (max) | 8-bit cosine (min) | ×ORT 1 thread "
-            "| ×ORT default | onnx.reference fallback (share of call) |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| model | TorchScript | .pt2 | ONNX | float rel. err (max) | 8-bit cosine (min) | torch RTN 8-bit cosine "
+            "| ×ORT 1 thread | ×ORT default | onnx.reference fallback (share of call) |")
+    lines = [head, "|" + "---|" * 10]
     for res in results:
         fr = [res["forms"].get(f, {}) for f in FORMS]
         ok = [r for r in fr if r.get("ok")]
@@ -556,6 +586,7 @@ def table(results: list[dict]) -> str:
         fb = ", ".join(f"{op}×{n}" for op, n in sorted(ops.items())) + f" ({share:.0%})" if ops else "–"
         lines.append(f"| {res['model']} | " + " | ".join(_fmt_form(r) for r in fr) + " | "
                      + (f"{err:.1e}" if err is not None else "–") + " | " + (f"{cos:.5f}" if cos is not None else "–")
+                     + (f" | {res['rtn8_cosine']:.5f}" if "rtn8_cosine" in res else " | –")
                      + " | " + (f"{lat['ratio_1']:.2f}" if lat else "–") + " | "
                      + (f"{lat['ratio_default']:.2f}" if lat else "–") + f" | {fb} |")
     fails = [(res["model"], f, r) for res in results for f, r in res["forms"].items() if not r.get("ok")]
