@@ -302,6 +302,25 @@ def test_conv_transpose_matches_torch(nd, groups, stride, dil, pad, out_pad):
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.parametrize("nd,groups,cin,cout,k,stride,pad,dil", [
+    (2, 1, 8, 16, 1, 1, 0, 1), (2, 1, 8, 16, 1, 2, 0, 1), (2, 8, 8, 8, 3, 1, 1, 1), (2, 8, 8, 8, 3, 2, 1, 1),
+    (2, 8, 8, 8, 5, 1, 2, 2), (1, 6, 6, 6, 3, 1, 1, 1), (3, 4, 4, 4, 3, 1, 1, 1), (2, 4, 8, 8, 3, 1, 1, 1),
+    (2, 8, 8, 16, 3, 1, 1, 1)])
+@pytest.mark.parametrize("const_weight", [True, False])
+def test_conv_pointwise_depthwise_and_grouped_match_torch(nd, groups, cin, cout, k, stride, pad, dil, const_weight):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, cin) + (9,) * nd).astype(np.float32)
+    w = rng.standard_normal((cout, cin // groups) + (k,) * nd).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[nd]
+    want = conv(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), stride=stride, padding=pad,
+                dilation=dil, groups=groups).numpy()
+    attrs = dict(group=groups, strides=[stride] * nd, pads=[pad] * (2 * nd), dilations=[dil] * nd, kernel_shape=[k] * nd)
+    feeds, consts = ({"x": x}, {"w": w, "b": b}) if const_weight else ({"x": x, "w": w}, {"b": b})
+    (got,) = _single_node("Conv", ["x", "w", "b"], ["y"], attrs, feeds, consts)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 def test_pool_window_larger_than_the_input():
     """EfficientNet pools its 1x1 final map with AvgPool2d(1280, ceil_mode=True)."""
     x = np.random.default_rng(0).standard_normal((2, 320, 1, 2)).astype(np.float32)
