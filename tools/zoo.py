@@ -380,8 +380,9 @@ def _dynamic_axes(z: ZooModel) -> dict[str, dict[int, str]]:
     return {k: ({0: "batch", 1: "seq"} if kind != "float" else {0: "batch"}) for k, (kind, _, _) in z.inputs.items()}
 
 
-def export(z: ZooModel, form: str, d: str) -> str:
-    """Write the model in `form` ("torchscript" | "pt2" | "onnx") under folder d; returns the path."""
+def export(z: ZooModel, form: str, d: str, notes: list | None = None) -> str:
+    """Write the model in `form` ("torchscript" | "pt2" | "onnx") under folder d; returns the path.
+    An ONNX file the dynamo exporter cannot write comes from the legacy exporter (noted in `notes`)."""
     import torch
 
     from examples.models import export_onnx
@@ -398,7 +399,11 @@ def export(z: ZooModel, form: str, d: str) -> str:
             torch.export.save(torch.export.export(z.module, args, dynamic_shapes=dyn), path)
         else:
             axes = dict(_dynamic_axes(z), output={0: "batch"})
-            export_onnx(z.module, args, path, list(ex), ["output"], axes)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                export_onnx(z.module, args, path, list(ex), ["output"], axes)
+            if notes is not None:
+                notes += [str(w.message)[:200] for w in caught if "dynamo ONNX export failed" in str(w.message)]
     return path
 
 
@@ -530,8 +535,11 @@ def evaluate(name: str, forms=FORMS, workdir: str | None = None, latency: bool =
         for form in forms:
             r = res["forms"][form] = {"ok": False}
             t = time.perf_counter()
+            export_notes: list = []
             try:
-                src = export(z, form, d)
+                src = export(z, form, d, export_notes)
+                if export_notes:
+                    r["export_note"] = "ONNX file written by the legacy exporter: " + export_notes[0]
             except Exception as e:
                 r.update(stage="export", error=_one_line(e))
                 continue
@@ -589,11 +597,14 @@ def table(results: list[dict]) -> str:
                      + (f" | {res['rtn8_cosine']:.5f}" if "rtn8_cosine" in res else " | –")
                      + " | " + (f"{lat['ratio_1']:.2f}" if lat else "–") + " | "
                      + (f"{lat['ratio_default']:.2f}" if lat else "–") + f" | {fb} |")
-    fails = [(res["model"], f, r) for res in results for f, r in res["forms"].items() if not r.get("ok")]
-    if fails:
-        lines.append("")
-        lines += [f"- {m} {f} ({r.get('stage')}): {r.get('error')}" for m, f, r in fails]
-    return "\n".join(lines)
+    lines.append("")
+    for res in results:
+        for f, r in res["forms"].items():
+            if not r.get("ok"):
+                lines.append(f"- {res['model']} {f} ({r.get('stage')}): {r.get('error')}")
+            for note in r.get("notes", []) + ([r["export_note"]] if "export_note" in r else []):
+                lines.append(f"- {res['model']} {f}: {note[:300]}")
+    return "\n".join(lines).rstrip()
 
 
 def main(argv=None) -> int:
