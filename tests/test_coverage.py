@@ -196,6 +196,29 @@ def test_ffn_fused_when_the_exporter_merged_the_zero_biases(tmp_path):
     assert err <= FLOAT_TOL and cos >= COS8, (err, cos)
 
 
+def test_gemms_sharing_a_bias_are_all_chunked_and_keep_their_results():
+    from nadoo.compiler.rewrite import rewrite_weight_ops
+
+    rng = np.random.default_rng(0)
+    consts = {"w1": rng.standard_normal((32, 48)).astype(np.float32), "w2": rng.standard_normal((32, 48)).astype(np.float32),
+              "b": rng.standard_normal(48).astype(np.float32)}
+    nodes = [{"op": "Gemm", "domain": "", "name": "g1", "inputs": ["x", "w1", "b"], "outputs": ["y1"], "attrs": {}},
+             {"op": "Gemm", "domain": "", "name": "g2", "inputs": ["x", "w2", "b"], "outputs": ["y2"], "attrs": {"beta": 0.5}}]
+    graph = {"opset": {"": 18}, "inputs": [{"name": "x", "dtype": "float32", "shape": [None, 32]}],
+             "outputs": [{"name": "y1", "dtype": "float32", "shape": None}, {"name": "y2", "dtype": "float32", "shape": None}],
+             "nodes": nodes, "constants": sorted(consts)}
+    g, c, weights = rewrite_weight_ops(graph, consts, min_elements=16)
+    assert [n["op"] for n in g["nodes"]] == ["ChunkedLinear", "ChunkedLinear"]
+    assert g["nodes"][0]["inputs"][1] != g["nodes"][1]["inputs"][1]  # beta scaled a copy, not the shared bias
+    np.testing.assert_array_equal(c["b"], consts["b"])
+    from nadoo.compiler.calibrate import dense_builders
+
+    x = rng.standard_normal((4, 32)).astype(np.float32)
+    y1, y2 = Plan(g, c, custom_ops=dense_builders({w.name: w for w in weights})).run({"x": x})
+    np.testing.assert_allclose(y1, x @ consts["w1"] + consts["b"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y2, x @ consts["w2"] + 0.5 * consts["b"], rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------- NumPy kernels
 def _single_node(op, ins, outs, attrs, feeds, consts=None, opset=18):
     consts = consts or {}

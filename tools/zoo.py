@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -408,8 +409,9 @@ def export(z: ZooModel, form: str, d: str, notes: list | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------- measure
-def _one_line(e: BaseException, limit: int = 160) -> str:
-    s = " ".join(f"{type(e).__name__}: {e}".split())
+def _one_line(e: BaseException | str, limit: int = 160) -> str:
+    s = re.sub(r"\x1b\[[0-9;]*m", "", e if isinstance(e, str) else f"{type(e).__name__}: {e}")
+    s = " ".join(re.sub(r"\S*/zoo-[^/\s]*/", "", s).split())  # the temporary folder says nothing
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
@@ -603,7 +605,7 @@ def table(results: list[dict]) -> str:
             if not r.get("ok"):
                 lines.append(f"- {res['model']} {f} ({r.get('stage')}): {r.get('error')}")
             for note in r.get("notes", []) + ([r["export_note"]] if "export_note" in r else []):
-                lines.append(f"- {res['model']} {f}: {note[:300]}")
+                lines.append(f"- {res['model']} {f}: {_one_line(note, 300)}")
     return "\n".join(lines).rstrip()
 
 
