@@ -46,7 +46,8 @@ def _recur(op, XW, Rt, Rbh, h, c, P, m, lbr):
     H = Rt.shape[1]
     Y = np.empty(XW.shape[:3] + (H,), XW.dtype)
     for k in range(T):
-        z = XW[k] + np.matmul(h, Rt)
+        hr = np.matmul(h, Rt)
+        z = XW[k] + hr
         if op == "LSTM":  # gates i, o, f, c
             if P is not None:
                 z[..., :H] += P[..., :H] * c
@@ -63,8 +64,7 @@ def _recur(op, XW, Rt, Rbh, h, c, P, m, lbr):
             zr = _sigmoid(z[..., :2 * H])
             zg, r = zr[..., :H], zr[..., H:]
             if lbr:
-                hn = np.matmul(h, Rt[..., 2 * H:]) + Rbh
-                n = np.tanh(XW[k][..., 2 * H:] + r * hn)
+                n = np.tanh(XW[k][..., 2 * H:] + r * (hr[..., 2 * H:] + Rbh))
             else:
                 n = np.tanh(XW[k][..., 2 * H:] + np.matmul(r * h, Rt[..., 2 * H:]))
             h_new = n + zg * (h - n)
