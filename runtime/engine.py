@@ -183,6 +183,7 @@ def _fallback_builder(node: dict, ctx: BuildContext):
         res = ev.run(None, feeds)
         res = [np.asarray(r) for r in res]
         return res[0] if n_out == 1 else tuple(res)
+    f.onnx_reference = True  # marks the callable for Plan.fallback_nodes
     return f
 
 
@@ -317,7 +318,7 @@ class Plan:
                                  | {slot(n) for n in outs if n and n not in keep and n not in last_use}))
             single = len(outs) == 1
             steps.append((fn, in_slots, out_slots[0] if single else out_slots, single, frees, need))
-            labels.append((f"{nd.name} ({op})", op))
+            labels.append((f"{nd.name} ({op})", op, nd.name))
 
         self._n_slots = len(slots)
         self._init = [None] * self._n_slots
@@ -349,6 +350,11 @@ class Plan:
 
     def __len__(self) -> int:
         return len(self._steps)
+
+    @property
+    def fallback_nodes(self) -> list[str]:
+        """Names of the nodes that run through the onnx.reference fallback."""
+        return [lab[2] for s, lab in zip(self._steps, self._labels) if getattr(s[0], "onnx_reference", False)]
 
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
@@ -394,12 +400,12 @@ class Plan:
         """Run the graph; returns the outputs in graph["outputs"] order."""
         return self._execute(feeds, None)
 
-    def run_profile(self, feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, float]]:
-        """Like run, but also returns total seconds spent per op type (for benchmarks)."""
+    def run_profile(self, feeds: Mapping[str, np.ndarray], by: str = "op") -> tuple[list[np.ndarray], dict[str, float]]:
+        """Like run, but also returns total seconds spent per op type (by="node": per node name)."""
         prof: dict[str, float] = {}
-        return self._execute(feeds, prof), prof
+        return self._execute(feeds, prof, 2 if by == "node" else 1), prof
 
-    def _execute(self, feeds, prof: dict | None) -> list[np.ndarray]:
+    def _execute(self, feeds, prof: dict | None, label: int = 1) -> list[np.ndarray]:
         arrays = self._check_inputs(feeds)
         cap = self.max_elements or value_cap(self.model_bytes, sum(int(a.nbytes) for a in arrays))
         work_cap = WORK_PER_ELEMENT * cap
@@ -423,8 +429,8 @@ class Plan:
                     t = clock()
                 r = fn(*args)
                 if clock is not None:
-                    op = self._labels[k][1]
-                    prof[op] = prof.get(op, 0.0) + clock() - t
+                    key = self._labels[k][label]
+                    prof[key] = prof.get(key, 0.0) + clock() - t
                 if single:
                     if getattr(r, "size", 0) > cap:  # a broadcast view counts at its logical size
                         self._too_big(k, r.size, cap)
