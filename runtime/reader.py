@@ -18,12 +18,13 @@ import numpy as np
 
 from . import qcodec
 from .callstats import count_read
-from .errors import BundleError
+from .errors import BundleError, corrupt
 from .files import mapped_read, open_regular
 from .format import (
     CODEC_RAW, CODEC_ZSTD, CODECS, DTYPES, MAX_DIM, MAX_GROUP_SIZE, MAX_ELEMENTS, MAX_NAME_LEN, MAX_PAYLOAD_RAW, MAX_RANK,
     PREAMBLE_SIZE, TABLE_DTYPE, TIER_BITS, TIERS, Preamble, align_up,
 )
+from .moe_index import validate_moe
 
 _zstd = None
 
@@ -92,8 +93,7 @@ class TensorEntry:
         return qcodec.payload_nbytes(r, self.row_len, self.effective_group(), TIER_BITS[tier])
 
 
-def _fail(msg: str):
-    raise BundleError(f"corrupt bundle: {msg}")
+_fail = corrupt
 
 
 def _check_name(x, what: str) -> str:
@@ -210,6 +210,11 @@ class Bundle:
         if np.any(np.frombuffer(t.tobytes(), np.uint8).reshape(len(t), -1)[:, 29:] != 0):
             _fail("reserved bytes of the payload table are not zero")
 
+    def claim_payload(self, x, what: str, used: set) -> int:
+        """Payload id `x` of an index entry: in range and referenced by nothing else in `used` (for
+        validators of index keys outside this module)."""
+        return self._pid(x, what, used)
+
     def _pid(self, x, what: str, used: set, allow_empty: bool = False) -> int:
         if type(x) is not int or not (-1 if allow_empty else 0) <= x < len(self.table):
             _fail(f"{what}: payload id {x!r} out of range")
@@ -300,9 +305,7 @@ class Bundle:
             if nested is not None:
                 self._check_nested(e, nested, used)
             self.tensors[name] = e
-        # [nadoo#7 MoE] NDC 1.1 key `moe`: experts stored as chunk groups (runtime/moe_index.py, spec §4.5)
-        from .moe_index import validate_moe
-
+        # NDC 1.1 key `moe`: experts stored as chunk groups (runtime/moe_index.py, spec §4.5)
         self.moe = validate_moe(self, ix.get("moe"), used)
 
     def _check_nested(self, e: TensorEntry, nested, used: set) -> None:
@@ -473,7 +476,3 @@ class Bundle:
             self.close()
         except Exception:
             pass
-
-
-def open_bundle(path, use_mmap: bool = False) -> Bundle:
-    return Bundle.open(path, use_mmap)
