@@ -1,4 +1,4 @@
-"""A real mixture-of-experts LM end to end (issue #7).
+"""A real mixture-of-experts LM end to end.
 
 Trains a small character-level Mixtral (transformers' MixtralForCausalLM as shipped: 2 layers, hidden 128,
 8 experts of 128→256→128 SwiGLU, top-2) on the source of Python's standard library for a few minutes on

@@ -124,7 +124,7 @@ class Session:
             t0 = time.perf_counter()
             outs = self.plan.run(feeds)
             dt = time.perf_counter() - t0
-        layers = {name: d for op in self.ops for name, d in op.layer_stats(cs).items()}
+        layers = {name: d for op in self.ops for name, d in op.layer_stats(cs).items()}  # one entry per tensor
         lookups = cs.cache_hits + cs.cache_misses
         st = {
             "bytes_read": cs.bytes_read,

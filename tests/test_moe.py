@@ -1,9 +1,10 @@
-"""Mixture of experts (issue #7): recognition, export to one nadoo.MoE node, experts as chunk groups,
+"""Mixture of experts: recognition, export to one nadoo.MoE node, experts as chunk groups,
 only routed experts read, expert masks, cache budget, index validation."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from nadoo.compiler.moe import detect_moe, make_wrapper  # noqa: E402
 from nadoo.compiler.pipeline import CompileOptions, compile_model  # noqa: E402
 from nadoo.compiler.writer import BundleWriter  # noqa: E402
 from nadoo.runtime import Policy, Session  # noqa: E402
-from nadoo.runtime.errors import BundleError  # noqa: E402
+from nadoo.runtime.errors import BundleError, InputError  # noqa: E402
 from nadoo.runtime.cache import ChunkCache, FrequencyAware  # noqa: E402
 from nadoo.runtime.reader import Bundle  # noqa: E402
 
@@ -301,3 +302,14 @@ def test_alloc_without_allocation_is_one_line(plain):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--bits-per-weight" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "failed at node" not in r.stderr
+
+
+def test_expert_options_are_checked_when_the_session_opens(mixtral):
+    tiny = Path(__file__).resolve().parents[1] / "format_spec" / "golden" / "tiny.ndc"  # no MoE layer
+    with pytest.raises(InputError, match="need a bundle with MoE layers"):
+        Session(tiny, Policy(prefetch=True))
+    with pytest.raises(InputError, match="expert 8 out of range"):
+        Session(mixtral, Policy(disable_experts="1:8"))
+    for args in ([str(tiny), "--prefetch"], [str(mixtral), "--only-experts", "0:x"]):
+        r = subprocess.run([sys.executable, "-m", "nadoo.runtime.cli", "run", *args], capture_output=True, text=True)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "expert" in r.stderr, r.stderr

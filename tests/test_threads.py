@@ -156,7 +156,7 @@ def test_moe_bundle_from_many_threads(tmp_path):
     kw = dict(policy=Policy(bits="4", prefetch=True), memory_budget=budget)
     ref = _serial(tmp_path / "m.ndc", feeds, **kw)
     with Session(tmp_path / "m.ndc", **kw) as s:
-        calls = _hammer(s, feeds, check=_cache_ok, runs=20)  # MoE calls take turns (session.py): fewer suffice
+        calls = _hammer(s, feeds, check=_cache_ok, runs=20)  # concurrent too: routing stats and prefetch are per call
         _cache_ok(s)
         assert s.cache.evictions > 0
     for k, outs, st in calls:

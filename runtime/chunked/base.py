@@ -34,6 +34,7 @@ class OpEnv:
     policy: Policy
     profile: dict  # the bundle's calibration profile ({} when the policy needs none)
     ops: list = field(default_factory=list)  # the ops built so far, in graph order
+    records: dict = field(default_factory=dict)  # tensor name -> its LayerCounters (shared by nodes reading it)
 
     def layer_profile(self, name: str) -> dict:
         return self.profile.get("layers", {}).get(name, {})
@@ -129,7 +130,12 @@ def cache_victim(classes: list[type[ChunkedOp]]):
 def pin_hot(ops: list[ChunkedOp], store: WeightStore, budget_bytes: int) -> int:
     """Load the calibration profile's hottest chunks (needed by most inputs) into the cache for good,
     hottest first, until `budget_bytes` are pinned; returns the bytes pinned."""
-    cands = [c for op in ops for c in op.pin_candidates()]
+    cands, seen = [], set()
+    for op in ops:
+        for share, i, group in op.pin_candidates():
+            if (group[0][0].name, i) not in seen:  # two nodes reading one tensor name its chunks twice
+                seen.add((group[0][0].name, i))
+                cands.append((share, i, group))
     pinned = 0
     for _, i, group in sorted(cands, key=lambda t: -t[0]):
         for e, tiers in group:
@@ -159,9 +165,10 @@ class WeightOp(ChunkedOp):
         tiers) (default: the main one alone)."""
         self.entry, self.plan = entry, plan
         self.group = group or [(entry, plan.tiers)]
-        self.record = LayerCounters(entry.kind, entry.n_chunks)
-        self.record.tiers = {t for _, tiers in self.group for t in tiers}
-        self.record.dense_fallback = plan.dense_fallback
+        # A layer is a tensor: nodes reading the same one count together, against its chunks once.
+        self.record = self.env.records.setdefault(entry.name, LayerCounters(entry.kind, entry.n_chunks))
+        self.record.tiers |= {t for _, tiers in self.group for t in tiers}
+        self.record.dense_fallback |= plan.dense_fallback
 
     def counters(self) -> LayerCounters:
         """The current call's counters of this layer (a throwaway copy outside a call)."""
