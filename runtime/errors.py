@@ -19,6 +19,11 @@ class InputError(NadooError):
     """Inputs given to a run do not match the model (name, shape, dtype, missing)."""
 
 
+class ModelError(NadooError):
+    """The model cannot run as written: an operator's attributes or constant inputs do not fit it, or a
+    step would exceed the run-time size caps (format_spec/NDC-v1.md §5)."""
+
+
 class UnsupportedError(NadooError):
     """The model uses something nadoo cannot compile or run (operator, attribute, dtype)."""
 

@@ -12,9 +12,11 @@ from .reader import Bundle
 
 
 def bundle_facts(b: Bundle) -> dict:
+    """Everything here comes from validated objects (reader + runtime/schema.py): no key is missing,
+    no value has the wrong type."""
     ix = b.index
     t = b.table
-    graph = b.read_graph() if ix.get("graph") is not None else None
+    graph = b.graph() if ix.get("graph") is not None else None
     facts = {
         "path": b.path,
         "format_version": f"{b.preamble.major}.{b.preamble.minor}",
@@ -23,21 +25,21 @@ def bundle_facts(b: Bundle) -> dict:
         "bundle_bytes": b.file_size,
         "payload_count": int(len(t)),
         "alignment": b.preamble.alignment,
-        "dense_fp32_weight_bytes": int(ix.get("stats", {}).get("dense_fp32_weight_bytes", 0)),
-        "stats": ix.get("stats", {}),
+        "dense_fp32_weight_bytes": b.stats.dense_fp32_weight_bytes,
+        "stats": b.stats.raw,
     }
     if graph is not None:
-        ops = Counter(f"{n['domain'] + '.' if n.get('domain') else ''}{n['op']}" for n in graph["nodes"])
+        ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op}" for n in graph.nodes)
         facts["graph"] = {
-            "inputs": graph.get("inputs", []),
-            "outputs": graph.get("outputs", []),
-            "node_count": len(graph["nodes"]),
+            "inputs": [i.to_json() for i in graph.inputs],
+            "outputs": [o.to_json() for o in graph.outputs],
+            "node_count": len(graph.nodes),
             "ops": dict(sorted(ops.items())),
         }
-    consts = ix.get("constants")
+    consts = b.constants_table
     facts["inline_constants"] = {
-        "count": len(consts["tensors"]) if consts else 0,
-        "bytes": int(t["raw"][consts["payload"]]) if consts else 0,
+        "count": len(consts.tensors) if consts else 0,
+        "bytes": int(t["raw"][consts.payload]) if consts else 0,
     }
     rows = []
     for e in b.tensors.values():

@@ -71,7 +71,8 @@ class Session:
             profile = (self.bundle.read_profile() if need_profile else None) or {}
             env = chunked.OpEnv(self.bundle, chunked.WeightStore(self.bundle, self.cache, self.policy.tau),
                                 self.policy, profile)
-            self.plan = Plan(graph, constants, custom_ops=chunked.builders(env))
+            self.plan = Plan(graph, constants, custom_ops=chunked.builders(env),
+                             model_bytes=self.bundle.payload_bytes, weight_shapes=self.bundle.weight_shapes)
             self.ops = env.ops  # one ChunkedOp per nadoo node, graph order
             self._families = {cls: [op for op in self.ops if type(op) is cls] for cls in classes}
             # Under a budget, a top-k run pins the profile's hottest chunks (most inputs need them) in up to

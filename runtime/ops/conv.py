@@ -45,13 +45,13 @@ def _windows(xp, kernel, strides, dilations):
 @register("Conv")
 def _conv(node, ctx):
     w_const = ctx.const(1)
-    group = int(ctx.attr("group", 1))
-    auto_pad = ctx.attr("auto_pad", "NOTSET")
+    group = ctx.attr_int("group", 1)
+    auto_pad = ctx.attr_str("auto_pad", "NOTSET")
     b_const = ctx.const(2) if ctx.has_input(2) else None
-    attr_kernel = ctx.attr("kernel_shape", None)
-    attr_strides = ctx.attr("strides", None)
-    attr_dil = ctx.attr("dilations", None)
-    attr_pads = ctx.attr("pads", None)
+    attr_kernel = ctx.attr_ints("kernel_shape", None)
+    attr_strides = ctx.attr_ints("strides", None)
+    attr_dil = ctx.attr_ints("dilations", None)
+    attr_pads = ctx.attr_ints("pads", None)
 
     cache = {}
 
@@ -98,12 +98,12 @@ def _conv(node, ctx):
 
 def _pool_params(ctx, x):
     nd = x.ndim - 2
-    kernel = list(ctx.attr("kernel_shape"))
-    strides = list(ctx.attr("strides", None) or [1] * nd)
-    dil = list(ctx.attr("dilations", None) or [1] * nd)
-    pads = _pads_for(ctx.attr("auto_pad", "NOTSET"), x.shape[2:], kernel, strides, dil,
-                     ctx.attr("pads", None))
-    ceil = int(ctx.attr("ceil_mode", 0))
+    kernel = ctx.attr_ints("kernel_shape")
+    strides = ctx.attr_ints("strides", None) or [1] * nd
+    dil = ctx.attr_ints("dilations", None) or [1] * nd
+    pads = _pads_for(ctx.attr_str("auto_pad", "NOTSET"), x.shape[2:], kernel, strides, dil,
+                     ctx.attr_ints("pads", None))
+    ceil = ctx.attr_int("ceil_mode", 0)
     extra = [0] * nd
     if ceil:
         for i in range(nd):
@@ -122,7 +122,7 @@ def _pool_params(ctx, x):
 def _maxpool(node, ctx):
     if ctx.n_outputs > 1:
         raise Fallback("MaxPool with Indices output")
-    if int(ctx.attr("storage_order", 0)):
+    if ctx.attr_int("storage_order", 0):
         raise Fallback("MaxPool storage_order")
 
     def f(x):
@@ -138,7 +138,7 @@ def _maxpool(node, ctx):
 
 @register("AveragePool")
 def _avgpool(node, ctx):
-    include_pad = int(ctx.attr("count_include_pad", 0))
+    include_pad = ctx.attr_int("count_include_pad", 0)
 
     def f(x):
         nd, kernel, strides, dil, pads, extra = _pool_params(ctx, x)

@@ -1,0 +1,283 @@
+"""What nadoo knows about each decoder-LM family: how a transformers config becomes the plain
+description (`config_from_hf`; `describe` holds the rules that follow from the family alone), how
+Hugging Face tensor names map to canonical names (GGUF names: lm_gguf.py), and which tensors (with
+shapes) a description implies (`expected_shapes`, the check every loader passes).
+
+Canonical names (all float32; linear weights keep the checkpoint's [out, in] layout):
+  embed [vocab, hidden], final_norm [hidden], head [vocab, hidden] (absent when tied to embed),
+  rope.{full,sliding}.inv_freq [head_dim/2] (rotary inverse frequencies, scaling already applied),
+  layers.{i}.attn_norm, .attn.{q,k,v,o}, .attn.{q,k,v,o}_bias, .attn.{q,k}_norm [head_dim],
+  .post_attn_norm, .mlp_norm (before the FFN), .post_mlp_norm, .mlp.{gate,up,down}, .mlp.{gate,up,down}_bias.
+
+A mixture-of-experts family adds `ffn: "moe"` to the description and per-layer names
+`layers.{i}.moe.router` and `layers.{i}.moe.experts.{e}.{gate,up,down}` (plus `moe.shared.*` for a
+shared expert); `expected_shapes` is where those shapes will be declared.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from nadoo.runtime.errors import CompileError
+from nadoo.runtime.lm_kernels import ACTIVATIONS, NORM_STYLES, rope_inv_freq
+
+__all__ = ["HF_GLOBAL", "check_config", "config_from_hf", "describe", "expected_shapes", "hf_layer_names", "inv_freq",
+           "rope_params", "token_ids"]
+
+# ------------------------------------------------------------------ checkpoint names
+HF_GLOBAL = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "head"}
+
+
+def _linear_names(hf_prefix: str, canon_prefix: str, names: dict) -> dict:
+    return {f"{hf_prefix}{h}_proj.{kind}": f"{canon_prefix}{c}{'' if kind == 'weight' else '_bias'}"
+            for h, c in names.items() for kind in ("weight", "bias")}
+
+
+_HF_PROJ = {**_linear_names("self_attn.", "attn.", {"q": "q", "k": "k", "v": "v", "o": "o"}),
+            **_linear_names("mlp.", "mlp.", {"gate": "gate", "up": "up", "down": "down"})}
+_HF_LLAMA_LAYER = {**_HF_PROJ, "input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "mlp_norm"}
+# Gemma's "post_attention_layernorm" normalises the attention output (a sandwich norm); its FFN
+# input norm is "pre_feedforward_layernorm". Same HF name, different place in the block.
+_HF_GEMMA_LAYER = {**_HF_PROJ, "input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "post_attn_norm",
+                   "pre_feedforward_layernorm.weight": "mlp_norm", "post_feedforward_layernorm.weight": "post_mlp_norm",
+                   "self_attn.q_norm.weight": "attn.q_norm", "self_attn.k_norm.weight": "attn.k_norm"}
+
+# transformers model_type -> (family, per-layer HF names)
+_HF_FAMILIES = {
+    "gemma3_text": ("gemma3", _HF_GEMMA_LAYER),
+    "llama": ("llama", _HF_LLAMA_LAYER),
+    "qwen2": ("qwen2", _HF_LLAMA_LAYER),
+    "mistral": ("mistral", _HF_LLAMA_LAYER),
+}
+_MOE_LATER = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                "gelu": "gelu"}
+
+
+def family_of(model_type: str) -> str:
+    if model_type in _HF_FAMILIES:
+        return _HF_FAMILIES[model_type][0]
+    if model_type in _MOE_LATER:
+        raise CompileError(f"mixture-of-experts model {model_type!r} is not supported yet (dense decoders only)")
+    if model_type == "gemma3":
+        raise CompileError("multimodal Gemma 3 checkpoint: load the text-only model (Gemma3ForCausalLM, model_type gemma3_text)")
+    raise CompileError(f"unsupported language-model type {model_type!r} "
+                       f"(supported: {', '.join(sorted(_HF_FAMILIES))})")
+
+
+def hf_layer_names(family: str) -> dict:
+    return next(names for fam, names in _HF_FAMILIES.values() if fam == family)
+
+
+# ------------------------------------------------------------------ rotary frequencies
+def rope_params(rp: dict, where: str) -> dict:
+    """A rope parameter dict (HF keys) -> {"type", "theta", scaling params}; refuses what the
+    rotary tables cannot express (dynamic/yarn/longrope rescale with the sequence or the output)."""
+    typ = rp.get("rope_type", rp.get("type", "default")) or "default"
+    if rp.get("partial_rotary_factor", 1.0) not in (None, 1.0):
+        raise CompileError(f"{where}: partial rotary embedding is not supported yet")
+    if not isinstance(rp.get("rope_theta"), (int, float)):
+        raise CompileError(f"{where}: rope_theta missing")
+    out = {"type": typ, "theta": float(rp["rope_theta"])}
+    if typ == "default":
+        return out
+    if typ == "linear":
+        return {**out, "factor": float(rp["factor"])}
+    if typ == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return {**out, **{k: float(rp[k]) for k in keys}}
+    raise CompileError(f"{where}: rope scaling {typ!r} is not supported yet (default, linear, llama3)")
+
+
+def inv_freq(params: dict, head_dim: int) -> np.ndarray:
+    """Inverse frequencies for one rope parameter set, in float32 with the reference's operation
+    order so that the angles match its rounding."""
+    base = rope_inv_freq(head_dim, params["theta"])
+    typ = params["type"]
+    if typ == "default":
+        return base
+    if typ == "linear":
+        return base / np.float32(params["factor"])
+    if typ == "llama3":
+        factor, lo, hi = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old = params["original_max_position_embeddings"]
+        wavelen = np.float32(2 * math.pi) / base
+        scaled = np.where(wavelen > old / lo, base / np.float32(factor), base)
+        smooth = (np.float32(old) / wavelen - np.float32(lo)) / np.float32(hi - lo)
+        smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise CompileError(f"rope type {typ!r} has no inverse frequencies here")
+
+
+# ------------------------------------------------------------------ config from transformers
+def token_ids(x) -> list[int]:
+    """A config's token id field (None, one id or a list) as a list."""
+    if x is None:
+        return []
+    return [int(i) for i in (x if isinstance(x, (list, tuple)) else [x])]
+
+
+def _opt_float(x):
+    return None if x is None else float(x)
+
+
+def config_from_hf(cfg) -> dict:
+    """A transformers PretrainedConfig -> the plain description. Values come from the config object
+    after transformers has applied its own defaults (layer_types, rope parameters), so the description
+    says what the transformers model computes, not what the json happens to spell out."""
+    family = family_of(cfg.model_type)
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    layers = int(cfg.num_hidden_layers)
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise CompileError("bidirectional (non-causal) attention is not a decoder: not supported")
+
+    hf_types = list(getattr(cfg, "layer_types", None) or [])
+    if not hf_types:
+        hf_types = ["sliding_attention" if getattr(cfg, "sliding_window", None) else "full_attention"] * layers
+    kinds = {"sliding_attention": "sliding", "full_attention": "full"}
+    bad = sorted(set(hf_types) - set(kinds))
+    if bad:
+        raise CompileError(f"unsupported attention layer type {bad[0]!r}")
+    layer_types = [kinds[t] for t in hf_types]
+
+    rp = dict(getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", 10000.0)})
+    rope = {}
+    for hf_kind, kind in kinds.items():
+        if kind in layer_types:
+            sub = rp.get(hf_kind) if isinstance(rp.get(hf_kind), dict) else rp
+            rope[kind] = rope_params(sub, f"{kind} layers")
+
+    act_name = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
+    attn_bias = bool(getattr(cfg, "attention_bias", False))
+    return describe(
+        family, vocab=int(cfg.vocab_size), hidden=int(cfg.hidden_size), layers=layers, heads=heads,
+        kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads), head_dim=head_dim,
+        intermediate=int(cfg.intermediate_size), max_positions=int(cfg.max_position_embeddings),
+        norm_eps=float(cfg.rms_norm_eps), activation=act_name,
+        tied_head=bool(getattr(cfg, "tie_word_embeddings", False)),
+        query_pre_attn_scalar=getattr(cfg, "query_pre_attn_scalar", None),
+        final_softcap=getattr(cfg, "final_logit_softcapping", None),
+        qkv_bias=True if family == "qwen2" else attn_bias, o_bias=attn_bias and family != "qwen2",
+        mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+        layer_types=layer_types, sliding_window=getattr(cfg, "sliding_window", None), rope=rope,
+        bos_id=getattr(cfg, "bos_token_id", None), eos_ids=token_ids(getattr(cfg, "eos_token_id", None)),
+        pad_id=getattr(cfg, "pad_token_id", None))
+
+
+def describe(family: str, *, hidden: int, head_dim: int, activation: str, layer_types: list,
+             sliding_window, query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None,
+             **fields) -> dict:
+    """The description from source-independent facts; what follows from the family alone (Gemma's
+    (1+w) norms, sqrt(hidden) embedding scale, q/k and sandwich norms, query_pre_attn_scalar) is
+    decided here, once, for every source."""
+    if activation not in _ACTIVATIONS:
+        raise CompileError(f"unsupported FFN activation {activation!r}")
+    gemma = family == "gemma3"
+    if gemma and not query_pre_attn_scalar:
+        raise CompileError("Gemma config lacks query_pre_attn_scalar")
+    return dict(
+        family=family, hidden=int(hidden), head_dim=int(head_dim), **fields,
+        norm_style="gemma" if gemma else "plain", activation=_ACTIVATIONS[activation], ffn="dense",
+        # Gemma multiplies the embedding by sqrt(hidden) held as a float32 tensor.
+        embed_scale=float(np.float32(hidden ** 0.5)) if gemma else 1.0,
+        attn_scale=float((query_pre_attn_scalar if gemma else head_dim) ** -0.5),
+        # Gemma 3 configs carry attn_logit_softcapping, but neither transformers' Gemma 3 attention nor
+        # llama.cpp's applies it (q/k norms replaced it); only a family that does passes attn_softcap.
+        attn_softcap=_opt_float(attn_softcap),
+        final_softcap=_opt_float(final_softcap) if gemma else None,
+        qk_norm=gemma, sandwich_norm=gemma, layer_types=list(layer_types),
+        sliding_window=int(sliding_window) if "sliding" in layer_types and sliding_window is not None else None,
+        add_bos=False,
+    )
+
+
+# ------------------------------------------------------------------ the one check
+_INT_KEYS = ("vocab", "hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "max_positions")
+_BOOL_KEYS = ("tied_head", "qk_norm", "sandwich_norm", "qkv_bias", "o_bias", "mlp_bias", "add_bos")
+
+
+def check_config(c: dict) -> None:
+    """Every description passes here, whatever its source: one CompileError naming the first bad field."""
+    def bad(msg):
+        raise CompileError(f"language-model config: {msg}")
+
+    for k in _INT_KEYS:
+        v = c.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            bad(f"{k} must be a positive integer, got {v!r}")
+    for k in _BOOL_KEYS:
+        if not isinstance(c.get(k), bool):
+            bad(f"{k} must be true or false, got {c.get(k)!r}")
+    if c["heads"] % c["kv_heads"]:
+        bad(f"{c['heads']} attention heads are not a multiple of {c['kv_heads']} kv heads")
+    if c["head_dim"] % 2:
+        bad(f"head_dim {c['head_dim']} must be even for rotary embedding")
+    if c.get("ffn") != "dense":
+        bad(f"ffn {c.get('ffn')!r} is not supported yet (dense)")
+    if c.get("norm_style") not in NORM_STYLES:
+        bad(f"norm_style {c.get('norm_style')!r} not in {NORM_STYLES}")
+    if c.get("activation") not in ACTIVATIONS:
+        bad(f"activation {c.get('activation')!r} not in {sorted(ACTIVATIONS)}")
+    for k in ("norm_eps", "embed_scale", "attn_scale"):
+        v = c.get(k)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            bad(f"{k} must be a positive number, got {v!r}")
+    for k in ("attn_softcap", "final_softcap"):
+        v = c.get(k)
+        if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            bad(f"{k} must be a positive number or null, got {v!r}")
+    lt = c.get("layer_types")
+    if not isinstance(lt, list) or len(lt) != c["layers"] or set(lt) - {"full", "sliding"}:
+        bad(f"layer_types must list 'full'/'sliding' for each of the {c['layers']} layers")
+    win = c.get("sliding_window")
+    if ("sliding" in lt) != (win is not None):
+        bad("sliding_window must be set exactly when some layer is 'sliding'")
+    if win is not None and (not isinstance(win, int) or win <= 0):
+        bad(f"sliding_window must be a positive integer, got {win!r}")
+    rope = c.get("rope")
+    if not isinstance(rope, dict) or set(rope) != set(lt):
+        bad(f"rope must hold parameters for exactly the layer kinds used ({sorted(set(lt))})")
+    for kind, rp in rope.items():
+        if not isinstance(rp, dict) or not isinstance(rp.get("theta"), (int, float)) or not rp["theta"] > 0:
+            bad(f"rope.{kind} needs a positive theta")
+    for k in ("bos_id", "pad_id"):
+        v = c.get(k)
+        if v is not None and not (isinstance(v, int) and 0 <= v < c["vocab"]):
+            bad(f"{k} {v!r} outside the vocabulary of {c['vocab']}")
+    eos = c.get("eos_ids")
+    if not isinstance(eos, list) or any(not isinstance(i, int) or not 0 <= i < c["vocab"] for i in eos):
+        bad(f"eos_ids must be token ids inside the vocabulary, got {eos!r}")
+    if c["add_bos"] and c.get("bos_id") is None:
+        bad("add_bos is set but bos_id is missing")
+
+
+def expected_shapes(c: dict) -> dict:
+    """Every tensor a (checked) description needs, with its shape."""
+    H, D, hd = c["hidden"], c["head_dim"], c["head_dim"]
+    q_out, kv_out, inter = c["heads"] * D, c["kv_heads"] * D, c["intermediate"]
+    shapes = {"embed": (c["vocab"], H), "final_norm": (H,)}
+    if not c["tied_head"]:
+        shapes["head"] = (c["vocab"], H)
+    for kind in c["rope"]:
+        shapes[f"rope.{kind}.inv_freq"] = (hd // 2,)
+    for i in range(c["layers"]):
+        p = f"layers.{i}."
+        layer = {"attn_norm": (H,), "mlp_norm": (H,), "attn.q": (q_out, H), "attn.k": (kv_out, H),
+                 "attn.v": (kv_out, H), "attn.o": (H, q_out),
+                 "mlp.gate": (inter, H), "mlp.up": (inter, H), "mlp.down": (H, inter)}
+        if c["qkv_bias"]:
+            layer.update({"attn.q_bias": (q_out,), "attn.k_bias": (kv_out,), "attn.v_bias": (kv_out,)})
+        if c["o_bias"]:
+            layer["attn.o_bias"] = (H,)
+        if c["mlp_bias"]:
+            layer.update({"mlp.gate_bias": (inter,), "mlp.up_bias": (inter,), "mlp.down_bias": (H,)})
+        if c["qk_norm"]:
+            layer.update({"attn.q_norm": (hd,), "attn.k_norm": (hd,)})
+        if c["sandwich_norm"]:
+            layer.update({"post_attn_norm": (H,), "post_mlp_norm": (H,)})
+        shapes.update({p + k: v for k, v in layer.items()})
+    return shapes

@@ -1,0 +1,101 @@
+"""Text <-> token ids for language models, over the optional `tokenizers` package.
+
+The tokenizer travels as its tokenizer.json string. Encoding never relies on the json's own
+post-processor for special tokens: the BOS rule comes from the model description (`add_bos`), so a
+tokenizer rebuilt from GGUF metadata and one saved by transformers give the same ids.
+"""
+from __future__ import annotations
+
+from .errors import InputError
+
+__all__ = ["StreamDecoder", "Tokenizer"]
+
+_REPLACEMENT = "\ufffd"
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise InputError("this needs the tokenizers package: pip install tokenizers") from None
+    return tokenizers
+
+
+class Tokenizer:
+    def __init__(self, tokenizer_json: str, *, bos_id: int | None = None, add_bos: bool = False):
+        if not isinstance(tokenizer_json, str) or not tokenizer_json:
+            raise InputError("tokenizer.json must be a non-empty string")
+        tk = _tokenizers()
+        try:
+            self._tok = tk.Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the Rust side raises its own Exception type
+            raise InputError(f"invalid tokenizer.json: {' '.join(str(e).split())[:200]}") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        if add_bos and bos_id is None:
+            raise InputError("add_bos is set but the model has no BOS token id")
+        if bos_id is not None and not 0 <= bos_id < self.vocab_size:
+            raise InputError(f"BOS id {bos_id} outside the tokenizer's {self.vocab_size} tokens")
+        self.bos_id, self.add_bos = bos_id, bool(add_bos)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with BOS first when the model expects one."""
+        if not isinstance(text, str):
+            raise InputError(f"text to encode must be a string, got {type(text).__name__}")
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] + ids if self.add_bos else ids
+
+    def _check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} outside the tokenizer's {self.vocab_size} tokens")
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str | None:
+        """The vocabulary entry of one id (its raw piece, e.g. '▁Paris' or '<0xE2>')."""
+        return self._tok.id_to_token(self._check_ids([token_id])[0])
+
+    def stream(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Turns tokens arriving one by one into text deltas whose concatenation is the decode of all
+    tokens.
+
+    Decoding one token alone is wrong in two ways: sentencepiece decoders strip the leading space
+    of the first piece they see, and a byte-fallback character split over several tokens decodes to
+    U+FFFD until its last byte arrives. So each step decodes a short window of recent tokens with and
+    without the new one and emits the difference, holding text back while it ends in an incomplete
+    character. The window restarts after each emitted delta, so a step costs O(1), not O(length).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the context window
+        self._read = 0  # tokens up to here have been emitted
+
+    def _decode(self, lo: int, hi: int) -> str:
+        return self._tok.decode(self._ids[lo:hi], self._skip)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the text it completes ('' while a character is still partial)."""
+        self._ids.extend(self._tok._check_ids([token_id]))
+        before = self._decode(self._prefix, self._read)
+        after = self._decode(self._prefix, len(self._ids))
+        if len(after) > len(before) and not after.endswith(_REPLACEMENT) and after.startswith(before):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Text still held back (an incomplete character at the end decodes as U+FFFD, as in a full decode)."""
+        before = self._decode(self._prefix, self._read)
+        after = self._decode(self._prefix, len(self._ids))
+        self._prefix = self._read = len(self._ids)
+        return after[len(before):]

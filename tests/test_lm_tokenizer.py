@@ -1,0 +1,103 @@
+"""runtime/tokenizer.py: BOS rule, round trips, and streaming deltas that add up to the full decode
+for sentencepiece pieces and multi-byte characters split over byte-fallback tokens."""
+import builtins
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+pytest.importorskip("tokenizers")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from lm_fixtures import tiny_tokenizer_json  # noqa: E402
+
+from nadoo.runtime.errors import InputError  # noqa: E402
+from nadoo.runtime.tokenizer import Tokenizer  # noqa: E402
+
+JSON = tiny_tokenizer_json()
+TEXTS = ["the quick brown fox", "two  spaces", "café déjà vu", "I ❤ 東京 🙂!", "a\nb\tc", ""]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(JSON, bos_id=2, add_bos=True)
+
+
+def test_encode_puts_bos_first_exactly_when_asked(tok):
+    ids = tok.encode("the dog")
+    assert ids[0] == 2 and 2 not in ids[1:]
+    assert Tokenizer(JSON, bos_id=2, add_bos=False).encode("the dog") == ids[1:]
+    assert tok.encode("") == [2]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_multibyte_characters_use_byte_tokens(tok):
+    pieces = [tok.token_text(i) for i in tok.encode("🙂")[1:]]
+    assert pieces[-4:] == ["<0xF0>", "<0x9F>", "<0x99>", "<0x82>"]
+
+
+def stream_all(tok, ids):
+    s = tok.stream()
+    deltas = [s.push(i) for i in ids]
+    return deltas, s.flush()
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_stream_deltas_add_up_to_the_full_decode(tok, text):
+    ids = tok.encode(text)
+    deltas, rest = stream_all(tok, ids)
+    assert "".join(deltas) + rest == tok.decode(ids) == text
+    assert all("\ufffd" not in d for d in deltas)
+    if any(ord(ch) > 127 for ch in text):
+        assert "" in deltas[1:]  # a partial character was held back, not emitted as U+FFFD
+
+
+def test_stream_keeps_spaces_between_pieces(tok):
+    deltas, _ = stream_all(tok, tok.encode("the dog ran"))
+    # sentencepiece decoders drop the first piece's space: decoding piece by piece would lose it
+    assert "".join(deltas) == "the dog ran" and any(d.startswith(" ") for d in deltas)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("the dog é東🙂 \n!")), max_size=30))
+def test_stream_property(text):
+    t = Tokenizer(JSON, bos_id=2, add_bos=True)
+    ids = t.encode(text)
+    deltas, rest = stream_all(t, ids)
+    assert "".join(deltas) + rest == t.decode(ids)
+
+
+def test_stream_of_a_cut_character_flushes_a_replacement(tok):
+    ids = tok.encode("🙂")[:-1]  # last byte missing, as when generation stops mid-character
+    deltas, rest = stream_all(tok, ids)
+    assert "".join(deltas) == "" and rest == tok.decode(ids) and rest.endswith("\ufffd")
+
+
+def test_bad_input_is_one_input_error(tok, monkeypatch):
+    with pytest.raises(InputError, match="invalid tokenizer.json"):
+        Tokenizer('{"not": "a tokenizer"}')
+    with pytest.raises(InputError, match="outside"):
+        tok.decode([5, 10 ** 6])
+    with pytest.raises(InputError, match="outside"):
+        tok.stream().push(-1)
+    with pytest.raises(InputError, match="BOS"):
+        Tokenizer(JSON, add_bos=True)
+    with pytest.raises(InputError, match="string"):
+        tok.encode(b"bytes")
+    real_import = builtins.__import__
+
+    def no_tokenizers(name, *a, **k):
+        if name == "tokenizers":
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tokenizers)
+    with pytest.raises(InputError, match="pip install tokenizers"):
+        Tokenizer(JSON)
