@@ -292,7 +292,10 @@ def calibrate(graph: dict, constants: dict, weights: list[Weight], calib: dict[s
 
 def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | None = None) -> dict:
     """Float, full-weight implementations of the nadoo ops (calibration and reference runs)."""
-    from nadoo.runtime.chunked_ops import activation, conv_fn, gather_rows, linear
+    from nadoo.runtime.activations import activation
+    from nadoo.runtime.chunked.conv import conv_fn
+    from nadoo.runtime.chunked.gather import gather_rows
+    from nadoo.runtime.chunked.linear import linear
 
     def rec(name, x, y):
         if stats is not None:

@@ -10,6 +10,11 @@ class BundleError(NadooError):
     """The .ndc file is missing, truncated, corrupt, or of a version/feature we cannot read."""
 
 
+def corrupt(msg: str):
+    """Raise the BundleError of an index or payload that breaks a rule of the format."""
+    raise BundleError(f"corrupt bundle: {msg}")
+
+
 class InputError(NadooError):
     """Inputs given to a run do not match the model (name, shape, dtype, missing)."""
 

@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 
+from .chunked import REGISTRY
 from .format import CODECS, TIERS
 from .reader import Bundle
 
@@ -78,10 +79,8 @@ def bundle_facts(b: Bundle) -> dict:
     profile = b.read_profile()
     if profile is not None:
         facts["profile"] = profile
-    if b.moe:  # experts and their calibration usage
-        from .moe_info import moe_facts
-
-        facts["moe"] = moe_facts(b, profile)
+    for cls in REGISTRY.values():  # op families with facts of their own
+        facts.update(cls.describe(b, profile) or {})
     return facts
 
 
@@ -138,10 +137,10 @@ def format_facts(f: dict) -> str:
     if prof:
         out.append("")
         out.append(format_profile(prof))
-    if f.get("moe"):
-        from .moe_info import format_moe
-
-        out += ["", format_moe(f["moe"])]
+    for cls in REGISTRY.values():
+        text = cls.format_description(f)
+        if text:
+            out += ["", text]
     return "\n".join(out)
 
 

@@ -17,12 +17,13 @@ import numpy as np
 
 from . import qcodec
 from .callstats import count_read
-from .errors import BundleError
+from .errors import BundleError, corrupt
 from .files import mapped_read, open_regular
 from .format import (
     CODEC_RAW, CODEC_ZSTD, CODECS, MAX_GROUP_SIZE, MAX_INDEX_BYTES, MAX_JSON_PAYLOAD, MAX_PAYLOAD_RAW, PREAMBLE_SIZE,
     TABLE_DTYPE, TIER_BITS, TIERS, ZSTD_MAX_RATIO, ZSTD_SLACK, Preamble, align_up,
 )
+from .moe_index import validate_moe
 from .schema import (
     ConstantsTable, Graph, Profile, Stats, check_dtype, check_index_info, check_name, check_shape, check_tensor_facts,
     load_json,
@@ -100,8 +101,7 @@ class TensorEntry:
         return qcodec.payload_nbytes(r, self.row_len, self.effective_group(), TIER_BITS[tier])
 
 
-def _fail(msg: str):
-    raise BundleError(f"corrupt bundle: {msg}")
+_fail = corrupt
 
 
 class Bundle:
@@ -216,6 +216,11 @@ class Bundle:
             _fail(f"compressed payloads decode to {z_raw} bytes from {z_stored}, more than the spec's "
                   f"{ZSTD_MAX_RATIO}x + {ZSTD_SLACK >> 20} MiB")
 
+    def claim_payload(self, x, what: str, used: set) -> int:
+        """Payload id `x` of an index entry: in range and referenced by nothing else in `used` (for
+        validators of index keys outside this module)."""
+        return self._pid(x, what, used)
+
     def _pid(self, x, what: str, used: set, allow_empty: bool = False) -> int:
         if type(x) is not int or not (-1 if allow_empty else 0) <= x < len(self.table):
             _fail(f"{what}: payload id {x!r} out of range")
@@ -305,8 +310,6 @@ class Bundle:
             check_tensor_facts(d, e.n_chunks, set(e.tiers), f"tensor {name}")
             self.tensors[name] = e
         # NDC 1.1 key `moe`: experts stored as chunk groups (runtime/moe_index.py, spec §4.5)
-        from .moe_index import validate_moe
-
         self.moe = validate_moe(self, ix.get("moe"), used)
 
     def _check_nested(self, e: TensorEntry, nested, used: set) -> None:
@@ -493,7 +496,3 @@ class Bundle:
             self.close()
         except Exception:
             pass
-
-
-def open_bundle(path, use_mmap: bool = False) -> Bundle:
-    return Bundle.open(path, use_mmap)
