@@ -71,7 +71,9 @@ class LayerStats:
         self.w = w
         self.relu_after = relu_after
         self.activation = activation
-        self.sum_x2 = np.zeros(w.row_len if w.kind != "conv" else w.array.shape[1], np.float64)
+        # conv: one entry per input channel of the op (all groups: Cin = Cin/groups · groups)
+        n_in = w.row_len if w.kind != "conv" else w.array.shape[1] * w.meta.get("groups", 1)
+        self.sum_x2 = np.zeros(n_in, np.float64)
         self.n_x = 0
         self.out = OutputActivity(w.rows)
         self.lookups = np.zeros(w.rows, np.float64) if w.kind == "gather" else None
@@ -109,13 +111,15 @@ class LayerStats:
         self.out.add(yb)
 
     def importance(self) -> np.ndarray:
+        """Mean x² per weight column: [K] (every row reads the same inputs), or [rows, K] for a grouped
+        conv, whose output channels of group g read only input channels g·Cin/g … (g+1)·Cin/g - 1."""
         imp = (self.sum_x2 / max(self.n_x, 1)).astype(np.float32)
         if self.w.kind == "conv":
             kk = int(np.prod(self.w.array.shape[2:]))
             groups = self.w.meta.get("groups", 1)
-            cin_g = self.w.array.shape[1]
-            imp = imp.reshape(groups, cin_g).mean(0) if groups > 1 else imp[:cin_g]
-            imp = np.repeat(imp, kk)
+            # column order of the [Cout, Cin/g·kh·kw] rows: input channel major, kernel position minor
+            imp = np.repeat(imp.reshape(groups, -1), kk, axis=1)  # [groups, K]
+            imp = imp[0] if groups == 1 else np.repeat(imp, self.w.rows // groups, axis=0)
         return imp
 
     def hessian(self) -> np.ndarray | None:
@@ -278,8 +282,6 @@ def calibrate(graph: dict, constants: dict, weights: list[Weight], calib: dict[s
             w = by_name[n["attrs"]["weight"]]
             act = activation_after(n, cons)
             stats[w.name] = LayerStats(w, act == "Relu", act)
-            if w.kind == "conv":
-                w.meta["groups"] = n["attrs"].get("group", 1)
     plan = Plan(graph, constants, custom_ops={**dense_builders(by_name, stats), **(extra_ops or {})})
     n = len(next(iter(calib.values())))
     starts = range(0, n, batch_size)
@@ -290,7 +292,10 @@ def calibrate(graph: dict, constants: dict, weights: list[Weight], calib: dict[s
 
 def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | None = None) -> dict:
     """Float, full-weight implementations of the nadoo ops (calibration and reference runs)."""
-    from nadoo.runtime.chunked_ops import activation, conv_fn, gather_rows, linear
+    from nadoo.runtime.activations import activation
+    from nadoo.runtime.chunked.conv import conv_fn
+    from nadoo.runtime.chunked.gather import gather_rows
+    from nadoo.runtime.chunked.linear import linear
 
     def rec(name, x, y):
         if stats is not None:

@@ -56,20 +56,23 @@ def fuse_ffn(graph: dict, consts: dict, weights: list[Weight]) -> tuple[dict, li
     by_name = {w.name: w for w in weights}
     producer = {o: i for i, n in enumerate(nodes) for o in n["outputs"]}
     remove, replace, ffns, taken = set(), {}, [], set()
+    # Exporters merge equal initializers (every zero bias of one size becomes one tensor); a fused
+    # FFN permutes its up bias with its neurons, so each FFN gets its own copy of a shared one.
+    bias_uses = {c: len(cons.get(c, [])) for c in consts}
     for i, a in enumerate(nodes):
         if a.get("domain") != "nadoo" or a["op"] != "ChunkedLinear" or i in taken:
             continue
         up = by_name[a["attrs"]["weight"]]
         R = up.rows
         z, chain, bias = a["outputs"][0], [i], ""
-        if len(a["inputs"]) > 1:  # Gemm-style bias input; it is permuted with the neurons, so it must be ours alone
-            if a["inputs"][1] not in consts or len(cons[a["inputs"][1]]) != 1:
+        if len(a["inputs"]) > 1:  # Gemm-style bias input (a constant: it is permuted with the neurons)
+            if a["inputs"][1] not in consts:
                 continue
             bias = a["inputs"][1]
         after = cons.get(z, [])
         if not bias and len(after) == 1 and after[0]["op"] == "Add" and z not in outputs:
             other = [x for x in after[0]["inputs"] if x != z]
-            if len(other) == 1 and other[0] in consts and consts[other[0]].size == R and len(cons[other[0]]) == 1:
+            if len(other) == 1 and other[0] in consts and consts[other[0]].size == R:
                 bias = other[0]
                 chain.append(producer[after[0]["outputs"][0]])
                 z = after[0]["outputs"][0]
@@ -105,6 +108,11 @@ def fuse_ffn(graph: dict, consts: dict, weights: list[Weight]) -> tuple[dict, li
             continue
         j = producer[down_node["outputs"][0]]
         taken.update((i, j))
+        if bias and bias_uses[bias] > 1:  # shared: this FFN takes a copy, the last user the original
+            bias_uses[bias] -= 1
+            copy = _fresh_name(f"{bias}.{up.name}", consts)
+            consts[copy] = np.array(consts[bias], copy=True)
+            bias = copy
         chain += [producer[n["outputs"][0]] for n in sub]
         remove.update(chain)
         b2 = down_node["inputs"][1] if len(down_node["inputs"]) > 1 else ""
@@ -119,8 +127,15 @@ def fuse_ffn(graph: dict, consts: dict, weights: list[Weight]) -> tuple[dict, li
     new_nodes = [replace.get(k, n) for k, n in enumerate(nodes) if k not in remove or k in replace]
     g = dict(graph, nodes=new_nodes)
     used = {x for n in new_nodes for x in n["inputs"]}
-    g["constants"] = sorted(c for c in graph["constants"] if c in used)
+    g["constants"] = sorted(c for c in set(graph["constants"]) | {f["bias"] for f in ffns if f["bias"]} if c in used)
     return g, weights, ffns
+
+
+def _fresh_name(base: str, taken) -> str:
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}.{k}", k + 1
+    return name
 
 
 def coactivation_order(acts: np.ndarray, n_groups: int, band: int = 4) -> np.ndarray:

@@ -763,13 +763,45 @@ def _export_legacy(module, kwargs_t: dict, input_names, output_names, opset, arr
     return onnx.load_model_from_string(f.getvalue())
 
 
-def _verify_fallback(model, module, kwargs_t, arrays, positional, where):
-    """The legacy exporter traces: Python/numpy code on tensor values becomes constants silently.
-    If onnxruntime is available, check the traced graph on fresh inputs against the module."""
+def _export_torchscript(module, kwargs_t, input_names, output_names, opset, arrays):
+    """TorchScript → a torch.export program (TS2EPConverter re-traces the TorchScript graph into
+    ATen ops, every axis dynamic where the graph allows) → the dynamo ONNX exporter. The legacy
+    exporter lacks ops transformers' models and nn.MultiheadAttention emit (aten::diff,
+    aten::_native_multi_head_attention); the dynamo exporter has them. The inputs' axes are then
+    fixed as for every other torch source: only batch (and the sequence of token ids) stay dynamic."""
+    torch = _import_torch()
+    from torch._export.converter import TS2EPConverter
+
+    from .fastpath import DECOMPOSITIONS
+
+    args = tuple(kwargs_t.values())
+    with _quiet_torch_logs(), contextlib.redirect_stdout(io.StringIO()):
+        ep = TS2EPConverter(module, args).convert()
+        if any(n.target in DECOMPOSITIONS for n in ep.graph.nodes):  # fused fast-path kernels (compiler/fastpath.py)
+            ep = ep.run_decompositions(DECOMPOSITIONS)
+        prog = torch.onnx.export(ep, args, None, dynamo=True, verbose=False, opset_version=opset,
+                                 input_names=input_names, output_names=output_names, external_data=False)
+    model = prog.model_proto
+    dynamic = _dynamic_axes_for(arrays)
+    inits = {i.name for i in model.graph.initializer}
+    for vi, (name, a) in zip([vi for vi in model.graph.input if vi.name not in inits], arrays.items()):
+        for ax, d in enumerate(vi.type.tensor_type.shape.dim):
+            if ax not in dynamic[name] and ax < a.ndim:
+                d.dim_value = int(a.shape[ax])
+    for vi in model.graph.output:  # axes the converter specialised come out as digit-only dim_params
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param.isdigit():
+                d.dim_value = int(d.dim_param)
+    return model
+
+
+def _output_mismatch(model, module, arrays, positional) -> bool:
+    """Whether the ONNX graph, run by onnxruntime on fresh inputs, gives other results than the torch
+    module (False when onnxruntime is missing or the check cannot run)."""
     try:
         import onnxruntime as ort
     except Exception:
-        return
+        return False
     torch = _import_torch()
     rng = np.random.default_rng(1234)
     feeds = {}
@@ -787,14 +819,19 @@ def _verify_fallback(model, module, kwargs_t, arrays, positional, where):
             ref = module(*t.values()) if positional else module(**t)
         ref = [r.detach().numpy() for r in _flatten_outputs(ref)]
     except Exception:
-        return  # cannot verify (e.g. inputs dropped); later checks report structural problems
-    for g, r in zip(got, ref):
-        if g.shape != r.shape or not np.allclose(g, r, atol=1e-3, rtol=1e-3):
-            raise CompileError(
-                f"{where}: ONNX export failed: the torch.export-based exporter failed and the legacy "
-                f"tracing exporter gives different results than the model (data-dependent Python "
-                f"or numpy code in forward?)"
-            )
+        return False  # cannot verify (e.g. inputs dropped); later checks report structural problems
+    return any(g.shape != r.shape or not np.allclose(g, r, atol=1e-3, rtol=1e-3) for g, r in zip(got, ref))
+
+
+def _verify_fallback(model, module, kwargs_t, arrays, positional, where):
+    """The legacy exporter traces: Python/numpy code on tensor values becomes constants silently.
+    If onnxruntime is available, check the traced graph on fresh inputs against the module."""
+    if _output_mismatch(model, module, arrays, positional):
+        raise CompileError(
+            f"{where}: ONNX export failed: the torch.export-based exporter failed and the legacy "
+            f"tracing exporter gives different results than the model (data-dependent Python "
+            f"or numpy code in forward?)"
+        )
 
 
 def _export_module(module, kind, arrays, opset, where):
@@ -832,11 +869,16 @@ def _export_module(module, kind, arrays, opset, where):
     errors = []
     model = None
     target = module if (plain_tensor or kind == "torchscript") else _flat_wrapper(module, input_names)
-    if kind != "torchscript":  # torch.export cannot take a ScriptModule: go straight to the TorchScript exporter
-        try:
+    try:
+        if kind == "torchscript":  # torch.export cannot take a ScriptModule: convert it to a program first
+            model = _export_torchscript(target, kwargs_t, input_names, output_names, opset, arrays)
+            if _output_mismatch(model, target, arrays, positional=True):
+                model = None
+                errors.append(CompileError("the TorchScript → torch.export conversion changes the model's results"))
+        else:
             model = _export_dynamo(target, kwargs_t, input_names, output_names, opset, False, moe_table)
-        except Exception as e:
-            errors.append(e)
+    except Exception as e:
+        errors.append(e)
     if model is None:
         try:
             model = _export_legacy(target, kwargs_t, input_names, output_names, opset, arrays,

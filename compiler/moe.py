@@ -550,7 +550,8 @@ class MoECalibration:
                                     h2=np.zeros((E, F)))
 
     def builders(self, record: bool = True, masks: dict | None = None) -> dict:
-        from nadoo.runtime.moe_op import activation, route
+        from nadoo.runtime.activations import apply as activation
+        from nadoo.runtime.chunked.moe import route
 
         def build(node, ctx):
             l = self.layers[node["attrs"]["moe"]]

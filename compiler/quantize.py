@@ -183,17 +183,15 @@ def _prepare(w, bits, group_size, importance):
     if importance is None:
         imp = np.ones(K, np.float32)
     else:
-        imp = np.asarray(importance, dtype=np.float64).reshape(-1)
-        if imp.shape != (K,):
-            raise CompileError(f"quantize: importance must have shape ({K},), got {np.shape(importance)}")
+        # [K]: every row reads the same inputs; [R, K]: rows read different inputs (grouped conv)
+        imp = np.asarray(importance, dtype=np.float64)
+        if imp.shape not in ((K,), (R, K)):
+            raise CompileError(f"quantize: importance must have shape ({K},) or ({R}, {K}), got {np.shape(importance)}")
         if not np.isfinite(imp).all() or (imp < 0).any():
             raise CompileError("quantize: importance must be finite and >= 0")
-        mean = imp.mean()
-        if mean <= 0:
-            imp = np.ones(K)
-        else:
-            imp = imp / mean + IMP_FLOOR        # normalised: mean ~ 1 (scale-free)
-        imp = imp.astype(np.float32)
+        mean = imp.mean(-1, keepdims=True)
+        # normalised per row: mean ~ 1 (scale-free); a row whose inputs were never excited is uniform
+        imp = np.where(mean > 0, imp / np.where(mean > 0, mean, 1) + IMP_FLOOR, 1.0).astype(np.float32)
     return w, int(group_size), imp
 
 
@@ -274,8 +272,8 @@ def _gptq(w, bits, G, imp, U, shrinks, lsq_each, refine_iters, perm=None):
                 if late.any() and i > b0:
                     cur[:, late] -= err[:, :i - b0] @ U[b0:i][:, cols[late]]
                 W3 = np.ascontiguousarray(cur).reshape(R, 1, len(cols))
-                _, bs, bm = _quantize_block(W3, imp[perm[cols]].reshape(1, 1, -1), qmax, shrinks, lsq_each,
-                                            refine_iters)
+                _, bs, bm = _quantize_block(W3, imp[..., perm[cols]].reshape(-1, 1, len(cols)), qmax, shrinks,
+                                            lsq_each, refine_iters)
                 S[:, g], M[:, g] = bs[:, 0], bm[:, 0]
                 with np.errstate(divide="ignore"):
                     INV[:, g] = np.where(bs[:, 0] > 0, np.float32(1.0) / np.where(bs[:, 0] > 0, bs[:, 0], 1), 0)
@@ -352,7 +350,8 @@ def quantize(w: np.ndarray, bits: int, group_size: int, importance: np.ndarray |
     """Quantize w float32 [R, K] -> (codes uint8 [R, K], scales float16 [R, ng], mins float16 [R, ng]).
 
     ``group_size`` is the effective group size (the caller passes K when K < the compile option).
-    ``importance`` float32 [K] = mean x^2 of the input channels (None = uniform).
+    ``importance`` float32 [K] = mean x^2 of the input channels (None = uniform), or [R, K] when rows
+    read different inputs (a grouped conv: each output channel its own group's input channels).
     ``threads`` > 1 quantizes row blocks in parallel threads (results are identical).
     ``method="rtn"`` gives plain min/max round-to-nearest (the shrink-1.0 candidate only).
     ``hessian`` [K, K] = mean x^T x of the layer input (or ``gptq_u`` = :func:`gptq_factor` of it,
@@ -386,12 +385,12 @@ def quantize(w: np.ndarray, bits: int, group_size: int, importance: np.ndarray |
         wp = np.empty((R, k_pad), np.float32)
         wp[:, :K] = w
         wp[:, K:] = w[:, K - 1:K]
-        ip = np.zeros(k_pad, np.float32)
-        ip[:K] = imp
+        ip = np.zeros(imp.shape[:-1] + (k_pad,), np.float32)
+        ip[..., :K] = imp
     else:
         wp, ip = w, imp
     W3 = wp.reshape(R, ng, G)
-    A3 = ip.reshape(1, ng, G)
+    A3 = ip.reshape(-1, ng, G)  # [1 | R, ng, G]
 
     codes = np.empty((R, k_pad), np.uint8)
     scales = np.empty((R, ng), np.float16)
@@ -400,7 +399,8 @@ def quantize(w: np.ndarray, bits: int, group_size: int, importance: np.ndarray |
 
     def work(r0):
         r1 = min(R, r0 + rows_per)
-        q, bs, bm = _quantize_block(W3[r0:r1], A3, qmax, shrinks, lsq_each, refine_iters)
+        q, bs, bm = _quantize_block(W3[r0:r1], A3 if len(A3) == 1 else A3[r0:r1], qmax, shrinks, lsq_each,
+                                    refine_iters)
         codes[r0:r1] = q.reshape(r1 - r0, k_pad)
         scales[r0:r1] = bs.astype(np.float16)
         mins[r0:r1] = bm.astype(np.float16)
@@ -445,23 +445,19 @@ def quantize_chunks(w: np.ndarray, bounds, bits: int, group_size: int, importanc
     out = []
     for lo, hi in zip(bounds, bounds[1:]):
         p = qcodec.pack(codes[lo:hi], scales[lo:hi], mins[lo:hi], bits, group_size)
-        out.append((p, _errors(np.asarray(w)[lo:hi], p, bits, group_size, importance)))
+        out.append((p, _errors(np.asarray(w)[lo:hi], p, bits, group_size, _rows(importance, lo, hi))))
     return out
+
+
+def _rows(importance, lo: int, hi: int):
+    """The importance of rows lo:hi ([K] is shared by every row)."""
+    return importance if importance is None or np.ndim(importance) == 1 else np.asarray(importance)[lo:hi]
 
 
 def _errors(w, payload, bits, group_size, importance):
     w = np.asarray(w, dtype=np.float32)
     R, K = w.shape
-    wh = qcodec.dequantize(payload, R, K, group_size, bits)
-    d = (w - wh).astype(np.float64)
-    d2 = np.einsum("rk,rk->k", d, d)
-    w2 = np.einsum("rk,rk->k", w.astype(np.float64), w.astype(np.float64))
-    imp = np.ones(K) if importance is None else np.asarray(importance, np.float64).reshape(-1)
-    den = float(imp @ w2)
-    num = float(imp @ d2)
-    out_err = num / den if den > 0 else (0.0 if num == 0 else float("inf"))
-    return {"mse": float(d2.sum() / d.size), "out_err": out_err,
-                     "max_abs": float(np.abs(d).max())}
+    return _errors_of(w, qcodec.dequantize(payload, R, K, group_size, bits), importance)
 
 
 def _nested_from_q4(w, codes4, s4, m4, G, U=None):
@@ -544,17 +540,19 @@ def quantize_nested(w: np.ndarray, bounds, group_size: int, importance: np.ndarr
         errs = {}
         for tier, bits in (("q8", 8), ("q4", 4), ("q2", 2)):
             wh = qcodec.dequantize_nested(planes, hi - lo, w.shape[1], G, bits)
-            errs[tier] = _errors_of(w[lo:hi], wh, importance)
+            errs[tier] = _errors_of(w[lo:hi], wh, _rows(importance, lo, hi))
         out.append((planes, errs))
     return out
 
 
 def _errors_of(w, wh, importance):
     d = (w - wh).astype(np.float64)
-    K = w.shape[1]
-    d2 = np.einsum("rk,rk->k", d, d)
-    w2 = np.einsum("rk,rk->k", w.astype(np.float64), w.astype(np.float64))
-    imp = np.ones(K) if importance is None else np.asarray(importance, np.float64).reshape(-1)
-    den, num = float(imp @ w2), float(imp @ d2)
+    w64 = w.astype(np.float64)
+    if importance is not None and np.ndim(importance) == 2:  # per-row importance [R, K]
+        imp = np.asarray(importance, np.float64)
+        num, den = float(np.einsum("rk,rk,rk->", imp, d, d)), float(np.einsum("rk,rk,rk->", imp, w64, w64))
+    else:
+        imp = np.ones(w.shape[1]) if importance is None else np.asarray(importance, np.float64).reshape(-1)
+        num, den = float(imp @ np.einsum("rk,rk->k", d, d)), float(imp @ np.einsum("rk,rk->k", w64, w64))
     out_err = num / den if den > 0 else (0.0 if num == 0 else float("inf"))
-    return {"mse": float(d2.sum() / d.size), "out_err": out_err, "max_abs": float(np.abs(d).max())}
+    return {"mse": float(np.einsum("rk,rk->", d, d) / d.size), "out_err": out_err, "max_abs": float(np.abs(d).max())}

@@ -58,13 +58,18 @@ def rewrite_weight_ops(graph: dict, constants: dict[str, np.ndarray], min_elemen
             bias = ins[2] if len(ins) > 2 else ""
             b = consts.get(bias) if bias else None
             n_out = consts[ins[1]].shape[0 if attrs.get("transB", 0) else 1]
-            if not bias or (b is not None and b.size == n_out and uses[bias] == 1):
+            if not bias or (b is not None and b.size == n_out):
                 w = consts.pop(ins[1])
                 w = w if attrs.get("transB", 0) else w.T
                 w = np.ascontiguousarray(w * np.float32(attrs.get("alpha", 1.0)), dtype=np.float32)
                 new_ins = [ins[0]]
                 if bias:
-                    consts[bias] = (consts[bias].reshape(-1) * np.float32(attrs.get("beta", 1.0))).astype(np.float32)
+                    b = (b.reshape(-1) * np.float32(attrs.get("beta", 1.0))).astype(np.float32)
+                    if uses[bias] > 1 and (b.shape != consts[bias].shape or not np.array_equal(b, consts[bias])):
+                        # exporters merge equal initializers: a shared bias this node changes becomes its own copy
+                        uses[bias] -= 1
+                        bias = f"{bias}.{ins[1]}"
+                    consts[bias] = b
                     new_ins.append(bias)
                 weights.append(Weight(ins[1], "linear", w, n["name"], ins[0], n["outputs"][0]))
                 new = _node(n, "ChunkedLinear", new_ins, {"weight": ins[1]})
@@ -74,7 +79,9 @@ def rewrite_weight_ops(graph: dict, constants: dict[str, np.ndarray], min_elemen
             new = _node(n, "ChunkedGather", [ins[1]], {"weight": ins[0]})
         elif dom == "" and op == "Conv" and ins[0] not in consts and big_float(ins[1]):
             w = np.ascontiguousarray(consts.pop(ins[1]), dtype=np.float32)
-            weights.append(Weight(ins[1], "conv", w, n["name"], ins[0], n["outputs"][0]))
+            # groups: a grouped conv's output channel o reads only input-channel group o // (Cout / groups)
+            weights.append(Weight(ins[1], "conv", w, n["name"], ins[0], n["outputs"][0],
+                                  {"groups": int(attrs.get("group", 1))}))
             new_attrs = dict(attrs, weight=ins[1])
             new_attrs.setdefault("kernel_shape", list(w.shape[2:]))
             new = _node(n, "ChunkedConv", [ins[0]] + ([ins[2]] if len(ins) > 2 and ins[2] else []), new_attrs)

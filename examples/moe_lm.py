@@ -1,4 +1,4 @@
-"""A real mixture-of-experts LM end to end (issue #7).
+"""A real mixture-of-experts LM end to end.
 
 Trains a small character-level Mixtral (transformers' MixtralForCausalLM as shipped: 2 layers, hidden 128,
 8 experts of 128→256→128 SwiGLU, top-2) on the source of Python's standard library for a few minutes on
@@ -151,7 +151,6 @@ def main():
 
     from nadoo.compiler.pipeline import CompileOptions, compile_model
     from nadoo.runtime import Policy, Session
-    from nadoo.runtime.moe_op import MoEOptions
 
     t = time.time()
     rep = compile_model(out / "moe_lm.pt", out / "moe_lm.ndc",
@@ -186,7 +185,7 @@ def main():
     other = 2 * 2**20  # room for the non-expert layers' decoded weights
     for prefetch in (False, True):
         budget = other + 6 * decoded  # 6 of the 16 experts fit
-        with Session(out / "moe_lm.ndc", Policy(bits="4"), memory_budget=budget, moe=MoEOptions(prefetch=prefetch)) as s:
+        with Session(out / "moe_lm.ndc", Policy(bits="4", prefetch=prefetch), memory_budget=budget) as s:
             read = tok = hits = look = pf_hit = pf_tot = 0
             for w in X[:32]:
                 s.run(None, {"input_ids": w[None]})

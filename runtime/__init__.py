@@ -11,7 +11,7 @@ and the CLI can configure the BLAS thread pool before NumPy is first imported.
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Bundle": "reader", "BundleError": "errors", "InputError": "errors", "NadooError": "errors",
+    "Bundle": "reader", "BundleError": "errors", "InputError": "errors", "ModelError": "errors", "NadooError": "errors",
     "UnsupportedError": "errors", "Policy": "policy", "Session": "session",
 }
 

@@ -15,10 +15,10 @@ import threading
 
 
 class CallStats:
-    """What one call read and looked up. `layers` maps an op's layer record (chunked_ops) to the
-    counters of this call."""
+    """What one call read and looked up. `states` maps an op's own record (a layer's counters, an
+    MoE layer) to what this call counted for it (see `state_for`)."""
 
-    __slots__ = ("bytes_read", "disk_bytes_read", "payloads_read", "cache_hits", "cache_misses", "layers")
+    __slots__ = ("bytes_read", "disk_bytes_read", "payloads_read", "cache_hits", "cache_misses", "states")
 
     def __init__(self):
         self.bytes_read = 0
@@ -26,7 +26,7 @@ class CallStats:
         self.payloads_read = 0
         self.cache_hits = 0
         self.cache_misses = 0
-        self.layers: dict = {}
+        self.states: dict = {}
 
 
 _current: contextvars.ContextVar[CallStats | None] = contextvars.ContextVar("nadoo_call_stats", default=None)
@@ -45,6 +45,18 @@ def collecting():
         yield cs
     finally:
         _current.reset(token)
+
+
+def state_for(owner, new):
+    """The current call's state of `owner`, made by `new()` on first use (a throwaway outside a call).
+    One call runs in one thread, so the state needs no lock."""
+    cs = _current.get()
+    if cs is None:
+        return new()
+    st = cs.states.get(owner)
+    if st is None:
+        st = cs.states[owner] = new()
+    return st
 
 
 def bytes_read() -> int:

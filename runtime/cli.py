@@ -189,9 +189,9 @@ def _load_inputs(path, session) -> dict:
 @click.option("--repeat", default=1, show_default=True, help="Run this many times (warm runs reuse the cache); stats are for the last run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run statistics as one JSON object.")
 @click.option("--stats", is_flag=True, help="Print the run statistics as a table.")
-@click.option("--disable-experts", help="MoE: never route to these experts, LAYER:EXPERT,... (routing renormalized over the rest).")  # [nadoo#7]
-@click.option("--only-experts", help="MoE: in each named layer route only to these experts, LAYER:EXPERT,...")  # [nadoo#7]
-@click.option("--prefetch", is_flag=True, help="MoE: load the next layer's likely experts (its router on this layer's input) ahead of use.")  # [nadoo#7]
+@click.option("--disable-experts", help="MoE: never route to these experts, LAYER:EXPERT,... (routing renormalized over the rest).")
+@click.option("--only-experts", help="MoE: in each named layer route only to these experts, LAYER:EXPERT,...")
+@click.option("--prefetch", is_flag=True, help="MoE: load the next layer's likely experts (its router on this layer's input) ahead of use.")
 @_friendly
 def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fallback, memory_budget, repeat, as_json, stats,
         disable_experts, only_experts, prefetch):
@@ -206,16 +206,9 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
 
     refuse_overwrite(output_path, {"bundle": bundle, "input file": input_path})
     t0 = time.perf_counter()
-    pol = Policy(kind=policy, bits=bits, topk=_parse_topk(topk), predictor=predictor, tau=tau, fallback=fallback)
-    moe = None
-    if disable_experts or only_experts or prefetch:  # [nadoo#7 MoE]
-        from .moe_op import MoEOptions
-
-        moe = MoEOptions(disable=MoEOptions.parse_pairs(disable_experts), only=MoEOptions.parse_pairs(only_experts),
-                         prefetch=prefetch)
-    with Session(bundle, policy=pol, memory_budget=memory_budget, moe=moe) as sess:
-        if moe is not None and sess.moe is None:
-            raise NadooError("--disable-experts/--only-experts/--prefetch need a bundle with MoE layers")
+    pol = Policy(kind=policy, bits=bits, topk=_parse_topk(topk), predictor=predictor, tau=tau, fallback=fallback,
+                 disable_experts=disable_experts, only_experts=only_experts, prefetch=prefetch)
+    with Session(bundle, policy=pol, memory_budget=memory_budget) as sess:
         ref = None
         if input_path:
             feeds = _load_inputs(input_path, sess)
@@ -255,12 +248,10 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
     click.echo(f"read {mib:.2f} MiB ({st['bytes_read'] / dense:.1%} of the fp32 weights), "
                f"{st['chunks_read']}/{st['chunks_total']} chunks, {st['macs'] / max(st['dense_macs'], 1):.1%} of dense MACs, "
                f"{st['latency_s'] * 1e3:.1f} ms")
-    if "moe" in st:  # [nadoo#7 MoE]
-        m = st["moe"]
-        pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
-        click.echo(f"experts: {m['expert_bytes_per_token'] / 1024:.1f} KiB per token of {m['all_expert_bytes'] / 1024:.1f} KiB "
-                   f"({pct(m['expert_fraction_per_token'])}), read {m['expert_bytes_read'] / 1024:.1f} KiB, "
-                   f"cache hit rate {pct(m['cache_hit_rate'])}, prefetch precision {pct(m['prefetch_precision'])}")
+    from .chunked import REGISTRY
+
+    for line in filter(None, (cls.summary(st) for cls in REGISTRY.values())):
+        click.echo(line)
     if stats:
         click.echo(format_stats(st))
 

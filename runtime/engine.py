@@ -5,10 +5,16 @@ A *nadoo graph* is a JSON-serializable dict (see compiler/onnx_to_graph.py)::
     {"opset": {"": 18}, "inputs": [{"name", "dtype", "shape"}], "outputs": [...],
      "nodes": [{"op", "domain", "name", "inputs", "outputs", "attrs"}], "constants": [names]}
 
-:class:`Plan` resolves every node to a Python callable once (custom ops first, then the built-in NumPy ops in
+validated by :class:`nadoo.runtime.schema.Graph` (the one place graphs are checked). :class:`Plan`
+resolves every node to a Python callable once (custom ops first, then the built-in NumPy ops in
 ``nadoo.runtime.ops``, then - only if needed, and only where ``onnx`` is installed - a per-node
 ``onnx.reference`` fallback), assigns every value an integer slot, and computes after which node each
-intermediate can be released. :meth:`Plan.run` is then a tight loop over precomputed steps.
+intermediate can be released. :meth:`Plan.run` is then a tight loop over precomputed steps, which
+refuses any step that would exceed the run-time size caps (format.MIN_VALUE_CAP and friends) before
+its kernel allocates: a small bundle cannot make a run allocate or compute without bound.
+
+Every failure is a NadooError: a builder that cannot use a node's attributes or constant inputs raises
+ModelError at plan build; a kernel that fails on the inputs raises InputError.
 
 This module imports NumPy only (never onnx at import time, never torch).
 """
@@ -18,9 +24,12 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .errors import BundleError, InputError, UnsupportedError
+from .errors import InputError, ModelError, NadooError, UnsupportedError
+from .format import MAX_ELEMENTS, MIN_VALUE_CAP, VALUE_CAP_PER_BYTE, WORK_PER_ELEMENT
 from .ops import REGISTRY, Fallback
 from .ops.shape import decode_tensor_attr
+from .ops.sizes import SIZE_RULES
+from .schema import Graph, is_int, is_number, normalize_domain
 
 Builder = Callable[[dict, "BuildContext"], Callable[..., Any]]
 
@@ -29,19 +38,20 @@ __all__ = ["Plan", "BuildContext", "Builder", "build_node"]
 
 class BuildContext:
     """What a builder may look at: the node, its attributes, which inputs are constants, the opset,
-    and `state`: the plan owner's per-sequence state for stateful ops (KV caches), or None."""
+    (for size rules of the nadoo ops) the shapes of the chunked weights the plan's model holds, and
+    `state`: the plan owner's per-sequence state for stateful ops (KV caches), or None."""
 
-    __slots__ = ("node", "attrs", "_consts", "opset", "opsets", "n_inputs", "n_outputs", "state")
+    __slots__ = ("node", "attrs", "_consts", "opset", "opsets", "n_inputs", "n_outputs", "weight_shapes", "state")
 
-    def __init__(self, node: dict, consts: list, opsets: Mapping[str, int], state: Any = None):
+    def __init__(self, node: dict, consts: list, opsets: Mapping[str, int],
+                 weight_shapes: Mapping[str, tuple] | None = None, state: Any = None):
         self.node = node
+        self.weight_shapes = weight_shapes or {}
         self.state = state
         self.attrs = node.get("attrs") or {}
         self._consts = consts
         self.opsets = dict(opsets)
-        dom = node.get("domain", "") or ""
-        if dom == "ai.onnx":
-            dom = ""
+        dom = normalize_domain(node.get("domain", "") or "")
         self.opset = int(self.opsets.get(dom) or (18 if dom == "" else 1))
         self.n_inputs = len(node.get("inputs", []))
         self.n_outputs = len(node.get("outputs", []))
@@ -57,6 +67,38 @@ class BuildContext:
             raise UnsupportedError(f"operator {self.node.get('op')} node {self.node.get('name', '')!r} "
                                    f"misses required attribute {name!r}")
         return default
+
+    def _typed(self, name: str, default, ok, kind: str, convert):
+        if name not in self.attrs:
+            return self.attr(name, default)
+        v = self.attrs[name]
+        if not ok(v):
+            raise ModelError(f"operator {self.node.get('op')} node {self.node.get('name', '')!r}: attribute "
+                             f"{name!r} must be {kind}, got {str(v)[:60]}")
+        return convert(v)
+
+    # Typed attribute access: a value of the wrong type for the operator is a ModelError at plan build.
+    def attr_int(self, name: str, default: Any = ...) -> int:
+        return self._typed(name, default, lambda v: is_int(v) or type(v) is bool, "an int", int)
+
+    def attr_float(self, name: str, default: Any = ...) -> float:
+        return self._typed(name, default, lambda v: is_number(v) or type(v) is bool, "a number", float)
+
+    def attr_str(self, name: str, default: Any = ...) -> str:
+        return self._typed(name, default, lambda v: isinstance(v, str), "a string", str)
+
+    def attr_ints(self, name: str, default: Any = ...) -> list[int]:
+        return self._typed(name, default, lambda v: isinstance(v, list) and all(is_int(x) for x in v),
+                           "a list of ints", list)
+
+    def attr_floats(self, name: str, default: Any = ...) -> list[float]:
+        return self._typed(name, default, lambda v: isinstance(v, list) and all(is_number(x) for x in v),
+                           "a list of numbers", lambda v: [float(x) for x in v])
+
+    def attr_tensor(self, name: str, default: Any = ...) -> np.ndarray:
+        """A tensor attribute (a plain number is taken as a 0-d tensor)."""
+        return self._typed(name, default, lambda v: (isinstance(v, dict) and "tensor" in v) or is_number(v),
+                           "a tensor", decode_tensor_attr)
 
     def has_input(self, i: int) -> bool:
         ins = self.node.get("inputs", [])
@@ -143,28 +185,55 @@ def _fallback_builder(node: dict, ctx: BuildContext):
         res = ev.run(None, feeds)
         res = [np.asarray(r) for r in res]
         return res[0] if n_out == 1 else tuple(res)
+    f.onnx_reference = True  # marks the callable for Plan.fallback_nodes
     return f
 
 
 def build_node(node: dict, consts: list, opsets: Mapping[str, int],
                custom_ops: Mapping[tuple[str, str], Builder] | None = None, state: Any = None) -> Callable:
-    """Resolve one node to a callable: custom ops, then built-ins, then the onnx.reference fallback."""
+    """Resolve one node to a callable: custom ops, then built-ins, then the onnx.reference fallback.
+    A builder that cannot use the node (attribute of the wrong type or value, unusable constant input)
+    raises ModelError naming the node, whatever it raised itself."""
     op = node["op"]
-    domain = node.get("domain", "") or ""
-    if domain == "ai.onnx":
-        domain = ""
-    ctx = BuildContext(node, consts, opsets, state)
-    if custom_ops:
-        b = custom_ops.get((domain, op))
+    domain = normalize_domain(node.get("domain", "") or "")
+    ctx = BuildContext(node, consts, opsets, state=state)
+    try:
+        if custom_ops:
+            b = custom_ops.get((domain, op))
+            if b is not None:
+                return b(node, ctx)
+        b = REGISTRY.get((domain, op))
         if b is not None:
-            return b(node, ctx)
-    b = REGISTRY.get((domain, op))
-    if b is not None:
-        try:
-            return b(node, ctx)
-        except Fallback:
-            pass
-    return _fallback_builder(node, ctx)
+            try:
+                return b(node, ctx)
+            except Fallback:
+                pass
+        return _fallback_builder(node, ctx)
+    except NadooError:
+        raise
+    except Exception as e:
+        raise ModelError(f"node {node.get('name') or op} ({op}): cannot be built from its attributes and "
+                         f"constant inputs: {type(e).__name__}: {e}") from None
+
+
+def _size_rule(node: dict, ctx_args: tuple):
+    """The node's size rule (ops/sizes.py) built once, or None. A rule that cannot read the node's
+    attributes is a ModelError like a builder's."""
+    rule = SIZE_RULES.get((normalize_domain(node.get("domain", "") or ""), node["op"]))
+    if rule is None:
+        return None
+    try:
+        return rule(node, BuildContext(node, *ctx_args))
+    except NadooError:
+        raise
+    except Exception as e:
+        raise ModelError(f"node {node.get('name') or node['op']} ({node['op']}): {type(e).__name__}: {e}") from None
+
+
+def value_cap(model_bytes: int, input_bytes: int) -> int:
+    """The most elements one value of a run may have (spec §5, running): a floor for small models,
+    growing with the model's and the inputs' size."""
+    return min(MAX_ELEMENTS, max(MIN_VALUE_CAP, VALUE_CAP_PER_BYTE * (model_bytes + input_bytes)))
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -172,20 +241,26 @@ _INT_KINDS = "iu"
 
 
 class Plan:
-    """A graph resolved to callables. ``Plan(graph, constants).run({name: array}) -> [outputs]``."""
+    """A graph resolved to callables. ``Plan(graph, constants).run({name: array}) -> [outputs]``.
 
-    def __init__(self, graph: dict, constants: Mapping[str, np.ndarray],
-                 custom_ops: dict[tuple[str, str], Builder] | None = None, state: Any = None):
-        self.graph = graph
-        opsets = {("" if k == "ai.onnx" else k): int(v) for k, v in (graph.get("opset") or {}).items()}
-        self._inputs = [dict(i) for i in graph.get("inputs", [])]
-        self._outputs = [dict(o) for o in graph.get("outputs", [])]
-        nodes = graph.get("nodes", [])
+    model_bytes: the size of the model the graph belongs to (a Session passes the bundle's payload
+    bytes; default: the constants' bytes); with the inputs' bytes it scales the run-time value cap
+    (`value_cap`). max_elements: a fixed cap instead. weight_shapes: shapes of the chunked weights that
+    nadoo nodes name, so their outputs are checked before they are computed too. state: per-sequence
+    state of stateful ops (kv_cache.SequenceState), owned and reset by the caller."""
 
-        const_names = list(graph.get("constants", []))
-        missing = [n for n in const_names if n not in constants]
-        if missing:
-            raise BundleError(f"constant tensor {missing[0]!r} is missing ({len(missing)} missing in total)")
+    def __init__(self, graph: dict | Graph, constants: Mapping[str, np.ndarray],
+                 custom_ops: dict[tuple[str, str], Builder] | None = None, model_bytes: int | None = None,
+                 max_elements: int | None = None, weight_shapes: Mapping[str, tuple] | None = None,
+                 state: Any = None):
+        g = Graph.from_json(graph.to_json() if isinstance(graph, Graph) else graph, constants=constants)
+        self.graph = g.to_json()
+        opsets = dict(g.opset)
+        self._inputs = [i.to_json() for i in g.inputs]
+        self._outputs = [o.to_json() for o in g.outputs]
+        self.model_bytes = int(model_bytes if model_bytes is not None
+                               else sum(int(np.asarray(constants[n]).nbytes) for n in g.constants))
+        self.max_elements = max_elements
 
         slots: dict[str, int] = {}
 
@@ -197,72 +272,57 @@ class Plan:
 
         slot("")  # slot 0: omitted optional input -> always None
         init: dict[int, np.ndarray] = {}
-        const_set = set()
-        for n in const_names:
+        const_set = set(g.constants)
+        for n in g.constants:
             init[slot(n)] = constants[n]
-            const_set.add(n)
-        in_names = [i["name"] for i in self._inputs]
+        in_names = [i.name for i in g.inputs]
         for n in in_names:
-            if n in const_set:
-                raise BundleError(f"graph input {n!r} is also a constant")
             slot(n)
-
-        # which value is produced where (to validate references)
-        known = set(const_set) | set(in_names) | {""}
-        for k, nd in enumerate(nodes):
-            for n in nd.get("inputs", []):
-                if n not in known:
-                    raise BundleError(f"node {nd.get('name') or k} ({nd['op']}) uses {n!r} before it is defined")
-            for n in nd.get("outputs", []):
-                if n:
-                    known.add(n)
-        for o in self._outputs:
-            if o["name"] not in known:
-                raise BundleError(f"graph output {o['name']!r} is never produced")
 
         # liveness: last node index that reads each value
         last_use: dict[str, int] = {}
-        for k, nd in enumerate(nodes):
-            for n in nd.get("inputs", []):
+        for k, nd in enumerate(g.nodes):
+            for n in nd.inputs:
                 if n:
                     last_use[n] = k
-        keep = set(o["name"] for o in self._outputs) | const_set | set(in_names)
+        keep = set(o.name for o in g.outputs) | const_set | set(in_names)
 
         # consumers per value (for in-place reuse of fresh, single-use intermediates)
         n_consumers: dict[str, int] = {}
-        for nd in nodes:
-            for n in set(nd.get("inputs", [])):
+        for nd in g.nodes:
+            for n in set(nd.inputs):
                 if n:
                     n_consumers[n] = n_consumers.get(n, 0) + 1
         fresh: set[str] = set()
 
-        steps = []
-        for k, nd in enumerate(nodes):
-            ins = list(nd.get("inputs", []))
+        steps, labels = [], []
+        for k, nd in enumerate(g.nodes):
+            ins = list(nd.inputs)
             # trailing omitted inputs are dropped, so builders' default args kick in
             while ins and ins[-1] == "":
                 ins.pop()
             consts = [constants[n] if n in const_set else None for n in ins]
-            node_view = dict(nd)
+            node_view = nd.to_json()
             node_view["inputs"] = ins
             fn = build_node(node_view, consts, opsets, custom_ops, state)
-            dom = nd.get("domain", "") or ""
-            if not (custom_ops and (dom, nd["op"]) in custom_ops):
-                if dom == "" and nd["op"] in _INPLACE_UFUNCS and len(ins) == 2:
+            need = _size_rule(node_view, (consts, opsets, weight_shapes))
+            dom, op = nd.domain, nd.op
+            if not (custom_ops and (dom, op) in custom_ops):
+                if dom == "" and op in _INPLACE_UFUNCS and len(ins) == 2:
                     cand = [j for j, n in enumerate(ins) if n in fresh and n not in keep
                             and n_consumers.get(n) == 1]
                     if cand:
-                        fn = _inplace_binary(_INPLACE_UFUNCS[nd["op"]], cand[0], fn)
-                if dom == "" and nd["op"] in _FRESH_OPS:
-                    fresh.update(o for o in nd.get("outputs", []) if o)
+                        fn = _inplace_binary(_INPLACE_UFUNCS[op], cand[0], fn)
+                if dom == "" and op in _FRESH_OPS:
+                    fresh.update(o for o in nd.outputs if o)
             in_slots = tuple(slot(n) for n in ins)
-            outs = list(nd.get("outputs", []))
+            outs = list(nd.outputs)
             out_slots = tuple(slot(n) if n else -1 for n in outs)
             frees = tuple(sorted({slot(n) for n in ins if n and n not in keep and last_use.get(n) == k}
                                  | {slot(n) for n in outs if n and n not in keep and n not in last_use}))
             single = len(outs) == 1
-            steps.append((fn, in_slots, out_slots[0] if single else out_slots, single, frees,
-                          nd.get("name") or f"{nd['op']}_{k}", nd["op"]))
+            steps.append((fn, in_slots, out_slots[0] if single else out_slots, single, frees, need))
+            labels.append((f"{nd.name} ({op})", op, nd.name))
 
         self._n_slots = len(slots)
         self._init = [None] * self._n_slots
@@ -270,13 +330,10 @@ class Plan:
             self._init[s] = v
         self._slots = slots
         self._steps = steps
-        self._fast_steps = [(fn, ins, out, single, frees) for fn, ins, out, single, frees, _, _ in steps]
+        self._labels = labels
         self._in_slots = [slots[n] for n in in_names]
-        self._out_slots = [slots[o["name"]] for o in self._outputs]
-        self._input_specs = []
-        for i in self._inputs:
-            dt = np.dtype(i["dtype"]) if i.get("dtype") else None
-            self._input_specs.append((i["name"], dt, i.get("shape")))
+        self._out_slots = [slots[o.name] for o in g.outputs]
+        self._input_specs = [(i.name, np.dtype(i.dtype) if i.dtype else None, i.shape) for i in g.inputs]
 
     # ------------------------------------------------------------------ properties
     @property
@@ -297,6 +354,11 @@ class Plan:
 
     def __len__(self) -> int:
         return len(self._steps)
+
+    @property
+    def fallback_nodes(self) -> list[str]:
+        """Names of the nodes that run through the onnx.reference fallback."""
+        return [lab[2] for s, lab in zip(self._steps, self._labels) if getattr(s[0], "onnx_reference", False)]
 
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, feeds: Mapping[str, Any]) -> list[np.ndarray]:
@@ -340,56 +402,66 @@ class Plan:
     # ------------------------------------------------------------------ run
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run the graph; returns the outputs in graph["outputs"] order."""
+        return self._execute(feeds, None)
+
+    def run_profile(self, feeds: Mapping[str, np.ndarray], by: str = "op") -> tuple[list[np.ndarray], dict[str, float]]:
+        """Like run, but also returns total seconds spent per op type (by="node": per node name)."""
+        prof: dict[str, float] = {}
+        return self._execute(feeds, prof, 2 if by == "node" else 1), prof
+
+    def _execute(self, feeds, prof: dict | None, label: int = 1) -> list[np.ndarray]:
         arrays = self._check_inputs(feeds)
+        cap = self.max_elements or value_cap(self.model_bytes, sum(int(a.nbytes) for a in arrays))
+        work_cap = WORK_PER_ELEMENT * cap
         env = self._init.copy()
         for s, a in zip(self._in_slots, arrays):
             env[s] = a
+        clock = None
+        if prof is not None:
+            import time
+
+            clock = time.perf_counter
+        k = 0
         try:
-            for fn, ins, out, single, frees in self._fast_steps:
-                r = fn(*[env[i] for i in ins])
+            for k, (fn, ins, out, single, frees, need) in enumerate(self._steps):
+                args = [env[i] for i in ins]
+                if need is not None:
+                    elements, macs = need(*args)
+                    if elements > cap or macs > work_cap:
+                        self._refuse(k, elements, macs, cap)
+                if clock is not None:
+                    t = clock()
+                r = fn(*args)
+                if clock is not None:
+                    key = self._labels[k][label]
+                    prof[key] = prof.get(key, 0.0) + clock() - t
                 if single:
+                    if getattr(r, "size", 0) > cap:  # a broadcast view counts at its logical size
+                        self._too_big(k, r.size, cap)
                     env[out] = r
                 else:
                     for o, v in zip(out, r):
+                        if getattr(v, "size", 0) > cap:
+                            self._too_big(k, v.size, cap)
                         if o >= 0:
                             env[o] = v
                 for f in frees:
                     env[f] = None
-        except (InputError, UnsupportedError):
+        except NadooError:
             raise
         except Exception as e:
-            step = self._locate_failure(fn)
-            raise InputError(f"model failed at node {step}: {type(e).__name__}: {e}") from e
+            raise InputError(f"model failed at node {self._labels[k][0]}: {type(e).__name__}: {e}") from e
         return [_finalize(env[s]) for s in self._out_slots]
 
-    def _locate_failure(self, fn) -> str:
-        for step in self._steps:
-            if step[0] is fn:
-                return f"{step[5]} ({step[6]})"
-        return "?"
+    def _refuse(self, k: int, elements: int, macs: int, cap: int):
+        if elements > cap:
+            self._too_big(k, elements, cap)
+        raise ModelError(f"node {self._labels[k][0]} would do {macs:,} multiply-adds, over the run's cap of "
+                         f"{WORK_PER_ELEMENT * cap:,} (format_spec/NDC-v1.md §5)")
 
-    def run_profile(self, feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, float]]:
-        """Like run, but also returns total seconds spent per op type (for benchmarks)."""
-        import time
-
-        arrays = self._check_inputs(feeds)
-        env = self._init.copy()
-        for s, a in zip(self._in_slots, arrays):
-            env[s] = a
-        prof: dict[str, float] = {}
-        for fn, ins, out, single, frees, name, op in self._steps:
-            t = time.perf_counter()
-            r = fn(*[env[i] for i in ins])
-            prof[op] = prof.get(op, 0.0) + time.perf_counter() - t
-            if single:
-                env[out] = r
-            else:
-                for o, v in zip(out, r):
-                    if o >= 0:
-                        env[o] = v
-            for f in frees:
-                env[f] = None
-        return [_finalize(env[s]) for s in self._out_slots], prof
+    def _too_big(self, k: int, elements: int, cap: int):
+        raise ModelError(f"node {self._labels[k][0]} would produce {elements:,} elements, over the run's cap of "
+                         f"{cap:,} (format_spec/NDC-v1.md §5)")
 
 
 # ops whose (first) output is always a newly allocated array that no other value aliases

@@ -10,8 +10,18 @@ class BundleError(NadooError):
     """The .ndc file is missing, truncated, corrupt, or of a version/feature we cannot read."""
 
 
+def corrupt(msg: str):
+    """Raise the BundleError of an index or payload that breaks a rule of the format."""
+    raise BundleError(f"corrupt bundle: {msg}")
+
+
 class InputError(NadooError):
     """Inputs given to a run do not match the model (name, shape, dtype, missing)."""
+
+
+class ModelError(NadooError):
+    """The model cannot run as written: an operator's attributes or constant inputs do not fit it, or a
+    step would exceed the run-time size caps (format_spec/NDC-v1.md §5)."""
 
 
 class UnsupportedError(NadooError):

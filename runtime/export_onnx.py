@@ -1,18 +1,18 @@
 """Turn a bundle back into a plain ONNX model (weights dequantized at one tier), for ONNX Runtime,
 Netron, or any other ONNX tool. Needs the `onnx` package (the `ort` extra); imported lazily.
 
-The nadoo ops become their standard equivalents: ChunkedLinear → MatMul (+ Add), ChunkedGather →
-Gather, ChunkedConv → Conv, ChunkedFFN → MatMul, Add, Relu / GELU, MatMul, Add.
+Standard nodes are copied; each nadoo node becomes its standard equivalent, written by its op class
+(`ChunkedOp.export`: ChunkedLinear → MatMul (+ Add), ChunkedFFN → MatMul, Add, Relu / GELU, MatMul,
+Add, ...); an op without one (MoE) makes the bundle not exportable yet.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .errors import NadooError, UnsupportedError
+from .chunked import REGISTRY, ChunkedOp
+from .errors import NadooError
 from .reader import Bundle
-
-_SQRT1_2 = 0.7071067811865476
 
 
 def _onnx():
@@ -35,71 +35,70 @@ def _attr(helper, numpy_helper, k, v):
     return helper.make_attribute(k, v)
 
 
+class Exporter:
+    """The plain-ONNX graph being built; `ChunkedOp.export` adds a node's equivalent through it."""
+
+    def __init__(self, bundle: Bundle, tier: str):
+        _, self.helper, self.numpy_helper = _onnx()
+        self.bundle, self.tier = bundle, tier
+        self.nodes: list = []
+        self.inits: dict[str, np.ndarray] = {}
+        self._counter = 0
+
+    def weight(self, name: str, transposed: bool = False) -> np.ndarray:
+        """Chunked tensor `name` dequantized at the export tier ([K, R] when `transposed`)."""
+        e = self.bundle.tensors[name]
+        if self.tier not in e.tiers:
+            raise NadooError(f"bundle stores no {self.tier} tier for {name}")
+        w = self.bundle.read_weight(name, self.tier)
+        return np.ascontiguousarray(w.reshape(e.rows, e.row_len).T if transposed else w)
+
+    def fresh(self, base: str) -> str:
+        self._counter += 1
+        return f"{base}__nadoo{self._counter}"
+
+    def initializer(self, name: str, array: np.ndarray) -> None:
+        self.inits[name] = array
+
+    def constant(self, value: float) -> str:
+        """A new float32 scalar initializer; its name."""
+        name = self.fresh("c")
+        self.inits[name] = np.array(value, np.float32)
+        return name
+
+    def add(self, op: str, ins: list, outs: list, **attrs) -> None:
+        """A standard ONNX node with plain attribute values."""
+        self.nodes.append(self.helper.make_node(op, ins, outs, name=self.fresh(op), **attrs))
+
+    def add_node(self, op: str, ins: list, outs: list, attrs: dict, name: str | None = None, domain: str = "") -> None:
+        """A node with attributes as a nadoo graph stores them (tensors, empty lists)."""
+        self.nodes.append(_node_with_attrs(self.helper, self.numpy_helper, op, ins, outs, name or self.fresh(op), domain,
+                                           attrs))
+
+    def matmul(self, x: str, wname: str, w: np.ndarray, bias: str, out: str) -> None:
+        """out = x·w (+ bias), w an initializer named `wname`."""
+        self.inits[wname] = w
+        if bias:
+            mid = self.fresh("mm")
+            self.add("MatMul", [x, wname], [mid])
+            self.add("Add", [mid, bias], [out])
+        else:
+            self.add("MatMul", [x, wname], [out])
+
+
 def bundle_to_onnx(b: Bundle, tier: str = "q8"):
     """An onnx.ModelProto computing what the bundle computes densely at `tier` ('f32', 'q8', 'q4', 'q2')."""
     onnx, helper, numpy_helper = _onnx()
     graph = b.read_graph()
     consts = dict(b.read_constants())
-    inits: dict[str, np.ndarray] = {}
-    nodes = []
-    counter = [0]
-
-    def weight(name, transposed=False):
-        e = b.tensors[name]
-        if tier not in e.tiers:
-            raise NadooError(f"bundle stores no {tier} tier for {name}")
-        w = b.read_weight(name, tier)
-        return np.ascontiguousarray(w.reshape(e.rows, e.row_len).T if transposed else w)
-
-    def fresh(base):
-        counter[0] += 1
-        return f"{base}__nadoo{counter[0]}"
-
-    def add(op, ins, outs, **attrs):
-        nodes.append(helper.make_node(op, ins, outs, name=fresh(op), **attrs))
-
-    def linear(x, wname, w, bias, out):
-        inits[wname] = w
-        if bias:
-            mid = fresh("mm")
-            add("MatMul", [x, wname], [mid])
-            add("Add", [mid, bias], [out])
-        else:
-            add("MatMul", [x, wname], [out])
-
+    ex = Exporter(b, tier)
     for n in graph["nodes"]:
-        op, dom, ins, outs, attrs = n["op"], n.get("domain", ""), n["inputs"], n["outputs"], n.get("attrs", {})
+        dom = n.get("domain", "")
         if dom != "nadoo":
-            nodes.append(_node_with_attrs(helper, numpy_helper, op, ins, outs, n.get("name") or fresh(op), dom, attrs))
+            ex.add_node(n["op"], n["inputs"], n["outputs"], n.get("attrs", {}), n.get("name") or ex.fresh(n["op"]), dom)
             continue
-        if op == "ChunkedLinear":
-            linear(ins[0], attrs["weight"], weight(attrs["weight"], transposed=True), ins[1] if len(ins) > 1 else "", outs[0])
-        elif op == "ChunkedGather":
-            inits[attrs["weight"]] = weight(attrs["weight"])
-            add("Gather", [attrs["weight"], ins[0]], outs, axis=0)
-        elif op == "ChunkedConv":
-            inits[attrs["weight"]] = weight(attrs["weight"]).reshape(b.tensors[attrs["weight"]].shape)
-            conv_attrs = {k: v for k, v in attrs.items() if k != "weight"}
-            nodes.append(_node_with_attrs(helper, numpy_helper, "Conv", [ins[0], attrs["weight"]] + ins[1:2], outs,
-                                          fresh("Conv"), "", conv_attrs))
-        elif op == "ChunkedFFN":
-            up, down = attrs["up"], attrs["down"]
-            z, h = fresh("z"), fresh("h")
-            linear(ins[0], up, weight(up, transposed=True), ins[1] if len(ins) > 1 else "", z)
-            if attrs["activation"] == "Relu":
-                add("Relu", [z], [h])
-            else:  # GELU = 0.5·z·(1 + erf(z/√2)), in ops every opset has
-                c, half, one = fresh("c"), fresh("half"), fresh("one")
-                inits[c], inits[half], inits[one] = (np.array(v, np.float32) for v in (_SQRT1_2, 0.5, 1.0))
-                t1, t2, t3, t4 = (fresh("g") for _ in range(4))
-                add("Mul", [z, c], [t1])
-                add("Erf", [t1], [t2])
-                add("Add", [t2, one], [t3])
-                add("Mul", [z, t3], [t4])
-                add("Mul", [t4, half], [h])
-            linear(h, down, weight(down), ins[2] if len(ins) > 2 else "", outs[0])
-        else:
-            raise UnsupportedError(f"nadoo.{op} has no plain-ONNX equivalent yet; export is not possible for this bundle")
+        REGISTRY.get(n["op"], ChunkedOp).export(n, ex)
+    nodes, inits = ex.nodes, ex.inits
 
     used = {i for nd in nodes for i in nd.input}
     for k, v in consts.items():
@@ -148,7 +147,7 @@ class OrtSession:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise NadooError("--engine ort needs onnxruntime (pip install 'nadoo[ort]')") from None
+            raise NadooError("OrtSession needs onnxruntime (pip install 'nadoo[ort]')") from None
         with Bundle.open(path) as b:
             model = bundle_to_onnx(b, tier)
         so = ort.SessionOptions()

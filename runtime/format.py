@@ -39,14 +39,34 @@ CODECS = {CODEC_RAW: "raw", CODEC_ZSTD: "zstd"}
 # Hard caps: the reader checks every one before it allocates anything (spec §5).
 MAX_PREAMBLE_SIZE = 4096
 MIN_ALIGNMENT, MAX_ALIGNMENT = 8, 1 << 20
-MAX_INDEX_BYTES = 64 << 20
+MAX_INDEX_BYTES = 16 << 20  # measured: MiniLM's index is 0.2 MiB, a 270M-parameter LM's ~1.5 MiB
 MAX_PAYLOADS = 1 << 22
 MAX_PAYLOAD_RAW = 1 << 31
+MAX_JSON_PAYLOAD = 16 << 20  # graph and profile, decoded; measured: MiniLM's graph is 43 KiB
+# Parsed JSON costs Python ~25x its text in objects and arrays, ~10x in numbers and strings: at most
+# one object/array per JSON_BYTES_PER_CONTAINER bytes (+ a floor) keeps a parse within ~15x the text.
+# Measured on real bundles: >= 29 bytes per object/array (a graph of small nodes), indexes >= 69.
+JSON_BYTES_PER_CONTAINER = 8
+MAX_JSON_CONTAINERS_FLOOR = 1024
+# The decoded size of all zstd payloads together: <= ZSTD_MAX_RATIO x their stored size + ZSTD_SLACK.
+# Measured aggregate ratios: 1.1 (quantized tiers) to 9.4 (a pruned model's mostly-zero chunks); single
+# small payloads reach ~740x (an all-but-empty chunk), which is why the bound is on the sum.
+ZSTD_MAX_RATIO = 64
+ZSTD_SLACK = 16 << 20  # a small file may still decode to 16 MiB (its q2 weights to ~13x that in float32)
 MAX_NAME_LEN = 512
 MAX_GROUP_SIZE = 1 << 16
 MAX_RANK = 8
 MAX_DIM = 1 << 31
 MAX_ELEMENTS = 1 << 34
+
+# Run-time caps (spec §5, "running"): no operator may produce a value (a broadcast view counts at its
+# logical size) of more than max(MIN_VALUE_CAP, VALUE_CAP_PER_BYTE x (model bytes + input bytes))
+# elements, nor MAX_ELEMENTS; a MatMul/Gemm/Conv/pool may do at most WORK_PER_ELEMENT multiply-adds per
+# element of that cap. So a small bundle cannot make a run allocate or compute without bound, while a
+# big model or a big input scales its own cap.
+MIN_VALUE_CAP = 1 << 26  # elements: 256 MiB of float32
+VALUE_CAP_PER_BYTE = 16
+WORK_PER_ELEMENT = 1024
 
 # Precision tiers a chunk may be stored at; the key is what the index uses.
 TIERS = ("f32", "q8", "q4", "q2")

@@ -118,10 +118,12 @@ class LanguageModel:
 
 
 class _Totals:
-    """Statistics summed over the calls of one generation (or perplexity run)."""
+    """Statistics summed over the calls of one generation (or perplexity run); `chunks_total` stays
+    the chunks the layers hold."""
 
-    _SUMS = ("bytes_read", "disk_bytes_read", "payloads_read", "chunks_read", "chunks_total", "macs", "dense_macs",
+    _SUMS = ("bytes_read", "disk_bytes_read", "payloads_read", "chunks_read", "macs", "dense_macs",
              "cache_hits", "cache_misses")
+    _LAYER_SUMS = ("chunks_read", "bytes_read", "macs", "dense_macs")
 
     def __init__(self):
         self.sums = dict.fromkeys(self._SUMS, 0)
@@ -132,10 +134,10 @@ class _Totals:
         self.calls += 1
         for k in self._SUMS:
             self.sums[k] += st[k]
+        self.sums["chunks_total"] = st["chunks_total"]
         for name, layer in st["layers"].items():
-            acc = self.layers.setdefault(name, {**layer, "chunks_read": 0, "chunks_total": 0, "bytes_read": 0,
-                                                "macs": 0, "dense_macs": 0})
-            for k in ("chunks_read", "chunks_total", "bytes_read", "macs", "dense_macs"):
+            acc = self.layers.setdefault(name, {**layer, **dict.fromkeys(self._LAYER_SUMS, 0)})
+            for k in self._LAYER_SUMS:
                 acc[k] += layer[k]
 
     def as_dict(self, session) -> dict:

@@ -6,14 +6,17 @@ from collections import Counter
 
 import numpy as np
 
+from .chunked import REGISTRY
 from .format import CODECS, TIERS
 from .reader import Bundle
 
 
 def bundle_facts(b: Bundle) -> dict:
+    """Everything here comes from validated objects (reader + runtime/schema.py): no key is missing,
+    no value has the wrong type."""
     ix = b.index
     t = b.table
-    graph = b.read_graph() if ix.get("graph") is not None else None
+    graph = b.graph() if ix.get("graph") is not None else None
     facts = {
         "path": b.path,
         "format_version": f"{b.preamble.major}.{b.preamble.minor}",
@@ -22,21 +25,21 @@ def bundle_facts(b: Bundle) -> dict:
         "bundle_bytes": b.file_size,
         "payload_count": int(len(t)),
         "alignment": b.preamble.alignment,
-        "dense_fp32_weight_bytes": int(ix.get("stats", {}).get("dense_fp32_weight_bytes", 0)),
-        "stats": ix.get("stats", {}),
+        "dense_fp32_weight_bytes": b.stats.dense_fp32_weight_bytes,
+        "stats": b.stats.raw,
     }
     if graph is not None:
-        ops = Counter(f"{n['domain'] + '.' if n.get('domain') else ''}{n['op']}" for n in graph["nodes"])
+        ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op}" for n in graph.nodes)
         facts["graph"] = {
-            "inputs": graph.get("inputs", []),
-            "outputs": graph.get("outputs", []),
-            "node_count": len(graph["nodes"]),
+            "inputs": [i.to_json() for i in graph.inputs],
+            "outputs": [o.to_json() for o in graph.outputs],
+            "node_count": len(graph.nodes),
             "ops": dict(sorted(ops.items())),
         }
-    consts = ix.get("constants")
+    consts = b.constants_table
     facts["inline_constants"] = {
-        "count": len(consts["tensors"]) if consts else 0,
-        "bytes": int(t["raw"][consts["payload"]]) if consts else 0,
+        "count": len(consts.tensors) if consts else 0,
+        "bytes": int(t["raw"][consts.payload]) if consts else 0,
     }
     rows = []
     for e in b.tensors.values():
@@ -76,10 +79,8 @@ def bundle_facts(b: Bundle) -> dict:
     profile = b.read_profile()
     if profile is not None:
         facts["profile"] = profile
-    if b.moe:  # [nadoo#7 MoE] experts and their calibration usage
-        from .moe_info import moe_facts
-
-        facts["moe"] = moe_facts(b, profile)
+    for cls in REGISTRY.values():  # op families with facts of their own
+        facts.update(cls.describe(b, profile) or {})
     return facts
 
 
@@ -136,10 +137,10 @@ def format_facts(f: dict) -> str:
     if prof:
         out.append("")
         out.append(format_profile(prof))
-    if f.get("moe"):  # [nadoo#7 MoE]
-        from .moe_info import format_moe
-
-        out += ["", format_moe(f["moe"])]
+    for cls in REGISTRY.values():
+        text = cls.format_description(f)
+        if text:
+            out += ["", text]
     return "\n".join(out)
 
 

@@ -10,15 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import qcodec
-from .errors import BundleError
+from .activations import ACTIVATIONS
+from .errors import corrupt as _fail
 from .format import MAX_DIM, MAX_NAME_LEN, TIER_BITS, TIERS
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 MAX_EXPERTS = 1 << 16
-
-
-def _fail(msg: str):
-    raise BundleError(f"corrupt bundle: {msg}")
 
 
 class ExpertMat:
@@ -88,7 +84,7 @@ def _int(d, key, lo, hi, what):
 
 
 def validate_moe(bundle, items, used: set) -> dict[str, MoEEntry]:
-    """Check the `moe` index list; `bundle._pid` enforces id range and single reference."""
+    """Check the `moe` index list; `bundle.claim_payload` enforces id range and single reference."""
     if items is None:
         return {}
     if not isinstance(items, list):
@@ -146,7 +142,7 @@ def validate_moe(bundle, items, used: set) -> dict[str, MoEEntry]:
                     _fail(f"{what} expert {i} {m}: errors must be an object")
                 mat = ExpertMat(shape, {}, errors)
                 for tier, pid in tiers.items():
-                    bundle._pid(pid, f"{what} expert {i} {m} tier {tier}", used)
+                    bundle.claim_payload(pid, f"{what} expert {i} {m} tier {tier}", used)
                     if int(raw_len[pid]) != mat.nbytes(tier, G):
                         _fail(f"{what} expert {i} {m} tier {tier}: payload length does not match the layout")
                     mat.tiers[tier] = pid

@@ -12,19 +12,43 @@
 - `bits="alloc"`: the per-chunk tiers chosen at compile time under a bits/weight budget.
 - `bits="auto"`: precision by activity: the hottest quarter of a layer's chunks at 8 bits, the
   coldest quarter at 2, the rest at 4.
+- Mixture-of-experts layers: `disable_experts` / `only_experts` ("LAYER:EXPERT,...") mask experts out
+  of routing, `prefetch` loads the next layer's likely experts ahead of use; under `bits="auto"` a
+  token's expert runs at 8 bits when its routing weight is >= `auto_threshold`, else at 4.
 Embedding (gather) layers always read only the rows an input looks up: exact, free savings.
+
+Every op asks `plan` (chunked tensors) or `expert_tiers` (experts) and decides nothing of this itself.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import InputError
 
 BITS_TO_TIER = {"8": "q8", "4": "q4", "2": "q2", "float": "f32", "32": "f32", "f32": "f32"}
+# a tier the bundle lacks is replaced by the nearest one it has (never silently by float32)
+_NEAREST = {"q8": ("q8", "q4", "q2", "f32"), "q4": ("q4", "q8", "q2", "f32"), "q2": ("q2", "q4", "q8", "f32")}
+MODES = ("dense", "subset", "predict", "oracle", "empty")
+
+
+@dataclass
+class LayerPlan:
+    """How one chunked layer runs, decided once when the session opens.
+
+    mode: `dense` every chunk; `subset` the chunks `keep` on every call; `predict` per input, the
+    top `k` by the stored sketch; `oracle` per input, the top `k` by the exact product; `empty`
+    no chunk (every one pruned away: the bias alone is left)."""
+
+    tiers: list[str]  # tier of each chunk
+    mode: str
+    keep: np.ndarray | None  # subset: the chunk ids read on every call
+    k: int  # predict / oracle: chunks kept per input
+    dense_fallback: bool  # a routable layer kept dense by `fallback`
+    skip: np.ndarray  # chunks never read (empty after pruning): predict / oracle drop them too
 
 
 @dataclass
@@ -35,9 +59,16 @@ class Policy:
     predictor: str = "auto"  # "auto" (sketch where the bundle has one, else static) | "sketch" | "static" | "oracle"
     tau: float = 0.0
     fallback: float = 0.0  # concentration below which a routable layer runs dense
+    # experts: "0:3,1:5" or [(layer, expert)], layer = MoE layer index (graph order) or name
+    disable_experts: str | list = field(default_factory=list)
+    only_experts: str | list = field(default_factory=list)  # in each layer named, only these
+    prefetch: bool = False
+    auto_threshold: float = 0.5
 
     def __post_init__(self):
         self.bits = str(self.bits)
+        self.disable_experts = _pairs(self.disable_experts)
+        self.only_experts = _pairs(self.only_experts)
         if self.kind not in ("dense", "topk"):
             raise InputError(f"unknown policy {self.kind!r} (dense or topk)")
         if self.bits not in ("auto", "alloc") and self.bits not in BITS_TO_TIER:
@@ -58,10 +89,50 @@ class Policy:
         k = math.ceil(t * n_chunks) if isinstance(t, float) else int(t)
         return max(1, min(n_chunks, k))
 
+    def skipped(self, entry) -> np.ndarray:
+        """Chunks never read: empty in the bundle, or whose largest |w| is below tau·max|W| (all zero
+        after pruning)."""
+        cm = entry.meta.get("chunk_absmax")
+        empty = np.asarray(next(iter(entry.tiers.values()))) < 0
+        if self.tau <= 0 or cm is None:
+            return empty
+        return empty | (np.asarray(cm) < self.tau * float(entry.meta["absmax"]))
+
+    def plan(self, entry, profile: dict, predictor_available: bool = False, skip_of=None,
+             can_route: bool = True) -> LayerPlan:
+        """The plan of a chunked layer. `profile`: its calibration record ({} without one);
+        `predictor_available`: the bundle stores a sketch for it; `skip_of`: the tensor whose empty
+        chunks make a chunk of this layer worthless (default: its own; an FFN neuron group adds
+        nothing only when its *down* rows are empty); `can_route`: False for ops that read what their
+        input names (a gather's rows) or everything (a conv), whatever the profile says."""
+        n = entry.n_chunks
+        activity = np.asarray(profile["chunk_activity"]) if "chunk_activity" in profile else None
+        tiers = self.tiers_for(entry, set(entry.tiers), activity)
+        skip = self.skipped(entry if skip_of is None else skip_of)
+        routed = (self.kind == "topk" and can_route
+                  and bool(entry.meta.get("routable", profile.get("routable", False))))
+        dense_fallback = routed and profile.get("concentration", 1.0) < self.fallback
+        k = n
+        if routed and not dense_fallback:
+            k = self.k_for(n)
+            predictor = self.predictor
+            if predictor == "auto":
+                predictor = "sketch" if predictor_available else "static"
+            if predictor == "oracle" or (predictor == "sketch" and predictor_available):
+                return LayerPlan(tiers, "oracle" if predictor == "oracle" else "predict", None, k, False, skip)
+            # static: the profile's most active chunks among those that are read at all
+            ranked = np.where(skip, -np.inf, activity if activity is not None else np.ones(n)).astype(float)
+            keep = np.sort(np.argsort(-ranked, kind="stable")[:k])
+            keep = keep[~skip[keep]]
+        else:
+            keep = np.flatnonzero(~skip)
+        mode = "dense" if len(keep) == n else "empty" if len(keep) == 0 else "subset"
+        return LayerPlan(tiers, mode, keep if mode == "subset" else None, k, dense_fallback, skip)
+
     def tiers_for(self, entry, available: set[str], activity: np.ndarray | None) -> list[str]:
         """The tier of each chunk of a tensor."""
         n = entry.n_chunks
-        if self.bits == "alloc":  # [#5] the compile-time mixed-precision allocation (--bits-per-weight)
+        if self.bits == "alloc":  # the compile-time mixed-precision allocation (--bits-per-weight)
             alloc = entry.meta.get("alloc")
             if alloc is None or len(alloc) != n:
                 if entry.kind not in ("linear", "conv", "gather", "ffn_up", "ffn_down"):
@@ -83,9 +154,87 @@ class Policy:
             tiers[int(i)] = "q8"
         for i in order[n - q :] if q else []:
             tiers[int(i)] = "q2"
-        # a tier the bundle lacks falls back to the nearest one it has (never silently to float32)
-        near = {"q8": ("q8", "q4", "q2", "f32"), "q4": ("q4", "q8", "q2", "f32"), "q2": ("q2", "q4", "q8", "f32")}
-        return [next(x for x in near[t] if x in available) for t in tiers]
+        return [next(x for x in _NEAREST[t] if x in available) for t in tiers]
+
+    # -- experts ----------------------------------------------------------------------------------
+    def expert_tiers(self, entry, weights: np.ndarray, alloc: dict | None = None) -> list[str]:
+        """The tier of each (token, expert) pair by its routing weight. `alloc`: the bundle's `alloc`
+        index entry (for --bits alloc)."""
+        if self.bits == "auto":
+            hi = "q8" if "q8" in entry.tiers else entry.tiers[-1]
+            lo = "q4" if "q4" in entry.tiers else entry.tiers[-1]
+            return np.where(weights >= self.auto_threshold, hi, lo).tolist()
+        t = self._alloc_expert_tier(entry, alloc) if self.bits == "alloc" else BITS_TO_TIER[self.bits]
+        if t not in entry.tiers:
+            hint = " (compile with --keep-float)" if t == "f32" else ""
+            raise InputError(f"bundle stores no {t} tier for MoE layer {entry.name}{hint}")
+        return [t] * len(weights)
+
+    @staticmethod
+    def _alloc_expert_tier(entry, alloc) -> str:
+        """The compile-time allocation (--bits-per-weight B) covers the chunked tensors, not experts:
+        under --bits alloc experts run at the largest quantized tier whose bits fit B (q8 from 8
+        bits/weight, q4 from 4, else q2), or the nearest one the layer stores."""
+        budget = alloc.get("bits_per_weight") if isinstance(alloc, dict) else None
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise InputError("bundle stores no allocation (compile with --bits-per-weight)")
+        want = "q8" if budget >= 8 else "q4" if budget >= 4 else "q2"
+        return next((t for t in _NEAREST[want][:3] if t in entry.tiers), want)
+
+    def check_experts(self, layers: dict) -> None:
+        """Every (layer, expert) the options name exists; `layers` = {name: n_experts} in index order."""
+        names = list(layers)
+        for layer, e in self.disable_experts + self.only_experts:
+            name = names[layer] if isinstance(layer, int) and 0 <= layer < len(names) else layer
+            if name not in layers:
+                raise InputError(f"no MoE layer {layer!r} (the bundle has {len(names)}: 0..{len(names) - 1} or {names[:3]}…)")
+            if not 0 <= e < layers[name]:
+                raise InputError(f"MoE layer {layer}: expert {e} out of range 0..{layers[name] - 1}")
+
+    def experts_enabled(self, idx: int, name: str, n_experts: int) -> np.ndarray:
+        """Which experts of MoE layer `idx` (graph order) called `name` routing may pick."""
+        keys = (idx, name)
+        on = np.ones(n_experts, bool)
+        only = [e for layer, e in self.only_experts if layer in keys]
+        if only:
+            on[:] = False
+            on[only] = True
+        for layer, e in self.disable_experts:
+            if layer in keys:
+                on[e] = False
+        if not on.any():
+            raise InputError(f"MoE layer {idx} ({name}): every expert is disabled")
+        return on
+
+    def expert_options_set(self) -> bool:
+        return bool(self.disable_experts or self.only_experts or self.prefetch)
+
+
+def _pairs(value) -> list:
+    """'0:3,1:5' or 'model.layers.0.mlp:3' (or such pairs already split) → [(0, 3), (1, 5)]."""
+    if not value:
+        return []
+    if not isinstance(value, str):
+        out = []
+        for pair in value:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and type(pair[1]) is int):
+                raise InputError(f"expert {pair!r}: use (LAYER, EXPERT), e.g. (0, 3)")
+            out.append((pair[0], pair[1]))
+        return out
+    out = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        layer, sep, e = part.rpartition(":")
+        if not sep or not layer:
+            raise InputError(f"expert {part!r}: use LAYER:EXPERT, e.g. 0:3")
+        try:
+            ex = int(e)
+        except ValueError:
+            raise InputError(f"expert {part!r}: the expert must be an integer") from None
+        out.append((int(layer) if layer.isdigit() else layer, ex))
+    return out
 
 
 def parse_size(text) -> int | None:

@@ -7,7 +7,6 @@ from the file is counted, so run statistics can report exactly what an inference
 
 from __future__ import annotations
 
-import json
 import mmap as _mmap
 import os
 import stat
@@ -18,12 +17,22 @@ import numpy as np
 
 from . import qcodec
 from .callstats import count_read
-from .errors import BundleError
+from .errors import BundleError, corrupt
 from .files import mapped_read, open_regular
 from .format import (
-    CODEC_RAW, CODEC_ZSTD, CODECS, DTYPES, MAX_DIM, MAX_GROUP_SIZE, MAX_ELEMENTS, MAX_NAME_LEN, MAX_PAYLOAD_RAW, MAX_RANK,
-    PREAMBLE_SIZE, TABLE_DTYPE, TIER_BITS, TIERS, Preamble, align_up,
+    CODEC_RAW, CODEC_ZSTD, CODECS, MAX_GROUP_SIZE, MAX_INDEX_BYTES, MAX_JSON_PAYLOAD, MAX_PAYLOAD_RAW, PREAMBLE_SIZE,
+    TABLE_DTYPE, TIER_BITS, TIERS, ZSTD_MAX_RATIO, ZSTD_SLACK, Preamble, align_up,
 )
+from .moe_index import validate_moe
+from .schema import (
+    ConstantsTable, Graph, Profile, Stats, check_dtype, check_index_info, check_name, check_shape, check_tensor_facts,
+    load_json,
+)
+
+# Index and table are read in one positioned read when at most this many bytes lie between them (the
+# writer pads to 8); a larger gap is legal but never read.
+_MAX_READ_GAP = 4096
+_TABLE_BLOCK = 1 << 16  # records checked per vectorised step
 
 _zstd = None
 
@@ -92,33 +101,7 @@ class TensorEntry:
         return qcodec.payload_nbytes(r, self.row_len, self.effective_group(), TIER_BITS[tier])
 
 
-def _fail(msg: str):
-    raise BundleError(f"corrupt bundle: {msg}")
-
-
-def _check_name(x, what: str) -> str:
-    if not isinstance(x, str) or not 0 < len(x) <= MAX_NAME_LEN:
-        _fail(f"{what} must be a string of 1..{MAX_NAME_LEN} characters")
-    return x
-
-
-def _check_shape(shape, what: str) -> int:
-    if not isinstance(shape, list) or len(shape) > MAX_RANK:
-        _fail(f"{what}: shape must be a list of at most {MAX_RANK} dims")
-    n = 1
-    for d in shape:
-        if type(d) is not int or not 0 <= d <= MAX_DIM:
-            _fail(f"{what}: bad dimension {d!r}")
-        n *= d
-    if n > MAX_ELEMENTS:
-        _fail(f"{what}: {n} elements exceed the cap")
-    return n
-
-
-def _check_dtype(dt, what: str) -> np.dtype:
-    if dt not in DTYPES:
-        _fail(f"{what}: unsupported dtype {dt!r}")
-    return np.dtype(dt).newbyteorder("<")
+_fail = corrupt
 
 
 class Bundle:
@@ -170,45 +153,73 @@ class Bundle:
     def _open_index(self) -> None:
         head = os.pread(self._fd, PREAMBLE_SIZE, 0)
         self.preamble = p = Preamble.parse(head, self.file_size)
-        tail = self._pread(p.index_offset, self.file_size - p.index_offset)
-        self.index_bytes = PREAMBLE_SIZE + len(tail)
-        index_raw = tail[: p.index_length]
-        table_raw = tail[p.table_offset - p.index_offset :]
+        index_end = p.index_offset + p.index_length
+        table_len = p.table_count * TABLE_DTYPE.itemsize
+        if p.table_offset - index_end <= _MAX_READ_GAP:
+            tail = memoryview(self._pread(p.index_offset, self.file_size - p.index_offset))  # slices: no copies
+            index_raw, table_raw = bytes(tail[: p.index_length]), tail[p.table_offset - p.index_offset :]
+            self.index_bytes = PREAMBLE_SIZE + len(tail)
+        else:  # a gap between index and table is never read (it may be a sparse hole of any size)
+            index_raw, table_raw = self._pread(p.index_offset, p.index_length), self._pread(p.table_offset, table_len)
+            self.index_bytes = PREAMBLE_SIZE + len(index_raw) + len(table_raw)
         crc = zlib.crc32(table_raw, zlib.crc32(index_raw))
         if crc != p.index_crc32:
             _fail("index checksum mismatch")
-        try:
-            index = json.loads(index_raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            _fail("index is not valid UTF-8 JSON")
+        index = load_json(index_raw, "index", MAX_INDEX_BYTES)
         if not isinstance(index, dict):
             _fail("index must be a JSON object")
         self.table = np.frombuffer(table_raw, dtype=TABLE_DTYPE)
+        self._table_u8 = np.frombuffer(table_raw, np.uint8).reshape(len(self.table), TABLE_DTYPE.itemsize)
         self._check_table()
         self.index = index
         self._validate_index()
 
     def _check_table(self) -> None:
+        """Rule 5 over up to 2^22 records, vectorised in blocks (temporaries stay small next to the table
+        itself) and in uint64: each value is first bounded by the index offset (< 2^63), so offset + stored
+        cannot wrap."""
         t, p = self.table, self.preamble
         if len(t) == 0:
             return
-        off = t["offset"].astype(object)  # exact integer arithmetic for the range checks
-        end = off + t["stored"].astype(object)
-        if np.any(t["offset"] % p.alignment != 0):
-            _fail("payload offset not aligned")
-        if off[0] < align_up(p.preamble_size, p.alignment) or end[-1] > p.index_offset:
-            _fail("payload outside the payload area")
-        if len(t) > 1 and np.any(off[1:] < end[:-1]):
-            _fail("payload ranges overlap or are not sorted")
-        if np.any(~np.isin(t["codec"], list(CODECS))):
-            _fail(f"unknown payload codec {sorted(set(t['codec'].tolist()) - set(CODECS))}")
-        if np.any(t["raw"] > MAX_PAYLOAD_RAW):
-            _fail("payload raw length exceeds the cap")
-        raw = t["codec"] == CODEC_RAW
-        if np.any(t["stored"][raw] != t["raw"][raw]):
-            _fail("uncompressed payload whose stored and raw lengths differ")
-        if np.any(np.frombuffer(t.tobytes(), np.uint8).reshape(len(t), -1)[:, 29:] != 0):
-            _fail("reserved bytes of the payload table are not zero")
+        limit, align = np.uint64(p.index_offset), np.uint64(p.alignment)
+        known = np.zeros(256, bool)
+        known[list(CODECS)] = True
+        prev_end = align_up(p.preamble_size, p.alignment)  # the payload area starts here
+        z_raw = z_stored = 0
+        for lo in range(0, len(t), _TABLE_BLOCK):
+            blk = t[lo : lo + _TABLE_BLOCK]
+            off, stored, raw, codec = blk["offset"], blk["stored"], blk["raw"], blk["codec"]
+            if np.any(off > limit) or np.any(stored > limit):
+                _fail("payload outside the payload area")
+            end = off + stored
+            if np.any(off % align != 0):
+                _fail("payload offset not aligned")
+            if int(off[0]) < prev_end:  # before the payload area, or before the previous block's end
+                _fail("payload outside the payload area" if lo == 0 else "payload ranges overlap or are not sorted")
+            if np.any(off[1:] < end[:-1]):
+                _fail("payload ranges overlap or are not sorted")
+            if int(end.max()) > p.index_offset:
+                _fail("payload outside the payload area")
+            prev_end = int(end[-1])
+            if not known[codec].all():
+                _fail(f"unknown payload codec {sorted(set(np.unique(codec).tolist()) - set(CODECS))}")
+            if np.any(raw > np.uint64(MAX_PAYLOAD_RAW)):
+                _fail("payload raw length exceeds the cap")
+            is_raw = codec == CODEC_RAW
+            if np.any((stored != raw) & is_raw):
+                _fail("uncompressed payload whose stored and raw lengths differ")
+            if self._table_u8[lo : lo + _TABLE_BLOCK, 29:].any():
+                _fail("reserved bytes of the payload table are not zero")
+            z_raw += int(raw[~is_raw].sum(dtype=np.uint64))  # raw <= 2^31: no block sum can wrap
+            z_stored += int(stored[~is_raw].sum(dtype=np.uint64))
+        if z_raw > ZSTD_MAX_RATIO * z_stored + ZSTD_SLACK:
+            _fail(f"compressed payloads decode to {z_raw} bytes from {z_stored}, more than the spec's "
+                  f"{ZSTD_MAX_RATIO}x + {ZSTD_SLACK >> 20} MiB")
+
+    def claim_payload(self, x, what: str, used: set) -> int:
+        """Payload id `x` of an index entry: in range and referenced by nothing else in `used` (for
+        validators of index keys outside this module)."""
+        return self._pid(x, what, used)
 
     def _pid(self, x, what: str, used: set, allow_empty: bool = False) -> int:
         if type(x) is not int or not (-1 if allow_empty else 0) <= x < len(self.table):
@@ -222,9 +233,9 @@ class Bundle:
     def _check_raw_tensor(self, d, what: str, used: set) -> None:
         if not isinstance(d, dict):
             _fail(f"{what} must be an object")
-        _check_name(d.get("name"), f"{what} name")
-        dt = _check_dtype(d.get("dtype"), what)
-        n = _check_shape(d.get("shape"), what)
+        check_name(d.get("name"), f"{what} name")
+        dt = check_dtype(d.get("dtype"), what)
+        n = check_shape(d.get("shape"), what)
         pid = self._pid(d.get("payload"), what, used)
         if int(self.table["raw"][pid]) != n * dt.itemsize:
             _fail(f"{what}: payload length does not match shape and dtype")
@@ -233,24 +244,20 @@ class Bundle:
         ix, used = self.index, set()
         if ix.get("format") != "ndc":
             _fail("index 'format' is not 'ndc'")
+        check_index_info(ix)
+        self.stats = Stats.from_json(ix.get("stats", {}))
         for key in ("graph", "profile"):
             if ix.get(key) is not None:
-                self._pid(ix[key], key, used)
+                pid = self._pid(ix[key], key, used)
+                if int(self.table["raw"][pid]) > MAX_JSON_PAYLOAD:
+                    _fail(f"{key} payload decodes to {int(self.table['raw'][pid])} bytes, over the cap of {MAX_JSON_PAYLOAD}")
         consts = ix.get("constants")
+        self.constants_table: ConstantsTable | None = None
         if consts is not None:
-            if not isinstance(consts, dict) or not isinstance(consts.get("tensors"), list):
+            if not isinstance(consts, dict):
                 _fail("'constants' must be an object with a 'tensors' list")
             pid = self._pid(consts.get("payload"), "constants", used)
-            blob = int(self.table["raw"][pid])
-            for c in consts["tensors"]:
-                if not isinstance(c, dict):
-                    _fail("constant entry must be an object")
-                _check_name(c.get("name"), "constant name")
-                dt = _check_dtype(c.get("dtype"), f"constant {c['name']}")
-                n = _check_shape(c.get("shape"), f"constant {c['name']}")
-                off = c.get("offset")
-                if type(off) is not int or off < 0 or off + n * dt.itemsize > blob:
-                    _fail(f"constant {c['name']} lies outside the constants payload")
+            self.constants_table = ConstantsTable.from_json(consts, int(self.table["raw"][pid]))
         sample = ix.get("sample")
         if sample is not None:
             if not isinstance(sample, dict):
@@ -268,13 +275,13 @@ class Bundle:
         for d in tensors:
             if not isinstance(d, dict):
                 _fail("tensor entry must be an object")
-            name = _check_name(d.get("name"), "tensor name")
+            name = check_name(d.get("name"), "tensor name")
             if name in self.tensors:
                 _fail(f"tensor {name} listed twice")
             if not isinstance(d.get("kind"), str):
                 _fail(f"tensor {name}: missing kind")
             shape = d.get("shape")
-            if _check_shape(shape, f"tensor {name}") == 0 or len(shape) < 2:
+            if check_shape(shape, f"tensor {name}") == 0 or len(shape) < 2:
                 _fail(f"tensor {name}: a chunked tensor needs rank >= 2 and no zero dims")
             g = d.get("group_size")
             if type(g) is not int or not 1 <= g <= MAX_GROUP_SIZE:
@@ -291,18 +298,18 @@ class Bundle:
             for t, pids in tiers.items():
                 if not isinstance(pids, list) or len(pids) != len(b) - 1:
                     _fail(f"tensor {name}: tier {t} must list one payload per chunk")
+                for pid in pids:  # ids are checked before TensorEntry turns them into int64 arrays
+                    self._pid(pid, f"tensor {name} tier {t}", used, allow_empty=True)
             e = TensorEntry(d)
             for t, pids in tiers.items():
                 for i, pid in enumerate(pids):
-                    if self._pid(pid, f"tensor {name} tier {t}", used, allow_empty=True) >= 0:
-                        if int(self.table["raw"][pid]) != e.payload_nbytes(t, i):
-                            _fail(f"tensor {name} tier {t} chunk {i}: payload length does not match the layout")
+                    if pid >= 0 and int(self.table["raw"][pid]) != e.payload_nbytes(t, i):
+                        _fail(f"tensor {name} tier {t} chunk {i}: payload length does not match the layout")
             if nested is not None:
                 self._check_nested(e, nested, used)
+            check_tensor_facts(d, e.n_chunks, set(e.tiers), f"tensor {name}")
             self.tensors[name] = e
-        # [nadoo#7 MoE] NDC 1.1 key `moe`: experts stored as chunk groups (runtime/moe_index.py, spec §4.5)
-        from .moe_index import validate_moe
-
+        # NDC 1.1 key `moe`: experts stored as chunk groups (runtime/moe_index.py, spec §4.5)
         self.moe = validate_moe(self, ix.get("moe"), used)
         from .lm_index import validate_lm  # NDC 1.1 key `lm`: a language model's tokenizer and settings (spec §4.6)
 
@@ -383,11 +390,19 @@ class Bundle:
             return data
         return bytes(stored) if not isinstance(stored, bytes) else stored
 
-    def read_json(self, pid: int):
-        try:
-            return json.loads(self.read_payload(pid).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            _fail(f"payload {pid} is not valid JSON")
+    def read_json(self, pid: int, what: str | None = None):
+        """A JSON payload (graph, profile), parsed within the spec's caps (format.MAX_JSON_PAYLOAD)."""
+        return load_json(self.read_payload(pid), what or f"payload {pid}", MAX_JSON_PAYLOAD)
+
+    @property
+    def weight_shapes(self) -> dict[str, tuple]:
+        """Shape of every chunked weight (rows first), for the engine's size checks of nadoo ops."""
+        return {n: e.shape for n, e in self.tensors.items()}
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of all payloads as stored: the bundle's real content, which scales run-time caps."""
+        return int(self.table["stored"].sum(dtype=np.uint64))
 
     @staticmethod
     def _array(data: bytes, dtype: str, shape) -> np.ndarray:
@@ -398,28 +413,36 @@ class Bundle:
         return self._array(self.read_payload(d["payload"]), d["dtype"], d["shape"])
 
     def read_constants(self) -> dict[str, np.ndarray]:
-        c = self.index.get("constants")
-        if not c:
+        c = self.constants_table
+        if c is None:
             return {}
-        blob = self.read_payload(c["payload"])
-        out = {}
-        for e in c["tensors"]:
-            dt = np.dtype(e["dtype"]).newbyteorder("<")
-            n = int(np.prod(e["shape"], dtype=np.int64))
-            out[e["name"]] = np.frombuffer(blob, dtype=dt, count=n, offset=e["offset"]).reshape(e["shape"])
-        return out
+        blob = self.read_payload(c.payload)
+        return {e.name: np.frombuffer(blob, dtype=e.dtype, count=e.count, offset=e.offset).reshape(e.shape)
+                for e in c.tensors}
 
-    def read_graph(self) -> dict:
+    def graph(self) -> Graph:
+        """The graph payload, validated (spec §4.3) against this bundle's constants, tensors and MoE layers."""
         if self.index.get("graph") is None:
             raise BundleError("bundle has no graph")
-        g = self.read_json(self.index["graph"])
-        if not isinstance(g, dict) or not isinstance(g.get("nodes"), list):
-            _fail("graph payload is not a graph object")
-        return g
+        g = self.read_json(self.index["graph"], "graph")
+        consts = self.constants_table.names if self.constants_table else set()
+        return Graph.from_json(g, where="corrupt bundle: graph", constants=consts, weights=self.tensors, moe=self.moe)
+
+    def read_graph(self) -> dict:
+        """The validated graph as a JSON-shaped dict (what `engine.Plan` takes)."""
+        return self.graph().to_json()
+
+    def profile(self) -> Profile | None:
+        """The calibration profile, validated (spec §4.4): layers name chunked tensors, one value per chunk."""
+        pid = self.index.get("profile")
+        if pid is None:
+            return None
+        return Profile.from_json(self.read_json(pid, "profile"), chunks={n: e.n_chunks for n, e in self.tensors.items()},
+                                 experts={n: m.n_experts for n, m in self.moe.items()})
 
     def read_profile(self) -> dict | None:
-        pid = self.index.get("profile")
-        return None if pid is None else self.read_json(pid)
+        p = self.profile()
+        return None if p is None else p.to_json()
 
     def decode_chunk(self, tensor: TensorEntry, i: int, tier: str, data: bytes | dict | None = None) -> np.ndarray:
         """Chunk i of a tensor at a tier as float32 [rows_in_chunk, row_len]; all-zero for an empty chunk.
@@ -476,7 +499,3 @@ class Bundle:
             self.close()
         except Exception:
             pass
-
-
-def open_bundle(path, use_mmap: bool = False) -> Bundle:
-    return Bundle.open(path, use_mmap)

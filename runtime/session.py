@@ -22,9 +22,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from . import callstats
+from . import callstats, chunked
 from .cache import ChunkCache
-from .chunked_ops import ChunkedOps
 from .engine import Plan
 from .errors import InputError
 from .kv_cache import SequenceState
@@ -58,40 +57,38 @@ class Session:
     reads; a read past the end of a file truncated while open raises BundleError, but a truncation racing
     with the copy of a mapped range can still kill the process with SIGBUS (positioned reads cannot)."""
 
-    def __init__(self, path, policy: Policy | None = None, memory_budget=None, use_mmap: bool = False, moe=None,
+    def __init__(self, path, policy: Policy | None = None, memory_budget=None, use_mmap: bool = False,
                  pin_fraction: float = 0.5):
         self.bundle = Bundle.open(path, use_mmap=use_mmap)
         try:
             self.policy = policy or Policy()
-            self.cache = ChunkCache(parse_size(memory_budget))
-            self.moe = None  # [nadoo#7 MoE] experts: frequency-aware cache (same budget) + the MoE op; moe = MoEOptions
-            if self.bundle.moe:
-                from .moe_op import ExpertCache, MoEOps
-
-                self.cache = ExpertCache(parse_size(memory_budget))
-                self.moe = MoEOps(self.bundle, self.policy, self.cache, moe)
+            for cls in chunked.REGISTRY.values():
+                cls.check_policy(self.policy, self.bundle)
             graph = self.bundle.read_graph()
             constants = self.bundle.read_constants()
-            profile = self.bundle.read_profile() if self.policy.kind == "topk" or self.policy.bits == "auto" else None
-            self.ops = ChunkedOps(self.bundle, self.policy, self.cache, profile)
+            classes = chunked.classes_in(graph)
+            self.cache = ChunkCache(parse_size(memory_budget), victim=chunked.cache_victim(classes))
+            need_profile = self.policy.kind == "topk" or self.policy.bits == "auto"
+            profile = (self.bundle.read_profile() if need_profile else None) or {}
+            env = chunked.OpEnv(self.bundle, chunked.WeightStore(self.bundle, self.cache, self.policy.tau),
+                                self.policy, profile)
             self.state = SequenceState()  # a language model's KV caches (runtime/generate.py)
-            self.plan = Plan(graph, constants, custom_ops={**self.ops.builders(), **(self.moe.builders() if self.moe else {})},
+            self.plan = Plan(graph, constants, custom_ops=chunked.builders(env),
+                             model_bytes=self.bundle.payload_bytes, weight_shapes=self.bundle.weight_shapes,
                              state=self.state)
+            self.ops = env.ops  # one ChunkedOp per nadoo node, graph order
+            self._families = {cls: [op for op in self.ops if type(op) is cls] for cls in classes}
             # Under a budget, a top-k run pins the profile's hottest chunks (most inputs need them) in up to
-            # `pin_fraction` of the budget; the rest of the budget is LRU.
+            # `pin_fraction` of the budget; the rest of the budget is evicted by the victim strategy.
             self.pinned_bytes = 0
             if self.cache.budget is not None and self.policy.kind == "topk" and pin_fraction > 0:
-                self.pinned_bytes = self.ops.pin_hot(int(self.cache.budget * pin_fraction))
+                self.pinned_bytes = chunked.pin_hot(self.ops, env.store, int(self.cache.budget * pin_fraction))
             self.open_bytes = self.bundle.index_bytes + self.bundle.bytes_read  # index + graph/constants/profile + pins
             self.bundle.reset_counters()
         except BaseException:
             self.bundle.close()  # a failed construction must not leak the file descriptor
             raise
         self._local = threading.local()
-        # MoEOps keeps each call's routing statistics and the next layer's prefetch guess in per-layer
-        # records shared by all calls (runtime/moe_op.py), so calls of a bundle with MoE layers take
-        # turns; everything else (the chunked ops, reader, cache) counts per call and runs concurrently.
-        self._moe_turn = threading.Lock() if self.moe else None
 
     @property
     def last_stats(self) -> dict:
@@ -115,13 +112,7 @@ class Session:
             unknown = [n for n in output_names if n not in names]
             if unknown:
                 raise InputError(f"unknown output {unknown[0]!r}; the model's outputs are {names}")
-        if self._moe_turn is None:
-            outs, st = self._call(feeds)
-        else:
-            with self._moe_turn:
-                self.moe.reset()
-                outs, st = self._call(feeds)
-                st["moe"] = self.moe.stats()  # expert usage, bytes, cache hit rate, prefetch accuracy
+        outs, st = self._call(feeds)
         self._local.stats = st
         if output_names:
             outs = [outs[names.index(n)] for n in output_names]
@@ -137,9 +128,9 @@ class Session:
             t0 = time.perf_counter()
             outs = self.plan.run(feeds)
             dt = time.perf_counter() - t0
-        layers = {n: cs.layers.get(c, c).as_dict() for n, c in self.ops.layers.items()}
+        layers = {name: d for op in self.ops for name, d in op.layer_stats(cs).items()}  # one entry per tensor
         lookups = cs.cache_hits + cs.cache_misses
-        return outs, {
+        st = {
             "bytes_read": cs.bytes_read,
             "disk_bytes_read": cs.disk_bytes_read,
             "payloads_read": cs.payloads_read,
@@ -161,6 +152,9 @@ class Session:
                        "predictor": self.policy.predictor, "tau": self.policy.tau},
             "layers": layers,
         }
+        for cls, ops in self._families.items():
+            st.update(cls.extra_stats(ops, cs) or {})  # e.g. `moe`: expert usage, bytes, prefetch accuracy
+        return outs, st
 
     def generate(self, prompt=None, **kw):
         """Language models: text (or prompt_ids=[...]) -> GenerationResult; see runtime/generate.py."""

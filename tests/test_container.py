@@ -367,3 +367,152 @@ def test_writer_records_the_lowest_minor_version(tmp_path):
     assert minor_version({"format": "ndc", "tensors": [], "moe": [{"name": "m"}]}) == 1
     with Bundle.open(GOLDEN / "tiny.ndc") as b:
         assert (b.preamble.major, b.preamble.minor) == (1, 0)
+
+
+# --- rules 4-9d added for bundle content that passes the checksums ---------------------------------
+
+BAD_CONTENT = {
+    "stats not an object": dict(index=_set("stats", [1])),
+    "stats null": dict(index=_set("stats", None)),
+    "stats negative size": dict(index=_set("stats", {"dense_fp32_weight_bytes": -5})),
+    "producer not an object": dict(index=_set("producer", "nadoo")),
+    "constant listed twice": dict(index=lambda ix: ix["constants"]["tensors"].append(dict(ix["constants"]["tensors"][0]))),
+    "payload id 2^63": dict(index=lambda ix: ix["tensors"][0]["tiers"]["q8"].__setitem__(0, 2 ** 63)),
+    "routable not a bool": dict(index=_tensor("routable", "yes")),
+    "errors of the wrong length": dict(index=lambda ix: ix["tensors"][0]["errors"]["q8"].update(mse=[0.0])),
+    "alloc names an unknown tier": dict(index=_tensor("alloc", ["q3", "q8"])),
+    "chunk_absmax without absmax": dict(index=_tensor("chunk_absmax", [1.0, 1.0])),
+    "index too dense in arrays": dict(index=_set("x", [[]] * 5000)),
+    "graph declared at 17 MiB": dict(table=_row(0, "raw", 17 << 20)),
+    "zstd payloads decode to too much": dict(table=_row(0, "raw", 1 << 31)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONTENT))
+def test_content_rules(tmp_path, case):
+    p = tmp_path / "bad.ndc"
+    p.write_bytes(rewrite((GOLDEN / "tiny.ndc").read_bytes(), **BAD_CONTENT[case]))
+    with pytest.raises(BundleError):
+        read_everything(p)
+
+
+def golden_parts() -> tuple[dict, list[bytes], list[bool]]:
+    """The golden bundle as (index, decoded payloads, which were zstd), to re-assemble after edits."""
+    with Bundle.open(GOLDEN / "tiny.ndc") as b:
+        return (json.loads(dumps_json(b.index)), [b.read_payload(i) for i in range(len(b.table))],
+                [int(c) == 1 for c in b.table["codec"]])
+
+
+def assemble(p: Path, index: dict, payloads: list[bytes], zstd: list[bool]) -> Path:
+    """Write edited parts back as a bundle whose every checksum is valid."""
+    with BundleWriter(p) as w:
+        for data, z in zip(payloads, zstd):
+            w.add_payload(data, compress="always" if z else "never")
+        w.finish(index)
+    return p
+
+
+def with_graph(tmp_path, edit) -> Path:
+    """The golden bundle with its graph payload replaced by edit(graph) (or what edit returns)."""
+    index, payloads, zstd = golden_parts()
+    graph = json.loads(payloads[index["graph"]])
+    graph = edit(graph) or graph
+    payloads[index["graph"]] = dumps_json(graph)
+    return assemble(tmp_path / "g.ndc", index, payloads, zstd)
+
+
+def _n(i, **kv):
+    def f(g):
+        g["nodes"][i].update(kv)
+    return f
+
+
+BAD_GRAPH = {
+    "not an object": lambda g: [g],
+    "opset not an int": lambda g: g["opset"].update({"": "18"}),
+    "nodes not a list": lambda g: g.update(nodes={}),
+    "node without op": lambda g: g["nodes"][1].pop("op"),
+    "inputs an integer": _n(1, inputs=5),
+    "outputs hold a number": _n(1, outputs=[3]),
+    "attrs a list": _n(1, attrs=[]),
+    "attr value an object": _n(1, attrs={"alpha": {"x": 1}}),
+    "attr int beyond int64": _n(1, attrs={"axis": 1 << 70}),
+    "tensor attr data mismatch": _n(1, attrs={"v": {"tensor": {"dtype": "float32", "shape": [3], "data": [1, 2]}}}),
+    "tensor attr out of dtype range": _n(1, attrs={"v": {"tensor": {"dtype": "uint8", "shape": [1], "data": [300]}}}),
+    "input dtype foo": lambda g: g["inputs"][0].update(dtype="foo"),
+    "input dim negative": lambda g: g["inputs"][0].update(shape=[-1, 8]),
+    "use before definition": lambda g: g["nodes"].reverse(),
+    "value defined twice": _n(1, outputs=["h"]),
+    "output never produced": lambda g: g["outputs"][0].update(name="z"),
+    "output listed twice": lambda g: g["outputs"].append(dict(g["outputs"][0])),
+    "constant not in the table": lambda g: g["constants"].append("nope"),
+    "input is also a constant": lambda g: g["inputs"].append({"name": "fc.bias", "dtype": "float32", "shape": [4]}),
+    "nadoo op without weight": _n(0, attrs={}),
+    "nadoo weight not in the bundle": _n(0, attrs={"weight": "fc.other"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GRAPH))
+def test_graph_rules(tmp_path, case):
+    from nadoo.runtime import Session
+
+    p = with_graph(tmp_path, BAD_GRAPH[case])
+    with Bundle.open(p) as b, pytest.raises(BundleError, match="corrupt bundle: graph"):
+        b.read_graph()
+    with pytest.raises(BundleError):
+        Session(p)
+
+
+def test_onnx_domain_alias_is_read_as_the_onnx_domain(tmp_path):
+    from nadoo.runtime import Policy, Session
+
+    p = with_graph(tmp_path, _n(1, domain="ai.onnx"))
+    with Bundle.open(p) as b:
+        assert b.read_graph()["nodes"][1]["domain"] == ""
+    with Session(p, Policy(bits="4")) as s:
+        ins, outs = s.sample()
+        np.testing.assert_array_equal(s.run(None, ins)[0], outs["y"])
+
+
+def with_profile(tmp_path, profile) -> Path:
+    """The golden bundle (which has no profile) with `profile` added as its profile payload."""
+    index, payloads, zstd = golden_parts()
+    index["profile"] = len(payloads)
+    return assemble(tmp_path / "p.ndc", index, payloads + [dumps_json(profile)], zstd + [True])
+
+
+GOOD_LAYER = {"chunk_activity": [1.0, 0.5], "chunk_active_frac": [0.5, 0.2], "chunk_peak": [2.0, 1.0],
+              "routable": True, "concentration": 0.9}
+BAD_PROFILE = {
+    "not an object": [],
+    "layers a list": {"layers": []},
+    "samples negative": {"samples": -1, "layers": {}},
+    "unknown layer": {"layers": {"fc.other": GOOD_LAYER}},
+    "activity of the wrong length": {"layers": {"fc.weight": dict(GOOD_LAYER, chunk_activity=[1.0])}},
+    "activity not numbers": {"layers": {"fc.weight": dict(GOOD_LAYER, chunk_activity=["a", "b"])}},
+    "routable not a bool": {"layers": {"fc.weight": dict(GOOD_LAYER, routable=1)}},
+    "group_of not a tensor": {"layers": {"fc.weight": dict(GOOD_LAYER, group_of="fc.other")}},
+    "moe usage of an unknown layer": {"layers": {}, "moe": {"m": {"tokens": 1}}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PROFILE))
+def test_profile_rules(tmp_path, case):
+    from nadoo.runtime import Policy, Session
+
+    p = with_profile(tmp_path, BAD_PROFILE[case])
+    with Bundle.open(p) as b, pytest.raises(BundleError, match="corrupt bundle: profile"):
+        b.read_profile()
+    with pytest.raises(BundleError):
+        Session(p, Policy("topk", bits="4", topk=1))
+
+
+def test_valid_profile_is_read_and_steers_topk(tmp_path):
+    from nadoo.runtime import Policy, Session
+
+    p = with_profile(tmp_path, {"samples": 3, "source": "synthetic", "layers": {"fc.weight": GOOD_LAYER}})
+    with Bundle.open(p) as b:
+        assert b.profile().layers["fc.weight"].chunk_activity == (1.0, 0.5)
+    with Session(p, Policy("topk", bits="4", topk=1, predictor="static")) as s:
+        s.run(None, s.sample()[0])
+        assert s.last_stats["chunks_read"] == 1  # the profile's hotter chunk only

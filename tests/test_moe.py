@@ -1,9 +1,10 @@
-"""Mixture of experts (issue #7): recognition, export to one nadoo.MoE node, experts as chunk groups,
+"""Mixture of experts: recognition, export to one nadoo.MoE node, experts as chunk groups,
 only routed experts read, expert masks, cache budget, index validation."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ from nadoo.compiler.moe import detect_moe, make_wrapper  # noqa: E402
 from nadoo.compiler.pipeline import CompileOptions, compile_model  # noqa: E402
 from nadoo.compiler.writer import BundleWriter  # noqa: E402
 from nadoo.runtime import Policy, Session  # noqa: E402
-from nadoo.runtime.errors import BundleError  # noqa: E402
-from nadoo.runtime.moe_op import ExpertCache, MoEOptions  # noqa: E402
+from nadoo.runtime.errors import BundleError, InputError  # noqa: E402
+from nadoo.runtime.cache import ChunkCache, FrequencyAware  # noqa: E402
 from nadoo.runtime.reader import Bundle  # noqa: E402
 
 
@@ -136,8 +137,7 @@ def test_disable_experts_equals_masked_torch(mixtral):
     ids = _ids(4)
     with torch.no_grad():
         ref = _masked_mixtral({0: [1, 5], 1: [0]})(torch.from_numpy(ids)).numpy()
-    opts = MoEOptions(disable=MoEOptions.parse_pairs("0:1,0:5,1:0"))
-    with Session(mixtral, Policy(bits="float"), moe=opts) as s:
+    with Session(mixtral, Policy(bits="float", disable_experts="0:1,0:5,1:0")) as s:
         (y,) = s.run(None, {"input_ids": ids})
         usage = {k: v["usage"] for k, v in s.last_stats["moe"]["layers"].items()}
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
@@ -146,7 +146,7 @@ def test_disable_experts_equals_masked_torch(mixtral):
     # --only-experts 0:2,0:3 is "disable all others in layer 0"
     with torch.no_grad():
         ref = _masked_mixtral({0: [0, 1, 4, 5, 6, 7]})(torch.from_numpy(ids)).numpy()
-    with Session(mixtral, Policy(bits="float"), moe=MoEOptions(only=[(0, 2), (0, 3)])) as s:
+    with Session(mixtral, Policy(bits="float", only_experts=[(0, 2), (0, 3)])) as s:
         np.testing.assert_allclose(s.run(None, {"input_ids": ids})[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
@@ -154,7 +154,7 @@ def test_unselected_expert_is_never_read(mixtral):
     with Bundle.open(mixtral) as b:
         entries = list(b.moe.values())
     disabled = {3, 6}
-    with Session(mixtral, Policy(bits="4"), moe=MoEOptions(disable=[(0, e) for e in disabled])) as s:
+    with Session(mixtral, Policy(bits="4", disable_experts=[(0, e) for e in disabled])) as s:
         seen = []
         orig = s.bundle.read_payloads
         s.bundle.read_payloads = lambda pids: (seen.extend(pids := list(pids)), orig(pids))[1]
@@ -180,7 +180,7 @@ def test_cache_budget_never_exceeded_and_frequency_aware(mixtral):
     with Bundle.open(mixtral) as b:
         one = 3 * 64 * 128 * 4  # a decoded expert block (w1, w3, w2ᵀ), float32
     budget = 5 * one + 1000
-    with Session(mixtral, Policy(bits="8"), memory_budget=budget, moe=MoEOptions(prefetch=True)) as s:
+    with Session(mixtral, Policy(bits="8", prefetch=True), memory_budget=budget) as s:
         for seed in range(6):
             s.run(None, {"input_ids": _ids(30 + seed, (1, 6))})
             assert s.cache.bytes <= budget
@@ -188,7 +188,8 @@ def test_cache_budget_never_exceeded_and_frequency_aware(mixtral):
         assert s.cache.peak_bytes <= budget and s.cache.evictions > 0
         assert 0 <= st["prefetch_precision"] <= 1 and st["prefetch_bytes"] > 0
         assert 0 <= st["cache_hit_rate"] <= 1
-    c = ExpertCache(budget_bytes=300, window=4)
+    assert isinstance(s.cache.victim, FrequencyAware)  # asked for by the MoE op class
+    c = ChunkCache(budget_bytes=300, victim=FrequencyAware(window=4))
     a = np.zeros(25, np.float32)  # 100 bytes
     c.put("hot", a)
     for _ in range(5):
@@ -301,3 +302,14 @@ def test_alloc_without_allocation_is_one_line(plain):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--bits-per-weight" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "failed at node" not in r.stderr
+
+
+def test_expert_options_are_checked_when_the_session_opens(mixtral):
+    tiny = Path(__file__).resolve().parents[1] / "format_spec" / "golden" / "tiny.ndc"  # no MoE layer
+    with pytest.raises(InputError, match="need a bundle with MoE layers"):
+        Session(tiny, Policy(prefetch=True))
+    with pytest.raises(InputError, match="expert 8 out of range"):
+        Session(mixtral, Policy(disable_experts="1:8"))
+    for args in ([str(tiny), "--prefetch"], [str(mixtral), "--only-experts", "0:x"]):
+        r = subprocess.run([sys.executable, "-m", "nadoo.runtime.cli", "run", *args], capture_output=True, text=True)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "expert" in r.stderr, r.stderr

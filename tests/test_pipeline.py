@@ -110,8 +110,8 @@ def test_sketch_predictor_recall_on_held_out_inputs(mlp, digits):
         for i in range(len(X)):
             s.run(None, {"input": X[i : i + 1]})
             o.run(None, {"input": X[i : i + 1]})
-            (a,) = [set(c.selected.tolist()) for c in s.ops.layers.values() if c.selected is not None]
-            (b,) = [set(c.selected.tolist()) for c in o.ops.layers.values() if c.selected is not None]
+            (a,) = [set(op.selected.tolist()) for op in s.ops if op.selected is not None]
+            (b,) = [set(op.selected.tolist()) for op in o.ops if op.selected is not None]
             hits += len(a & b)
             total += len(b)
     assert hits / total >= 0.9

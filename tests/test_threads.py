@@ -153,12 +153,10 @@ def test_moe_bundle_from_many_threads(tmp_path):
         quiet=True)
     feeds = [{"input_ids": rng.integers(0, 128, (1, 6)).astype(np.int64)} for _ in range(8)]
     budget = 5 * 3 * 64 * 128 * 4  # five decoded experts: evictions on every few calls
-    from nadoo.runtime.moe_op import MoEOptions
-
-    kw = dict(policy=Policy(bits="4"), memory_budget=budget, moe=MoEOptions(prefetch=True))
+    kw = dict(policy=Policy(bits="4", prefetch=True), memory_budget=budget)
     ref = _serial(tmp_path / "m.ndc", feeds, **kw)
     with Session(tmp_path / "m.ndc", **kw) as s:
-        calls = _hammer(s, feeds, check=_cache_ok, runs=20)  # MoE calls take turns (session.py): fewer suffice
+        calls = _hammer(s, feeds, check=_cache_ok, runs=20)  # concurrent too: routing stats and prefetch are per call
         _cache_ok(s)
         assert s.cache.evictions > 0
     for k, outs, st in calls:
@@ -172,11 +170,10 @@ def test_moe_bundle_from_many_threads(tmp_path):
 
 @pytest.mark.parametrize("kind", ["lru", "frequency"])
 def test_cache_stays_exact_under_concurrent_get_put_pin(kind):
-    from nadoo.runtime.cache import ChunkCache
-    from nadoo.runtime.moe_op import ExpertCache
+    from nadoo.runtime.cache import ChunkCache, FrequencyAware
 
     budget = 40 * 400
-    c = ChunkCache(budget) if kind == "lru" else ExpertCache(budget, window=6, decay=50)
+    c = ChunkCache(budget) if kind == "lru" else ChunkCache(budget, victim=FrequencyAware(window=6, decay=50))
     assert c.pin("pinned", np.zeros(400, np.float32)) and not c.pin("too big", np.zeros(budget, np.float32))
 
     def work(t):

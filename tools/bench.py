@@ -398,10 +398,8 @@ def perplexity(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
 
 def moe_session(man: dict, pol: dict, budget: bool, prefetch: bool):
     import nadoo.runtime as nd
-    from nadoo.runtime.moe_op import MoEOptions
-
-    return nd.Session(man["ndc"], policy=nd.Policy(**pol), memory_budget=man["budget_bytes"] if budget else None,
-                      moe=MoEOptions(prefetch=prefetch))
+    return nd.Session(man["ndc"], policy=nd.Policy(**pol, prefetch=prefetch),
+                      memory_budget=man["budget_bytes"] if budget else None)
 
 
 def stored_expert_bytes(sess, tier: str) -> int:

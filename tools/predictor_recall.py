@@ -42,7 +42,7 @@ def main() -> None:
         for p, s in sessions.items():
             y = s.run(None, one)[0].astype(np.float64).ravel()
             err[p].append(1 - y @ ref / (np.linalg.norm(y) * np.linalg.norm(ref) + 1e-30))
-            chosen[p] = {name: set(c.selected.tolist()) for name, c in s.ops.layers.items() if c.selected is not None}
+            chosen[p] = {op.entry.name: set(op.selected.tolist()) for op in s.ops if op.selected is not None}
         for p in hits:
             for name, oracle in chosen["oracle"].items():
                 h, t = hits[p].get(name, (0, 0))

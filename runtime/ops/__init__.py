@@ -6,12 +6,15 @@ when a :class:`~nadoo.runtime.engine.Plan` is built; it reads the node's attribu
 ``None`` for an omitted optional input) and returns one array (single-output nodes) or a tuple of arrays.
 
 A builder may raise :class:`Fallback` to say "this particular node configuration is not implemented natively";
-the engine then uses the onnx.reference fallback for that node (compile machines only).
+the engine then uses the onnx.reference fallback for that node (compile machines only). Builders read
+attributes through the typed ``ctx.attr_int`` / ``attr_ints`` / ``attr_float`` / ``attr_str`` / ... so a
+value of the wrong type is a ModelError at plan build. An operator whose output can be much larger than
+its inputs also has a size rule in :mod:`.sizes`, checked by the engine before the kernel runs.
 """
 from __future__ import annotations
 
 from ._common import Fallback, REGISTRY, register  # noqa: F401
-from . import elementwise, matmul, conv, shape, reduce, norm, rmsnorm, attention  # noqa: F401  (populate REGISTRY)
+from . import elementwise, matmul, conv, shape, reduce, norm, rnn, resize, conv_transpose, rmsnorm, attention  # noqa: F401  (populate REGISTRY)
 
 __all__ = ["REGISTRY", "Fallback", "register", "get_builder"]
 

@@ -45,13 +45,13 @@ def _windows(xp, kernel, strides, dilations):
 @register("Conv")
 def _conv(node, ctx):
     w_const = ctx.const(1)
-    group = int(ctx.attr("group", 1))
-    auto_pad = ctx.attr("auto_pad", "NOTSET")
+    group = ctx.attr_int("group", 1)
+    auto_pad = ctx.attr_str("auto_pad", "NOTSET")
     b_const = ctx.const(2) if ctx.has_input(2) else None
-    attr_kernel = ctx.attr("kernel_shape", None)
-    attr_strides = ctx.attr("strides", None)
-    attr_dil = ctx.attr("dilations", None)
-    attr_pads = ctx.attr("pads", None)
+    attr_kernel = ctx.attr_ints("kernel_shape", None)
+    attr_strides = ctx.attr_ints("strides", None)
+    attr_dil = ctx.attr_ints("dilations", None)
+    attr_pads = ctx.attr_ints("pads", None)
 
     cache = {}
 
@@ -77,19 +77,27 @@ def _conv(node, ctx):
         n, c = x.shape[:2]
         m = w.shape[0]
         cg = c // group
-        if any(pads):
-            x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
-        win = _windows(x, kernel, strides, dil)          # (N, C, *out, *k)
-        out_sp = win.shape[2:2 + nd]
-        p = int(np.prod(out_sp))
-        k = cg * int(np.prod(kernel))
-        # -> (N, G, Cg, *k, *out) -> (N, G, K, P)
-        win = win.reshape((n, group, cg) + tuple(out_sp) + tuple(kernel))
-        perm = (0, 1, 2) + tuple(range(3 + nd, 3 + 2 * nd)) + tuple(range(3, 3 + nd))
-        cols = np.ascontiguousarray(win.transpose(perm)).reshape(n, group, k, p)
-        wg = prep_w(w)                                   # (G, Mg, K)
-        y = np.matmul(wg, cols)                          # (N, G, Mg, P)
-        y = y.reshape((n, m) + tuple(out_sp))
+        if group == 1 and not any(pads) and all(k == 1 for k in kernel):  # pointwise: one matmul, no windows
+            xs = x[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in strides)]
+            y = np.matmul(prep_w(w)[0], xs.reshape(n, c, -1)).reshape((n, m) + xs.shape[2:])
+        else:
+            if any(pads):
+                x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+            win = _windows(x, kernel, strides, dil)          # (N, C, *out, *k)
+            out_sp = win.shape[2:2 + nd]
+            if group == c == m:  # depthwise: one multiply-add per kernel tap beats C tiny matmuls
+                wd = w.reshape(c, -1)
+                y = np.zeros((n, c) + tuple(out_sp), np.result_type(x, w))
+                for t, idx in enumerate(np.ndindex(*kernel)):
+                    y += win[(Ellipsis,) + idx] * wd[:, t].reshape((1, c) + (1,) * nd)
+            else:
+                p = int(np.prod(out_sp))
+                k = cg * int(np.prod(kernel))
+                # -> (N, G, Cg, *k, *out) -> (N, G, K, P)
+                win = win.reshape((n, group, cg) + tuple(out_sp) + tuple(kernel))
+                perm = (0, 1, 2) + tuple(range(3 + nd, 3 + 2 * nd)) + tuple(range(3, 3 + nd))
+                cols = np.ascontiguousarray(win.transpose(perm)).reshape(n, group, k, p)
+                y = np.matmul(prep_w(w), cols).reshape((n, m) + tuple(out_sp))  # (G, Mg, K) @ (N, G, K, P)
         if b is not None:
             y += (b_const if b_const is not None else b).reshape((1, m) + (1,) * nd)
         return y
@@ -98,12 +106,12 @@ def _conv(node, ctx):
 
 def _pool_params(ctx, x):
     nd = x.ndim - 2
-    kernel = list(ctx.attr("kernel_shape"))
-    strides = list(ctx.attr("strides", None) or [1] * nd)
-    dil = list(ctx.attr("dilations", None) or [1] * nd)
-    pads = _pads_for(ctx.attr("auto_pad", "NOTSET"), x.shape[2:], kernel, strides, dil,
-                     ctx.attr("pads", None))
-    ceil = int(ctx.attr("ceil_mode", 0))
+    kernel = ctx.attr_ints("kernel_shape")
+    strides = ctx.attr_ints("strides", None) or [1] * nd
+    dil = ctx.attr_ints("dilations", None) or [1] * nd
+    pads = _pads_for(ctx.attr_str("auto_pad", "NOTSET"), x.shape[2:], kernel, strides, dil,
+                     ctx.attr_ints("pads", None))
+    ceil = ctx.attr_int("ceil_mode", 0)
     extra = [0] * nd
     if ceil:
         for i in range(nd):
@@ -115,6 +123,11 @@ def _pool_params(ctx, x):
                 out_c -= 1
             need = (out_c - 1) * strides[i] + eff - (x.shape[2 + i] + pads[i] + pads[i + nd])
             extra[i] = max(0, need)
+            if out_c == 1 and dil[i] == 1 and need > 0:
+                # one window reaching past the input (EfficientNet pools a 1x1 map with a 320x320 kernel):
+                # the overhang is neither summed nor counted, so the window is the padded input itself
+                kernel[i] -= need
+                extra[i] = 0
     return nd, kernel, strides, dil, pads, extra
 
 
@@ -122,7 +135,7 @@ def _pool_params(ctx, x):
 def _maxpool(node, ctx):
     if ctx.n_outputs > 1:
         raise Fallback("MaxPool with Indices output")
-    if int(ctx.attr("storage_order", 0)):
+    if ctx.attr_int("storage_order", 0):
         raise Fallback("MaxPool storage_order")
 
     def f(x):
@@ -138,7 +151,7 @@ def _maxpool(node, ctx):
 
 @register("AveragePool")
 def _avgpool(node, ctx):
-    include_pad = int(ctx.attr("count_include_pad", 0))
+    include_pad = ctx.attr_int("count_include_pad", 0)
 
     def f(x):
         nd, kernel, strides, dil, pads, extra = _pool_params(ctx, x)

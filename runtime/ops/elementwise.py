@@ -126,8 +126,8 @@ def _dropout(node, ctx):
 
 @register("IsInf")
 def _isinf(node, ctx):
-    pos = ctx.attr("detect_positive", 1)
-    neg = ctx.attr("detect_negative", 1)
+    pos = ctx.attr_int("detect_positive", 1)
+    neg = ctx.attr_int("detect_negative", 1)
 
     def f(x):
         if pos and neg:
@@ -142,13 +142,13 @@ def _isinf(node, ctx):
 
 @register("Gelu")
 def _gelu(node, ctx):
-    approx = ctx.attr("approximate", "none")
+    approx = ctx.attr_str("approximate", "none")
     return lambda x: gelu(x, approx)
 
 
 @register("LeakyRelu")
 def _leaky(node, ctx):
-    alpha = ctx.attr("alpha", 0.01)
+    alpha = ctx.attr_float("alpha", 0.01)
 
     def f(x):
         return np.where(x >= 0, x, x * x.dtype.type(alpha))
@@ -157,21 +157,21 @@ def _leaky(node, ctx):
 
 @register("Elu")
 def _elu(node, ctx):
-    alpha = ctx.attr("alpha", 1.0)
+    alpha = ctx.attr_float("alpha", 1.0)
     return lambda x: np.where(x > 0, x, (np.exp(np.minimum(x, 0)) - 1) * x.dtype.type(alpha))
 
 
 @register("Selu")
 def _selu(node, ctx):
-    alpha = ctx.attr("alpha", 1.67326319217681884765625)
-    gamma = ctx.attr("gamma", 1.05070102214813232421875)
+    alpha = ctx.attr_float("alpha", 1.67326319217681884765625)
+    gamma = ctx.attr_float("gamma", 1.05070102214813232421875)
     return lambda x: (np.where(x > 0, x, (np.exp(np.minimum(x, 0)) - 1) * alpha) * gamma).astype(x.dtype)
 
 
 @register("HardSigmoid")
 def _hsig(node, ctx):
-    alpha = ctx.attr("alpha", 0.2)
-    beta = ctx.attr("beta", 0.5)
+    alpha = ctx.attr_float("alpha", 0.2)
+    beta = ctx.attr_float("beta", 0.5)
     return lambda x: np.clip(x * x.dtype.type(alpha) + x.dtype.type(beta), 0, 1).astype(x.dtype, copy=False)
 
 
@@ -183,7 +183,7 @@ def _hswish(node, ctx):
 @register("Clip")
 def _clip(node, ctx):
     if ctx.opset < 11:
-        lo, hi = ctx.attr("min", None), ctx.attr("max", None)
+        lo, hi = ctx.attr_float("min", None), ctx.attr_float("max", None)
 
         def f6(x):
             return np.clip(x, lo, hi).astype(x.dtype, copy=False)
@@ -264,7 +264,7 @@ for _name, _fn in _BINARY.items():
 
 @register("Mod")
 def _mod(node, ctx):
-    fmod = ctx.attr("fmod", 0)
+    fmod = ctx.attr_int("fmod", 0)
     if fmod:
         return lambda a, b: np.fmod(a, b)
     return lambda a, b: np.mod(a, b)
@@ -272,7 +272,7 @@ def _mod(node, ctx):
 
 @register("BitShift")
 def _bitshift(node, ctx):
-    d = ctx.attr("direction", "LEFT")
+    d = ctx.attr_str("direction", "LEFT")
     return (lambda a, b: np.left_shift(a, b)) if d == "LEFT" else (lambda a, b: np.right_shift(a, b))
 
 
@@ -314,7 +314,7 @@ def onnx_dtype_to_np(t: int):
 
 @register("Cast")
 def _cast(node, ctx):
-    to = onnx_dtype_to_np(ctx.attr("to"))
+    to = onnx_dtype_to_np(ctx.attr_int("to"))
 
     def f(x):
         if x.dtype == to:

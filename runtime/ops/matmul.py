@@ -29,10 +29,10 @@ def _matmul(node, ctx):
 
 @register("Gemm")
 def _gemm(node, ctx):
-    alpha = float(ctx.attr("alpha", 1.0))
-    beta = float(ctx.attr("beta", 1.0))
-    ta = int(ctx.attr("transA", 0))
-    tb = int(ctx.attr("transB", 0))
+    alpha = ctx.attr_float("alpha", 1.0)
+    beta = ctx.attr_float("beta", 1.0)
+    ta = ctx.attr_int("transA", 0)
+    tb = ctx.attr_int("transB", 0)
     b_const = ctx.const(1)
     c_const = ctx.const(2) if ctx.has_input(2) else None
 

@@ -9,8 +9,8 @@ from ._common import Fallback, norm_axis, register
 
 @register("LayerNormalization")
 def _layernorm(node, ctx):
-    axis = int(ctx.attr("axis", -1))
-    eps = float(ctx.attr("epsilon", 1e-5))
+    axis = ctx.attr_int("axis", -1)
+    eps = ctx.attr_float("epsilon", 1e-5)
     n_out = ctx.n_outputs
     scale_c = ctx.const(1)
     bias_c = ctx.const(2) if ctx.has_input(2) else None
@@ -37,9 +37,9 @@ def _layernorm(node, ctx):
 
 @register("BatchNormalization")
 def _batchnorm(node, ctx):
-    if ctx.n_outputs > 1 or int(ctx.attr("training_mode", 0)):
+    if ctx.n_outputs > 1 or ctx.attr_int("training_mode", 0):
         raise Fallback("BatchNormalization training mode")
-    eps = float(ctx.attr("epsilon", 1e-5))
+    eps = ctx.attr_float("epsilon", 1e-5)
     cs = [ctx.const(i) for i in range(1, 5)]
     pre = None
     if all(c is not None for c in cs):
@@ -63,7 +63,7 @@ def _batchnorm(node, ctx):
 
 @register("InstanceNormalization")
 def _instnorm(node, ctx):
-    eps = float(ctx.attr("epsilon", 1e-5))
+    eps = ctx.attr_float("epsilon", 1e-5)
 
     def f(x, scale, b):
         axes = tuple(range(2, x.ndim))

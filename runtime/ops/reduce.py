@@ -8,11 +8,11 @@ from ._common import Fallback, as_int_list, norm_axis, register
 
 def _reduce_builder(kind):
     def builder(node, ctx):
-        keep = bool(ctx.attr("keepdims", 1))
-        noop = bool(ctx.attr("noop_with_empty_axes", 0))
+        keep = bool(ctx.attr_int("keepdims", 1))
+        noop = bool(ctx.attr_int("noop_with_empty_axes", 0))
         switch = 13 if kind == "ReduceSum" else 18
         if ctx.opset < switch:
-            a = ctx.attr("axes", None)
+            a = ctx.attr_ints("axes", None)
             const_axes = tuple(a) if a is not None else None
             dyn = False
         elif ctx.has_input(1):
@@ -75,9 +75,9 @@ for _k in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "R
 
 def _arg_builder(fn):
     def builder(node, ctx):
-        axis = int(ctx.attr("axis", 0))
-        keep = bool(ctx.attr("keepdims", 1))
-        last = int(ctx.attr("select_last_index", 0))
+        axis = ctx.attr_int("axis", 0)
+        keep = bool(ctx.attr_int("keepdims", 1))
+        last = ctx.attr_int("select_last_index", 0)
 
         def f(x):
             a = norm_axis(axis, x.ndim)
@@ -108,7 +108,7 @@ def softmax(x, axis):
 def _softmax_builder(log):
     def builder(node, ctx):
         legacy = ctx.opset < 13
-        axis = int(ctx.attr("axis", 1 if legacy else -1))
+        axis = ctx.attr_int("axis", 1 if legacy else -1)
 
         def f(x):
             if legacy:
@@ -135,8 +135,8 @@ register("LogSoftmax")(_softmax_builder(True))
 
 @register("CumSum")
 def _cumsum(node, ctx):
-    excl = int(ctx.attr("exclusive", 0))
-    rev = int(ctx.attr("reverse", 0))
+    excl = ctx.attr_int("exclusive", 0)
+    rev = ctx.attr_int("reverse", 0)
 
     def f(x, axis):
         a = norm_axis(int(np.asarray(axis).reshape(-1)[0]), x.ndim)
@@ -151,8 +151,8 @@ def _cumsum(node, ctx):
 
 @register("TopK")
 def _topk(node, ctx):
-    axis = int(ctx.attr("axis", -1))
-    largest = int(ctx.attr("largest", 1))
+    axis = ctx.attr_int("axis", -1)
+    largest = ctx.attr_int("largest", 1)
     if ctx.opset < 10:
         raise Fallback("TopK-1")
 

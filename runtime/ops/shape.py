@@ -12,8 +12,8 @@ _I64 = np.int64
 
 @register("Shape")
 def _shape(node, ctx):
-    start = ctx.attr("start", 0)
-    end = ctx.attr("end", None)
+    start = ctx.attr_int("start", 0)
+    end = ctx.attr_int("end", None)
 
     def f(x):
         return np.array(x.shape[start:end] if (start or end is not None) else x.shape, dtype=_I64)
@@ -33,7 +33,7 @@ def _reshape_target(shape, allowzero):
 
 @register("Reshape")
 def _reshape(node, ctx):
-    allowzero = int(ctx.attr("allowzero", 0))
+    allowzero = ctx.attr_int("allowzero", 0)
     sc = ctx.const(1)
     if sc is not None:
         shape, has_zero = _reshape_target(sc, allowzero)
@@ -55,7 +55,7 @@ def _reshape(node, ctx):
 
 @register("Flatten")
 def _flatten(node, ctx):
-    axis = int(ctx.attr("axis", 1))
+    axis = ctx.attr_int("axis", 1)
 
     def f(x):
         a = norm_axis(axis, x.ndim)
@@ -66,7 +66,7 @@ def _flatten(node, ctx):
 
 @register("Transpose")
 def _transpose(node, ctx):
-    perm = ctx.attr("perm", None)
+    perm = ctx.attr_ints("perm", None)
     if perm is None:
         return lambda x: x.transpose()
     perm = tuple(perm)
@@ -76,7 +76,7 @@ def _transpose(node, ctx):
 def _axes_input_or_attr(ctx, idx, opset_switch):
     """Return (const_axes or None, dynamic?) for ops whose axes moved from attribute to input."""
     if ctx.opset < opset_switch:
-        a = ctx.attr("axes", None)
+        a = ctx.attr_ints("axes", None)
         return (list(a) if a is not None else None), False
     if not ctx.has_input(idx):
         return None, False
@@ -115,7 +115,7 @@ def _unsqueeze(node, ctx):
 
 @register("Concat")
 def _concat(node, ctx):
-    axis = int(ctx.attr("axis"))
+    axis = ctx.attr_int("axis")
 
     def f(*xs):
         xs = [x for x in xs if x is not None]
@@ -127,9 +127,9 @@ def _concat(node, ctx):
 
 @register("Split")
 def _split(node, ctx):
-    axis = int(ctx.attr("axis", 0))
+    axis = ctx.attr_int("axis", 0)
     n_out = ctx.n_outputs
-    attr_split = ctx.attr("split", None) if ctx.opset < 13 else None
+    attr_split = ctx.attr_ints("split", None) if ctx.opset < 13 else None
 
     def f(x, split=None):
         a = norm_axis(axis, x.ndim)
@@ -175,7 +175,7 @@ def _slice_tuple(shape, starts, ends, axes, steps):
 @register("Slice")
 def _slice(node, ctx):
     if ctx.opset < 10:
-        starts, ends, axes = ctx.attr("starts"), ctx.attr("ends"), ctx.attr("axes", None)
+        starts, ends, axes = ctx.attr_ints("starts"), ctx.attr_ints("ends"), ctx.attr_ints("axes", None)
         return lambda x: x[_slice_tuple(x.shape, starts, ends, axes, None)]
     consts = [ctx.const(i) if ctx.has_input(i) else None for i in range(1, 5)]
     all_const = all(ctx.const(i) is not None for i in (1, 2)) and \
@@ -205,7 +205,7 @@ def _slice(node, ctx):
 
 @register("Gather")
 def _gather(node, ctx):
-    axis = int(ctx.attr("axis", 0))
+    axis = ctx.attr_int("axis", 0)
     ic = ctx.const(1)
     if ic is not None and ic.ndim == 0:
         iv = int(ic)
@@ -220,7 +220,7 @@ def _gather(node, ctx):
 
 @register("GatherElements")
 def _gather_elements(node, ctx):
-    axis = int(ctx.attr("axis", 0))
+    axis = ctx.attr_int("axis", 0)
 
     def f(x, idx):
         a = norm_axis(axis, x.ndim)
@@ -249,13 +249,13 @@ def _gather_nd(x, idx, b):
 
 @register("GatherND")
 def _gathernd(node, ctx):
-    b = int(ctx.attr("batch_dims", 0))
+    b = ctx.attr_int("batch_dims", 0)
     return lambda x, idx: _gather_nd(x, idx, b)
 
 
 @register("ScatterND")
 def _scatternd(node, ctx):
-    red = ctx.attr("reduction", "none")
+    red = ctx.attr_str("reduction", "none")
 
     def f(x, idx, upd):
         out = x.copy()
@@ -282,8 +282,8 @@ def _scatternd(node, ctx):
 
 @register("ScatterElements")
 def _scatterel(node, ctx):
-    axis = int(ctx.attr("axis", 0))
-    red = ctx.attr("reduction", "none")
+    axis = ctx.attr_int("axis", 0)
+    red = ctx.attr_str("reduction", "none")
     if red != "none":
         raise Fallback("ScatterElements reduction")
 
@@ -323,10 +323,10 @@ def _tile(node, ctx):
 
 @register("Pad")
 def _pad(node, ctx):
-    mode = ctx.attr("mode", "constant")
+    mode = ctx.attr_str("mode", "constant")
     if ctx.opset < 11:
-        pads_attr = list(ctx.attr("pads"))
-        val_attr = ctx.attr("value", 0.0)
+        pads_attr = ctx.attr_ints("pads")
+        val_attr = ctx.attr_float("value", 0.0)
     else:
         pads_attr, val_attr = None, None
     np_mode = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}.get(mode)
@@ -365,7 +365,7 @@ def decode_tensor_attr(v):
 
 @register("ConstantOfShape")
 def _cos(node, ctx):
-    val = ctx.attr("value", None)
+    val = ctx.attr_tensor("value", None)
     if val is None:
         val = np.zeros(1, dtype=np.float32)
     val = decode_tensor_attr(val)
@@ -386,22 +386,20 @@ def _range(node, ctx):
 
 @register("Constant")
 def _constant(node, ctx):
-    for k in ("value", "value_float", "value_floats", "value_int", "value_ints"):
-        v = ctx.attr(k, None)
+    kinds = {"value": (ctx.attr_tensor, None), "value_float": (ctx.attr_float, np.float32),
+             "value_floats": (ctx.attr_floats, np.float32), "value_int": (ctx.attr_int, np.int64),
+             "value_ints": (ctx.attr_ints, np.int64)}
+    for k, (get, dt) in kinds.items():
+        v = get(k, None)
         if v is not None:
-            if k == "value":
-                arr = decode_tensor_attr(v)
-            elif k.startswith("value_float"):
-                arr = np.array(v, dtype=np.float32)
-            else:
-                arr = np.array(v, dtype=np.int64)
+            arr = v if dt is None else np.array(v, dtype=dt)
             return lambda: arr
     raise Fallback("Constant of this kind")
 
 
 @register("Trilu")
 def _trilu(node, ctx):
-    upper = int(ctx.attr("upper", 1))
+    upper = ctx.attr_int("upper", 1)
 
     def f(x, k=None):
         kk = 0 if k is None else int(np.asarray(k).reshape(-1)[0])
@@ -416,7 +414,7 @@ def _nonzero(node, ctx):
 
 @register("OneHot")
 def _onehot(node, ctx):
-    axis = int(ctx.attr("axis", -1))
+    axis = ctx.attr_int("axis", -1)
 
     def f(idx, depth, values):
         d = int(np.asarray(depth).reshape(-1)[0])
@@ -431,8 +429,8 @@ def _onehot(node, ctx):
 
 @register("EyeLike")
 def _eyelike(node, ctx):
-    k = int(ctx.attr("k", 0))
-    dt = ctx.attr("dtype", None)
+    k = ctx.attr_int("k", 0)
+    dt = ctx.attr_int("dtype", None)
 
     def f(x):
         from .elementwise import onnx_dtype_to_np

@@ -1,0 +1,47 @@
+"""`nadoo.ChunkedConv`: ONNX Conv whose weight [Cout, Cin/group, *kernel] is stored as chunks of output
+channels. Inputs: x, optional bias; attributes: `weight` and the Conv's own. Every chunk is read
+(one cached block); the saving is the tier."""
+
+from __future__ import annotations
+
+from .. import callstats
+from .base import WeightOp, register
+
+
+def conv_fn(attrs: dict):
+    """ONNX Conv taking its weight as an argument (the engine's implementation), built once per node."""
+    from ..engine import build_node
+
+    node = {"op": "Conv", "domain": "", "name": "conv", "inputs": ["x", "w", "b"], "outputs": ["y"],
+            "attrs": _conv_attrs(attrs)}
+    f = build_node(node, [None, None, None], {"": 18})
+    return lambda x, w, bias=None: f(x, w, bias) if bias is not None else f(x, w)
+
+
+def _conv_attrs(attrs: dict) -> dict:
+    return {k: v for k, v in attrs.items() if k != "weight"}
+
+
+@register
+class ChunkedConv(WeightOp):
+    op_type = "ChunkedConv"
+
+    def __init__(self, node, ctx, env):
+        super().__init__(node, ctx, env)
+        e = self.tensor()
+        self.start(e, env.policy.plan(e, env.layer_profile(e.name), can_route=False))
+        self.conv = conv_fn(node["attrs"])
+
+    def __call__(self, x, bias=None):
+        e = self.entry
+        before = callstats.bytes_read()
+        y = self.conv(x, self.env.store.full(e, self.plan.tiers), bias)
+        macs = int(y.size) * e.row_len  # N·P·Cout output values, each a K-long dot product
+        self.count(before, e.n_chunks, macs, macs)
+        return y
+
+    @classmethod
+    def export(cls, node, ex):
+        name, ins = node["attrs"]["weight"], node["inputs"]
+        ex.initializer(name, ex.weight(name).reshape(ex.bundle.tensors[name].shape))
+        ex.add_node("Conv", [ins[0], name] + ins[1:2], node["outputs"], _conv_attrs(node["attrs"]))

@@ -1,0 +1,645 @@
+"""Model zoo: real architectures, each exported the three ways a user has them, compiled and run.
+
+    python tools/zoo.py                       # every model; prints a Markdown table
+    python tools/zoo.py --models resnet,gpt2  # a subset
+    python tools/zoo.py --json zoo.json       # also dump every measurement
+
+The model code is transformers' (pure PyTorch, tiny configs, random init: no weights are
+downloaded) plus a few plain nn.Modules (bi-LSTM / bi-GRU text classifiers, an M5-style audio CNN,
+a conv autoencoder). Models with BatchNorm get running statistics from a few random batches first,
+otherwise a random-init CNN's activations shrink layer by layer to ~1e-25.
+
+Per model: export as TorchScript (torch.jit.trace), a torch.export program (.pt2) and ONNX
+(torch.onnx dynamo exporter), `nadoo compile --keep-float` each form on a calibration set, then on
+held-out inputs: the float run's max error relative to the source's output scale, the 8-bit run's
+cosine to the source, the warm latency of an 8-bit run of the ONNX-form bundle divided by ONNX
+Runtime's on the same ONNX file (1 thread each, and default threads each; medians of interleaved
+repeated runs), and the nodes that ran through the onnx.reference fallback with their share of a
+call's time. Compile-side tool: torch, onnx, onnxruntime, transformers.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+FORMS = ("torchscript", "pt2", "onnx")
+VOCAB = 128
+CALIB_N = 16
+
+
+@dataclass
+class ZooModel:
+    """A torch module taking plain tensors, its inputs by name, and how to draw them."""
+    name: str
+    module: object
+    inputs: dict  # name -> (kind, shape without the batch axis, high): "float" | "int" | "mask"
+    family: str = ""
+
+    def draw(self, n: int, seed: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        out = {}
+        for k, (kind, shape, high) in self.inputs.items():
+            if kind == "float":
+                out[k] = rng.standard_normal((n,) + tuple(shape)).astype(np.float32)
+            elif kind == "int":
+                out[k] = rng.integers(0, high, (n,) + tuple(shape)).astype(np.int64)
+            else:  # attention mask: every row keeps at least half its positions, the rest padded
+                L = shape[0]
+                keep = rng.integers(L // 2, L + 1, n)
+                out[k] = (np.arange(L)[None, :] < keep[:, None]).astype(np.int64)
+        return out
+
+
+# ------------------------------------------------------------------------------------------- wrappers
+def _wrappers():
+    """Modules with a plain-tensor forward signature (TorchScript and ONNX take their input names
+    from it) returning one tensor: the ModelOutput field `key` of the wrapped model."""
+    import torch
+
+    class Pixels(torch.nn.Module):
+        def __init__(self, m, key):
+            super().__init__()
+            self.m, self.key = m, key
+
+        def forward(self, pixel_values):
+            return self.m(pixel_values=pixel_values)[self.key]
+
+    class Tokens(torch.nn.Module):
+        def __init__(self, m, key):
+            super().__init__()
+            self.m, self.key = m, key
+
+        def forward(self, input_ids):
+            return self.m(input_ids=input_ids, use_cache=False)[self.key]
+
+    class TokensMask(torch.nn.Module):
+        def __init__(self, m, key):
+            super().__init__()
+            self.m, self.key = m, key
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask)[self.key]
+
+    class Features(torch.nn.Module):
+        def __init__(self, m, key):
+            super().__init__()
+            self.m, self.key = m, key
+
+        def forward(self, input_features):
+            return self.m(input_features=input_features)[self.key]
+
+    return Pixels, Tokens, TokensMask, Features
+
+
+def _recalibrate_batchnorm(module, draw, batches: int = 4) -> None:
+    """BatchNorm with PyTorch's own init (scale 1, shift 0; some transformers inits draw the scale
+    around 0) and running statistics from random batches (cumulative average), then eval mode."""
+    import torch
+
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for m in bns:
+        m.reset_parameters()
+        m.momentum = None
+    module.train()
+    with torch.no_grad():
+        for s in range(batches):
+            module(*[torch.from_numpy(a) for a in draw(8, 1000 + s).values()])
+    module.eval()
+
+
+# ------------------------------------------------------------------------------------------- models
+def _vision(name, model_cls, cfg, key="logits", size=32, channels=3):
+    Pixels = _wrappers()[0]
+    return ZooModel(name, Pixels(model_cls(cfg), key), {"pixel_values": ("float", (channels, size, size), 0)}, "vision")
+
+
+def _text(name, model_cls, cfg, key="last_hidden_state", mask=True, seq=16):
+    _, Tokens, TokensMask, _ = _wrappers()
+    inputs = {"input_ids": ("int", (seq,), VOCAB)}
+    if mask:
+        inputs["attention_mask"] = ("mask", (seq,), 2)
+        return ZooModel(name, TokensMask(model_cls(cfg), key), inputs, "text")
+    return ZooModel(name, Tokens(model_cls(cfg), key), inputs, "decoder")
+
+
+def m_resnet():
+    import transformers as t
+    return _vision("resnet", t.ResNetForImageClassification, t.ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", num_labels=10))
+
+
+def m_mobilenet_v1():
+    import transformers as t
+    return _vision("mobilenet_v1", t.MobileNetV1ForImageClassification, t.MobileNetV1Config(
+        depth_multiplier=0.25, image_size=32, min_depth=8, num_labels=10))
+
+
+def m_mobilenet_v2():
+    import transformers as t
+    return _vision("mobilenet_v2", t.MobileNetV2ForImageClassification, t.MobileNetV2Config(
+        depth_multiplier=0.35, image_size=32, min_depth=8, num_labels=10))
+
+
+def m_efficientnet():
+    import transformers as t
+    return _vision("efficientnet", t.EfficientNetForImageClassification, t.EfficientNetConfig(
+        image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320, num_labels=10))
+
+
+def m_regnet():
+    import transformers as t
+    return _vision("regnet", t.RegNetForImageClassification, t.RegNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1], groups_width=8, num_labels=10))
+
+
+def m_convnext():
+    import transformers as t
+    return _vision("convnext", t.ConvNextForImageClassification, t.ConvNextConfig(
+        hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1], num_labels=10))
+
+
+def m_vit():
+    import transformers as t
+    return _vision("vit", t.ViTForImageClassification, t.ViTConfig(
+        image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, num_labels=10))
+
+
+def m_swin():
+    import transformers as t
+    return _vision("swin", t.SwinForImageClassification, t.SwinConfig(
+        image_size=32, patch_size=2, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=10))
+
+
+def m_mobilevit():
+    import transformers as t
+    return _vision("mobilevit", t.MobileViTForImageClassification, t.MobileViTConfig(
+        image_size=64, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 160],
+        num_attention_heads=2, num_labels=10), size=64)
+
+
+def m_segformer():
+    import transformers as t
+    return _vision("segformer", t.SegformerForSemanticSegmentation, t.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[4, 2], hidden_sizes=[16, 32], patch_sizes=[7, 3],
+        strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=32, num_labels=4), size=64)
+
+
+def _rnn_classifier(name, rnn_cls):
+    import torch
+
+    class RNNClassifier(torch.nn.Module):
+        """Embedding → 2-layer bidirectional RNN → mean over time → linear head."""
+
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(VOCAB, 32)
+            self.rnn = rnn_cls(32, 48, num_layers=2, batch_first=True, bidirectional=True)
+            self.head = torch.nn.Linear(96, 4)
+
+        def forward(self, input_ids):
+            h, _ = self.rnn(self.emb(input_ids))
+            return self.head(h.mean(1))
+
+    return ZooModel(name, RNNClassifier(), {"input_ids": ("int", (24,), VOCAB)}, "rnn")
+
+
+def m_bilstm():
+    import torch
+    return _rnn_classifier("bilstm", torch.nn.LSTM)
+
+
+def m_bigru():
+    import torch
+    return _rnn_classifier("bigru", torch.nn.GRU)
+
+
+def m_m5():
+    import torch
+    from torch import nn
+
+    class M5(nn.Module):
+        """M5 (Dai et al. 2017) raw-waveform classifier: a wide strided first conv, then 3-tap convs."""
+
+        def __init__(self, ch=32, n_out=10):
+            super().__init__()
+            layers, c_in = [], 1
+            for i, (c, k, s) in enumerate([(ch, 80, 16), (ch, 3, 1), (2 * ch, 3, 1), (2 * ch, 3, 1)]):
+                layers += [nn.Conv1d(c_in, c, k, stride=s), nn.BatchNorm1d(c), nn.ReLU(), nn.MaxPool1d(4)]
+                c_in = c
+            self.features = nn.Sequential(*layers)
+            self.fc = nn.Linear(2 * ch, n_out)
+
+        def forward(self, waveform):
+            h = self.features(waveform)
+            return self.fc(h.mean(-1))
+
+    return ZooModel("m5", M5(), {"waveform": ("float", (1, 8000), 0)}, "audio")
+
+
+def m_conv_autoencoder():
+    from torch import nn
+
+    class ConvAutoencoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+                                     nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU())
+            self.dec = nn.Sequential(nn.ConvTranspose2d(64, 32, 3, 2, 1, output_padding=1), nn.ReLU(),
+                                     nn.ConvTranspose2d(32, 16, 3, 2, 1, output_padding=1), nn.ReLU(),
+                                     nn.ConvTranspose2d(16, 1, 3, 2, 1, output_padding=1), nn.Sigmoid())
+
+        def forward(self, image):
+            return self.dec(self.enc(image))
+
+    return ZooModel("conv_autoencoder", ConvAutoencoder(), {"image": ("float", (1, 32, 32), 0)}, "vision")
+
+
+_ENC = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=64, vocab_size=VOCAB)
+_DEC = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+
+
+def m_bert():
+    import transformers as t
+    return _text("bert", t.BertModel, t.BertConfig(**_ENC))
+
+
+def m_distilbert():
+    import transformers as t
+    return _text("distilbert", t.DistilBertModel, t.DistilBertConfig(
+        vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64))
+
+
+def m_roberta():
+    import transformers as t
+    return _text("roberta", t.RobertaModel, t.RobertaConfig(**dict(_ENC, max_position_embeddings=80)))
+
+
+def m_t5_encoder():
+    import transformers as t
+    return _text("t5_encoder", t.T5EncoderModel, t.T5Config(
+        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4))
+
+
+def m_whisper_encoder():
+    import transformers as t
+    Features = _wrappers()[3]
+    cfg = t.WhisperConfig(num_mel_bins=16, d_model=64, encoder_layers=2, encoder_attention_heads=4,
+                          encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=128,
+                          max_source_positions=32, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2, decoder_start_token_id=1)
+    enc = t.WhisperModel(cfg).get_encoder()
+    return ZooModel("whisper_encoder", Features(enc, "last_hidden_state"),
+                    {"input_features": ("float", (16, 64), 0)}, "audio")
+
+
+def m_gpt2():
+    import transformers as t
+    return _text("gpt2", t.GPT2LMHeadModel, t.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64), key="logits", mask=False)
+
+
+def m_llama():
+    import transformers as t
+    return _text("llama", t.LlamaForCausalLM, t.LlamaConfig(**_DEC), key="logits", mask=False)
+
+
+def m_qwen2():
+    import transformers as t
+    return _text("qwen2", t.Qwen2ForCausalLM, t.Qwen2Config(**_DEC), key="logits", mask=False)
+
+
+def m_mistral():
+    import transformers as t
+    return _text("mistral", t.MistralForCausalLM, t.MistralConfig(**_DEC, sliding_window=8), key="logits", mask=False)
+
+
+def m_gemma3_text():
+    import transformers as t
+    return _text("gemma3_text", t.Gemma3ForCausalLM, t.Gemma3TextConfig(
+        **_DEC, head_dim=16, sliding_window=8, query_pre_attn_scalar=16), key="logits", mask=False)
+
+
+MODELS = {f.__name__[2:]: f for f in (
+    m_resnet, m_mobilenet_v1, m_mobilenet_v2, m_efficientnet, m_regnet, m_convnext, m_vit, m_swin, m_mobilevit,
+    m_segformer, m_bilstm, m_bigru, m_m5, m_conv_autoencoder, m_bert, m_distilbert, m_roberta, m_t5_encoder,
+    m_whisper_encoder, m_gpt2, m_llama, m_qwen2, m_mistral, m_gemma3_text)}
+
+
+def build(name: str, seed: int = 0) -> ZooModel:
+    """The zoo model `name`, random init from `seed`, in eval mode (BatchNorm statistics set)."""
+    import torch
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        z = MODELS[name]()
+    z.module.eval()
+    _recalibrate_batchnorm(z.module, z.draw)
+    return z
+
+
+# ------------------------------------------------------------------------------------------- export
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress and warn a lot; the zoo reports its own one-line results."""
+    for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx", "torch._dynamo", "onnxscript"):
+        logging.getLogger(n).setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _dynamic_axes(z: ZooModel) -> dict[str, dict[int, str]]:
+    """Batch axis of every input; the sequence axis of token inputs (as nadoo's own exports)."""
+    return {k: ({0: "batch", 1: "seq"} if kind != "float" else {0: "batch"}) for k, (kind, _, _) in z.inputs.items()}
+
+
+def export(z: ZooModel, form: str, d: str, notes: list | None = None) -> str:
+    """Write the model in `form` ("torchscript" | "pt2" | "onnx") under folder d; returns the path.
+    An ONNX file the dynamo exporter cannot write comes from the legacy exporter (noted in `notes`)."""
+    import torch
+
+    from examples.models import export_onnx
+
+    ex = z.draw(2, 7)
+    args = tuple(torch.from_numpy(a) for a in ex.values())
+    path = os.path.join(d, f"{z.name}.{ {'torchscript': 'pt', 'pt2': 'pt2', 'onnx': 'onnx'}[form] }")
+    with _quiet(), torch.no_grad():
+        if form == "torchscript":
+            torch.jit.save(torch.jit.trace(z.module, args, check_trace=False, strict=False), path)
+        elif form == "pt2":
+            A = torch.export.Dim.AUTO
+            dyn = {k: {ax: A for ax in axes} for k, axes in _dynamic_axes(z).items()}
+            torch.export.save(torch.export.export(z.module, args, dynamic_shapes=dyn), path)
+        else:
+            axes = dict(_dynamic_axes(z), output={0: "batch"})
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                export_onnx(z.module, args, path, list(ex), ["output"], axes)
+            if notes is not None:
+                notes += [str(w.message)[:200] for w in caught if "dynamo ONNX export failed" in str(w.message)]
+    return path
+
+
+# ------------------------------------------------------------------------------------------- measure
+def _one_line(e: BaseException | str, limit: int = 160) -> str:
+    s = re.sub(r"\x1b\[[0-9;]*m", "", e if isinstance(e, str) else f"{type(e).__name__}: {e}")
+    s = " ".join(re.sub(r"\S*/zoo-[^/\s]*/", "", s).split())  # the temporary folder says nothing
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
+    """max |y - ref| relative to the output's scale max |ref|."""
+    return float(np.max(np.abs(y.astype(np.float64) - ref))) / max(float(np.max(np.abs(ref))), 1e-30)
+
+
+def cosine(y: np.ndarray, ref: np.ndarray) -> float:
+    a, b = y.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
+
+
+def reference(z: ZooModel, feeds: dict) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return z.module(*[torch.from_numpy(a) for a in feeds.values()]).numpy()
+
+
+def rtn_cosine(z: ZooModel, feeds: dict, bits: int = 8, group: int = 64, min_elements: int = 1024) -> float:
+    """Cosine to the source of the same model with the weights nadoo chunks (Linear, Conv,
+    Embedding of >= min_elements) rounded to nearest in torch at `bits`, min/max per row and group of
+    `group` columns: how much the model itself amplifies b-bit weight noise (random-init CNNs a lot)."""
+    import copy
+
+    import torch
+
+    m = copy.deepcopy(z.module)
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
+    with torch.no_grad():
+        for mod in m.modules():
+            conv1d = type(mod).__name__ == "Conv1D"  # transformers' GPT-2 layer: weight [in, out]
+            if not (isinstance(mod, kinds) or conv1d) or mod.weight.numel() < min_elements:
+                continue
+            w = mod.weight.T if conv1d else mod.weight
+            rows = w.reshape(w.shape[0], -1)
+            q = torch.empty_like(rows)
+            for g0 in range(0, rows.shape[1], group):
+                blk = rows[:, g0:g0 + group]
+                lo, hi = blk.min(1, keepdim=True).values, blk.max(1, keepdim=True).values
+                step = (hi - lo).clamp_min(1e-30) / (2 ** bits - 1)
+                q[:, g0:g0 + group] = torch.round((blk - lo) / step) * step + lo
+            q = q.reshape(w.shape)
+            mod.weight.copy_(q.T if conv1d else q)
+        y = m(*[torch.from_numpy(a) for a in feeds.values()]).numpy()
+    return cosine(y, reference(z, feeds))
+
+
+def fallback_share(ndc: str, feeds: dict, runs: int = 3) -> tuple[dict[str, int], float]:
+    """Operators that run through the onnx.reference fallback ({op: nodes}) and their share of the
+    time of a warm 8-bit call (per-node timing, median over `runs`)."""
+    from nadoo.runtime import Policy, Session
+
+    with Session(ndc, Policy(bits="8")) as s:
+        names = set(s.plan.fallback_nodes)
+        op_of = {n.get("name"): n["op"] for n in s.bundle.read_graph()["nodes"]}
+        s.run(None, feeds)
+        shares = []
+        for _ in range(runs):
+            _, prof = s.plan.run_profile(feeds, by="node")
+            shares.append(sum(t for n, t in prof.items() if n in names) / max(sum(prof.values()), 1e-12))
+    ops: dict[str, int] = {}
+    for n in names:
+        ops[op_of.get(n, n)] = ops.get(op_of.get(n, n), 0) + 1
+    return ops, float(np.median(shares))
+
+
+def latency_vs_ort(ndc: str, onnx_path: str, feeds: dict, budget_s: float = 3.0) -> dict:
+    """Warm latency of an 8-bit nadoo run over ONNX Runtime's on the same ONNX file, with one thread
+    each and with default threads each: medians of interleaved repeated runs."""
+    import onnxruntime as ort
+    from threadpoolctl import threadpool_limits
+
+    from nadoo.runtime import Policy, Session
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    o1 = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    od = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    with Session(ndc, Policy(bits="8")) as s:
+        def timed(f):
+            t = time.perf_counter()
+            f()
+            return time.perf_counter() - t
+
+        def nd():
+            s.run(None, feeds)
+
+        runs = {"nadoo_1": (nd, 1), "ort_1": (lambda: o1.run(None, feeds), 1),
+                "nadoo_d": (nd, None), "ort_d": (lambda: od.run(None, feeds), None)}
+        for f, _ in runs.values():  # warm: weights decoded and cached, sessions initialised
+            f()
+            f()
+        times = {k: [] for k in runs}
+        t_end = time.perf_counter() + budget_s
+        while len(times["ort_d"]) < 5 or (time.perf_counter() < t_end and len(times["ort_d"]) < 50):
+            for k, (f, threads) in runs.items():
+                with threadpool_limits(threads):
+                    times[k].append(timed(f))
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {"ratio_1": med["nadoo_1"] / med["ort_1"], "ratio_default": med["nadoo_d"] / med["ort_d"],
+            "median_s": med, "rounds": len(times["ort_d"])}
+
+
+def evaluate(name: str, forms=FORMS, workdir: str | None = None, latency: bool = True) -> dict:
+    """Export, compile and run one zoo model; returns every measurement (see the module docstring)."""
+    from nadoo.compiler.pipeline import CompileOptions, compile_model
+    from nadoo.runtime import Policy, Session
+
+    t0 = time.perf_counter()
+    z = build(name)
+    res: dict = {"model": name, "family": z.family, "forms": {}}
+    with contextlib.ExitStack() as stack:
+        d = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix=f"zoo-{name}-"))
+        os.makedirs(d, exist_ok=True)
+        calib = os.path.join(d, "calib.npz")
+        np.savez(calib, **z.draw(CALIB_N, 0))
+        test = z.draw(2, 99)
+        ref = reference(z, test)
+        res["rtn8_cosine"] = rtn_cosine(z, test)
+        one = z.draw(1, 5)
+        for form in forms:
+            r = res["forms"][form] = {"ok": False}
+            t = time.perf_counter()
+            export_notes: list = []
+            try:
+                src = export(z, form, d, export_notes)
+                if export_notes:
+                    r["export_note"] = "ONNX file written by the legacy exporter: " + export_notes[0]
+            except Exception as e:
+                r.update(stage="export", error=_one_line(e))
+                continue
+            r["export_s"] = time.perf_counter() - t
+            ndc = os.path.join(d, f"{name}.{form}.ndc")
+            t = time.perf_counter()
+            try:
+                with _quiet():
+                    rep = compile_model(src, ndc, CompileOptions(calib=calib, keep_float=True), quiet=True)
+            except Exception as e:
+                r.update(stage="compile", error=_one_line(e))
+                continue
+            r.update(ok=True, compile_s=time.perf_counter() - t, notes=[n for n in rep.notes if "exporter" in n])
+            try:
+                with Session(ndc, Policy(bits="float")) as s:
+                    r["float_rel_err"] = rel_err(s.run(None, test)[0], ref)
+                with Session(ndc, Policy(bits="8")) as s:
+                    r["q8_cosine"] = cosine(s.run(None, test)[0], ref)
+                r["fallback_ops"], r["fallback_share"] = fallback_share(ndc, one)
+                if latency and form == "onnx":
+                    res["latency"] = latency_vs_ort(ndc, src, one)
+            except Exception as e:
+                r.update(ok=False, stage="run", error=_one_line(e))
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+# ------------------------------------------------------------------------------------------- report
+def _fmt_form(r: dict) -> str:
+    if not r:
+        return "–"  # not run (--forms)
+    if not r.get("ok"):
+        return f"✗ {r.get('stage', '')}"
+    return "✓ legacy" if r.get("notes") else "✓"
+
+
+def table(results: list[dict]) -> str:
+    head = ("| model | TorchScript | .pt2 | ONNX | float rel. err (max) | 8-bit cosine (min) | torch RTN 8-bit cosine "
+            "| ×ORT 1 thread | ×ORT default | onnx.reference fallback (share of call) |")
+    lines = [head, "|" + "---|" * 10]
+    for res in results:
+        fr = [res["forms"].get(f, {}) for f in FORMS]
+        ok = [r for r in fr if r.get("ok")]
+        err = max((r["float_rel_err"] for r in ok if "float_rel_err" in r), default=None)
+        cos = min((r["q8_cosine"] for r in ok if "q8_cosine" in r), default=None)
+        lat = res.get("latency")
+        ops: dict[str, int] = {}
+        for r in ok:
+            for op, n in r.get("fallback_ops", {}).items():
+                ops[op] = max(ops.get(op, 0), n)
+        share = max((r.get("fallback_share", 0.0) for r in ok), default=0.0)
+        fb = ", ".join(f"{op}×{n}" for op, n in sorted(ops.items())) + f" ({share:.0%})" if ops else "–"
+        lines.append(f"| {res['model']} | " + " | ".join(_fmt_form(r) for r in fr) + " | "
+                     + (f"{err:.1e}" if err is not None else "–") + " | " + (f"{cos:.5f}" if cos is not None else "–")
+                     + (f" | {res['rtn8_cosine']:.5f}" if "rtn8_cosine" in res else " | –")
+                     + " | " + (f"{lat['ratio_1']:.2f}" if lat else "–") + " | "
+                     + (f"{lat['ratio_default']:.2f}" if lat else "–") + f" | {fb} |")
+    lines.append("")
+    for res in results:
+        for f, r in res["forms"].items():
+            if not r.get("ok"):
+                lines.append(f"- {res['model']} {f} ({r.get('stage')}): {r.get('error')}")
+            for note in r.get("notes", []) + ([r["export_note"]] if "export_note" in r else []):
+                lines.append(f"- {res['model']} {f}: {_one_line(note, 300)}")
+    return "\n".join(lines).rstrip()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", help=f"comma-separated subset of: {', '.join(MODELS)}")
+    ap.add_argument("--forms", default=",".join(FORMS), help="comma-separated subset of: " + ", ".join(FORMS))
+    ap.add_argument("--json", help="also write every measurement to this file")
+    ap.add_argument("--workdir", help="keep exported models and bundles under this folder")
+    ap.add_argument("--no-latency", action="store_true", help="skip the ONNX Runtime latency comparison")
+    a = ap.parse_args(argv)
+    names = a.models.split(",") if a.models else list(MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        ap.error(f"unknown model {unknown[0]!r}; known: {', '.join(MODELS)}")
+    forms = a.forms.split(",")
+    if any(f not in FORMS for f in forms):
+        ap.error(f"--forms takes {', '.join(FORMS)}")
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; load before the run: {load}", file=sys.stderr)
+    t0 = time.perf_counter()
+    results = []
+    for n in names:
+        res = evaluate(n, forms, os.path.join(a.workdir, n) if a.workdir else None, latency=not a.no_latency)
+        results.append(res)
+        print(f"{n}: {res['seconds']:.0f} s", file=sys.stderr)
+    total = time.perf_counter() - t0
+    print(table(results))
+    print(f"\n{len(names)} models in {total:.0f} s", file=sys.stderr)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"load_before": load, "seconds": total, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
