@@ -22,10 +22,12 @@ from lm_fixtures import tiny_model, tiny_tokenizer_json, transformers_greedy, wr
 from lm_reference import ReferenceDecoder  # noqa: E402
 
 import nadoo.runtime as nd  # noqa: E402
-from nadoo.compiler.lm_compile import compile_lm, compile_lm_source, is_lm_source  # noqa: E402
+from nadoo.compiler.calibrate import dense_builders  # noqa: E402
+from nadoo.compiler.lm_compile import compile_lm, compile_lm_source, is_lm_source, lm_feeds, lm_graph  # noqa: E402
 from nadoo.compiler.lm_source import LMSource, load_lm_source, lm_source_from_model  # noqa: E402
 from nadoo.compiler.pipeline import CompileOptions  # noqa: E402
-from nadoo.runtime.errors import BundleError, CompileError, InputError  # noqa: E402
+from nadoo.runtime.engine import Plan  # noqa: E402
+from nadoo.runtime.errors import BundleError, CompileError, InputError, ModelError  # noqa: E402
 from nadoo.runtime.generate import LanguageModel, perplexity  # noqa: E402
 from nadoo.runtime.lm_index import validate_lm  # noqa: E402
 
@@ -239,6 +241,16 @@ def test_positions_must_continue_the_cache(built):
         lm.forward([9, 9], 0)  # another sequence used the cache meanwhile
         with pytest.raises(InputError, match="another sequence"):
             next(st)
+
+
+def test_attention_scores_count_against_the_value_cap():
+    """A long prompt's score matrix [heads, n, n] is checked before it is allocated."""
+    src = lm_source_from_model(tiny_model("llama", vocab=VOCAB))
+    graph, consts, weights = lm_graph(src, head="head")
+    plan = Plan(graph, consts, custom_ops=dense_builders({w.name: w for w in weights}), max_elements=10_000)
+    plan.run(lm_feeds(list(range(4, 30))))  # 4 heads x 26 x 26 scores
+    with pytest.raises(ModelError, match=r"attn.out \(Attention\) would produce 14,400 elements"):
+        plan.run(lm_feeds(list(range(4, 64))))
 
 
 # ------------------------------------------------------------------ the command line
