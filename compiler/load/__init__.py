@@ -1,15 +1,16 @@
 """Load every supported model form into one in-memory ONNX ModelProto.
 
-Forms (detected by extension and content, detect.py):
-  * ``.onnx`` (external data files beside it are loaded into memory)    onnx_file.py
-  * TorchScript archive (``torch.jit.save``)              → exported to ONNX   torchscript.py
-  * ``torch.export`` program (``torch.export.save``, .pt2) → exported to ONNX; without
-    ``allow_pickle`` it must be plain data (archive_safety.py), never torch.export.load   exported_program.py
-  * ``torch.save``d state_dict + ``model_class="pkg.mod:Class"`` → exported to ONNX   torch_save.py
-  * a fully pickled ``nn.Module`` — only with ``allow_pickle=True`` (unpickling runs code)
+Forms (told apart by extension and content in detect.py), one module each:
+  * ``.onnx``, external data files beside it loaded into memory (onnx_file.py)
+  * a TorchScript archive, ``torch.jit.save`` (torchscript.py)
+  * a ``torch.export`` program, ``torch.export.save`` / .pt2 (exported_program.py); without
+    ``allow_pickle`` it must be plain data (archive_safety.py), never torch.export.load
+  * a ``torch.save``d state_dict + ``model_class="pkg.mod:Class"``, or a fully pickled
+    ``nn.Module`` only with ``allow_pickle=True`` since unpickling runs code (torch_save.py)
 
-Torch modules are exported by exporter.py with example inputs from inputs.py, and the exported
-graph is tidied by onnx_cleanup.py. Every failure a user can cause is a one-line :class:`CompileError`.
+Torch modules are exported to ONNX by exporter.py with example inputs from inputs.py, and the
+exported graph is tidied by onnx_cleanup.py. Every failure a user can cause is a one-line
+:class:`CompileError`.
 """
 from __future__ import annotations
 

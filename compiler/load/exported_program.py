@@ -11,7 +11,7 @@ from nadoo.runtime.errors import CompileError, one_line
 
 from .archive_safety import load_exported_program
 from .error_text import err_text, export_error_text, root_cause
-from .exporter import dynamo_export, export_dynamo
+from .exporter import export_dynamic, to_onnx
 from .inputs import example_arrays
 from .torch_io import flatten_outputs, import_torch, output_names, quiet_torch_logs, to_torch
 
@@ -52,10 +52,10 @@ def load_exported(path, example_inputs, opset, allow_pickle=False):
             + [("program", saved)]:
         try:
             if target == "program":
-                model = dynamo_export(ep, args_t, names, out_names, opset)
+                model = to_onnx(ep, args_t, names, out_names, opset)
             else:
-                model = export_dynamo(module, dict(zip(names, args_t)), names, out_names,
-                                      opset, positional=True, axes=axes)
+                model = export_dynamic(module, dict(zip(names, args_t)), names, out_names, opset,
+                                       positional=True, axes=axes)
             break
         except Exception as e:
             errors.append(e)

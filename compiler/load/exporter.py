@@ -63,7 +63,7 @@ def export_module(module, kind, arrays, opset, where):
                 model = None
                 errors.append(CompileError("the TorchScript → torch.export conversion changes the model's results"))
         else:
-            model = export_dynamo(target, kwargs_t, input_names, out_names, opset, False, moe_table)
+            model = export_dynamic(target, kwargs_t, input_names, out_names, opset, False, moe_table)
     except Exception as e:
         errors.append(e)
     if model is None:
@@ -88,8 +88,9 @@ def export_module(module, kind, arrays, opset, where):
     return model, input_names, out_names, len(flat)
 
 
-def dynamo_export(target, args: tuple, input_names, out_names, opset, **options):
-    """torch.onnx.export(dynamo=True) of a module or ExportedProgram, quietly, to a ModelProto."""
+def to_onnx(target, args: tuple, input_names, out_names, opset, **options):
+    """torch.onnx.export(dynamo=True) of a module or ExportedProgram, quietly, to a ModelProto;
+    `options` go to torch.onnx.export (kwargs, dynamic_shapes, custom_translation_table)."""
     torch = import_torch()
     with quiet_torch_logs(), contextlib.redirect_stdout(io.StringIO()):
         prog = torch.onnx.export(target, args, None, dynamo=True, verbose=False, opset_version=opset,
@@ -97,8 +98,9 @@ def dynamo_export(target, args: tuple, input_names, out_names, opset, **options)
     return prog.model_proto
 
 
-def export_dynamo(module, kwargs_t, input_names, out_names, opset, positional=False, table=None, axes=None):
-    """`axes` {input: dynamic axes} overrides the default: batch, plus the sequence of 2-D int inputs.
+def export_dynamic(module, kwargs_t, input_names, out_names, opset, positional=False, table=None, axes=None):
+    """The dynamo export of `module` with dynamic axes: by default the batch, plus the second axis of
+    2-D non-float inputs (token ids, masks); `axes` {input: dynamic axes} overrides that.
     `table` is a custom translation table (the nadoo::moe op → one nadoo.MoE node)."""
     torch = import_torch()
     D = torch.export.Dim.DYNAMIC
@@ -109,10 +111,10 @@ def export_dynamo(module, kwargs_t, input_names, out_names, opset, positional=Fa
             d[1] = D
         dyn[n] = d if axes is None else {a: D for a in sorted(axes[n])}
     if positional:
-        return dynamo_export(module, tuple(kwargs_t.values()), input_names, out_names, opset,
-                             dynamic_shapes=tuple(dyn.values()), custom_translation_table=table)
-    return dynamo_export(module, (), input_names, out_names, opset, kwargs=kwargs_t, dynamic_shapes=dyn,
-                         custom_translation_table=table)
+        return to_onnx(module, tuple(kwargs_t.values()), input_names, out_names, opset,
+                       dynamic_shapes=tuple(dyn.values()), custom_translation_table=table)
+    return to_onnx(module, (), input_names, out_names, opset, kwargs=kwargs_t, dynamic_shapes=dyn,
+                   custom_translation_table=table)
 
 
 def _export_legacy(module, kwargs_t: dict, input_names, out_names, opset, arrays, positional: bool):
@@ -149,7 +151,7 @@ def _export_torchscript(module, kwargs_t, input_names, out_names, opset, arrays)
         ep = TS2EPConverter(module, args).convert()
         if any(n.target in DECOMPOSITIONS for n in ep.graph.nodes):  # fused fast-path kernels (fastpath.py)
             ep = ep.run_decompositions(DECOMPOSITIONS)
-    model = dynamo_export(ep, args, input_names, out_names, opset)
+    model = to_onnx(ep, args, input_names, out_names, opset)
     dynamic = dynamic_axes_for(arrays)
     inits = {i.name for i in model.graph.initializer}
     for vi, (name, a) in zip([vi for vi in model.graph.input if vi.name not in inits], arrays.items()):

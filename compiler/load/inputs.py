@@ -85,7 +85,8 @@ def _from_shapes(module, sig_names, required, input_shapes) -> dict[str, np.ndar
             raise CompileError("--input-shape: name every input (NAME=D0,D1,...) for a multi-input model")
         cands = required or sig_names
         if not cands:
-            raise CompileError("--input-shape without a name needs a model with a forward(x) signature; use NAME=D0,...")
+            raise CompileError("--input-shape without a name needs a model with a forward(x) signature; "
+                               "use NAME=D0,...")
         if len(required) > 1:
             raise CompileError(
                 f"the model takes {len(required)} inputs ({', '.join(required)}); give "
