@@ -41,6 +41,8 @@ class TierLayout:
     key: str
     serves: tuple[str, ...]
     n_payloads: int
+    bits: int  # bits of the codes its payloads are packed from (32: float32, not quantized)
+    quantized: bool
 
     def read_count(self, tier: str) -> int:
         raise NotImplementedError
@@ -127,6 +129,8 @@ class NestedTiers(TierLayout):
     key = "nested"
     serves = QUANT_TIERS
     n_payloads = len(qcodec.NESTED_PLANES)
+    bits = 8
+    quantized = True
 
     def __repr__(self) -> str:
         return "NestedTiers()"
