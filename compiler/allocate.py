@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import heapq
 
+from nadoo.runtime.tiers import QUANT_TIERS, layouts_of
+
 
 def allocate(costs: list[dict], errors: list[dict], budget_bytes: float) -> list[str] | None:
     """costs[c], errors[c]: {tier: bytes}, {tier: error} of chunk c (same tier keys).
@@ -67,8 +69,8 @@ def bundle_allocation(entries: list[dict], payload_bytes, bits_per_weight: float
     costs, errs, owner = [], [], []
     n_weights = 0
     for e in entries:
-        nested = e.get("nested", {}).get("planes")  # NDC 1.1 nested planes: a b-bit read costs its planes
-        qt = [t for t in ("q8", "q4", "q2") if (t in e["tiers"] or nested) and t in e.get("errors", {})]
+        layouts = layouts_of(e)  # nested planes: a b-bit read costs every plane it needs
+        qt = [t for t in QUANT_TIERS if t in layouts and t in e.get("errors", {})]
         if not qt:
             continue
         rows = e["shape"][0]
@@ -79,11 +81,7 @@ def bundle_allocation(entries: list[dict], payload_bytes, bits_per_weight: float
         b = e["bounds"]
         for c in range(len(b) - 1):
             share = (b[c + 1] - b[c]) / rows
-            if nested:
-                n_planes = {"q2": 1, "q4": 2, "q8": 3}
-                costs.append({t: sum(payload_bytes(p[c]) for p in nested[:n_planes[t]]) for t in qt})
-            else:
-                costs.append({t: payload_bytes(e["tiers"][t][c]) for t in qt})
+            costs.append({t: sum(payload_bytes(p) for p in layouts[t][0].chunk_pids(layouts[t][1], t, c)) for t in qt})
             errs.append({t: e["errors"][t]["out_err"][c] * share for t in qt})
             owner.append((e["name"], c))
     tiers = allocate(costs, errs, bits_per_weight / 8 * n_weights)

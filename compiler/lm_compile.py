@@ -24,9 +24,10 @@ from nadoo.runtime import __version__
 from nadoo.runtime.engine import Plan
 from nadoo.runtime.errors import CompileError, NadooError
 from nadoo.runtime.kv_cache import SequenceState
+from nadoo.runtime.tiers import compile_layouts
 
 from .calibrate import LayerStats, dense_builders
-from .pipeline import (TIER_BITS, CompileOptions, CompileReport, _bounds, _entry, _progress, _quant_kwargs, _raw,
+from .pipeline import (CompileOptions, CompileReport, _bounds, _entry, _progress, _quant_kwargs, _raw,
                        _write_constants, _write_weights)
 from .rewrite import Weight
 from .writer import BundleWriter
@@ -246,8 +247,8 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
             kw.pop("hessian", None)
         return (st.importance() if st.w.kind == "linear" else None), kw
 
-    tier_bytes = {t: 0 for t in (["f32"] if opts.keep_float else [])
-                  + (["nested"] if opts.nested else [t for t, _ in TIER_BITS])}
+    layouts = compile_layouts(opts.keep_float, opts.nested)
+    tier_bytes = {layout.key: 0 for layout in layouts}
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with BundleWriter(out_path, alignment=opts.alignment) as wr:
         graph_pid = wr.add_json(graph)
@@ -257,7 +258,7 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
         sample = {"inputs": [_raw(wr, k, v) for k, v in sample_in.items()], "outputs": [_raw(wr, "logits", sample_logits)]}
         tok_pid = wr.add_payload(src.tokenizer_json.encode("utf-8"), compress="always") if src.tokenizer_json else None
         per_tensor = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
-        _write_weights(wr, [[w] for w in weights], per_tensor, tier_bytes, quiet, quant_args)
+        _write_weights(wr, [[w] for w in weights], per_tensor, layouts, tier_bytes, quiet, quant_args)
         entries = [per_tensor[w.name] for w in weights]
         dense_bytes = src.nbytes
         index = {

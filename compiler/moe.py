@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nadoo.runtime.errors import CompileError
+from nadoo.runtime.tiers import SEPARATE, TierLayout
 
 log = logging.getLogger(__name__)
 
@@ -612,40 +613,32 @@ class MoECalibration:
         return out
 
 
-def _expert_tiers(tiers: list[str]) -> list[tuple[str, str]]:
-    """(stored expert tier, key its bytes are reported under). Experts have no nested bit-planes
-    (the MoE op decodes whole §4.2 payloads), so a `nested` bundle stores them as the three flat
-    tiers q8/q4/q2 the nested planes give dense layers, counted under `nested`."""
-    out = []
-    for t in tiers:
-        out.extend([(q, t) for q in ("q8", "q4", "q2")] if t == "nested" else [(t, t)])
-    return out
-
-
-def write_moe(wr, layers: list[MoELayer], cal: MoECalibration, group_size: int, tiers: list[str]
+def write_moe(wr, layers: list[MoELayer], cal: MoECalibration, group_size: int, layouts: list[TierLayout]
               ) -> tuple[list[dict], dict]:
     """Write every expert as a chunk group: per layer and tier, experts in order, each expert's matrices
-    (w1, w3, w2) back to back, so one merged positioned read fetches an expert. Returns (index entries,
-    stored bytes per tier of `tiers`)."""
+    (w1, w3, w2) back to back, so one merged positioned read fetches an expert. Experts have no nested
+    bit-planes (the MoE op decodes whole §4.2 payloads): every tier a layout serves is stored separately,
+    its bytes counted under the layout's key. Returns (index entries, stored bytes per layout key)."""
     from .quantize import quantize_payload
 
-    bits = {"q8": 8, "q4": 4, "q2": 2}
-    tier_bytes = {t: 0 for t in tiers}
+    tiers = [(t, layout.key) for layout in layouts for t in layout.serves]
+    tier_bytes = {layout.key: 0 for layout in layouts}
     entries = []
     for l in layers:
         E, F, H = l.w1.shape
         mats = ("w1", "w3", "w2") if l.gated else ("w1", "w2")
         experts = [{"tensors": {m: {"shape": [H, F] if m == "w2" else [F, H], "tiers": {}, "errors": {}} for m in mats}}
                    for _ in range(E)]
-        for tier, counted in _expert_tiers(tiers):
+        for tier, counted in tiers:
             for e in range(E):
                 for m in mats:
                     w = getattr(l, m)[e]
                     d = experts[e]["tensors"][m]
-                    if tier == "f32":
-                        pid = wr.add_array(np.ascontiguousarray(w, np.float32))
+                    codec = SEPARATE[tier]
+                    if not codec.quantized:
+                        pid = wr.add_payload(codec.pack(w)[0])
                     else:
-                        payload, err = quantize_payload(w, bits[tier], min(group_size, w.shape[1]),
+                        payload, err = quantize_payload(w, codec.bits, min(group_size, w.shape[1]),
                                                         cal.importance(l.name, e, m))
                         pid = wr.add_payload(payload)
                         d["errors"][tier] = {"mse": err["mse"], "out_err": err["out_err"]}

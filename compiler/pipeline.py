@@ -16,6 +16,7 @@ import numpy as np
 from nadoo.runtime import __version__
 from nadoo.runtime.errors import CompileError
 from nadoo.runtime.format import MAX_GROUP_SIZE
+from nadoo.runtime.tiers import NestedTiers, SeparateTier, TierLayout, compile_layouts
 
 from .calib_data import load_calibration, synthetic_calibration
 from .calibrate import calibrate, dense_builders
@@ -23,8 +24,6 @@ from .ffn import coactivation_order, fit_sketch, fuse_ffn
 from .moe import MoECalibration, extract_moe, verify_moe_graph, write_moe  # [nadoo#7 MoE]
 from .rewrite import Weight, rewrite_weight_ops
 from .writer import BundleWriter
-
-TIER_BITS = (("q8", 8), ("q4", 4), ("q2", 2))
 
 
 @dataclass
@@ -168,8 +167,8 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         kept += int(np.count_nonzero(w.array))
         total += w.array.size
 
-    tier_bytes = {t: 0 for t in (["f32"] if opts.keep_float else [])
-                  + (["nested"] if opts.nested else [t for t, _ in TIER_BITS])}
+    layouts = compile_layouts(opts.keep_float, opts.nested)
+    tier_bytes = {layout.key: 0 for layout in layouts}
     entries = []
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with BundleWriter(out_path, alignment=opts.alignment) as wr:
@@ -186,11 +185,11 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         downs = {f["up"].name: f["down"] for f in ffns}
         groups = [[w] + ([downs[w.name]] if w.name in downs else []) for w in weights if w.kind != "ffn_down"]
         per_tensor: dict[str, dict] = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
-        _write_weights(wr, groups, per_tensor, tier_bytes, quiet,
+        _write_weights(wr, groups, per_tensor, layouts, tier_bytes, quiet,
                        lambda w: (stats[w.name].importance() if w.kind in ("linear", "conv", "ffn_up") else None,
                                   _quant_kwargs(w, stats, downs, opts)))
         entries = [per_tensor[w.name] for w in weights]
-        moe_entries, moe_bytes = write_moe(wr, moe_layers, moe_cal, opts.group_size, list(tier_bytes))  # [nadoo#7]
+        moe_entries, moe_bytes = write_moe(wr, moe_layers, moe_cal, opts.group_size, layouts)  # [nadoo#7]
         for t, nb in moe_bytes.items():
             tier_bytes[t] += nb
         index = {
@@ -257,95 +256,76 @@ def _quant_kwargs(w: Weight, stats: dict, downs: dict, opts: CompileOptions) -> 
     return {"method": method}
 
 
-def _write_weights(wr: BundleWriter, groups: list[list[Weight]], per_tensor: dict, tier_bytes: dict, quiet: bool,
-                   quant_args) -> None:
-    """Every tier of every chunk group, recorded in the tensors' index entries `per_tensor` and added
-    up in `tier_bytes` (whose keys are the tiers to write). quant_args(w) -> (importance, quantizer
+def _write_weights(wr: BundleWriter, groups: list[list[Weight]], per_tensor: dict, layouts: list[TierLayout],
+                   tier_bytes: dict, quiet: bool, quant_args) -> None:
+    """Every layout of every chunk group, recorded in the tensors' index entries `per_tensor`; the
+    stored bytes are added up in `tier_bytes[layout.key]`. quant_args(w) -> (importance, quantizer
     kwargs) of weight w."""
-    work = [(g, t) for g in groups for t in tier_bytes]
+    work = [(g, layout) for g in groups for layout in layouts]
     with _progress("quantizing  ", quiet)(work) as it:
-        for group, tier in it:
+        for group, layout in it:
             imps, qkw = zip(*[quant_args(w) for w in group])
             entries = [per_tensor[w.name] for w in group]
-            if tier == "nested":  # one payload per bit-plane (compiler/quantize.py quantize_nested)
-                tier_bytes[tier] += _write_nested(wr, group, entries, list(imps), list(qkw))
-                continue
-            for e, (pids, errs) in zip(entries, _write_tier(wr, group, entries, tier, list(imps), list(qkw))):
-                e["tiers"][tier] = pids
-                if errs:
-                    e["errors"][tier] = errs
-                tier_bytes[tier] += sum(wr.stored_length(p) for p in pids if p >= 0)
+            tier_bytes[layout.key] += _write_layout(wr, group, entries, layout, list(imps), list(qkw))
 
 
-def _write_tier(wr: BundleWriter, group: list[Weight], entries: list[dict], tier: str, imps: list,
-                qkw: list | None = None) -> list[tuple[list[int], dict]]:
-    """Write one tier of each chunk of the tensors in `group` (which share chunk bounds), chunk by
-    chunk and interleaved, so that chunk i of every tensor in the group is one contiguous range.
-    Each tensor is quantized whole, once (GPTQ rows are independent given H), then cut into chunks."""
+def _encode_separate(layout: SeparateTier, m: np.ndarray, bounds: list[int], group_size: int, imp, kw: dict):
+    if not layout.quantized:  # float32 chunks are packed when written: no whole copy of a large matrix
+        return lambda c: (layout.pack(m[bounds[c]:bounds[c + 1]]), {})
     from .quantize import quantize_chunks
 
-    qkw = qkw or [{} for _ in group]
-    out = [([], {"mse": [], "out_err": []}) for _ in group]
-    bounds = entries[0]["bounds"]
-    quantized = []
-    for w, e, imp, kw in zip(group, entries, imps, qkw):
-        m = w.array.reshape(w.rows, -1)
-        if tier == "f32" or not m.any():
-            quantized.append(None)
-        else:
-            if tier == "q8":  # 8-bit is already at cos 0.9999 without error feedback: save the compile time
-                kw = {k: v for k, v in kw.items() if k not in ("hessian", "down_hessian")}
-            quantized.append(quantize_chunks(m, bounds, dict(TIER_BITS)[tier], min(e["group_size"], m.shape[1]),
-                                             imp, **kw))
-    for c, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-        for w, q, (pids, err) in zip(group, quantized, out):
-            chunk = w.array.reshape(w.rows, -1)[lo:hi]
-            if not chunk.any():  # all pruned away: marked empty, never read
-                pids.append(-1)
-                err["mse"].append(0.0)
-                err["out_err"].append(0.0)
-            elif tier == "f32":
-                pids.append(wr.add_array(np.ascontiguousarray(chunk, np.float32)))
-            else:
-                payload, e_ = q[c]
-                pids.append(wr.add_payload(payload))
-                err["mse"].append(e_["mse"])
-                err["out_err"].append(e_["out_err"])
-    return [(pids, err if tier != "f32" else {}) for pids, err in out]
+    if layout.bits == 8:  # 8-bit is already at cos 0.9999 without error feedback: save the compile time
+        kw = {k: v for k, v in kw.items() if k not in ("hessian", "down_hessian")}
+    out = [([p], {layout.key: err}) for p, err in quantize_chunks(m, bounds, layout.bits, group_size, imp, **kw)]
+    return out.__getitem__
 
 
-def _write_nested(wr: BundleWriter, group: list[Weight], entries: list[dict], imps: list, qkw: list) -> int:
-    """Nested tiers (NDC 1.1 §4.2b): per chunk, plane A of every tensor of the group, then B, then C,
-    so a 2-, 4- or 8-bit read of a neuron group is one contiguous range. Returns the stored bytes."""
+def _encode_nested(layout: NestedTiers, m: np.ndarray, bounds: list[int], group_size: int, imp, kw: dict):
     from .quantize import quantize_nested
 
+    return quantize_nested(m, bounds, group_size, imp, **kw).__getitem__
+
+
+# The quantizer of each layout kind: chunk c -> ([its payloads], {tier: errors}) of a matrix.
+_ENCODERS = {SeparateTier: _encode_separate, NestedTiers: _encode_nested}
+
+
+def _write_layout(wr: BundleWriter, group: list[Weight], entries: list[dict], layout: TierLayout, imps: list,
+                  qkw: list) -> int:
+    """Write one layout of each chunk of the tensors in `group` (which share chunk bounds), interleaved:
+    per chunk, payload 0 (plane A) of every tensor of the group, then payload 1, ..., so a read of a
+    neuron group at any tier is one contiguous range. Each tensor is quantized whole, once (GPTQ rows
+    are independent given H), then cut into chunks. Returns the stored bytes."""
     bounds = entries[0]["bounds"]
-    per = []
+    encoded = []
     for w, e, imp, kw in zip(group, entries, imps, qkw):
         m = w.array.reshape(w.rows, -1)
-        per.append(quantize_nested(m, bounds, min(e["group_size"], m.shape[1]), imp, **kw) if m.any() else None)
-        e["nested"] = {"planes": [[], [], []]}
-        e["errors"] = {t: {"mse": [], "out_err": []} for t in ("q8", "q4", "q2")}
+        encoded.append(_ENCODERS[type(layout)](layout, m, bounds, min(e["group_size"], m.shape[1]), imp, kw)
+                       if m.any() else None)
+    ids = [[[] for _ in range(layout.n_payloads)] for _ in group]
+    errs = [{t: {"mse": [], "out_err": []} for t in layout.serves} if layout.quantized else {} for _ in group]
     nbytes = 0
     for c, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-        flags = [bool(w.array.reshape(w.rows, -1)[lo:hi].any()) for w in group]
-        live = [(w, e, q) for w, e, q, f in zip(group, entries, per, flags) if f]
-        for e, f in zip(entries, flags):
-            if not f:  # all pruned away: empty in every plane
-                for p in range(3):
-                    e["nested"]["planes"][p].append(-1)
-                for t in e["errors"]:
-                    e["errors"][t]["mse"].append(0.0)
-                    e["errors"][t]["out_err"].append(0.0)
-        for p in range(3):
-            for w, e, q in live:
-                pid = wr.add_payload(q[c][0][p])
-                e["nested"]["planes"][p].append(pid)
+        live = [bool(w.array.reshape(w.rows, -1)[lo:hi].any()) for w in group]
+        for j in (j for j, f in enumerate(live) if not f):  # all pruned away: empty in every payload list
+            for p in ids[j]:
+                p.append(-1)
+            for er in errs[j].values():
+                er["mse"].append(0.0)
+                er["out_err"].append(0.0)
+        chunk = {j: encoded[j](c) for j, f in enumerate(live) if f}
+        for p in range(layout.n_payloads):
+            for j, (payloads, _) in chunk.items():
+                pid = wr.add_payload(payloads[p])
+                ids[j][p].append(pid)
                 nbytes += wr.stored_length(pid)
-        for w, e, q in live:
-            for t, er in q[c][1].items():
-                e["errors"][t]["mse"].append(er["mse"])
-                e["errors"][t]["out_err"].append(er["out_err"])
+        for j, (_, chunk_errs) in chunk.items():
+            for t, er in chunk_errs.items():
+                errs[j][t]["mse"].append(er["mse"])
+                errs[j][t]["out_err"].append(er["out_err"])
+    for e, i, er in zip(entries, ids, errs):
+        layout.record(e, i)
+        e["errors"].update(er)
     return nbytes
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from nadoo.runtime import qcodec
 from nadoo.runtime.errors import CompileError
+from nadoo.runtime.tiers import NESTED
 
 __all__ = ["quantize", "quantize_payload", "quantize_chunks", "gptq_factor", "shrink_grid", "F16_MAX",
            "IMP_FLOOR", "GPTQ_DAMP", "quantize_nested"]
@@ -536,10 +537,10 @@ def quantize_nested(w: np.ndarray, bounds, group_size: int, importance: np.ndarr
         raise CompileError(f"quantize: unknown nested base {base!r} (q4 or q8)")
     out = []
     for lo, hi in zip(bounds, bounds[1:]):
-        planes = qcodec.pack_nested(q8[lo:hi], s8[lo:hi], m8[lo:hi], G)
+        planes = NESTED.pack(q8[lo:hi], s8[lo:hi], m8[lo:hi], G)
         errs = {}
-        for tier, bits in (("q8", 8), ("q4", 4), ("q2", 2)):
-            wh = qcodec.dequantize_nested(planes, hi - lo, w.shape[1], G, bits)
+        for tier in NESTED.serves:
+            wh = NESTED.decode(tier, planes, hi - lo, w.shape[1], G)
             errs[tier] = _errors_of(w[lo:hi], wh, _rows(importance, lo, hi))
         out.append((planes, errs))
     return out

@@ -341,8 +341,8 @@ def export_cmd(bundle, out, bits):
     """Write BUNDLE as a plain ONNX model (for ONNX Runtime, Netron, ...); needs the onnx package."""
     from .export_onnx import bundle_to_onnx, save_onnx
     from .files import refuse_overwrite
-    from .policy import BITS_TO_TIER
     from .reader import Bundle
+    from .tiers import BITS_TO_TIER
 
     refuse_overwrite(out, {"bundle": bundle}, "-o")
     with Bundle.open(bundle) as b:

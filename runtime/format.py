@@ -68,9 +68,9 @@ MIN_VALUE_CAP = 1 << 26  # elements: 256 MiB of float32
 VALUE_CAP_PER_BYTE = 16
 WORK_PER_ELEMENT = 1024
 
-# Precision tiers a chunk may be stored at; the key is what the index uses.
+# Precision tiers a chunk may be stored at, the names the index uses (their bits, layouts and --bits
+# spellings: runtime/tiers.py).
 TIERS = ("f32", "q8", "q4", "q2")
-TIER_BITS = {"q8": 8, "q4": 4, "q2": 2}
 
 DTYPES = frozenset(
     ["float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"]

@@ -7,8 +7,9 @@ from collections import Counter
 import numpy as np
 
 from .chunked import REGISTRY
-from .format import CODECS, TIERS
+from .format import CODECS
 from .reader import Bundle
+from .tiers import FLOAT_TIER, TIERS
 
 
 def bundle_facts(b: Bundle) -> dict:
@@ -47,10 +48,8 @@ def bundle_facts(b: Bundle) -> dict:
         for tier in TIERS:
             if tier not in e.tiers:
                 continue
-            pids = e.tiers[tier]
-            if e.is_nested(tier):  # (1.1) nested planes: a tier costs every plane it reads
-                pids = np.concatenate([np.asarray(e.chunk_pids(tier, i), np.int64) for i in range(e.n_chunks)])
-            live = pids[pids >= 0]
+            # every payload a read of the tier takes (nested planes: all the planes it reads)
+            live = np.asarray([p for i in range(e.n_chunks) for p in e.chunk_pids(tier, i)], np.int64)
             stored = int(t["stored"][live].sum()) if len(live) else 0
             raw = int(t["raw"][live].sum()) if len(live) else 0
             codecs = sorted({CODECS[int(c)] for c in t["codec"][live]}) if len(live) else []
@@ -122,7 +121,7 @@ def format_facts(f: dict) -> str:
             chunks = f"{r['chunks']}" + (f"-{r['empty_chunks']}" if r["empty_chunks"] else "")
             cells = " ".join(f"{_human(r['tiers'][t]['stored_bytes']) if t in r['tiers'] else '-':>10}" for t in tiers)
             out.append(f"{name:<40} {r['kind']:<7} {'x'.join(map(str, r['shape'])):<16} {chunks:>6} {route:>5} {cells}")
-        errs = [t for t in tiers if t != "f32"]
+        errs = [t for t in tiers if t != FLOAT_TIER]
         if errs:
             out.append("")
             out.append("tier error (importance-weighted relative output error, mean over chunks):")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import qcodec
 from .activations import ACTIVATIONS
 from .errors import corrupt as _fail
-from .format import MAX_DIM, MAX_NAME_LEN, TIER_BITS, TIERS
+from .format import MAX_DIM, MAX_NAME_LEN
+from .tiers import SEPARATE, TIERS
 
 MAX_EXPERTS = 1 << 16
 
@@ -28,10 +28,8 @@ class ExpertMat:
         self.errors = errors  # tier -> {"mse", "out_err"}
 
     def nbytes(self, tier: str, group_size: int) -> int:
-        r, k = self.shape
-        if tier == "f32":
-            return 4 * r * k
-        return qcodec.payload_nbytes(r, k, min(group_size, k), TIER_BITS[tier])
+        r, k = self.shape  # experts store every tier separately (no nested planes)
+        return SEPARATE[tier].nbytes(tier, r, k, min(group_size, k))
 
 
 class MoEEntry:
@@ -67,11 +65,7 @@ class MoEEntry:
         for j, m in enumerate(self.mats):
             mat = self.experts[e][m]
             r, k = mat.shape
-            raw = data[mat.tiers[tier]]
-            if tier == "f32":
-                a = np.frombuffer(raw, dtype="<f4").reshape(r, k)
-            else:
-                a = qcodec.dequantize(raw, r, k, min(self.group_size, k), TIER_BITS[tier])
+            a = SEPARATE[tier].decode(tier, [data[mat.tiers[tier]]], r, k, min(self.group_size, k))
             out[j] = a.T if m == "w2" else a
         return out
 

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
+from .tiers import BITS_TO_TIER, FLOAT_TIER, NEAREST, QUANT_TIERS, tier_within
 
-BITS_TO_TIER = {"8": "q8", "4": "q4", "2": "q2", "float": "f32", "32": "f32", "f32": "f32"}
-# a tier the bundle lacks is replaced by the nearest one it has (never silently by float32)
-_NEAREST = {"q8": ("q8", "q4", "q2", "f32"), "q4": ("q4", "q8", "q2", "f32"), "q2": ("q2", "q4", "q8", "f32")}
+HI, MID, LO = QUANT_TIERS  # --bits auto: the hot, the ordinary and the cold chunks' tiers
 MODES = ("dense", "subset", "predict", "oracle", "empty")
 
 
@@ -144,29 +143,29 @@ class Policy:
         if self.bits != "auto":
             tier = BITS_TO_TIER[self.bits]
             if tier not in available:
-                hint = " (compile with --keep-float)" if tier == "f32" else ""
+                hint = " (compile with --keep-float)" if tier == FLOAT_TIER else ""
                 raise InputError(f"bundle stores no {tier} tier for {entry.name}{hint}")
             return [tier] * n
         order = np.argsort(-activity) if activity is not None else np.arange(n)
-        tiers = ["q4"] * n
+        tiers = [MID] * n
         q = max(1, n // 4) if n >= 4 else 0
         for i in order[:q]:
-            tiers[int(i)] = "q8"
+            tiers[int(i)] = HI
         for i in order[n - q :] if q else []:
-            tiers[int(i)] = "q2"
-        return [next(x for x in _NEAREST[t] if x in available) for t in tiers]
+            tiers[int(i)] = LO
+        return [next(x for x in NEAREST[t] if x in available) for t in tiers]
 
     # -- experts ----------------------------------------------------------------------------------
     def expert_tiers(self, entry, weights: np.ndarray, alloc: dict | None = None) -> list[str]:
         """The tier of each (token, expert) pair by its routing weight. `alloc`: the bundle's `alloc`
         index entry (for --bits alloc)."""
         if self.bits == "auto":
-            hi = "q8" if "q8" in entry.tiers else entry.tiers[-1]
-            lo = "q4" if "q4" in entry.tiers else entry.tiers[-1]
+            hi = HI if HI in entry.tiers else entry.tiers[-1]
+            lo = MID if MID in entry.tiers else entry.tiers[-1]
             return np.where(weights >= self.auto_threshold, hi, lo).tolist()
         t = self._alloc_expert_tier(entry, alloc) if self.bits == "alloc" else BITS_TO_TIER[self.bits]
         if t not in entry.tiers:
-            hint = " (compile with --keep-float)" if t == "f32" else ""
+            hint = " (compile with --keep-float)" if t == FLOAT_TIER else ""
             raise InputError(f"bundle stores no {t} tier for MoE layer {entry.name}{hint}")
         return [t] * len(weights)
 
@@ -178,8 +177,8 @@ class Policy:
         budget = alloc.get("bits_per_weight") if isinstance(alloc, dict) else None
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise InputError("bundle stores no allocation (compile with --bits-per-weight)")
-        want = "q8" if budget >= 8 else "q4" if budget >= 4 else "q2"
-        return next((t for t in _NEAREST[want][:3] if t in entry.tiers), want)
+        want = tier_within(budget)
+        return next((t for t in NEAREST[want] if t in entry.tiers and t in QUANT_TIERS), want)
 
     def check_experts(self, layers: dict) -> None:
         """Every (layer, expert) the options name exists; `layers` = {name: n_experts} in index order."""

@@ -14,19 +14,19 @@ from typing import Iterable
 
 import numpy as np
 
-from . import qcodec
 from .callstats import count_read
 from .errors import BundleError, corrupt
 from .files import mapped_read, open_regular
 from .format import (
     CODEC_RAW, CODEC_ZSTD, CODECS, MAX_GROUP_SIZE, MAX_INDEX_BYTES, MAX_JSON_PAYLOAD, MAX_PAYLOAD_RAW, PREAMBLE_SIZE,
-    TABLE_DTYPE, TIER_BITS, TIERS, ZSTD_MAX_RATIO, ZSTD_SLACK, Preamble, align_up,
+    TABLE_DTYPE, TIERS, ZSTD_MAX_RATIO, ZSTD_SLACK, Preamble, align_up,
 )
 from .moe_index import validate_moe
 from .schema import (
     ConstantsTable, Graph, Profile, Stats, check_dtype, check_index_info, check_name, check_shape, check_tensor_facts,
     load_json,
 )
+from .tiers import NESTED, SEPARATE, TierLayout
 
 # Index and table are read in one positioned read when at most this many bytes lie between them (the
 # writer pads to 8); a larger gap is legal but never read.
@@ -50,7 +50,7 @@ class TensorEntry:
     """One chunked weight tensor of the index: rows (neurons, channels, embedding rows) split into chunks."""
 
     __slots__ = ("name", "kind", "shape", "rows", "row_len", "group_size", "bounds", "tiers", "errors", "meta",
-                 "planes")
+                 "layouts")
 
     def __init__(self, d: dict):
         self.name = d["name"]
@@ -60,25 +60,31 @@ class TensorEntry:
         self.row_len = int(np.prod(self.shape[1:], dtype=np.int64))
         self.group_size = d["group_size"]
         self.bounds = np.asarray(d["bounds"], dtype=np.int64)
-        self.tiers = {t: np.asarray(p, dtype=np.int64) for t, p in d["tiers"].items()}
         self.errors = d.get("errors", {})
         self.meta = d
-        # (1.1) nested bit-planes: planes[p][c] = payload of plane p (A, B, C) of chunk c. The tiers they
-        # serve (q2 = A, q4 = A+B, q8 = A+B+C) appear in `tiers` with plane A's ids, so policies see them
-        # as available and empty chunks (-1) as empty; `chunk_pids` names every payload a read needs.
-        # Filled by the reader's validation (Bundle._check_nested).
-        self.planes: list[np.ndarray] = []
+        # tier -> (layout, payload-id lists); `tiers` maps every tier, nested ones too, to its first
+        # list, so policies see what is available and empty chunks (-1) as empty. Nested planes are
+        # added by the reader's validation (Bundle._check_nested, `add_layout`).
+        self.tiers: dict[str, np.ndarray] = {}
+        self.layouts: dict[str, tuple[TierLayout, list[np.ndarray]]] = {}
+        for t, pids in d["tiers"].items():
+            self.add_layout(SEPARATE[t], [pids])
 
-    def is_nested(self, tier: str) -> bool:
-        return bool(self.planes) and tier in ("q2", "q4", "q8") and tier not in self.meta["tiers"]
+    def add_layout(self, layout: TierLayout, ids: list) -> None:
+        ids = [np.asarray(p, dtype=np.int64) for p in ids]
+        for t in layout.tiers_of(ids):
+            self.layouts[t] = (layout, ids)
+            self.tiers[t] = ids[0]
+
+    @property
+    def planes(self) -> list[np.ndarray]:
+        """The nested bit-plane id lists (A, B, C), [] when the tensor has none."""
+        return next((ids for layout, ids in self.layouts.values() if layout is NESTED), [])
 
     def chunk_pids(self, tier: str, i: int) -> list[int]:
         """Every payload id chunk i at `tier` is decoded from (one, or 1-3 nested planes); [] if empty."""
-        if self.is_nested(tier):
-            pids = [int(p[i]) for p in self.planes[:qcodec.NESTED_TIER_PLANES[TIER_BITS[tier]]]]
-        else:
-            pids = [int(self.tiers[tier][i])]
-        return [] if pids[0] < 0 else pids
+        layout, ids = self.layouts[tier]
+        return layout.chunk_pids(ids, tier, i)
 
     @property
     def n_chunks(self) -> int:
@@ -91,13 +97,12 @@ class TensorEntry:
         return min(self.group_size, self.row_len)
 
     def payload_nbytes(self, tier: str, i: int) -> int:
-        r = self.chunk_rows(i)
-        if tier == "f32":
-            return r * self.row_len * 4
-        if self.is_nested(tier):
-            n = qcodec.NESTED_TIER_PLANES[TIER_BITS[tier]]
-            return sum(qcodec.nested_plane_nbytes(r, self.row_len, self.effective_group(), p) for p in range(n))
-        return qcodec.payload_nbytes(r, self.row_len, self.effective_group(), TIER_BITS[tier])
+        """Raw bytes a read of chunk i at `tier` takes (every payload it needs)."""
+        return self.layouts[tier][0].nbytes(tier, self.chunk_rows(i), self.row_len, self.effective_group())
+
+    def payload_sizes(self, layout: TierLayout, i: int) -> list[int]:
+        """Raw length of each of chunk i's payloads in `layout`."""
+        return layout.payload_sizes(self.chunk_rows(i), self.row_len, self.effective_group())
 
 
 _fail = corrupt
@@ -307,10 +312,9 @@ class Bundle:
         """(1.1) `nested` = {"planes": [A ids, B ids, C ids]} (a prefix of 1-3 planes), spec §4.2b."""
         name, n = e.name, e.n_chunks
         planes = nested.get("planes") if isinstance(nested, dict) else None
-        if not isinstance(planes, list) or not 1 <= len(planes) <= 3:
-            _fail(f"tensor {name}: nested must be an object with a list of 1 to 3 planes")
-        served = [f"q{b}" for b, k in qcodec.NESTED_TIER_PLANES.items() if k <= len(planes)]
-        if any(t in e.meta["tiers"] for t in served):
+        if not isinstance(planes, list) or not 1 <= len(planes) <= NESTED.n_payloads:
+            _fail(f"tensor {name}: nested must be an object with a list of 1 to {NESTED.n_payloads} planes")
+        if any(t in e.meta["tiers"] for t in NESTED.tiers_of(planes)):
             _fail(f"tensor {name}: tier stored both separately and as nested planes")
         for p, pids in enumerate(planes):
             if not isinstance(pids, list) or len(pids) != n:
@@ -321,12 +325,9 @@ class Bundle:
                 if (pid < 0) != (planes[0][i] < 0):
                     _fail(f"tensor {name} chunk {i}: an empty chunk must be empty (-1) in every nested plane")
                 if self._pid(pid, f"tensor {name} nested plane {'ABC'[p]}", used, allow_empty=True) >= 0:
-                    want = qcodec.nested_plane_nbytes(e.chunk_rows(i), e.row_len, e.effective_group(), p)
-                    if int(self.table["raw"][pid]) != want:
+                    if int(self.table["raw"][pid]) != e.payload_sizes(NESTED, i)[p]:
                         _fail(f"tensor {name} nested plane {'ABC'[p]} chunk {i}: payload length does not match the layout")
-        e.planes = [np.asarray(p, dtype=np.int64) for p in planes]
-        for t in served:
-            e.tiers[t] = e.planes[0]
+        e.add_layout(NESTED, planes)
 
     # -- payloads ------------------------------------------------------------------------------
     def read_payload(self, pid: int) -> bytes:
@@ -434,28 +435,17 @@ class Bundle:
 
     def decode_chunk(self, tensor: TensorEntry, i: int, tier: str, data: bytes | dict | None = None) -> np.ndarray:
         """Chunk i of a tensor at a tier as float32 [rows_in_chunk, row_len]; all-zero for an empty chunk.
-        `data`: the chunk's payload, or {pid: payload} holding `tensor.chunk_pids(tier, i)`; what is
-        missing is read here."""
+        `data`: the chunk's payload (its first one), or {pid: payload} holding `tensor.chunk_pids(tier, i)`;
+        what is missing is read here."""
         r, k = tensor.chunk_rows(i), tensor.row_len
-        if tensor.is_nested(tier):  # (1.1) nested planes: `data` may be plane A alone or {pid: bytes}
-            pids = tensor.chunk_pids(tier, i)
-            if not pids:
-                return np.zeros((r, k), np.float32)
-            have = data if isinstance(data, dict) else ({pids[0]: data} if data is not None else {})
-            missing = [p for p in pids if p not in have]
-            if missing:
-                have = {**have, **self.read_payloads(missing)}
-            return qcodec.dequantize_nested([have[p] for p in pids], r, k, tensor.effective_group(), TIER_BITS[tier])
-        pid = int(tensor.tiers[tier][i])
-        if pid < 0:
+        pids = tensor.chunk_pids(tier, i)
+        if not pids:
             return np.zeros((r, k), np.float32)
-        if isinstance(data, dict):
-            data = data.get(pid)
-        if data is None:
-            data = self.read_payload(pid)
-        if tier == "f32":
-            return np.frombuffer(data, dtype="<f4").reshape(r, k)
-        return qcodec.dequantize(data, r, k, tensor.effective_group(), TIER_BITS[tier])
+        have = data if isinstance(data, dict) else ({pids[0]: data} if data is not None else {})
+        missing = [p for p in pids if p not in have]
+        if missing:
+            have = {**have, **self.read_payloads(missing)}
+        return tensor.layouts[tier][0].decode(tier, [have[p] for p in pids], r, k, tensor.effective_group())
 
     def read_weight(self, name: str, tier: str) -> np.ndarray:
         """The whole tensor at one tier, in its stored shape (rows first)."""

@@ -1,0 +1,177 @@
+"""Precision tiers: the one tier table of the project, and the two layouts a tensor stores tiers in.
+
+The table: every tier an index may name (`TIERS`), its bits, the `--bits` spellings that select it
+and the order in which a missing tier is replaced by the nearest stored one.
+
+A layout (`TierLayout`) is a codec for one way of storing tiers; it knows both directions:
+- which payloads a read of chunk i at a tier needs and how many bytes each has,
+- `pack` (the compiler's writer: codes -> payload bytes) and `decode` (the reader: payloads -> float32).
+Two implementations (format_spec/NDC-v1.md §4.2, §4.2b):
+- `SeparateTier`: one payload per chunk for one tier (float32, or the grouped codec of runtime/qcodec.py);
+- `NestedTiers`: one 8-bit quantization stored as bit-planes A, B, C; q2 reads A, q4 A+B, q8 A+B+C.
+The byte-level work stays in runtime/qcodec.py; a layout only decides which of its functions apply.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import qcodec
+from .format import TIERS  # the index's tier names, highest precision first
+
+TIER_BITS = {"f32": 32, "q8": 8, "q4": 4, "q2": 2}
+QUANT_TIERS = tuple(t for t in TIERS if TIER_BITS[t] < 32)  # ("q8", "q4", "q2")
+FLOAT_TIER = "f32"
+# user-facing --bits spellings (run, export) -> tier
+BITS_TO_TIER = {"8": "q8", "4": "q4", "2": "q2", "float": "f32", "32": "f32", "f32": "f32"}
+# a tier the bundle lacks is replaced by the nearest one it has: more bits first, never silently by float32
+NEAREST = {"q8": ("q8", "q4", "q2", "f32"), "q4": ("q4", "q8", "q2", "f32"), "q2": ("q2", "q4", "q8", "f32")}
+
+
+def tier_within(bits_per_weight: float) -> str:
+    """The quantized tier with the most bits that fit a bits/weight budget (the lowest if none does)."""
+    return next((t for t in QUANT_TIERS if TIER_BITS[t] <= bits_per_weight), QUANT_TIERS[-1])
+
+
+class TierLayout:
+    """How a tensor stores the tiers in `serves`. `key` names the layout where the compiler reports
+    its bytes; every chunk has `n_payloads` payloads (lists of ids `ids[p][chunk]`, -1 = empty chunk),
+    of which a read at a tier needs the first `read_count(tier)`."""
+
+    key: str
+    serves: tuple[str, ...]
+    n_payloads: int
+    bits: int  # bits of the codes its payloads are packed from (32: float32, not quantized)
+    quantized: bool
+
+    def read_count(self, tier: str) -> int:
+        raise NotImplementedError
+
+    def payload_sizes(self, rows: int, row_len: int, group_size: int) -> list[int]:
+        """Exact raw length of each of a chunk's payloads."""
+        raise NotImplementedError
+
+    def decode(self, tier: str, bufs: list, rows: int, row_len: int, group_size: int) -> np.ndarray:
+        """The payloads `chunk_pids` names, in that order -> float32 [rows, row_len]."""
+        raise NotImplementedError
+
+    def pack(self, *args) -> list[bytes]:
+        """One chunk's values -> its `n_payloads` payloads (the compiler's writer)."""
+        raise NotImplementedError
+
+    def ids_of(self, entry: dict) -> list | None:
+        """This layout's payload-id lists in a tensor index entry, or None when it has none."""
+        raise NotImplementedError
+
+    def record(self, entry: dict, ids: list[list[int]]) -> None:
+        """Write this layout's payload-id lists into a tensor index entry (compiler side)."""
+        raise NotImplementedError
+
+    def tiers_of(self, ids: list) -> tuple[str, ...]:
+        """The tiers stored payload lists `ids` can serve (a nested prefix of planes serves fewer)."""
+        return tuple(t for t in self.serves if self.read_count(t) <= len(ids))
+
+    def chunk_pids(self, ids: list, tier: str, i: int) -> list[int]:
+        """Every payload id chunk i at `tier` is decoded from; [] for an empty chunk."""
+        pids = [int(p[i]) for p in ids[: self.read_count(tier)]]
+        return [] if pids[0] < 0 else pids
+
+    def nbytes(self, tier: str, rows: int, row_len: int, group_size: int) -> int:
+        """Raw bytes a read of one chunk at `tier` takes."""
+        return sum(self.payload_sizes(rows, row_len, group_size)[: self.read_count(tier)])
+
+
+class SeparateTier(TierLayout):
+    """One tier, one payload per chunk: float32 little-endian, or the grouped quantized codec."""
+
+    n_payloads = 1
+
+    def __init__(self, tier: str):
+        self.key = tier
+        self.serves = (tier,)
+        self.bits = TIER_BITS[tier]
+        self.quantized = self.bits < 32
+
+    def __repr__(self) -> str:
+        return f"SeparateTier({self.key!r})"
+
+    def read_count(self, tier: str) -> int:
+        return 1
+
+    def payload_sizes(self, rows, row_len, group_size):
+        if not self.quantized:
+            return [rows * row_len * 4]
+        return [qcodec.payload_nbytes(rows, row_len, group_size, self.bits)]
+
+    def decode(self, tier, bufs, rows, row_len, group_size):
+        if not self.quantized:
+            return np.frombuffer(bufs[0], dtype="<f4").reshape(rows, row_len)
+        return qcodec.dequantize(bufs[0], rows, row_len, group_size, self.bits)
+
+    def pack(self, values, scales=None, mins=None, group_size=None) -> list[bytes]:
+        """float32: pack(weights); quantized: pack(codes, scales, mins, group_size)."""
+        if not self.quantized:
+            a = np.ascontiguousarray(values, np.float32)
+            return [a.astype("<f4", copy=False).tobytes()]
+        return [qcodec.pack(values, scales, mins, self.bits, group_size)]
+
+    def ids_of(self, entry):
+        ids = entry.get("tiers", {}).get(self.key)
+        return None if ids is None else [ids]
+
+    def record(self, entry, ids):
+        entry["tiers"][self.key] = ids[0]
+
+
+class NestedTiers(TierLayout):
+    """q8, q4 and q2 from one 8-bit quantization stored as bit-planes (runtime/qcodec.py, NDC 1.1)."""
+
+    key = "nested"
+    serves = QUANT_TIERS
+    n_payloads = len(qcodec.NESTED_PLANES)
+    bits = 8
+    quantized = True
+
+    def __repr__(self) -> str:
+        return "NestedTiers()"
+
+    def read_count(self, tier: str) -> int:
+        return qcodec.NESTED_TIER_PLANES[TIER_BITS[tier]]
+
+    def payload_sizes(self, rows, row_len, group_size):
+        return [qcodec.nested_plane_nbytes(rows, row_len, group_size, p) for p in range(self.n_payloads)]
+
+    def decode(self, tier, bufs, rows, row_len, group_size):
+        return qcodec.dequantize_nested(bufs, rows, row_len, group_size, TIER_BITS[tier])
+
+    def pack(self, codes8, scales, mins, group_size) -> list[bytes]:
+        return qcodec.pack_nested(codes8, scales, mins, group_size)
+
+    def ids_of(self, entry):
+        nested = entry.get("nested")
+        return nested.get("planes") if isinstance(nested, dict) else None
+
+    def record(self, entry, ids):
+        entry["nested"] = {"planes": ids}
+
+
+SEPARATE = {t: SeparateTier(t) for t in TIERS}
+NESTED = NestedTiers()
+
+
+def layouts_of(entry: dict) -> dict[str, tuple[TierLayout, list]]:
+    """tier -> (layout, payload-id lists) of one tensor index entry: its separate tiers, then nested ones."""
+    found = {}
+    for t, ids in entry.get("tiers", {}).items():
+        found[t] = (SEPARATE[t], [ids])
+    planes = NESTED.ids_of(entry)
+    if planes:
+        for t in NESTED.tiers_of(planes):
+            found[t] = (NESTED, planes)
+    return found
+
+
+def compile_layouts(keep_float: bool, nested: bool) -> list[TierLayout]:
+    """The layouts a compile writes, in write order: float32 if kept, then nested planes or q8, q4, q2."""
+    out = [SEPARATE[FLOAT_TIER]] if keep_float else []
+    return out + ([NESTED] if nested else [SEPARATE[t] for t in QUANT_TIERS])
