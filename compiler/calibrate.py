@@ -17,6 +17,9 @@ from nadoo.runtime.engine import Plan
 
 from .rewrite import Weight, consumers
 
+# Weights stored [Cout, Cin/groups, *kernel] whose op's input has channels on axis 1.
+CONV_KINDS = ("conv", "conv_transpose")
+
 
 class OutputActivity:
     """Per output unit (row / neuron): mean |y|, how often it is active, peak |y|, and per sample the
@@ -71,8 +74,9 @@ class LayerStats:
         self.w = w
         self.relu_after = relu_after
         self.activation = activation
-        # conv: one entry per input channel of the op (all groups: Cin = Cin/groups · groups)
-        n_in = w.row_len if w.kind != "conv" else w.array.shape[1] * w.meta.get("groups", 1)
+        # conv (and conv_transpose, stored in conv layout): one entry per input channel of the op
+        # (all groups: Cin = Cin/groups · groups)
+        n_in = w.row_len if w.kind not in CONV_KINDS else w.array.shape[1] * w.meta.get("groups", 1)
         self.sum_x2 = np.zeros(n_in, np.float64)
         self.n_x = 0
         self.out = OutputActivity(w.rows)
@@ -95,7 +99,7 @@ class LayerStats:
             return
         if self.relu_after:
             y = np.maximum(y, 0)
-        if kind == "conv":
+        if kind in CONV_KINDS:
             # rows = output channels (axis 1); importance per input channel (axis 1 of x)
             xc = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
             yb = np.moveaxis(y, 1, -1).reshape(y.shape[0], -1, y.shape[1])
@@ -114,7 +118,7 @@ class LayerStats:
         """Mean x² per weight column: [K] (every row reads the same inputs), or [rows, K] for a grouped
         conv, whose output channels of group g read only input channels g·Cin/g … (g+1)·Cin/g - 1."""
         imp = (self.sum_x2 / max(self.n_x, 1)).astype(np.float32)
-        if self.w.kind == "conv":
+        if self.w.kind in CONV_KINDS:
             kk = int(np.prod(self.w.array.shape[2:]))
             groups = self.w.meta.get("groups", 1)
             # column order of the [Cout, Cin/g·kh·kw] rows: input channel major, kernel position minor
@@ -294,6 +298,7 @@ def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | No
     """Float, full-weight implementations of the nadoo ops (calibration and reference runs)."""
     from nadoo.runtime.activations import activation
     from nadoo.runtime.chunked.conv import conv_fn
+    from nadoo.runtime.chunked.conv_transpose import conv_transpose_fn
     from nadoo.runtime.chunked.gather import gather_rows
     from nadoo.runtime.chunked.linear import linear
 
@@ -317,13 +322,15 @@ def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | No
             return rec(w.name, idx, gather_rows(w.array, idx))
         return run
 
-    def b_conv(node, ctx):
-        w = weights[node["attrs"]["weight"]]
-        conv = conv_fn(node["attrs"])
+    def b_conv(fn):
+        def build(node, ctx):
+            w = weights[node["attrs"]["weight"]]
+            conv = fn(node["attrs"])
 
-        def run(x, bias=None):
-            return rec(w.name, x, conv(x, w.array, bias))
-        return run
+            def run(x, bias=None):
+                return rec(w.name, x, conv(x, w.array, bias))
+            return run
+        return build
 
     def b_ffn(node, ctx):
         a = node["attrs"]
@@ -337,5 +344,5 @@ def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | No
             return linear(h, down.array, b2)
         return run
 
-    return {("nadoo", "ChunkedLinear"): b_linear, ("nadoo", "ChunkedGather"): b_gather, ("nadoo", "ChunkedConv"): b_conv,
-            ("nadoo", "ChunkedFFN"): b_ffn}
+    return {("nadoo", "ChunkedLinear"): b_linear, ("nadoo", "ChunkedGather"): b_gather, ("nadoo", "ChunkedConv"): b_conv(conv_fn),
+            ("nadoo", "ChunkedConvTranspose"): b_conv(conv_transpose_fn), ("nadoo", "ChunkedFFN"): b_ffn}

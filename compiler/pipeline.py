@@ -186,7 +186,8 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         per_tensor: dict[str, dict] = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
         with _progress("quantizing  ", quiet)(work) as it:
             for group, tier in it:
-                imps = [stats[w.name].importance() if w.kind in ("linear", "conv", "ffn_up") else None for w in group]
+                imps = [stats[w.name].importance() if w.kind in ("linear", "conv", "conv_transpose", "ffn_up") else None
+                        for w in group]
                 qkw = [_quant_kwargs(w, stats, downs, opts) for w in group]  # [#5] GPTQ inputs
                 if tier == "nested":  # [#5] one payload per bit-plane (compiler/quantize.py quantize_nested)
                     tier_bytes[tier] += _write_nested(wr, group, [per_tensor[w.name] for w in group], imps, qkw)

@@ -1,7 +1,7 @@
 """Find the weight-bearing operators of a nadoo graph and rewrite them into chunk-aware `nadoo` ops.
 
 MatMul/Gemm with a constant weight → `ChunkedLinear`, Gather from a constant 2-D table (axis 0) →
-`ChunkedGather`, Conv with a constant kernel → `ChunkedConv`. Their weights leave the constants and
+`ChunkedGather`, Conv / ConvTranspose with a constant kernel → `ChunkedConv` / `ChunkedConvTranspose`. Their weights leave the constants and
 become chunked tensors in rows-first form (one row per output unit). Weights below `min_elements`
 stay inline: chunking a tiny tensor costs more index than it can ever save.
 """
@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nadoo.runtime.chunked.conv_transpose import rows_first
+
 
 @dataclass
 class Weight:
     name: str
-    kind: str  # "linear" | "gather" | "conv"
-    array: np.ndarray  # float32, rows first: [out, in] / [vocab, dim] / [Cout, Cin/g, kh, kw]
+    kind: str  # "linear" | "gather" | "conv" | "conv_transpose"
+    array: np.ndarray  # float32, rows first: [out, in] / [vocab, dim] / [Cout, Cin/g, kh, kw] (both convs)
     node_name: str
     input_name: str  # the activation feeding the op (for calibration importance)
     output_name: str
@@ -85,6 +87,14 @@ def rewrite_weight_ops(graph: dict, constants: dict[str, np.ndarray], min_elemen
             new_attrs = dict(attrs, weight=ins[1])
             new_attrs.setdefault("kernel_shape", list(w.shape[2:]))
             new = _node(n, "ChunkedConv", [ins[0]] + ([ins[2]] if len(ins) > 2 and ins[2] else []), new_attrs)
+        elif (dom == "" and op == "ConvTranspose" and ins[0] not in consts and big_float(ins[1])
+              and consts[ins[1]].ndim >= 3 and consts[ins[1]].shape[0] % int(attrs.get("group", 1)) == 0):
+            groups = int(attrs.get("group", 1))
+            # stored output channels first, like a Conv kernel (runtime/chunked/conv_transpose.py)
+            w = rows_first(consts.pop(ins[1]).astype(np.float32), groups)
+            weights.append(Weight(ins[1], "conv_transpose", w, n["name"], ins[0], n["outputs"][0], {"groups": groups}))
+            new = _node(n, "ChunkedConvTranspose", [ins[0]] + ([ins[2]] if len(ins) > 2 and ins[2] else []),
+                        dict(attrs, weight=ins[1]))
         nodes.append(new or n)
     g = dict(graph, nodes=nodes)
     g["opset"] = dict(graph.get("opset", {}), nadoo=1)

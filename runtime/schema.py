@@ -30,6 +30,7 @@ NADOO_OP_ATTRS: dict[str, dict[str, type]] = {
     "ChunkedLinear": {"weight": str},
     "ChunkedGather": {"weight": str},
     "ChunkedConv": {"weight": str},
+    "ChunkedConvTranspose": {"weight": str},
     "ChunkedFFN": {"up": str, "down": str, "activation": str},
     "MoE": {"moe": str},
 }

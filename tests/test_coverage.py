@@ -367,3 +367,42 @@ def test_zoo_subset(name, form, tmp_path):
     if name == "convnext":
         assert any(n["op"] == "ChunkedConv" and n["attrs"].get("group", 1) > 1
                    for n in nadoo_ops(tmp_path / f"{name}.{form}.ndc"))
+
+
+# ------------------------------------------------------------------------- ConvTranspose, chunked
+class _Decoder(torch.nn.Module):
+    """A conv-autoencoder decoder: plain and grouped ConvTranspose2d, strides, padding, output_padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.up1 = torch.nn.ConvTranspose2d(16, 32, 3, 2, 1, output_padding=1)
+        self.up2 = torch.nn.ConvTranspose2d(32, 16, 3, 2, 1, groups=2, output_padding=1)
+        self.head = torch.nn.ConvTranspose2d(16, 8, 3, 1, 1, bias=False)
+
+    def forward(self, z):
+        return self.head(torch.relu(self.up2(torch.relu(self.up1(z)))))
+
+
+def test_conv_transpose_weights_are_chunked_quantized_and_export(tmp_path):
+    """Every ConvTranspose weight ≥ min-elements leaves the inline constants as output-channel chunks;
+    the float run equals torch, 8-bit stays close, and the plain-ONNX export runs in onnxruntime."""
+    from nadoo.runtime.export_onnx import bundle_to_onnx
+
+    torch.manual_seed(0)
+    z = ZooModel("decoder", _Decoder().eval(), {"z": ("float", (16, 4, 4), 0)})
+    path, err, cos, _ = compile_run(z, "onnx", tmp_path)
+    assert err <= 1e-5 and cos >= COS8, (err, cos)
+    ops = [n for n in nadoo_ops(path) if n["op"] == "ChunkedConvTranspose"]
+    assert sorted(n["attrs"].get("group", 1) for n in ops) == [1, 1, 2]
+    mod = z.module
+    with Bundle.open(path) as b:
+        assert not [c.name for c in b.constants_table.tensors if len(c.shape) == 4]  # no kernel stayed inline
+        entries = [b.tensors[n["attrs"]["weight"]] for n in ops]
+        assert all(e.kind == "conv_transpose" and e.n_chunks > 1 for e in entries)
+        # stored output channels first: [Cout, Cin/g, kh, kw] from torch's [Cin, Cout/g, kh, kw]
+        want = [[c.weight.shape[1] * c.groups, c.weight.shape[0] // c.groups, 3, 3] for c in (mod.up1, mod.up2, mod.head)]
+        assert sorted(list(e.shape) for e in entries) == sorted(want)
+        onx = bundle_to_onnx(b, "f32")
+    x = z.draw(2, 5)
+    (got,) = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+    assert rel_err(got, reference(z, x)) <= 1e-5
