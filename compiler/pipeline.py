@@ -21,7 +21,7 @@ from .calib_data import load_calibration, synthetic_calibration
 from .calibrate import calibrate, dense_builders
 from .ffn import coactivation_order, fit_sketch, fuse_ffn
 from .moe import MoECalibration, extract_moe, verify_moe_graph, write_moe  # [nadoo#7 MoE]
-from .rewrite import Weight, rewrite_weight_ops
+from .rewrite import Weight, inline_reasons, rewrite_weight_ops
 from .writer import BundleWriter
 
 TIER_BITS = (("q8", 8), ("q4", 4), ("q2", 2))
@@ -171,7 +171,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with BundleWriter(out_path, alignment=opts.alignment) as wr:
         graph_pid = wr.add_json(graph)
-        const_entry = _write_constants(wr, consts)
+        const_entry = _write_constants(wr, consts, inline_reasons(graph, consts, opts.min_elements))
         profile_pid = wr.add_json({"samples": n, "source": "synthetic" if opts.calib is None else "calibration file",
                                    "layers": layers, **({"moe": moe_cal.profile()} if moe_layers else {})})
         sample = {
@@ -371,7 +371,8 @@ def _prepare_ffn(f: dict, st, consts: dict, graph: dict, bounds: dict, opts: Com
     graph["constants"] = sorted(set(graph["constants"]) | {x for x in names if x})
 
 
-def _write_constants(wr: BundleWriter, consts: dict) -> dict | None:
+def _write_constants(wr: BundleWriter, consts: dict, reasons: dict) -> dict | None:
+    """The constants table; `reasons`: why a large float constant was not chunked (§4, inline_reason)."""
     if not consts:
         return None
     blob, table = bytearray(), []
@@ -381,7 +382,8 @@ def _write_constants(wr: BundleWriter, consts: dict) -> dict | None:
                                 "uint16", "uint32", "uint64", "bool"):
             raise CompileError(f"constant {name} has unsupported dtype {a.dtype}")
         blob += b"\0" * (-len(blob) % 16)  # 16-byte aligned so numpy views are aligned
-        table.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "offset": len(blob)})
+        table.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "offset": len(blob),
+                      **({"inline_reason": reasons[name]} if name in reasons else {})})
         blob += a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
     return {"payload": wr.add_payload(bytes(blob)), "tensors": table}
 

@@ -102,6 +102,37 @@ def rewrite_weight_ops(graph: dict, constants: dict[str, np.ndarray], min_elemen
     return g, consts, weights
 
 
+# Ops that read their whole weight at every step: no chunk of it can be skipped or read on its own.
+_RECURRENT = ("LSTM", "GRU", "RNN")
+
+
+def inline_reasons(graph: dict, constants: dict[str, np.ndarray], min_elements: int) -> dict[str, str]:
+    """Why each float constant of at least `min_elements` stays inline in the final graph (recorded in
+    the bundle's constants table, so `nadoo info` shows what was not chunked without guessing)."""
+    cons = consumers(graph)
+    outputs = {o["name"] for o in graph["outputs"]}
+    reasons = {}
+    for name, a in constants.items():
+        if a.dtype.kind != "f" or a.size < min_elements:
+            continue
+        readers = cons.get(name, [])
+        ops = sorted({f"{n['domain']}.{n['op']}" if n.get("domain") else n["op"] for n in readers})
+        if name in outputs:
+            reasons[name] = "a graph output: not chunked (returned whole)"
+        elif not readers:
+            reasons[name] = "read by no node: not chunked"
+        elif any(n["op"] in _RECURRENT for n in readers):
+            op = next(n["op"] for n in readers if n["op"] in _RECURRENT)
+            reasons[name] = f"weights of {op}: not chunked (recurrent op, read whole)"
+        elif len(readers) > 1:
+            reasons[name] = f"read by {len(readers)} nodes ({', '.join(ops)}): not chunked (a chunked tensor has one reader)"
+        else:
+            n = readers[0]
+            k = n["inputs"].index(name)
+            reasons[name] = f"input {k} of {ops[0]}: not chunked (no chunked form of {ops[0]} for this input)"
+    return reasons
+
+
 def _node(n: dict, op: str, inputs: list, attrs: dict) -> dict:
     return {"op": op, "domain": "nadoo", "name": n["name"], "inputs": inputs, "outputs": list(n["outputs"]), "attrs": attrs}
 

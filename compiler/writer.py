@@ -32,8 +32,12 @@ def dumps_json(obj) -> bytes:
 
 def minor_version(index: dict) -> int:
     """The lowest minor version that describes a bundle: 1 once it uses a 1.1 addition (moe, alloc,
-    nested planes), else 0, so files without them stay readable as 1.0."""
-    uses_1_1 = bool(index.get("moe") or index.get("alloc")) or any("nested" in t for t in index.get("tensors", []))
+    nested planes, conv_transpose tensors, inline_reason on constants), else 0, so files without them
+    stay readable as 1.0."""
+    tensors = index.get("tensors", [])
+    consts = (index.get("constants") or {}).get("tensors", [])
+    uses_1_1 = (bool(index.get("moe") or index.get("alloc")) or any("nested" in t for t in tensors)
+                or any(t.get("kind") == "conv_transpose" for t in tensors) or any("inline_reason" in c for c in consts))
     return 1 if uses_1_1 else 0
 
 

@@ -406,3 +406,52 @@ def test_conv_transpose_weights_are_chunked_quantized_and_export(tmp_path):
     x = z.draw(2, 5)
     (got,) = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
     assert rel_err(got, reference(z, x)) <= 1e-5
+
+
+# ------------------------------------------------------------------------- what stays inline, and why
+class _Tagger(torch.nn.Module):
+    """An LSTM and a GRU tagger: recurrent weights stay inline, the head is chunked."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(16, 32, batch_first=True)
+        self.gru = torch.nn.GRU(32, 32, batch_first=True)
+        self.head = torch.nn.Linear(32, 64)
+
+    def forward(self, x):
+        return self.head(self.gru(self.lstm(x)[0])[0])
+
+
+def test_large_inline_constants_carry_the_compilers_reason(tmp_path):
+    """Every float constant of at least min-elements the compiler leaves inline is listed by
+    `nadoo info` (text and --json) with the reason the compiler recorded; small ones are not."""
+    import json
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    z = ZooModel("tagger", _Tagger().eval(), {"x": ("float", (5, 16), 0)})
+    path, err, cos, _ = compile_run(z, "onnx", tmp_path)
+    assert err <= FLOAT_TOL and cos >= COS8, (err, cos)
+    with Bundle.open(path) as b:
+        consts = dict(b.read_constants())
+        assert b.preamble.minor == 1
+    big = {k for k, a in consts.items() if a.dtype.kind == "f" and a.size >= CompileOptions().min_elements}
+    cli = [sys.executable, "-m", "nadoo.runtime.cli", "info"]
+    facts = json.loads(subprocess.run(cli + ["--json", path], capture_output=True, text=True, check=True).stdout)
+    listed = {r["name"]: r for r in facts["inline_constants"]["not_chunked"]}
+    assert set(listed) == big and len(big) >= 4  # W and R of each recurrent layer at least
+    ops = {n["op"]: n for n in nadoo_ops(path) + _plain_ops(path)}
+    for op in ("LSTM", "GRU"):
+        for name in ops[op]["inputs"][1:3]:
+            assert listed[name]["reason"] == f"weights of {op}: not chunked (recurrent op, read whole)"
+            assert listed[name]["elements"] == consts[name].size
+    text = subprocess.run(cli + [path], capture_output=True, text=True, check=True).stdout
+    for name, r in listed.items():
+        assert f"{name} {'x'.join(map(str, r['shape']))} ({r['elements']} elements): {r['reason']}" in text
+    assert "ChunkedLinear" in {n["op"] for n in nadoo_ops(path)}
+
+
+def _plain_ops(path) -> list[dict]:
+    with Bundle.open(path) as b:
+        return [n for n in b.read_graph()["nodes"] if not n.get("domain")]
