@@ -19,6 +19,9 @@ from .rewrite import Weight, consumers
 
 # Weights stored [Cout, Cin/groups, *kernel] whose op's input has channels on axis 1.
 CONV_KINDS = ("conv", "conv_transpose")
+# Weights whose quantization error is weighted by their input's importance (the others: gather rows,
+# a fused FFN's down projection, which its up projection's statistics cover).
+IMPORTANCE_KINDS = ("linear", "ffn_up", "recurrent_input", "recurrent") + CONV_KINDS
 
 
 class OutputActivity:
@@ -282,6 +285,10 @@ def calibrate(graph: dict, constants: dict, weights: list[Weight], calib: dict[s
         if n.get("domain") == "nadoo" and n["op"] == "ChunkedFFN":
             a = n["attrs"]
             stats[a["up"]] = FFNStats(by_name[a["up"]], by_name[a["down"]], a["activation"])
+        elif n.get("domain") == "nadoo" and n["op"] == "ChunkedRecurrent":
+            # what the node outputs is a state, not W's or R's product: no activation applies to those
+            for key in ("weight", "recurrence"):
+                stats[n["attrs"][key]] = LayerStats(by_name[n["attrs"][key]], False)
         elif n.get("domain") == "nadoo" and "weight" in n.get("attrs", {}):  # [nadoo#7] not MoE
             w = by_name[n["attrs"]["weight"]]
             act = activation_after(n, cons)
@@ -301,6 +308,7 @@ def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | No
     from nadoo.runtime.chunked.conv_transpose import conv_transpose_fn
     from nadoo.runtime.chunked.gather import gather_rows
     from nadoo.runtime.chunked.linear import linear
+    from nadoo.runtime.chunked.recurrent import GATES, cell_fn, stacked
 
     def rec(name, x, y):
         if stats is not None:
@@ -332,6 +340,27 @@ def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | No
             return run
         return build
 
+    def b_recurrent(node, ctx):
+        a = node["attrs"]
+        W, R = weights[a["weight"]], weights[a["recurrence"]]
+        G, H = GATES[a["cell"]], R.row_len
+        w3, r3 = stacked(W.array, G, H), stacked(R.array, G, H)
+        cell = cell_fn(a, ["Y"] + node["outputs"][1:])  # Y (every step's state) is what R reads
+
+        def run(x, *rest):
+            out = cell(x, w3, r3, *rest)
+            if stats is not None:
+                Y = out[0] if isinstance(out, tuple) else out
+                xb = x if a.get("layout", 0) else np.swapaxes(x, 0, 1)  # [batch, seq, I]
+                yb = Y if a.get("layout", 0) else Y.transpose(2, 0, 1, 3)  # [batch, seq, D, H]
+                stats[W.name].record(xb, xb @ W.array.T)
+                # R multiplies the previous state; the states a run passes through stand for it (pooled
+                # over directions for the importance, each direction against its own rows for the outputs)
+                stats[R.name].record(yb.reshape(len(yb), -1, H),
+                                     np.einsum("btdh,dgh->btdg", yb, r3).reshape(len(yb), yb.shape[1], -1))
+            return out
+        return run
+
     def b_ffn(node, ctx):
         a = node["attrs"]
         up, down, act = weights[a["up"]], weights[a["down"]], activation(a["activation"])
@@ -345,4 +374,5 @@ def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | No
         return run
 
     return {("nadoo", "ChunkedLinear"): b_linear, ("nadoo", "ChunkedGather"): b_gather, ("nadoo", "ChunkedConv"): b_conv(conv_fn),
-            ("nadoo", "ChunkedConvTranspose"): b_conv(conv_transpose_fn), ("nadoo", "ChunkedFFN"): b_ffn}
+            ("nadoo", "ChunkedConvTranspose"): b_conv(conv_transpose_fn), ("nadoo", "ChunkedFFN"): b_ffn,
+            ("nadoo", "ChunkedRecurrent"): b_recurrent}

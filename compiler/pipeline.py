@@ -18,7 +18,7 @@ from nadoo.runtime.errors import CompileError
 from nadoo.runtime.format import MAX_GROUP_SIZE
 
 from .calib_data import load_calibration, synthetic_calibration
-from .calibrate import calibrate, dense_builders
+from .calibrate import IMPORTANCE_KINDS, calibrate, dense_builders
 from .ffn import coactivation_order, fit_sketch, fuse_ffn
 from .moe import MoECalibration, extract_moe, verify_moe_graph, write_moe  # [nadoo#7 MoE]
 from .rewrite import Weight, inline_reasons, rewrite_weight_ops
@@ -186,7 +186,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         per_tensor: dict[str, dict] = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
         with _progress("quantizing  ", quiet)(work) as it:
             for group, tier in it:
-                imps = [stats[w.name].importance() if w.kind in ("linear", "conv", "conv_transpose", "ffn_up") else None
+                imps = [stats[w.name].importance() if w.kind in IMPORTANCE_KINDS else None
                         for w in group]
                 qkw = [_quant_kwargs(w, stats, downs, opts) for w in group]  # [#5] GPTQ inputs
                 if tier == "nested":  # [#5] one payload per bit-plane (compiler/quantize.py quantize_nested)

@@ -31,10 +31,11 @@ NADOO_OP_ATTRS: dict[str, dict[str, type]] = {
     "ChunkedGather": {"weight": str},
     "ChunkedConv": {"weight": str},
     "ChunkedConvTranspose": {"weight": str},
+    "ChunkedRecurrent": {"cell": str, "weight": str, "recurrence": str},
     "ChunkedFFN": {"up": str, "down": str, "activation": str},
     "MoE": {"moe": str},
 }
-_WEIGHT_ATTRS = ("weight", "up", "down")
+_WEIGHT_ATTRS = ("weight", "recurrence", "up", "down")
 
 
 def normalize_domain(domain: str) -> str:
