@@ -30,14 +30,17 @@ def dumps_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+KINDS_1_1 = ("conv_transpose", "recurrent_input", "recurrent")  # tensors read by ops added in 1.1
+
+
 def minor_version(index: dict) -> int:
     """The lowest minor version that describes a bundle: 1 once it uses a 1.1 addition (moe, alloc,
-    nested planes, conv_transpose tensors, inline_reason on constants), else 0, so files without them
+    nested planes, tensors of KINDS_1_1, inline_reason on constants), else 0, so files without them
     stay readable as 1.0."""
     tensors = index.get("tensors", [])
     consts = (index.get("constants") or {}).get("tensors", [])
     uses_1_1 = (bool(index.get("moe") or index.get("alloc")) or any("nested" in t for t in tensors)
-                or any(t.get("kind") == "conv_transpose" for t in tensors) or any("inline_reason" in c for c in consts))
+                or any(t.get("kind") in KINDS_1_1 for t in tensors) or any("inline_reason" in c for c in consts))
     return 1 if uses_1_1 else 0
 
 

@@ -482,3 +482,13 @@ def test_recurrent_weights_not_constant_stay_inline_with_the_reason():
     assert inline_reasons(g, left, 1024) == {"W": "weights of LSTM: not chunked (recurrent op, read whole; W and R "
                                                   "are chunked together, only when both are constants of this node alone)"}
     assert inline_reasons(g, left, 4096) == {}  # below min-elements: not a weight worth a reason
+
+
+def test_conv_transpose_output_is_bounded_before_the_kernel_runs():
+    """A stride that makes a tiny ConvTranspose write a huge output is refused in one line, unallocated."""
+    from nadoo.runtime.errors import ModelError
+
+    x = np.ones((1, 2, 64, 64), np.float32)
+    w = np.ones((2, 4, 3, 3), np.float32)
+    with pytest.raises(ModelError, match="would produce"):
+        _single_node("ConvTranspose", ["x", "w"], ["y"], {"strides": [100000, 100000]}, {"x": x}, {"w": w})
