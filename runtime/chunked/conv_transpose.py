@@ -59,8 +59,8 @@ class ChunkedConvTranspose(WeightOp):
         e = self.tensor()
         group = node["attrs"].get("group", 1)
         if type(group) is not int or group < 1 or e.rows % group or len(e.shape) < 3:
-            raise ModelError(f"node {node.get('name')} (ChunkedConvTranspose): group {group!r} does not divide "
-                             f"the {e.rows} output channels of {e.name} {list(e.shape)}")
+            raise ModelError(f"node {node.get('name')} (ChunkedConvTranspose): {e.name} {list(e.shape)} with group "
+                             f"{group!r} is not a kernel [Cout, Cin/group, *kernel] whose group divides Cout")
         self.start(e, env.policy.plan(e, env.layer_profile(e.name), can_route=False))
         self.conv_transpose = conv_transpose_fn(node["attrs"])
 
