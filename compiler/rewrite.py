@@ -143,6 +143,9 @@ def inline_reasons(graph: dict, constants: dict[str, np.ndarray], min_elements: 
         elif readers[0]["op"] in _RECURRENT and not readers[0].get("domain") and readers[0]["inputs"].index(name) in (1, 2):
             reasons[name] = (f"weights of {ops[0]}: not chunked (recurrent op, read whole; W and R are chunked "
                              "together, only when both are constants of this node alone)")
+        elif readers[0].get("domain") == "nadoo":  # a bias, predictor sketch, router: read with the chunks
+            k = readers[0]["inputs"].index(name)
+            reasons[name] = f"input {k} of {ops[0]}: not chunked (read whole beside the op's chunked weights)"
         else:
             k = readers[0]["inputs"].index(name)
             reasons[name] = f"input {k} of {ops[0]}: not chunked (no chunked form of {ops[0]} for this input)"
