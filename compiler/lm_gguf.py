@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from nadoo.runtime.errors import CompileError, NadooError
+from nadoo.runtime.errors import CompileError, NadooError, one_line
 from nadoo.runtime.lm_kernels import rope_inv_freq
 
 from .lm_families import config_from_hf, describe, rope_params
-from .lm_source import finish, model_weights, one_line
+from .lm_source import finish, model_weights
 
 __all__ = ["is_gguf", "load_gguf"]
 

@@ -23,19 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nadoo.runtime.errors import CompileError, NadooError
+from nadoo.runtime.errors import CompileError, NadooError, one_line
 
 from .lm_families import (HF_GLOBAL, check_config, config_from_hf, expected_shapes, hf_layer_names, inv_freq,
                           token_ids)
 
 __all__ = ["LMSource", "load_lm_source", "lm_source_from_model"]
-
-_MAX_MSG = 300
-
-
-def one_line(e) -> str:
-    return " ".join(str(e).split())[:_MAX_MSG]
-
 
 @dataclass
 class LMSource:

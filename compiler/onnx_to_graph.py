@@ -40,7 +40,9 @@ def _np_dtype_name(elem_type: int) -> str:
             from None
 
 
-def _value_info(vi: onnx.ValueInfoProto) -> dict:
+def value_info(vi: onnx.ValueInfoProto) -> dict:
+    """{"name", "dtype" (numpy dtype name, None if unset), "shape" (None if unknown; per axis an int,
+    the dim_param's name or None)} of a graph input or output (compiler/load reads input specs so)."""
     t = vi.type
     if not t.HasField("tensor_type"):
         raise UnsupportedError(f"graph input/output {vi.name!r} is not a tensor (sequences/maps unsupported)")
@@ -135,8 +137,8 @@ def onnx_to_graph(model: onnx.ModelProto, base_dir: str | os.PathLike | None = N
     for st in g.sparse_initializer:
         raise UnsupportedError(f"sparse initializer {st.values.name!r} is not supported")
 
-    inputs = [_value_info(vi) for vi in g.input if vi.name not in constants]
-    outputs = [_value_info(vi) for vi in g.output]
+    inputs = [value_info(vi) for vi in g.input if vi.name not in constants]
+    outputs = [value_info(vi) for vi in g.output]
 
     # ---------------------------------------------------------- nodes -> dicts (+ Constant nodes -> constants)
     nodes: list[dict] = []

@@ -49,6 +49,9 @@ class CompileOptions:
     quant_method: str = "gptq"  # "gptq" (error feedback + clipping search) | "search" | "rtn"  [#5]
     bits_per_weight: float | None = None  # store a mixed-precision allocation under this budget  [#5]
     nested: bool = False  # [#5] q8/q4/q2 as nested bit-planes of one 8-bit quantization (NDC 1.1 `nested`)
+    calib_text: str | None = None  # language models: calibration text, tokenized (compiler/lm_compile.py)
+    calib_len: int = 128  # tokens per calibration window of a language model
+    calib_windows: int = 32  # at most this many windows, spread over the text
 
 
 @dataclass
@@ -182,22 +185,10 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         # neuron group is one contiguous range: one positioned read serves both halves.
         downs = {f["up"].name: f["down"] for f in ffns}
         groups = [[w] + ([downs[w.name]] if w.name in downs else []) for w in weights if w.kind != "ffn_down"]
-        work = [(g, t) for g in groups for t in tier_bytes]
         per_tensor: dict[str, dict] = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
-        with _progress("quantizing  ", quiet)(work) as it:
-            for group, tier in it:
-                imps = [stats[w.name].importance() if w.kind in IMPORTANCE_KINDS else None
-                        for w in group]
-                qkw = [_quant_kwargs(w, stats, downs, opts) for w in group]  # [#5] GPTQ inputs
-                if tier == "nested":  # [#5] one payload per bit-plane (compiler/quantize.py quantize_nested)
-                    tier_bytes[tier] += _write_nested(wr, group, [per_tensor[w.name] for w in group], imps, qkw)
-                    continue
-                for w, (pids, errs) in zip(group, _write_tier(wr, group, [per_tensor[w.name] for w in group], tier, imps, qkw)):
-                    e = per_tensor[w.name]
-                    e["tiers"][tier] = pids
-                    if errs:
-                        e["errors"][tier] = errs
-                    tier_bytes[tier] += sum(wr.stored_length(p) for p in pids if p >= 0)
+        _write_weights(wr, groups, per_tensor, tier_bytes, quiet,
+                       lambda w: (stats[w.name].importance() if w.kind in IMPORTANCE_KINDS else None,
+                                  _quant_kwargs(w, stats, downs, opts)))
         entries = [per_tensor[w.name] for w in weights]
         moe_entries, moe_bytes = write_moe(wr, moe_layers, moe_cal, opts.group_size, list(tier_bytes))  # [nadoo#7]
         for t, nb in moe_bytes.items():
@@ -264,6 +255,26 @@ def _quant_kwargs(w: Weight, stats: dict, downs: dict, opts: CompileOptions) -> 
         if h is not None:
             return {"method": method, "hessian": h}
     return {"method": method}
+
+
+def _write_weights(wr: BundleWriter, groups: list[list[Weight]], per_tensor: dict, tier_bytes: dict, quiet: bool,
+                   quant_args) -> None:
+    """Every tier of every chunk group, recorded in the tensors' index entries `per_tensor` and added
+    up in `tier_bytes` (whose keys are the tiers to write). quant_args(w) -> (importance, quantizer
+    kwargs) of weight w."""
+    work = [(g, t) for g in groups for t in tier_bytes]
+    with _progress("quantizing  ", quiet)(work) as it:
+        for group, tier in it:
+            imps, qkw = zip(*[quant_args(w) for w in group])
+            entries = [per_tensor[w.name] for w in group]
+            if tier == "nested":  # one payload per bit-plane (compiler/quantize.py quantize_nested)
+                tier_bytes[tier] += _write_nested(wr, group, entries, list(imps), list(qkw))
+                continue
+            for e, (pids, errs) in zip(entries, _write_tier(wr, group, entries, tier, list(imps), list(qkw))):
+                e["tiers"][tier] = pids
+                if errs:
+                    e["errors"][tier] = errs
+                tier_bytes[tier] += sum(wr.stored_length(p) for p in pids if p >= 0)
 
 
 def _write_tier(wr: BundleWriter, group: list[Weight], entries: list[dict], tier: str, imps: list,
@@ -371,7 +382,7 @@ def _prepare_ffn(f: dict, st, consts: dict, graph: dict, bounds: dict, opts: Com
     graph["constants"] = sorted(set(graph["constants"]) | {x for x in names if x})
 
 
-def _write_constants(wr: BundleWriter, consts: dict, reasons: dict) -> dict | None:
+def _write_constants(wr: BundleWriter, consts: dict, reasons: dict | None = None) -> dict | None:
     """The constants table; `reasons`: why a large float constant was not chunked (§4, inline_reason)."""
     if not consts:
         return None
@@ -383,7 +394,7 @@ def _write_constants(wr: BundleWriter, consts: dict, reasons: dict) -> dict | No
             raise CompileError(f"constant {name} has unsupported dtype {a.dtype}")
         blob += b"\0" * (-len(blob) % 16)  # 16-byte aligned so numpy views are aligned
         table.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "offset": len(blob),
-                      **({"inline_reason": reasons[name]} if name in reasons else {})})
+                      **({"inline_reason": reasons[name]} if reasons and name in reasons else {})})
         blob += a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
     return {"payload": wr.add_payload(bytes(blob)), "tensors": table}
 

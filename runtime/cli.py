@@ -109,27 +109,39 @@ def info(bundle, as_json, plot):
 @click.option("--bits-per-weight", type=float, default=None, callback=lambda c, p, v: _bits_per_weight(v), help="Also store a mixed-precision allocation (one tier per chunk) within this average bits/weight budget (scales included); run it with --bits alloc.")
 @click.option("--quant-method", type=click.Choice(["gptq", "search", "rtn"]), default="gptq", show_default=True, help="gptq: error feedback through the calibration inputs' second moments + clipping search; search: clipping search only; rtn: plain min/max.")
 @click.option("--nested", is_flag=True, help="Store 8/4/2 bits as nested bit-planes of one 8-bit quantization (~8.5 bits/weight for all three; a b-bit read reads b bits per weight).")
+@click.option("--calib-text", type=click.Path(dir_okay=False), help="Language models: calibration text (UTF-8), tokenized with the model's tokenizer.")
+@click.option("--calib-len", default=128, show_default=True, type=click.IntRange(2), help="Language models: tokens per calibration window.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_friendly
 def compile_cmd(model, out, calib, chunks, embedding_rows, group_size, keep_float, prune_tau, input_shape,
-                model_class, allow_pickle, route_threshold, min_elements, bits_per_weight, quant_method, nested, quiet):
-    """Compile MODEL (.onnx, TorchScript .pt, torch.export .pt2, state_dict + --model-class) into a bundle."""
+                model_class, allow_pickle, route_threshold, min_elements, bits_per_weight, quant_method, nested,
+                calib_text, calib_len, quiet):
+    """Compile MODEL (.onnx, TorchScript .pt, torch.export .pt2, state_dict + --model-class; a language
+    model as a .gguf file or a Hugging Face folder with config.json) into a bundle."""
     from .errors import CompileError
     from .files import open_regular, refuse_overwrite
 
-    os.close(open_regular(model, "model file", CompileError))  # a FIFO would block the loaders forever
-    refuse_overwrite(out, {"model file": model, "calibration data": calib}, "-o")
+    if not os.path.isdir(model):
+        os.close(open_regular(model, "model file", CompileError))  # a FIFO would block the loaders forever
+    refuse_overwrite(out, {"model file": model, "calibration data": calib, "calibration text": calib_text}, "-o")
     try:
         from nadoo.compiler.pipeline import CompileOptions, compile_model
         from nadoo.compiler.calib_data import parse_input_shapes
+        from nadoo.compiler.lm_compile import compile_lm, is_lm_source
     except ImportError as e:
         raise NadooError(f"the compiler needs the compile extra (pip install 'nadoo[compile]'): {e}") from None
     opts = CompileOptions(calib=calib, chunks=chunks, embedding_rows=embedding_rows, group_size=group_size,
                           keep_float=keep_float, prune_tau=prune_tau, min_elements=min_elements,
                           input_shapes=parse_input_shapes(list(input_shape)) if input_shape else None,
                           model_class=model_class, allow_pickle=allow_pickle, route_threshold=route_threshold,
-                          bits_per_weight=bits_per_weight, quant_method=quant_method, nested=nested)
-    report = compile_model(model, out, opts, quiet=quiet)
+                          bits_per_weight=bits_per_weight, quant_method=quant_method, nested=nested,
+                          calib_text=calib_text, calib_len=calib_len)
+    if is_lm_source(model):
+        report = compile_lm(model, out, opts, quiet=quiet)
+    elif calib_text:
+        raise CompileError("--calib-text is for language models (a .gguf file or a model folder)")
+    else:
+        report = compile_model(model, out, opts, quiet=quiet)
     click.echo(report.summary())
 
 
@@ -242,6 +254,81 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
         click.echo(line)
     if stats:
         click.echo(format_stats(st))
+
+
+_BITS = click.option("--bits", type=click.Choice(["8", "4", "2", "float", "auto", "alloc"]), default="8", show_default=True,
+                     help="Weight precision, as for run.")
+_BUDGET = click.option("--memory-budget", help="Hard bound on cached (decoded) weight bytes, e.g. 64MB.")
+
+
+def _parse_ids(text):
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of token ids") from None
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(dir_okay=True))
+@click.option("--prompt", help="Text to continue (needs the tokenizers package).")
+@click.option("--prompt-ids", callback=lambda c, p, v: _parse_ids(v), help="Token ids to continue, e.g. 2,651,6037.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1), help="Stop after this many new tokens.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0: greedy; else sample from softmax(logits / T).")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="Sample among the k most likely tokens (0: all).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Sample from the smallest set of tokens whose probability reaches p.")
+@click.option("--seed", type=click.IntRange(0), help="Seed of the sampler (reproducible samples).")
+@click.option("--no-eos", is_flag=True, help="Do not stop at an end-of-sequence token.")
+@_BITS
+@_BUDGET
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, speed, bytes read, per-layer stats) instead of streaming.")
+@_friendly
+def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, no_eos, bits, memory_budget,
+             as_json):
+    """Continue a prompt with the language model in BUNDLE, streaming the text as it is produced."""
+    from .policy import Policy
+    from .session import Session
+
+    if (prompt is None) == (prompt_ids is None):
+        raise click.UsageError("give exactly one of --prompt and --prompt-ids")
+    with Session(bundle, policy=Policy(bits=bits), memory_budget=memory_budget) as sess:
+        stream = sess.stream(prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, seed=seed, stop_at_eos=not no_eos)
+        for tok in stream:
+            if not as_json:
+                click.echo(tok.text if tok.text is not None else f" {tok.id}", nl=False)
+                sys.stdout.flush()
+        if as_json:
+            click.echo(json.dumps(stream.result.as_dict(), default=_jsonable))
+        else:
+            click.echo()
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(dir_okay=True))
+@click.option("--text-file", required=True, type=click.Path(dir_okay=False), help="UTF-8 text to score.")
+@click.option("--context", default=512, show_default=True, type=click.IntRange(2), help="Tokens per window.")
+@click.option("--score", type=click.Choice(["half", "all"]), default="half", show_default=True, help="half: the second half of each window (as llama.cpp's perplexity tool); all: every token after the first.")
+@_BITS
+@_BUDGET
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def perplexity(bundle, text_file, context, score, bits, memory_budget, as_json):
+    """Perplexity of the language model in BUNDLE on a text file."""
+    from .files import read_text
+    from .generate import perplexity as ppl
+    from .policy import Policy
+    from .session import Session
+
+    text = read_text(text_file, "text file")
+    with Session(bundle, policy=Policy(bits=bits), memory_budget=memory_budget) as sess:
+        r = ppl(sess, text, context=context, score=score)
+    if as_json:
+        click.echo(json.dumps(r, default=_jsonable))
+    else:
+        click.echo(f"perplexity {r['perplexity']:.4f} over {r['tokens_scored']} tokens ({r['windows']} windows of "
+                   f"{context}, {score} scored) in {r['seconds']:.1f} s")
 
 
 @main.command("export")

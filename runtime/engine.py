@@ -37,15 +37,17 @@ __all__ = ["Plan", "BuildContext", "Builder", "build_node"]
 
 
 class BuildContext:
-    """What a builder may look at: the node, its attributes, which inputs are constants, the opset, and
-    (for size rules of the nadoo ops) the shapes of the chunked weights the plan's model holds."""
+    """What a builder may look at: the node, its attributes, which inputs are constants, the opset,
+    (for size rules of the nadoo ops) the shapes of the chunked weights the plan's model holds, and
+    `state`: the plan owner's per-sequence state for stateful ops (KV caches), or None."""
 
-    __slots__ = ("node", "attrs", "_consts", "opset", "opsets", "n_inputs", "n_outputs", "weight_shapes")
+    __slots__ = ("node", "attrs", "_consts", "opset", "opsets", "n_inputs", "n_outputs", "weight_shapes", "state")
 
     def __init__(self, node: dict, consts: list, opsets: Mapping[str, int],
-                 weight_shapes: Mapping[str, tuple] | None = None):
+                 weight_shapes: Mapping[str, tuple] | None = None, state: Any = None):
         self.node = node
         self.weight_shapes = weight_shapes or {}
+        self.state = state
         self.attrs = node.get("attrs") or {}
         self._consts = consts
         self.opsets = dict(opsets)
@@ -188,13 +190,13 @@ def _fallback_builder(node: dict, ctx: BuildContext):
 
 
 def build_node(node: dict, consts: list, opsets: Mapping[str, int],
-               custom_ops: Mapping[tuple[str, str], Builder] | None = None) -> Callable:
+               custom_ops: Mapping[tuple[str, str], Builder] | None = None, state: Any = None) -> Callable:
     """Resolve one node to a callable: custom ops, then built-ins, then the onnx.reference fallback.
     A builder that cannot use the node (attribute of the wrong type or value, unusable constant input)
     raises ModelError naming the node, whatever it raised itself."""
     op = node["op"]
     domain = normalize_domain(node.get("domain", "") or "")
-    ctx = BuildContext(node, consts, opsets)
+    ctx = BuildContext(node, consts, opsets, state=state)
     try:
         if custom_ops:
             b = custom_ops.get((domain, op))
@@ -244,11 +246,13 @@ class Plan:
     model_bytes: the size of the model the graph belongs to (a Session passes the bundle's payload
     bytes; default: the constants' bytes); with the inputs' bytes it scales the run-time value cap
     (`value_cap`). max_elements: a fixed cap instead. weight_shapes: shapes of the chunked weights that
-    nadoo nodes name, so their outputs are checked before they are computed too."""
+    nadoo nodes name, so their outputs are checked before they are computed too. state: per-sequence
+    state of stateful ops (kv_cache.SequenceState), owned and reset by the caller."""
 
     def __init__(self, graph: dict | Graph, constants: Mapping[str, np.ndarray],
                  custom_ops: dict[tuple[str, str], Builder] | None = None, model_bytes: int | None = None,
-                 max_elements: int | None = None, weight_shapes: Mapping[str, tuple] | None = None):
+                 max_elements: int | None = None, weight_shapes: Mapping[str, tuple] | None = None,
+                 state: Any = None):
         g = Graph.from_json(graph.to_json() if isinstance(graph, Graph) else graph, constants=constants)
         self.graph = g.to_json()
         opsets = dict(g.opset)
@@ -300,7 +304,7 @@ class Plan:
             consts = [constants[n] if n in const_set else None for n in ins]
             node_view = nd.to_json()
             node_view["inputs"] = ins
-            fn = build_node(node_view, consts, opsets, custom_ops)
+            fn = build_node(node_view, consts, opsets, custom_ops, state)
             need = _size_rule(node_view, (consts, opsets, weight_shapes))
             dom, op = nd.domain, nd.op
             if not (custom_ops and (dom, op) in custom_ops):

@@ -1,6 +1,8 @@
 """The runtime's error types. Every failure a user can cause (bad bundle, bad input, unsupported
 model) is one of these, so the CLI can print one line and exit 2 instead of a traceback."""
 
+import re
+
 
 class NadooError(Exception):
     """Base of every error nadoo reports to a user."""
@@ -30,3 +32,13 @@ class UnsupportedError(NadooError):
 
 class CompileError(NadooError):
     """The compiler could not load, calibrate or write a model."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def one_line(msg, limit: int = 300) -> str:
+    """`msg` (text or an exception) as one line of at most `limit` characters, for an error message:
+    colour codes dropped (torch's exporter colours its errors), white space folded, the tail cut."""
+    s = " ".join(_ANSI.sub("", str(msg)).split()) or "unknown error"
+    return s if len(s) <= limit else s[: limit - 3] + "..."

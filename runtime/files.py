@@ -70,6 +70,16 @@ def open_regular_file(path, what: str, error: type[NadooError] = InputError):
     return os.fdopen(open_regular(path, what, error), "rb")
 
 
+def read_text(path, what: str, error: type[NadooError] = InputError) -> str:
+    """The whole of a regular file as UTF-8 text (calibration text, a perplexity corpus)."""
+    with open_regular_file(path, what, error) as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def mapped_read(mm, fd: int, offset: int, length: int) -> bytes:
     """`mm[offset:offset+length]` of a read-only mapping of `fd`, refusing to touch pages past the
     file's current end: reading those raises SIGBUS and kills the process, which happens when the file

@@ -8,11 +8,13 @@ exact, because attention masks by each key's stored position, not by its slot.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .errors import InputError
 
-__all__ = ["KVCache", "LayerKVCache"]
+__all__ = ["KVCache", "LayerKVCache", "SequenceState"]
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 _FIRST_CAPACITY = 16
@@ -134,3 +136,38 @@ class KVCache:
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
+
+
+class SequenceState:
+    """The per-sequence state of a plan's stateful ops (engine.Plan(state=...)): one LayerKVCache per
+    attention node, keyed by node name and made on first use. Its owner resets it between sequences;
+    an attention op handed position 0 starts its layer over as well, so each window of a perplexity
+    run or each new prompt is a fresh sequence without extra calls."""
+
+    def __init__(self, dtype=np.float32):
+        self.dtype = np.dtype(dtype)
+        self.layers: dict[str, LayerKVCache] = {}
+        # One sequence at a time: a generation holds `lock` for each step, and `restarts` (counted by
+        # the attention ops at each position 0) tells it whether another sequence began meanwhile,
+        # so such a step is refused instead of computing garbage.
+        self.lock = threading.RLock()
+        self.restarts = 0
+
+    def layer(self, key: str, kv_heads: int, head_dim: int, max_positions: int, window: int | None) -> LayerKVCache:
+        c = self.layers.get(key)
+        if c is None:
+            c = self.layers[key] = LayerKVCache(kv_heads, head_dim, max_positions, window, self.dtype)
+        return c
+
+    @property
+    def length(self) -> int:
+        """Positions held (the next token's position); 0 before the first call."""
+        return max((c.length for c in self.layers.values()), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers.values())
+
+    def reset(self) -> None:
+        for c in self.layers.values():
+            c.reset()

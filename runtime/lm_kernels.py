@@ -12,6 +12,7 @@ import numpy as np
 
 from .errors import InputError
 from .ops.elementwise import _sigmoid, gelu
+from .ops.rmsnorm import rms_normalize
 
 __all__ = ["ACTIVATIONS", "RopeTable", "apply_rope", "attention", "rms_norm", "rope_inv_freq", "silu"]
 
@@ -36,17 +37,13 @@ ACTIVATIONS = {
 # ------------------------------------------------------------------ RMSNorm
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, style: str = "plain") -> np.ndarray:
     """RMS-normalise the last axis. style="gemma" scales by (1 + weight): Gemma checkpoints store
-    the offset from one, and adding it in float32 here (rather than baking it into the stored weight)
-    keeps the stored tensor bit-identical to the checkpoint's."""
-    x = x.astype(np.float32, copy=False)
-    ms = np.mean(np.square(x), axis=-1, keepdims=True)
-    ms += np.float32(eps)
-    y = x / np.sqrt(ms)
+    the offset from one. Adding it in float32 here gives the same float32 factor a compiled graph
+    stores pre-added, so both round identically."""
     if style == "gemma":
-        return y * (np.float32(1.0) + weight)
-    if style == "plain":
-        return y * weight
-    raise InputError(f"unknown norm style {style!r} (expected one of {NORM_STYLES})")
+        weight = np.float32(1.0) + weight
+    elif style != "plain":
+        raise InputError(f"unknown norm style {style!r} (expected one of {NORM_STYLES})")
+    return rms_normalize(x, weight, eps)
 
 
 # ------------------------------------------------------------------ rotary embedding

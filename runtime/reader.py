@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mmap as _mmap
 import os
-import stat
 import zlib
 from typing import Iterable
 
@@ -115,21 +114,10 @@ class Bundle:
         self.index_bytes = 0  # preamble + index + table, read once at open
         self._fd = None
         self._mm = None
+        # One check for every kind of wrong path (missing, directory, FIFO, device): a clear BundleError.
+        self._fd = open_regular(self.path, "bundle", BundleError)
         try:
-            self._fd = open_regular(self.path, "bundle", BundleError)  # never blocks on a FIFO
-        except IsADirectoryError:
-            raise BundleError(f"{self.path} is a directory, not an NDC bundle") from None
-        except FileNotFoundError:
-            raise BundleError(f"no such bundle: {self.path}") from None
-        except OSError as e:
-            raise BundleError(f"cannot open {self.path}: {e.strerror}") from None
-        try:
-            st = os.fstat(self._fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise BundleError(f"{self.path} is a directory, not an NDC bundle")
-            if not stat.S_ISREG(st.st_mode):
-                raise BundleError(f"{self.path} is not a regular file")
-            self.file_size = st.st_size
+            self.file_size = os.fstat(self._fd).st_size
             self._open_index()
             if use_mmap and self.file_size:
                 self._mm = _mmap.mmap(self._fd, 0, access=_mmap.ACCESS_READ)
@@ -311,6 +299,9 @@ class Bundle:
             self.tensors[name] = e
         # NDC 1.1 key `moe`: experts stored as chunk groups (runtime/moe_index.py, spec §4.5)
         self.moe = validate_moe(self, ix.get("moe"), used)
+        from .lm_index import validate_lm  # NDC 1.1 key `lm`: a language model's tokenizer and settings (spec §4.6)
+
+        self.lm = validate_lm(self, ix.get("lm"), used)
 
     def _check_nested(self, e: TensorEntry, nested, used: set) -> None:
         """(1.1) `nested` = {"planes": [A ids, B ids, C ids]} (a prefix of 1-3 planes), spec §4.2b."""

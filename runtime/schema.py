@@ -34,6 +34,7 @@ NADOO_OP_ATTRS: dict[str, dict[str, type]] = {
     "ChunkedRecurrent": {"cell": str, "weight": str, "recurrence": str},
     "ChunkedFFN": {"up": str, "down": str, "activation": str},
     "MoE": {"moe": str},
+    "Attention": {"heads": int, "kv_heads": int, "head_dim": int, "max_positions": int},
 }
 _WEIGHT_ATTRS = ("weight", "recurrence", "up", "down")
 

@@ -26,6 +26,7 @@ from . import callstats, chunked
 from .cache import ChunkCache
 from .engine import Plan
 from .errors import InputError
+from .kv_cache import SequenceState
 from .policy import Policy, parse_size
 from .reader import Bundle
 
@@ -71,8 +72,10 @@ class Session:
             profile = (self.bundle.read_profile() if need_profile else None) or {}
             env = chunked.OpEnv(self.bundle, chunked.WeightStore(self.bundle, self.cache, self.policy.tau),
                                 self.policy, profile)
+            self.state = SequenceState()  # a language model's KV caches (runtime/generate.py)
             self.plan = Plan(graph, constants, custom_ops=chunked.builders(env),
-                             model_bytes=self.bundle.payload_bytes, weight_shapes=self.bundle.weight_shapes)
+                             model_bytes=self.bundle.payload_bytes, weight_shapes=self.bundle.weight_shapes,
+                             state=self.state)
             self.ops = env.ops  # one ChunkedOp per nadoo node, graph order
             self._families = {cls: [op for op in self.ops if type(op) is cls] for cls in classes}
             # Under a budget, a top-k run pins the profile's hottest chunks (most inputs need them) in up to
@@ -152,6 +155,18 @@ class Session:
         for cls, ops in self._families.items():
             st.update(cls.extra_stats(ops, cs) or {})  # e.g. `moe`: expert usage, bytes, prefetch accuracy
         return outs, st
+
+    def generate(self, prompt=None, **kw):
+        """Language models: text (or prompt_ids=[...]) -> GenerationResult; see runtime/generate.py."""
+        from .generate import generate
+
+        return generate(self, prompt, **kw)
+
+    def stream(self, prompt=None, **kw):
+        """Language models: an iterator of generated tokens (id and text delta); see runtime/generate.py."""
+        from .generate import stream
+
+        return stream(self, prompt, **kw)
 
     def sample(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
         """The calibration sample stored at compile time and the source model's fp32 output for it."""

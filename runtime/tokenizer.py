@@ -6,11 +6,14 @@ tokenizer rebuilt from GGUF metadata and one saved by transformers give the same
 """
 from __future__ import annotations
 
+import re
+
 from .errors import InputError
 
 __all__ = ["StreamDecoder", "Tokenizer"]
 
 _REPLACEMENT = "\ufffd"
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _tokenizers():
@@ -70,7 +73,9 @@ class StreamDecoder:
     of the first piece they see, and a byte-fallback character split over several tokens decodes to
     U+FFFD until its last byte arrives. So each step decodes a short window of recent tokens with and
     without the new one and emits the difference, holding text back while it ends in an incomplete
-    character. The window restarts after each emitted delta, so a step costs O(1), not O(length).
+    character — or in a byte-fallback piece (<0xHH>): a run of those decodes as one UTF-8 sequence,
+    all of it U+FFFD if invalid, so a valid-looking start may still turn into replacement characters.
+    The window restarts after each emitted delta, so a step costs O(1), not O(length).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -79,6 +84,7 @@ class StreamDecoder:
         self._ids: list[int] = []
         self._prefix = 0  # start of the context window
         self._read = 0  # tokens up to here have been emitted
+        self._byte_piece: dict[int, bool] = {}
 
     def _decode(self, lo: int, hi: int) -> str:
         return self._tok.decode(self._ids[lo:hi], self._skip)
@@ -86,12 +92,20 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Add one token; returns the text it completes ('' while a character is still partial)."""
         self._ids.extend(self._tok._check_ids([token_id]))
+        if self._is_byte_piece(self._ids[-1]):
+            return ""
         before = self._decode(self._prefix, self._read)
         after = self._decode(self._prefix, len(self._ids))
         if len(after) > len(before) and not after.endswith(_REPLACEMENT) and after.startswith(before):
             self._prefix, self._read = self._read, len(self._ids)
             return after[len(before):]
         return ""
+
+    def _is_byte_piece(self, token_id: int) -> bool:
+        b = self._byte_piece.get(token_id)
+        if b is None:
+            b = self._byte_piece[token_id] = bool(_BYTE_PIECE.fullmatch(self._tok.token_text(token_id) or ""))
+        return b
 
     def flush(self) -> str:
         """Text still held back (an incomplete character at the end decodes as U+FFFD, as in a full decode)."""

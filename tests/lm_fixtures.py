@@ -61,6 +61,20 @@ def tiny_model(family: str, seed: int = 0, vocab: int = 128, **over):
     return randomize(cls(cfg_cls(**kw)), seed)
 
 
+def transformers_greedy(model, prompt, steps):
+    """Prefill + `steps` cached greedy steps in transformers: (tokens, logits per step)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), cache=cache, use_cache=True).logits[0].numpy()
+        out, tokens = [logits], []
+        for _ in range(steps):
+            tokens.append(int(out[-1][-1].argmax()))
+            out.append(model(torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True).logits[0].numpy())
+    return tokens, out
+
+
 # ------------------------------------------------------------------ tokenizer
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 

@@ -108,7 +108,7 @@ class _Encoder(torch.nn.Module):
                                            (lambda: _Encoder(False), "_transformer_encoder_layer_fwd")])
 def test_torchscript_attention_fast_path_kernels(module, kernel, tmp_path):
     """Traced in eval mode without autograd, nn.MultiheadAttention / nn.TransformerEncoderLayer record
-    one fused kernel each, which no ONNX exporter translates (compiler/fastpath.py)."""
+    one fused kernel each, which no ONNX exporter translates (compiler/load/fastpath.py)."""
     torch.manual_seed(0)
     z = ZooModel("attn", module().eval(), {"x": ("float", (8, 32), 0), "attention_mask": ("mask", (8,), 2)})
     _, err, cos, notes = compile_run(z, "torchscript", tmp_path)
@@ -119,7 +119,7 @@ def test_torchscript_attention_fast_path_kernels(module, kernel, tmp_path):
 
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_fast_path_decompositions_compute_what_the_modules_do(norm_first):
-    from nadoo.compiler.fastpath import multi_head_attention, transformer_encoder_layer
+    from nadoo.compiler.load.fastpath import multi_head_attention, transformer_encoder_layer
 
     torch.manual_seed(0)
     enc = _Encoder(norm_first).eval().layer

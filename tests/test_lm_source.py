@@ -15,27 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from lm_fixtures import tiny_model, tiny_tokenizer_json, write_gguf  # noqa: E402
+from lm_fixtures import tiny_model, tiny_tokenizer_json, transformers_greedy, write_gguf  # noqa: E402
 from lm_reference import ReferenceDecoder  # noqa: E402
 
 from nadoo.compiler.lm_source import LMSource, load_lm_source, lm_source_from_model  # noqa: E402
 from nadoo.runtime.errors import CompileError  # noqa: E402
 
 REL_TOL = 1e-4
-
-
-def transformers_greedy(model, prompt, steps):
-    """Prefill + `steps` cached greedy steps in transformers: (tokens, logits per step)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt]), cache=cache, use_cache=True).logits[0].numpy()
-        out, tokens = [logits], []
-        for _ in range(steps):
-            tokens.append(int(out[-1][-1].argmax()))
-            out.append(model(torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True).logits[0].numpy())
-    return tokens, out
 
 
 def compare(model, src, prompt_len=10, steps=8, chunks=None, seed=0):

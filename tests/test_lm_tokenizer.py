@@ -74,6 +74,18 @@ def test_stream_property(text):
     assert "".join(deltas) + rest == t.decode(ids)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["<0x20>", "<0x41>", "<0xC3>", "<0xA9>", "<0xD4>", "<0xF0>", "<0x9F>", "▁the", "▁dog"]),
+                max_size=12))
+def test_stream_of_any_byte_pieces_equals_the_full_decode(pieces):
+    """Generated ids need not be valid UTF-8: a run of byte pieces that turns invalid later decodes
+    to U+FFFD as a whole, so the stream holds a run back until it ends."""
+    t = Tokenizer(JSON)
+    ids = [t._tok.token_to_id(p) for p in pieces]
+    deltas, rest = stream_all(t, ids)
+    assert "".join(deltas) + rest == t.decode(ids)
+
+
 def test_stream_of_a_cut_character_flushes_a_replacement(tok):
     ids = tok.encode("🙂")[:-1]  # last byte missing, as when generation stops mid-character
     deltas, rest = stream_all(tok, ids)

@@ -1,4 +1,5 @@
-"""compiler/load.py: every model form round-trips to ONNX with a dynamic batch (and sequence) axis."""
+"""compiler/load/: every model form round-trips to ONNX with a dynamic batch (and sequence) axis."""
+import os
 import sys
 import types
 import warnings
@@ -304,8 +305,57 @@ def _one_line_error(fn, match=None):
 
 
 def test_missing_file_and_directory(tmp_path):
-    _one_line_error(lambda: load_model(str(tmp_path / "nope.onnx")), "not found")
+    _one_line_error(lambda: load_model(str(tmp_path / "nope.onnx")), "no such model file")
     _one_line_error(lambda: load_model(str(tmp_path)), "directory")
+
+
+def _returns_within(fn, seconds: float, unblock):
+    """fn()'s exception (or None), failing the test if fn still runs after `seconds`; `unblock()`
+    then releases it so no thread is left hanging."""
+    import threading
+
+    box = []
+
+    def run():
+        try:
+            fn()
+            box.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        unblock()
+        t.join(5)
+        pytest.fail(f"still blocked after {seconds} s")
+    return box[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+@pytest.mark.parametrize("name", ["m.onnx", "m.pt", "m.pt2"])
+def test_fifo_is_refused_not_waited_on(tmp_path, name):
+    """A FIFO blocks open() until a writer comes (and then streams without end): both load_model and
+    compile_model must refuse it at once, whatever the extension says the loader would be."""
+    from nadoo.compiler.pipeline import compile_model
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+
+    def unblock():  # a writer end lets a blocked open() return; closing it gives the reader EOF
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    for call in (lambda: load_model(str(fifo)), lambda: compile_model(str(fifo), str(tmp_path / "o.ndc"))):
+        err = _returns_within(call, 20, unblock)
+        assert isinstance(err, CompileError), err
+        assert "FIFO" in str(err) and "regular file" in str(err) and "\n" not in str(err)
+    assert not (tmp_path / "o.ndc").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_device_is_refused():
+    _one_line_error(lambda: load_model("/dev/zero"), "character device")
 
 
 def test_empty_and_garbage(tmp_path):
@@ -383,7 +433,7 @@ def test_export_failure_is_one_line(tmp_path):
     assert "export" in msg.lower() or "fails" in msg.lower()
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("NADOO_SLOW"), reason="slow (~20 s): set NADOO_SLOW=1")
+@pytest.mark.skipif(not os.environ.get("NADOO_SLOW"), reason="slow (~20 s): set NADOO_SLOW=1")
 def test_minilm_pickled_transformers_model(tmp_path):
     from examples.models import load_minilm, minilm_inputs
 

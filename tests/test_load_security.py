@@ -333,7 +333,7 @@ def test_dunder_named_aten_operators_load(tmp_path):
     ("Pow(Symbol('s0'), -Integer(100000))", False),
 ])
 def test_symbolic_expression_rule(expr, ok):
-    from nadoo.compiler.archive_safety import _check_sym_expr, _Unsafe
+    from nadoo.compiler.load.archive_safety import _check_sym_expr, _Unsafe
 
     if ok:
         _check_sym_expr(expr, "test")

@@ -410,9 +410,10 @@ def export(z: ZooModel, form: str, d: str, notes: list | None = None) -> str:
 
 # ------------------------------------------------------------------------------------------- measure
 def _one_line(e: BaseException | str, limit: int = 160) -> str:
-    s = re.sub(r"\x1b\[[0-9;]*m", "", e if isinstance(e, str) else f"{type(e).__name__}: {e}")
-    s = " ".join(re.sub(r"\S*/zoo-[^/\s]*/", "", s).split())  # the temporary folder says nothing
-    return s if len(s) <= limit else s[: limit - 1] + "…"
+    from nadoo.runtime.errors import one_line
+
+    s = e if isinstance(e, str) else f"{type(e).__name__}: {e}"
+    return one_line(re.sub(r"\S*/zoo-[^/\s]*/", "", s), limit)  # the temporary folder says nothing
 
 
 def rel_err(y: np.ndarray, ref: np.ndarray) -> float:

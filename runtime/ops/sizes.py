@@ -414,3 +414,16 @@ def _chunked_recurrent(node, ctx):
         steps = prod(_shape(x)[:2])  # sequence × batch, in either layout
         return steps * rows, steps * rows * (k + h)  # every step's gate pre-activations, against W and R
     return need
+
+
+@size_rule("Attention", domain="nadoo")
+def _attention(node, ctx):
+    # scores [heads, n, keys]: the n new queries against the cached and new keys (positions < start + n)
+    heads, d, limit = int(ctx.attr("heads")), int(ctx.attr("head_dim")), int(ctx.attr("max_positions"))
+
+    def need(q, k, v, position_ids, *rest):
+        n = _shape(q)[1] if len(_shape(q)) == 3 else 0
+        pos = np.asarray(position_ids).reshape(-1)
+        keys = min(max(int(pos[0]), 0), limit) + n if n and pos.size else n
+        return heads * n * keys, 2 * heads * n * keys * d
+    return need

@@ -1,0 +1,286 @@
+"""`nadoo compile` for decoder language models: LMSource → a nadoo graph with the KV cache as explicit
+state → calibration on text → chunked, quantized tensors → one .ndc bundle with the tokenizer.
+
+The graph (format_spec/NDC-v1.md §4.6) takes input_ids and position_ids [1, n] and logits_to_keep [1]
+and returns logits [1, k, vocab] for the last k positions (all when k = 0): `nadoo.ChunkedGather`
+for the embedding, `Mul` by the embedding scale, per layer `RMSNormalization`, `nadoo.ChunkedLinear`
+q/k/v, one fused `nadoo.Attention` (q/k norms, rotary tables from inv_freq constants, grouped-query
+sharing, exact sliding window, the layer's KV cache in the plan's state), o, the sandwich norms
+where the family has them, the gated MLP act(gate)·up → down, then the final norm and the LM head
+— over the same chunked tensor as the embedding when the two are tied.
+
+Gemma's norms scale by (1 + w); the offset is added here, once, in float32, which is what the
+reference computes at run time, so the stored scale rounds the same way.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nadoo.runtime import __version__
+from nadoo.runtime.engine import Plan
+from nadoo.runtime.errors import CompileError, NadooError
+from nadoo.runtime.kv_cache import SequenceState
+
+from .calibrate import LayerStats, dense_builders
+from .pipeline import (TIER_BITS, CompileOptions, CompileReport, _bounds, _entry, _progress, _quant_kwargs, _raw,
+                       _write_constants, _write_weights)
+from .rewrite import Weight
+from .writer import BundleWriter
+
+__all__ = ["compile_lm", "compile_lm_source", "is_lm_source", "lm_graph", "SYNTHETIC_WINDOWS"]
+
+SYNTHETIC_WINDOWS = 4  # random-token windows when no --calib-text is given
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def is_lm_source(path) -> bool:
+    """A Hugging Face model folder (config.json) or a GGUF file: compiled as a language model."""
+    from .lm_gguf import is_gguf
+
+    p = Path(path)
+    return (p.is_dir() and (p / "config.json").is_file()) or (p.is_file() and is_gguf(p))
+
+
+# ------------------------------------------------------------------ the graph
+class _Graph:
+    def __init__(self):
+        self.nodes: list[dict] = []
+        self.consts: dict[str, np.ndarray] = {}
+
+    def add(self, op: str, inputs: list, out: str, domain: str = "", **attrs) -> str:
+        self.nodes.append({"op": op, "domain": domain, "name": out, "inputs": list(inputs), "outputs": [out],
+                           "attrs": attrs})
+        return out
+
+    def const(self, name: str, a) -> str:
+        self.consts[name] = np.asarray(a)
+        return name
+
+
+def lm_graph(src, head: str) -> tuple[dict, dict, list[Weight]]:
+    """(graph, inline constants, chunked weights) of a decoder; the LM head node reads tensor `head`
+    ("embed" for a tied head in the bundle; the compiler's calibration passes a linear alias)."""
+    c, w = src.config, src.weights
+    g = _Graph()
+    weights: list[Weight] = []
+    gemma = c["norm_style"] == "gemma"
+
+    def scale(name):
+        return g.const(name, (w[name] + np.float32(1.0)).astype(np.float32) if gemma else w[name])
+
+    def norm(x, name, out):
+        return g.add("RMSNormalization", [x, scale(name)], out, axis=-1, epsilon=float(c["norm_eps"]))
+
+    def linear(x, name, out):
+        weights.append(Weight(name, "linear", w[name], out, x, out))
+        bias = [g.const(name + "_bias", w[name + "_bias"])] if name + "_bias" in w else []
+        return g.add("ChunkedLinear", [x, *bias], out, domain="nadoo", weight=name)
+
+    weights.append(Weight("embed", "gather", w["embed"], "embed", "input_ids", "embed"))
+    x = g.add("ChunkedGather", ["input_ids"], "embed", domain="nadoo", weight="embed")
+    if c["embed_scale"] != 1.0:
+        x = g.add("Mul", [x, g.const("embed_scale", np.float32(c["embed_scale"]))], "embed.scaled")
+    for i, kind in enumerate(c["layer_types"]):
+        p = f"layers.{i}."
+        h = norm(x, p + "attn_norm", p + "attn_norm.out")
+        q, k, v = (linear(h, p + f"attn.{t}", p + f"attn.{t}.out") for t in "qkv")
+        qk_norms = [scale(p + f"attn.{t}_norm") for t in "qk"] if c["qk_norm"] else []
+        window = c["sliding_window"] if kind == "sliding" else 0
+        a = g.add("Attention", [q, k, v, "position_ids", f"rope.{kind}.inv_freq", *qk_norms], p + "attn.out",
+                  domain="nadoo", heads=c["heads"], kv_heads=c["kv_heads"], head_dim=c["head_dim"],
+                  scale=float(c["attn_scale"]), max_positions=c["max_positions"], epsilon=float(c["norm_eps"]),
+                  window=window, softcap=float(c["attn_softcap"] or 0.0))
+        a = linear(a, p + "attn.o", p + "attn.o.out")
+        if c["sandwich_norm"]:
+            a = norm(a, p + "post_attn_norm", p + "post_attn_norm.out")
+        x = g.add("Add", [x, a], p + "attn.residual")
+        h = norm(x, p + "mlp_norm", p + "mlp_norm.out")
+        gate, up = linear(h, p + "mlp.gate", p + "mlp.gate.out"), linear(h, p + "mlp.up", p + "mlp.up.out")
+        if c["activation"] == "silu":
+            s = g.add("Sigmoid", [gate], p + "mlp.gate.sigmoid")
+            act = g.add("Mul", [gate, s], p + "mlp.act")
+        else:
+            act = g.add("Gelu", [gate], p + "mlp.act", approximate="tanh" if c["activation"] == "gelu_tanh" else "none")
+        m = linear(g.add("Mul", [act, up], p + "mlp.gated"), p + "mlp.down", p + "mlp.down.out")
+        if c["sandwich_norm"]:
+            m = norm(m, p + "post_mlp_norm", p + "post_mlp_norm.out")
+        x = g.add("Add", [x, m], p + "mlp.residual")
+    for kind in c["rope"]:
+        g.const(f"rope.{kind}.inv_freq", w[f"rope.{kind}.inv_freq"])
+    # Only the last logits_to_keep positions reach the head: a decode step needs one row of logits.
+    start = g.add("Neg", ["logits_to_keep"], "logits.start")
+    x = g.add("Slice", [x, start, g.const("logits.end", np.array([INT64_MAX])), g.const("logits.axis", np.array([1]))],
+              "logits.rows")
+    x = norm(x, "final_norm", "final_norm.out")
+    out = "logits" if c["final_softcap"] is None else "logits.raw"
+    if head != "embed":  # a tied head in the bundle is the embedding's own tensor, stored once
+        weights.append(Weight(head, "linear", w["embed"] if c["tied_head"] else w["head"], "head", x, out))
+    g.add("ChunkedLinear", [x], out, domain="nadoo", weight=head)
+    if c["final_softcap"] is not None:
+        cap = g.const("final_softcap", np.float32(c["final_softcap"]))
+        t = g.add("Tanh", [g.add("Div", [out, cap], "logits.div")], "logits.tanh")
+        g.add("Mul", [t, cap], "logits")
+    graph = {
+        "opset": {"": 23, "nadoo": 1},
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [1, "sequence"]},
+                   {"name": "position_ids", "dtype": "int64", "shape": [1, "sequence"]},
+                   {"name": "logits_to_keep", "dtype": "int64", "shape": [1]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "kept", c["vocab"]]}],
+        "nodes": g.nodes,
+        "constants": sorted(g.consts),
+    }
+    return graph, g.consts, weights
+
+
+def lm_feeds(ids, keep: int = 1, start: int = 0) -> dict:
+    ids = np.asarray(ids, np.int64).reshape(1, -1)
+    return {"input_ids": ids, "position_ids": np.arange(start, start + ids.shape[1], dtype=np.int64)[None],
+            "logits_to_keep": np.array([keep], np.int64)}
+
+
+# ------------------------------------------------------------------ calibration
+def calibration_windows(src, opts: CompileOptions) -> tuple[list[list[int]], str]:
+    """Token windows of --calib-len from --calib-text (at most calib_windows, spread over the text; each
+    starts with BOS when the model expects one), else a few random-token windows. (windows, note)."""
+    c = src.config
+    n = min(int(opts.calib_len), c["max_positions"])
+    if n < 2:
+        raise CompileError("--calib-len must be at least 2 tokens")
+    bos = c["bos_id"] if c["add_bos"] else None
+    if opts.calib_text is None:
+        rng = np.random.default_rng(0)
+        wins = [rng.integers(0, c["vocab"], n).tolist() for _ in range(SYNTHETIC_WINDOWS)]
+        note = f"SYNTHETIC ({SYNTHETIC_WINDOWS} windows of {n} random tokens; pass --calib-text for a real profile)"
+    else:
+        if src.tokenizer_json is None:
+            raise CompileError("--calib-text needs the model's tokenizer, and this source has none")
+        from nadoo.runtime.files import read_text
+        from nadoo.runtime.tokenizer import Tokenizer
+
+        text = read_text(opts.calib_text, "calibration text", CompileError)
+        try:
+            ids = Tokenizer(src.tokenizer_json, bos_id=c["bos_id"], add_bos=c["add_bos"]).encode(text)
+        except NadooError as e:
+            raise CompileError(str(e)) from None
+        total = len(ids) // n
+        if total == 0:
+            raise CompileError(f"{opts.calib_text}: {len(ids)} tokens, fewer than one --calib-len window of {n}")
+        picks = np.unique(np.linspace(0, total - 1, min(total, max(1, opts.calib_windows))).round().astype(int))
+        wins = [ids[i * n:(i + 1) * n] for i in picks]
+        note = f"{len(wins)} windows of {n} tokens from {opts.calib_text}"
+    if bos is not None:
+        wins = [[bos] + w[1:] for w in wins]
+    return wins, note
+
+
+def _calibrate(graph, consts, weights, windows, quiet) -> tuple[dict, Plan]:
+    """Dense float run over every window: per weight its input moments (importance, GPTQ Hessian)
+    and output activity. The LM head sees every position (logits_to_keep 0). Returns the stats and
+    the float plan (for the stored sample)."""
+    stats = {w.name: LayerStats(w, False, None) for w in weights}
+    plan = Plan(graph, consts, custom_ops=dense_builders({w.name: w for w in weights}, stats), state=SequenceState())
+    with _progress("calibrating ", quiet)(windows) as it:
+        for win in it:
+            plan.run(lm_feeds(win, keep=0))
+    return stats, plan
+
+
+# ------------------------------------------------------------------ compile
+_NOT_FOR_LMS = (("calib", "a language model calibrates on text: use --calib-text FILE"),
+                ("input_shapes", "--input-shape applies to torch models only"),
+                ("model_class", "--model-class applies to state_dict files only"),
+                ("prune_tau", "--prune-tau is not supported for language models yet"),
+                ("bits_per_weight", "--bits-per-weight is not supported for language models yet"))
+
+
+def compile_lm(model_path, out_path, opts: CompileOptions | None = None, quiet: bool = False) -> CompileReport:
+    """Compile a GGUF file or a Hugging Face folder into a bundle."""
+    from .lm_source import load_lm_source
+
+    opts = opts or CompileOptions()
+    for field, msg in _NOT_FOR_LMS:
+        if getattr(opts, field):
+            raise CompileError(msg)
+    t0 = time.perf_counter()
+    src = load_lm_source(model_path, allow_pickle=opts.allow_pickle)
+    kind = "gguf" if Path(model_path).is_file() else "hf_folder"
+    return compile_lm_source(src, out_path, opts, quiet, source=os.path.basename(os.fspath(model_path)),
+                             source_kind=kind, t0=t0)
+
+
+def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: bool = False, *,
+                      source: str = "transformers model", source_kind: str = "transformers", t0=None) -> CompileReport:
+    opts = opts or CompileOptions()
+    t0 = time.perf_counter() if t0 is None else t0
+    if opts.group_size < 1 or opts.chunks < 1 or opts.embedding_rows < 1:
+        raise CompileError("--group-size, --chunks and --embedding-rows must be positive")
+    c = src.config
+    windows, calib_note = calibration_windows(src, opts)
+    notes = [] if opts.calib_text else ["warning: no --calib-text given; the activity profile comes from random tokens"]
+
+    # Calibrate with the head as a linear tensor of its own name ("head"), also when it is tied: its
+    # input moments are what the shared tensor's quantization should weigh.
+    cal_graph, consts, cal_weights = lm_graph(src, head="head")
+    stats, plan = _calibrate(cal_graph, consts, cal_weights, windows, quiet)
+    sample_in = lm_feeds(windows[0], keep=1)
+    (sample_logits,) = plan.run(sample_in)
+    del plan
+    graph, consts, weights = lm_graph(src, head="embed" if c["tied_head"] else "head")
+    bounds = {w.name: _bounds(w.rows, -(-w.rows // opts.embedding_rows) if w.kind == "gather" else opts.chunks)
+              for w in weights}
+    # LM layers are not routed yet (activation None in the stats): no layer is marked routable.
+    layers = {w.name: stats[w.name].summary(np.asarray(bounds[w.name])) for w in weights}
+    alias = {"embed": "head"} if c["tied_head"] else {}
+
+    def quant_args(w):
+        st = stats[alias.get(w.name, w.name)]
+        kw = _quant_kwargs(st.w, stats, {}, opts)
+        if w.name in alias:
+            # A tied table is also read row by row as the embedding, whose error the head's Hessian
+            # does not see; and GPTQ over its 262144 rows (Gemma 3) costs ~230 s per tier against ~30 s
+            # for the clipping search. So: the search, weighted by the head's input importance.
+            kw.pop("hessian", None)
+        return (st.importance() if st.w.kind == "linear" else None), kw
+
+    tier_bytes = {t: 0 for t in (["f32"] if opts.keep_float else [])
+                  + (["nested"] if opts.nested else [t for t, _ in TIER_BITS])}
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with BundleWriter(out_path, alignment=opts.alignment) as wr:
+        graph_pid = wr.add_json(graph)
+        const_entry = _write_constants(wr, consts)
+        profile_pid = wr.add_json({"samples": len(windows), "source": "calibration text" if opts.calib_text else "synthetic",
+                                   "layers": layers})
+        sample = {"inputs": [_raw(wr, k, v) for k, v in sample_in.items()], "outputs": [_raw(wr, "logits", sample_logits)]}
+        tok_pid = wr.add_payload(src.tokenizer_json.encode("utf-8"), compress="always") if src.tokenizer_json else None
+        per_tensor = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
+        _write_weights(wr, [[w] for w in weights], per_tensor, tier_bytes, quiet, quant_args)
+        entries = [per_tensor[w.name] for w in weights]
+        dense_bytes = src.nbytes
+        index = {
+            "format": "ndc",
+            "producer": {"name": "nadoo", "version": __version__},
+            "model": {"source": source, "source_kind": source_kind, "family": c["family"]},
+            "graph": graph_pid,
+            "constants": const_entry,
+            "profile": profile_pid,
+            "sample": sample,
+            "tensors": entries,
+            "stats": {"dense_fp32_weight_bytes": dense_bytes, "kept_params_ratio": 1.0, "prune_tau": 0.0,
+                      "calibration_samples": len(windows)},
+            "lm": {"config": c, "tokenizer": tok_pid, "chat_template": src.chat_template,
+                   "generation": {"bos_id": c["bos_id"], "eos_ids": c["eos_ids"], "pad_id": c["pad_id"],
+                                  "add_bos": c["add_bos"]}},
+        }
+        wr.finish(index)
+    if src.tokenizer_json is None:
+        notes.append("note: the source has no tokenizer; generate with --prompt-ids")
+    return CompileReport(
+        path=out_path, seconds=time.perf_counter() - t0, tensors=len(entries),
+        chunks=sum(len(e["bounds"]) - 1 for e in entries), bundle_bytes=os.path.getsize(out_path),
+        dense_fp32_weight_bytes=dense_bytes, tier_bytes=tier_bytes, kept_params_ratio=1.0, routable=[],
+        calibration=calib_note, notes=[f"language model: {c['family']}, {c['layers']} layers, vocabulary {c['vocab']}"
+                                       + (", LM head tied to the embedding" if c["tied_head"] else "")] + notes)
