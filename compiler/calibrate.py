@@ -17,6 +17,12 @@ from nadoo.runtime.engine import Plan
 
 from .rewrite import Weight, consumers
 
+# Weights stored [Cout, Cin/groups, *kernel] whose op's input has channels on axis 1.
+CONV_KINDS = ("conv", "conv_transpose")
+# Weights whose quantization error is weighted by their input's importance (the others: gather rows,
+# a fused FFN's down projection, which its up projection's statistics cover).
+IMPORTANCE_KINDS = ("linear", "ffn_up", "recurrent_input", "recurrent") + CONV_KINDS
+
 
 class OutputActivity:
     """Per output unit (row / neuron): mean |y|, how often it is active, peak |y|, and per sample the
@@ -71,8 +77,9 @@ class LayerStats:
         self.w = w
         self.relu_after = relu_after
         self.activation = activation
-        # conv: one entry per input channel of the op (all groups: Cin = Cin/groups · groups)
-        n_in = w.row_len if w.kind != "conv" else w.array.shape[1] * w.meta.get("groups", 1)
+        # conv (and conv_transpose, stored in conv layout): one entry per input channel of the op
+        # (all groups: Cin = Cin/groups · groups)
+        n_in = w.row_len if w.kind not in CONV_KINDS else w.array.shape[1] * w.meta.get("groups", 1)
         self.sum_x2 = np.zeros(n_in, np.float64)
         self.n_x = 0
         self.out = OutputActivity(w.rows)
@@ -95,7 +102,7 @@ class LayerStats:
             return
         if self.relu_after:
             y = np.maximum(y, 0)
-        if kind == "conv":
+        if kind in CONV_KINDS:
             # rows = output channels (axis 1); importance per input channel (axis 1 of x)
             xc = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
             yb = np.moveaxis(y, 1, -1).reshape(y.shape[0], -1, y.shape[1])
@@ -114,7 +121,7 @@ class LayerStats:
         """Mean x² per weight column: [K] (every row reads the same inputs), or [rows, K] for a grouped
         conv, whose output channels of group g read only input channels g·Cin/g … (g+1)·Cin/g - 1."""
         imp = (self.sum_x2 / max(self.n_x, 1)).astype(np.float32)
-        if self.w.kind == "conv":
+        if self.w.kind in CONV_KINDS:
             kk = int(np.prod(self.w.array.shape[2:]))
             groups = self.w.meta.get("groups", 1)
             # column order of the [Cout, Cin/g·kh·kw] rows: input channel major, kernel position minor
@@ -278,6 +285,10 @@ def calibrate(graph: dict, constants: dict, weights: list[Weight], calib: dict[s
         if n.get("domain") == "nadoo" and n["op"] == "ChunkedFFN":
             a = n["attrs"]
             stats[a["up"]] = FFNStats(by_name[a["up"]], by_name[a["down"]], a["activation"])
+        elif n.get("domain") == "nadoo" and n["op"] == "ChunkedRecurrent":
+            # what the node outputs is a state, not W's or R's product: no activation applies to those
+            for key in ("weight", "recurrence"):
+                stats[n["attrs"][key]] = LayerStats(by_name[n["attrs"][key]], False)
         elif n.get("domain") == "nadoo" and "weight" in n.get("attrs", {}):  # [nadoo#7] not MoE
             w = by_name[n["attrs"]["weight"]]
             act = activation_after(n, cons)
@@ -294,8 +305,10 @@ def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | No
     """Float, full-weight implementations of the nadoo ops (calibration and reference runs)."""
     from nadoo.runtime.activations import activation
     from nadoo.runtime.chunked.conv import conv_fn
+    from nadoo.runtime.chunked.conv_transpose import conv_transpose_fn
     from nadoo.runtime.chunked.gather import gather_rows
     from nadoo.runtime.chunked.linear import linear
+    from nadoo.runtime.chunked.recurrent import GATES, cell_fn, stacked
 
     def rec(name, x, y):
         if stats is not None:
@@ -317,12 +330,35 @@ def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | No
             return rec(w.name, idx, gather_rows(w.array, idx))
         return run
 
-    def b_conv(node, ctx):
-        w = weights[node["attrs"]["weight"]]
-        conv = conv_fn(node["attrs"])
+    def b_conv(fn):
+        def build(node, ctx):
+            w = weights[node["attrs"]["weight"]]
+            conv = fn(node["attrs"])
 
-        def run(x, bias=None):
-            return rec(w.name, x, conv(x, w.array, bias))
+            def run(x, bias=None):
+                return rec(w.name, x, conv(x, w.array, bias))
+            return run
+        return build
+
+    def b_recurrent(node, ctx):
+        a = node["attrs"]
+        W, R = weights[a["weight"]], weights[a["recurrence"]]
+        G, H = GATES[a["cell"]], R.row_len
+        w3, r3 = stacked(W.array, G, H), stacked(R.array, G, H)
+        cell = cell_fn(a, ["Y"] + node["outputs"][1:])  # Y (every step's state) is what R reads
+
+        def run(x, *rest):
+            out = cell(x, w3, r3, *rest)
+            if stats is not None:
+                Y = out[0] if isinstance(out, tuple) else out
+                xb = x if a.get("layout", 0) else np.swapaxes(x, 0, 1)  # [batch, seq, I]
+                yb = Y if a.get("layout", 0) else Y.transpose(2, 0, 1, 3)  # [batch, seq, D, H]
+                stats[W.name].record(xb, xb @ W.array.T)
+                # R multiplies the previous state; the states a run passes through stand for it (pooled
+                # over directions for the importance, each direction against its own rows for the outputs)
+                stats[R.name].record(yb.reshape(len(yb), -1, H),
+                                     np.einsum("btdh,dgh->btdg", yb, r3).reshape(len(yb), yb.shape[1], -1))
+            return out
         return run
 
     def b_ffn(node, ctx):
@@ -337,5 +373,6 @@ def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | No
             return linear(h, down.array, b2)
         return run
 
-    return {("nadoo", "ChunkedLinear"): b_linear, ("nadoo", "ChunkedGather"): b_gather, ("nadoo", "ChunkedConv"): b_conv,
-            ("nadoo", "ChunkedFFN"): b_ffn}
+    return {("nadoo", "ChunkedLinear"): b_linear, ("nadoo", "ChunkedGather"): b_gather, ("nadoo", "ChunkedConv"): b_conv(conv_fn),
+            ("nadoo", "ChunkedConvTranspose"): b_conv(conv_transpose_fn), ("nadoo", "ChunkedFFN"): b_ffn,
+            ("nadoo", "ChunkedRecurrent"): b_recurrent}

@@ -19,10 +19,10 @@ from nadoo.runtime.format import MAX_GROUP_SIZE
 from nadoo.runtime.tiers import NestedTiers, SeparateTier, TierLayout, compile_layouts
 
 from .calib_data import load_calibration, synthetic_calibration
-from .calibrate import calibrate, dense_builders
+from .calibrate import IMPORTANCE_KINDS, calibrate, dense_builders
 from .ffn import coactivation_order, fit_sketch, fuse_ffn
 from .moe import MoECalibration, extract_moe, verify_moe_graph, write_moe  # [nadoo#7 MoE]
-from .rewrite import Weight, rewrite_weight_ops
+from .rewrite import Weight, inline_reasons, rewrite_weight_ops
 from .writer import BundleWriter
 
 
@@ -173,7 +173,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with BundleWriter(out_path, alignment=opts.alignment) as wr:
         graph_pid = wr.add_json(graph)
-        const_entry = _write_constants(wr, consts)
+        const_entry = _write_constants(wr, consts, inline_reasons(graph, consts, opts.min_elements))
         profile_pid = wr.add_json({"samples": n, "source": "synthetic" if opts.calib is None else "calibration file",
                                    "layers": layers, **({"moe": moe_cal.profile()} if moe_layers else {})})
         sample = {
@@ -186,7 +186,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         groups = [[w] + ([downs[w.name]] if w.name in downs else []) for w in weights if w.kind != "ffn_down"]
         per_tensor: dict[str, dict] = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
         _write_weights(wr, groups, per_tensor, layouts, tier_bytes, quiet,
-                       lambda w: (stats[w.name].importance() if w.kind in ("linear", "conv", "ffn_up") else None,
+                       lambda w: (stats[w.name].importance() if w.kind in IMPORTANCE_KINDS else None,
                                   _quant_kwargs(w, stats, downs, opts)))
         entries = [per_tensor[w.name] for w in weights]
         moe_entries, moe_bytes = write_moe(wr, moe_layers, moe_cal, opts.group_size, layouts)  # [nadoo#7]
@@ -362,7 +362,8 @@ def _prepare_ffn(f: dict, st, consts: dict, graph: dict, bounds: dict, opts: Com
     graph["constants"] = sorted(set(graph["constants"]) | {x for x in names if x})
 
 
-def _write_constants(wr: BundleWriter, consts: dict) -> dict | None:
+def _write_constants(wr: BundleWriter, consts: dict, reasons: dict | None = None) -> dict | None:
+    """The constants table; `reasons`: why a large float constant was not chunked (§4, inline_reason)."""
     if not consts:
         return None
     blob, table = bytearray(), []
@@ -372,7 +373,8 @@ def _write_constants(wr: BundleWriter, consts: dict) -> dict | None:
                                 "uint16", "uint32", "uint64", "bool"):
             raise CompileError(f"constant {name} has unsupported dtype {a.dtype}")
         blob += b"\0" * (-len(blob) % 16)  # 16-byte aligned so numpy views are aligned
-        table.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "offset": len(blob)})
+        table.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "offset": len(blob),
+                      **({"inline_reason": reasons[name]} if reasons and name in reasons else {})})
         blob += a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
     return {"payload": wr.add_payload(bytes(blob)), "tensors": table}
 

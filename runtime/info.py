@@ -41,6 +41,9 @@ def bundle_facts(b: Bundle) -> dict:
     facts["inline_constants"] = {
         "count": len(consts.tensors) if consts else 0,
         "bytes": int(t["raw"][consts.payload]) if consts else 0,
+        # (1.1) the large float constants the compiler left inline, each with its recorded reason
+        "not_chunked": [{"name": c.name, "shape": list(c.shape), "elements": c.count, "reason": c.reason}
+                        for c in (consts.tensors if consts else ()) if c.reason is not None],
     }
     rows = []
     for e in b.tensors.values():
@@ -110,6 +113,8 @@ def format_facts(f: dict) -> str:
         out.append("  ops: " + ", ".join(f"{k} ×{v}" for k, v in g["ops"].items()))
     c = f["inline_constants"]
     out.append(f"inline constants: {c['count']} tensors, {_human(c['bytes'])}")
+    for r in c["not_chunked"]:
+        out.append(f"  {r['name']} {'x'.join(map(str, r['shape']))} ({r['elements']} elements): {r['reason']}")
     tiers = [t for t in TIERS if any(t in r["tiers"] for r in f["tensors"])]
     if f["tensors"]:
         head = f"{'tensor':<40} {'kind':<7} {'shape':<16} {'chunks':>6} {'route':>5} " + " ".join(f"{t:>10}" for t in tiers)

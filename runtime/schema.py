@@ -30,11 +30,13 @@ NADOO_OP_ATTRS: dict[str, dict[str, type]] = {
     "ChunkedLinear": {"weight": str},
     "ChunkedGather": {"weight": str},
     "ChunkedConv": {"weight": str},
+    "ChunkedConvTranspose": {"weight": str},
+    "ChunkedRecurrent": {"cell": str, "weight": str, "recurrence": str},
     "ChunkedFFN": {"up": str, "down": str, "activation": str},
     "MoE": {"moe": str},
     "Attention": {"heads": int, "kv_heads": int, "head_dim": int, "max_positions": int},
 }
-_WEIGHT_ATTRS = ("weight", "up", "down")
+_WEIGHT_ATTRS = ("weight", "recurrence", "up", "down")
 
 
 def normalize_domain(domain: str) -> str:
@@ -443,16 +445,20 @@ class ConstantSpec:
     shape: tuple[int, ...]
     offset: int  # inside the constants payload
     count: int  # elements
+    reason: str | None = None  # (1.1) why a large float constant was not chunked, from the compiler
 
     @property
     def nbytes(self) -> int:
         return self.count * self.dtype.itemsize
 
 
+MAX_REASON = 512
+
+
 @dataclass(frozen=True)
 class ConstantsTable:
-    """`constants` of the index: {payload, tensors: [{name, dtype, shape, offset}]}; every tensor lies
-    inside the payload (checked with exact integer arithmetic) and names are unique."""
+    """`constants` of the index: {payload, tensors: [{name, dtype, shape, offset, inline_reason?}]}; every
+    tensor lies inside the payload (checked with exact integer arithmetic) and names are unique."""
 
     payload: int
     tensors: tuple[ConstantSpec, ...]
@@ -474,7 +480,10 @@ class ConstantsTable:
             off = t.get("offset")
             if type(off) is not int or off < 0 or off + n * dt.itemsize > blob_len:
                 w.fail(f"constant {name} lies outside the constants payload")
-            specs.append(ConstantSpec(name, dt, tuple(t["shape"]), off, n))
+            reason = t.get("inline_reason")
+            if reason is not None and (not isinstance(reason, str) or not 0 < len(reason) <= MAX_REASON):
+                w.fail(f"constant {name}: inline_reason must be a string of 1..{MAX_REASON} characters")
+            specs.append(ConstantSpec(name, dt, tuple(t["shape"]), off, n, reason))
         return cls(c["payload"], tuple(specs))
 
     @property

@@ -61,21 +61,25 @@ def bundle(tmp_path):
     """The golden bundle with a graph of two ScaleRows nodes on its one chunked tensor: y = W*s + W*t."""
     node = lambda name, x: {"op": "ChunkedScaleRows", "domain": "nadoo", "name": name, "inputs": [x],  # noqa: E731
                             "outputs": [f"y_{x}"], "attrs": {"weight": "fc.weight"}}
+    return with_graph(tmp_path / "scale.ndc", [node("a", "s"), node("b", "t"),
+                      {"op": "Add", "domain": "", "name": "sum", "inputs": ["y_s", "y_t"], "outputs": ["y"], "attrs": {}}],
+                      {"s": [4], "t": [4]}, [4, 8])
+
+
+def with_graph(path, nodes: list, inputs: dict, out_shape: list):
+    """The golden bundle (one chunked tensor fc.weight [4, 8]) with a graph of `nodes` computing y."""
     graph = {"opset": {"": 18, "nadoo": 1},
-             "inputs": [{"name": n, "dtype": "float32", "shape": [4]} for n in ("s", "t")],
-             "outputs": [{"name": "y", "dtype": "float32", "shape": [4, 8]}],
-             "nodes": [node("a", "s"), node("b", "t"),
-                       {"op": "Add", "domain": "", "name": "sum", "inputs": ["y_s", "y_t"], "outputs": ["y"], "attrs": {}}],
-             "constants": []}
+             "inputs": [{"name": n, "dtype": "float32", "shape": s} for n, s in inputs.items()],
+             "outputs": [{"name": "y", "dtype": "float32", "shape": out_shape}], "nodes": nodes, "constants": []}
     with Bundle.open(GOLDEN / "tiny.ndc") as b:
         payloads = [b.read_payload(i) for i in range(len(b.table))]
         index = json.loads(json.dumps(b.index))
     payloads[index["graph"]] = json.dumps(graph).encode()
-    with BundleWriter(tmp_path / "scale.ndc") as w:
+    with BundleWriter(path) as w:
         for p in payloads:
             w.add_payload(p, compress="never")
         w.finish(index)
-    return tmp_path / "scale.ndc"
+    return path
 
 
 def _stored(path, tier, chunk) -> int:
@@ -119,3 +123,18 @@ def test_unregistered_op_is_one_clear_error(bundle):
     assert "ChunkedScaleRows" not in REGISTRY
     with pytest.raises(UnsupportedError, match="ChunkedScaleRows"):
         Session(bundle)
+
+
+@pytest.mark.parametrize("op,attrs", [
+    ("ChunkedConvTranspose", {"weight": "fc.weight"}),  # a 2-D tensor is no kernel
+    ("ChunkedRecurrent", {"cell": "Elman", "weight": "fc.weight", "recurrence": "fc.weight"}),
+    ("ChunkedRecurrent", {"cell": "LSTM", "weight": "fc.weight", "recurrence": "fc.weight"}),  # 4 rows, not 4·8
+])
+def test_weight_op_refuses_a_tensor_of_the_wrong_form_in_one_line(tmp_path, op, attrs):
+    from nadoo.runtime.errors import ModelError
+
+    node = {"op": op, "domain": "nadoo", "name": "n", "inputs": ["x"], "outputs": ["y"], "attrs": attrs}
+    path = with_graph(tmp_path / "bad.ndc", [node], {"x": [1, 4, 3]}, None)
+    with pytest.raises(ModelError, match=f"{op}") as e:
+        Session(path)
+    assert "\n" not in str(e.value)

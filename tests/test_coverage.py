@@ -367,3 +367,128 @@ def test_zoo_subset(name, form, tmp_path):
     if name == "convnext":
         assert any(n["op"] == "ChunkedConv" and n["attrs"].get("group", 1) > 1
                    for n in nadoo_ops(tmp_path / f"{name}.{form}.ndc"))
+
+
+# ------------------------------------------------------------------------- ConvTranspose, chunked
+class _Decoder(torch.nn.Module):
+    """A conv-autoencoder decoder: plain and grouped ConvTranspose2d, strides, padding, output_padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.up1 = torch.nn.ConvTranspose2d(16, 32, 3, 2, 1, output_padding=1)
+        self.up2 = torch.nn.ConvTranspose2d(32, 16, 3, 2, 1, groups=2, output_padding=1)
+        self.head = torch.nn.ConvTranspose2d(16, 8, 3, 1, 1, bias=False)
+
+    def forward(self, z):
+        return self.head(torch.relu(self.up2(torch.relu(self.up1(z)))))
+
+
+def test_conv_transpose_weights_are_chunked_quantized_and_export(tmp_path):
+    """Every ConvTranspose weight ≥ min-elements leaves the inline constants as output-channel chunks;
+    the float run equals torch, 8-bit stays close, and the plain-ONNX export runs in onnxruntime."""
+    from nadoo.runtime.export_onnx import bundle_to_onnx
+
+    torch.manual_seed(0)
+    z = ZooModel("decoder", _Decoder().eval(), {"z": ("float", (16, 4, 4), 0)})
+    path, err, cos, _ = compile_run(z, "onnx", tmp_path)
+    assert err <= 1e-5 and cos >= COS8, (err, cos)
+    ops = [n for n in nadoo_ops(path) if n["op"] == "ChunkedConvTranspose"]
+    assert sorted(n["attrs"].get("group", 1) for n in ops) == [1, 1, 2]
+    mod = z.module
+    with Bundle.open(path) as b:
+        assert not [c.name for c in b.constants_table.tensors if len(c.shape) == 4]  # no kernel stayed inline
+        entries = [b.tensors[n["attrs"]["weight"]] for n in ops]
+        assert all(e.kind == "conv_transpose" and e.n_chunks > 1 for e in entries)
+        # stored output channels first: [Cout, Cin/g, kh, kw] from torch's [Cin, Cout/g, kh, kw]
+        want = [[c.weight.shape[1] * c.groups, c.weight.shape[0] // c.groups, 3, 3] for c in (mod.up1, mod.up2, mod.head)]
+        assert sorted(list(e.shape) for e in entries) == sorted(want)
+        onx = bundle_to_onnx(b, "f32")
+    x = z.draw(2, 5)
+    (got,) = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+    assert rel_err(got, reference(z, x)) <= 1e-5
+
+
+# ------------------------------------------------------------------------- recurrent layers, and what stays inline
+class _Tagger(torch.nn.Module):
+    """An LSTM, a bidirectional GRU and a head; a learned position table added to the input (a large
+    constant no chunked op reads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = torch.nn.Parameter(torch.randn(1, 64, 16) * 0.1)
+        self.lstm = torch.nn.LSTM(16, 32, batch_first=True)
+        self.gru = torch.nn.GRU(32, 16, batch_first=True, bidirectional=True)
+        self.head = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.head(self.gru(self.lstm(x + self.pos)[0])[0])
+
+
+def test_recurrent_weights_are_chunked_and_the_rest_of_the_large_constants_say_why(tmp_path):
+    """LSTM and GRU W and R become gate-row chunks (float run equal to torch, 8-bit close, plain-ONNX
+    export through onnxruntime); every float constant >= min-elements left inline is listed by
+    `nadoo info` (text and --json) with the reason the compiler recorded."""
+    import json
+    import subprocess
+    import sys
+
+    from nadoo.runtime.export_onnx import bundle_to_onnx
+
+    torch.manual_seed(0)
+    z = ZooModel("tagger", _Tagger().eval(), {"x": ("float", (64, 16), 0)})
+    path, err, cos, _ = compile_run(z, "onnx", tmp_path)
+    assert err <= 1e-5 and cos >= COS8, (err, cos)
+    rec = [n for n in nadoo_ops(path) if n["op"] == "ChunkedRecurrent"]
+    assert sorted(n["attrs"]["cell"] for n in rec) == ["GRU", "LSTM"]
+    with Bundle.open(path) as b:
+        for n in rec:
+            W, R = b.tensors[n["attrs"]["weight"]], b.tensors[n["attrs"]["recurrence"]]
+            d, h = (2, 16) if n["attrs"]["cell"] == "GRU" else (1, 32)
+            gates = {"GRU": 3, "LSTM": 4}[n["attrs"]["cell"]]
+            assert (W.kind, R.kind) == ("recurrent_input", "recurrent") and R.shape == (d * gates * h, h)
+            assert W.n_chunks > 1
+        consts = dict(b.read_constants())
+        onx = bundle_to_onnx(b, "f32")
+        assert b.preamble.minor == 1
+    x = z.draw(2, 5)
+    (got,) = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+    assert rel_err(got, reference(z, x)) <= 1e-5
+
+    big = {k for k, a in consts.items() if a.dtype.kind == "f" and a.size >= CompileOptions().min_elements}
+    cli = [sys.executable, "-m", "nadoo.runtime.cli", "info"]
+    facts = json.loads(subprocess.run(cli + ["--json", path], capture_output=True, text=True, check=True).stdout)
+    listed = {r["name"]: r for r in facts["inline_constants"]["not_chunked"]}
+    assert set(listed) == big and len(big) == 1  # the position table
+    (r,) = listed.values()
+    assert r["reason"] == "input 1 of Add: not chunked (no chunked form of Add for this input)", r
+    assert r["elements"] == 64 * 16 and r["shape"] == [1, 64, 16]
+    text = subprocess.run(cli + [path], capture_output=True, text=True, check=True).stdout
+    assert f"{r['name']} 1x64x16 (1024 elements): {r['reason']}" in text
+
+
+def test_recurrent_weights_not_constant_stay_inline_with_the_reason():
+    """W and R are chunked together: an LSTM whose R is computed keeps its W inline, and says why."""
+    from nadoo.compiler.rewrite import inline_reasons, rewrite_weight_ops
+
+    rng = np.random.default_rng(0)
+    graph = {"inputs": [{"name": "x", "dtype": "float32", "shape": [5, 1, 16]}, {"name": "r", "dtype": "float32",
+                                                                                 "shape": [1, 128, 32]}],
+             "outputs": [{"name": "y", "dtype": "float32", "shape": None}],
+             "nodes": [{"op": "LSTM", "domain": "", "name": "lstm", "inputs": ["x", "W", "r"], "outputs": ["y"],
+                        "attrs": {"hidden_size": 32}}], "opset": {"": 18}}
+    consts = {"W": rng.standard_normal((1, 128, 16)).astype(np.float32)}
+    g, left, weights = rewrite_weight_ops(graph, consts, 1024)
+    assert not weights and "W" in left
+    assert inline_reasons(g, left, 1024) == {"W": "weights of LSTM: not chunked (recurrent op, read whole; W and R "
+                                                  "are chunked together, only when both are constants of this node alone)"}
+    assert inline_reasons(g, left, 4096) == {}  # below min-elements: not a weight worth a reason
+
+
+def test_conv_transpose_output_is_bounded_before_the_kernel_runs():
+    """A stride that makes a tiny ConvTranspose write a huge output is refused in one line, unallocated."""
+    from nadoo.runtime.errors import ModelError
+
+    x = np.ones((1, 2, 64, 64), np.float32)
+    w = np.ones((2, 4, 3, 3), np.float32)
+    with pytest.raises(ModelError, match="would produce"):
+        _single_node("ConvTranspose", ["x", "w"], ["y"], {"strides": [100000, 100000]}, {"x": x}, {"w": w})

@@ -311,6 +311,43 @@ def _chunked_conv(node, ctx):
     return lambda x, b=None: rule(x)
 
 
+def _conv_transpose_rule(node, ctx, stored: tuple | None = None):
+    """ConvTranspose over x [N, Cin, *sp]: its weight an input [Cin, Cout/group, *k], or `stored`, the
+    chunked weight's shape [Cout, Cin/group, *k]. Bounds the uncropped output and the patches."""
+    group = ctx.attr_int("group", 1)
+    a_strides, a_dil = ctx.attr_ints("strides", None), ctx.attr_ints("dilations", None)
+    a_out_pad = ctx.attr_ints("output_padding", None)
+
+    def need(x, w=None, b=None):
+        shape = _shape(x)
+        nd = len(shape) - 2
+        ws = stored if stored is not None else (_shape(w) if w is not None else None)
+        if ws is None or len(ws) != nd + 2 or nd < 1 or group < 1:
+            raise ValueError("ConvTranspose needs a weight of the input's rank and an input [N, C, ...]")
+        kernel = list(ws[2:])
+        cout = ws[0] if stored is not None else ws[1] * group
+        strides, dil, out_pad = a_strides or [1] * nd, a_dil or [1] * nd, a_out_pad or [0] * nd
+        if len(strides) != nd or len(dil) != nd or len(out_pad) != nd or min(strides + dil) < 1:
+            raise ValueError("strides, dilations and output_padding must match the input rank and be >= 1")
+        full = [strides[i] * max(shape[2 + i] - 1, 0) + out_pad[i] + (kernel[i] - 1) * dil[i] + 1 for i in range(nd)]
+        n, p = shape[0], prod(shape[2:])
+        patches = n * cout * prod(kernel) * p
+        return max(n * cout * prod(full), patches), patches * shape[1] // group
+    return need
+
+
+size_rule("ConvTranspose")(_conv_transpose_rule)
+
+
+@size_rule("ChunkedConvTranspose", domain="nadoo")
+def _chunked_conv_transpose(node, ctx):
+    w = _weight(ctx)
+    if w is None:
+        return None
+    rule = _conv_transpose_rule(node, ctx, w)
+    return lambda x, b=None: rule(x)
+
+
 @size_rule("MaxPool", "AveragePool")
 def _pool(node, ctx):
     from .conv import _pool_params
@@ -363,6 +400,19 @@ def _chunked_ffn(node, ctx):
     def need(x, *rest):
         pos = prod(_shape(x)[:-1])
         return pos * max(r, n), pos * r * (k + n)
+    return need
+
+
+@size_rule("ChunkedRecurrent", domain="nadoo")
+def _chunked_recurrent(node, ctx):
+    w, r = _weight(ctx), _weight(ctx, "recurrence")
+    if w is None or r is None:
+        return None
+    rows, k, h = w[0], prod(w[1:]), prod(r[1:])
+
+    def need(x, *rest):
+        steps = prod(_shape(x)[:2])  # sequence × batch, in either layout
+        return steps * rows, steps * rows * (k + h)  # every step's gate pre-activations, against W and R
     return need
 
 
