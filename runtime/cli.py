@@ -175,6 +175,11 @@ def _load_inputs(path, session) -> dict:
     return {names[0]: arrays}
 
 
+_BITS_FOR = click.option("--bits-for", multiple=True, metavar="PATTERN=BITS",
+                         help="Precision of the tensors whose names match PATTERN (shell-style; `nadoo info` lists "
+                              "them) over --bits, e.g. --bits 4 --bits-for embed=8; repeatable, the first match wins.")
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(dir_okay=True))
 @click.option("--input", "input_path", type=click.Path(), help="Inputs: .npz keyed by graph input name, or .npy for a single-input model. Without it, the sample stored at compile time is run and checked against the source model's output.")
@@ -192,9 +197,10 @@ def _load_inputs(path, session) -> dict:
 @click.option("--disable-experts", help="MoE: never route to these experts, LAYER:EXPERT,... (routing renormalized over the rest).")
 @click.option("--only-experts", help="MoE: in each named layer route only to these experts, LAYER:EXPERT,...")
 @click.option("--prefetch", is_flag=True, help="MoE: load the next layer's likely experts (its router on this layer's input) ahead of use.")
+@_BITS_FOR
 @_friendly
 def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fallback, memory_budget, repeat, as_json, stats,
-        disable_experts, only_experts, prefetch):
+        disable_experts, only_experts, prefetch, bits_for):
     """Run BUNDLE with NumPy, reading only the chunks the policy selects."""
     import time
 
@@ -207,7 +213,7 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
     refuse_overwrite(output_path, {"bundle": bundle, "input file": input_path})
     t0 = time.perf_counter()
     pol = Policy(kind=policy, bits=bits, topk=_parse_topk(topk), predictor=predictor, tau=tau, fallback=fallback,
-                 disable_experts=disable_experts, only_experts=only_experts, prefetch=prefetch)
+                 disable_experts=disable_experts, only_experts=only_experts, prefetch=prefetch, bits_for=list(bits_for))
     with Session(bundle, policy=pol, memory_budget=memory_budget) as sess:
         ref = None
         if input_path:
@@ -281,18 +287,19 @@ def _parse_ids(text):
 @click.option("--seed", type=click.IntRange(0), help="Seed of the sampler (reproducible samples).")
 @click.option("--no-eos", is_flag=True, help="Do not stop at an end-of-sequence token.")
 @_BITS
+@_BITS_FOR
 @_BUDGET
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, speed, bytes read, per-layer stats) instead of streaming.")
 @_friendly
-def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, no_eos, bits, memory_budget,
-             as_json):
+def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, no_eos, bits, bits_for,
+             memory_budget, as_json):
     """Continue a prompt with the language model in BUNDLE, streaming the text as it is produced."""
     from .policy import Policy
     from .session import Session
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
-    with Session(bundle, policy=Policy(bits=bits), memory_budget=memory_budget) as sess:
+    with Session(bundle, policy=Policy(bits=bits, bits_for=list(bits_for)), memory_budget=memory_budget) as sess:
         stream = sess.stream(prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, stop_at_eos=not no_eos)
         for tok in stream:
@@ -311,10 +318,11 @@ def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top
 @click.option("--context", default=512, show_default=True, type=click.IntRange(2), help="Tokens per window.")
 @click.option("--score", type=click.Choice(["half", "all"]), default="half", show_default=True, help="half: the second half of each window (as llama.cpp's perplexity tool); all: every token after the first.")
 @_BITS
+@_BITS_FOR
 @_BUDGET
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_friendly
-def perplexity(bundle, text_file, context, score, bits, memory_budget, as_json):
+def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget, as_json):
     """Perplexity of the language model in BUNDLE on a text file."""
     from .files import read_text
     from .generate import perplexity as ppl
@@ -322,7 +330,7 @@ def perplexity(bundle, text_file, context, score, bits, memory_budget, as_json):
     from .session import Session
 
     text = read_text(text_file, "text file")
-    with Session(bundle, policy=Policy(bits=bits), memory_budget=memory_budget) as sess:
+    with Session(bundle, policy=Policy(bits=bits, bits_for=list(bits_for)), memory_budget=memory_budget) as sess:
         r = ppl(sess, text, context=context, score=score)
     if as_json:
         click.echo(json.dumps(r, default=_jsonable))

@@ -148,7 +148,8 @@ class _Totals:
                 "calls": self.calls, "peak_rss_bytes": peak_rss_bytes(),
                 "resident_weight_bytes": session.cache.bytes, "cache_budget_bytes": session.cache.budget,
                 "kv_cache_bytes": session.state.nbytes, "bundle_bytes": session.bundle.file_size,
-                "policy": {"bits": session.policy.bits, "kind": session.policy.kind}, "layers": self.layers}
+                "policy": {"bits": session.policy.bits, "kind": session.policy.kind,
+                           "bits_for": dict(session.policy.bits_for)}, "layers": self.layers}
 
 
 # ------------------------------------------------------------------ generation

@@ -12,6 +12,9 @@
 - `bits="alloc"`: the per-chunk tiers chosen at compile time under a bits/weight budget.
 - `bits="auto"`: precision by activity: the hottest quarter of a layer's chunks at 8 bits, the
   coldest quarter at 2, the rest at 4.
+- `bits_for`: per-tensor precision over `bits`, "PATTERN=BITS,..." with shell-style patterns over
+  tensor names (`nadoo info` lists them), e.g. `embed=8` keeps a language model's embedding (and the
+  LM head tied to it) at 8 bits under `bits="4"`, as llama.cpp's Q4_K_M does. The first match wins.
 - Mixture-of-experts layers: `disable_experts` / `only_experts` ("LAYER:EXPERT,...") mask experts out
   of routing, `prefetch` loads the next layer's likely experts ahead of use; under `bits="auto"` a
   token's expert runs at 8 bits when its routing weight is >= `auto_threshold`, else at 4.
@@ -22,6 +25,7 @@ Every op asks `plan` (chunked tensors) or `expert_tiers` (experts) and decides n
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field
 
@@ -63,9 +67,12 @@ class Policy:
     only_experts: str | list = field(default_factory=list)  # in each layer named, only these
     prefetch: bool = False
     auto_threshold: float = 0.5
+    # per-tensor tiers over `bits`: "embed=8,layers.0.*=float" or [(pattern, bits)] or {pattern: bits}
+    bits_for: str | list | dict = field(default_factory=list)
 
     def __post_init__(self):
         self.bits = str(self.bits)
+        self.bits_for = _overrides(self.bits_for)
         self.disable_experts = _pairs(self.disable_experts)
         self.only_experts = _pairs(self.only_experts)
         if self.kind not in ("dense", "topk"):
@@ -131,6 +138,9 @@ class Policy:
     def tiers_for(self, entry, available: set[str], activity: np.ndarray | None) -> list[str]:
         """The tier of each chunk of a tensor."""
         n = entry.n_chunks
+        override = self.tier_override(entry.name)
+        if override is not None:
+            return [_stored(override, available, entry.name)] * n
         if self.bits == "alloc":  # the compile-time mixed-precision allocation (--bits-per-weight)
             alloc = entry.meta.get("alloc")
             if alloc is None or len(alloc) != n:
@@ -141,11 +151,7 @@ class Policy:
                 raise InputError(f"allocation of {entry.name} names a tier the bundle does not store")
             return list(alloc)
         if self.bits != "auto":
-            tier = BITS_TO_TIER[self.bits]
-            if tier not in available:
-                hint = " (compile with --keep-float)" if tier == FLOAT_TIER else ""
-                raise InputError(f"bundle stores no {tier} tier for {entry.name}{hint}")
-            return [tier] * n
+            return [_stored(BITS_TO_TIER[self.bits], available, entry.name)] * n
         order = np.argsort(-activity) if activity is not None else np.arange(n)
         tiers = [MID] * n
         q = max(1, n // 4) if n >= 4 else 0
@@ -159,15 +165,28 @@ class Policy:
     def expert_tiers(self, entry, weights: np.ndarray, alloc: dict | None = None) -> list[str]:
         """The tier of each (token, expert) pair by its routing weight. `alloc`: the bundle's `alloc`
         index entry (for --bits alloc)."""
+        override = self.tier_override(entry.name)
+        if override is not None:
+            return [_stored(override, set(entry.tiers), f"MoE layer {entry.name}")] * len(weights)
         if self.bits == "auto":
             hi = HI if HI in entry.tiers else entry.tiers[-1]
             lo = MID if MID in entry.tiers else entry.tiers[-1]
             return np.where(weights >= self.auto_threshold, hi, lo).tolist()
         t = self._alloc_expert_tier(entry, alloc) if self.bits == "alloc" else BITS_TO_TIER[self.bits]
-        if t not in entry.tiers:
-            hint = " (compile with --keep-float)" if t == FLOAT_TIER else ""
-            raise InputError(f"bundle stores no {t} tier for MoE layer {entry.name}{hint}")
-        return [t] * len(weights)
+        return [_stored(t, set(entry.tiers), f"MoE layer {entry.name}")] * len(weights)
+
+    # -- per-tensor overrides ---------------------------------------------------------------------
+    def tier_override(self, name: str) -> str | None:
+        """The tier `bits_for` sets for tensor `name` (the first pattern that matches), else None."""
+        return next((BITS_TO_TIER[b] for pat, b in self.bits_for if fnmatch.fnmatchcase(name, pat)), None)
+
+    def check_overrides(self, names) -> None:
+        """Every `bits_for` pattern names some tensor of the bundle (a typo would silently do nothing)."""
+        names = list(names)
+        for pat, _ in self.bits_for:
+            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                raise InputError(f"--bits-for {pat!r} matches no tensor of the bundle (it has {names[:4]}…; "
+                                 "`nadoo info` lists them)")
 
     @staticmethod
     def _alloc_expert_tier(entry, alloc) -> str:
@@ -207,6 +226,39 @@ class Policy:
 
     def expert_options_set(self) -> bool:
         return bool(self.disable_experts or self.only_experts or self.prefetch)
+
+
+def _stored(tier: str, available: set, what: str) -> str:
+    """`tier` if the bundle stores it for `what`, else one clear error."""
+    if tier not in available:
+        hint = " (compile with --keep-float)" if tier == FLOAT_TIER else ""
+        raise InputError(f"bundle stores no {tier} tier for {what}{hint}")
+    return tier
+
+
+def _overrides(value) -> list[tuple[str, str]]:
+    """'embed=8,layers.*.mlp.*=4' (or such strings, (pattern, bits) pairs or a dict) →
+    [('embed', '8'), ('layers.*.mlp.*', '4')]."""
+    if not value:
+        return []
+    if isinstance(value, dict):
+        value = list(value.items())
+    elif isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    out = []
+    for raw in value:
+        pair = raw
+        if isinstance(raw, str):
+            pat, sep, bits = raw.rpartition("=")
+            pair = (pat, bits) if sep else None
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
+                and pair[0].strip()):
+            raise InputError(f"--bits-for {raw!r}: use PATTERN=BITS, e.g. embed=8")
+        pat, bits = pair[0].strip(), str(pair[1]).strip()
+        if bits not in BITS_TO_TIER:
+            raise InputError(f"--bits-for {pat}={bits}: bits must be 8, 4, 2 or float")
+        out.append((pat, bits))
+    return out
 
 
 def _pairs(value) -> list:

@@ -62,6 +62,7 @@ class Session:
         self.bundle = Bundle.open(path, use_mmap=use_mmap)
         try:
             self.policy = policy or Policy()
+            self.policy.check_overrides([*self.bundle.tensors, *self.bundle.moe])
             for cls in chunked.REGISTRY.values():
                 cls.check_policy(self.policy, self.bundle)
             graph = self.bundle.read_graph()
@@ -149,7 +150,8 @@ class Session:
             "cache_pinned_bytes": cache.pinned_bytes,
             "cache_budget_bytes": cache.budget,
             "policy": {"kind": self.policy.kind, "bits": self.policy.bits, "topk": self.policy.topk,
-                       "predictor": self.policy.predictor, "tau": self.policy.tau},
+                       "predictor": self.policy.predictor, "tau": self.policy.tau,
+                       "bits_for": dict(self.policy.bits_for)},
             "layers": layers,
         }
         for cls, ops in self._families.items():

@@ -178,6 +178,43 @@ def test_8_bit_runs_the_stored_8_bit_weights(built):
     assert (logits.argmax(-1) == ref_f.argmax(-1)).mean() >= 0.85
 
 
+def test_bits_for_sets_the_tier_of_the_tensors_it_names(built):
+    """--bits 4 --bits-for embed=8: the tied embedding and LM head run their q8 weights, every other
+    tensor its q4 ones; the session computes what the reference decoder computes over that mix."""
+    model, folder, bundle = built["gemma3"]
+    src = load_lm_source(folder)
+    seq = prompt_ids(3, 24)
+    with nd.Session(bundle, policy=nd.Policy(bits="4", bits_for="embed=8")) as s:
+        mixed = {n: s.bundle.read_weight(n, "q8" if n == "embed" else "q4") for n in s.bundle.tensors}
+        logits = LanguageModel(s).forward(seq, 0, keep=0)[0]
+    with session(bundle, "4") as s:
+        plain = LanguageModel(s).forward(seq, 0, keep=0)[0]
+    exact = ReferenceDecoder(LMSource(src.config, {**src.weights, **mixed})).forward(seq)
+    assert np.abs(logits - exact).max() <= 1e-4 * np.abs(exact).max()
+    assert np.abs(plain - exact).max() > 1e-3 * np.abs(exact).max()  # 4 bits everywhere is another model
+    pol = nd.Policy(bits="4", bits_for=["layers.0.*=float", "layers.*=2"])  # shell patterns, first match wins
+    assert [pol.tier_override(n) for n in ("layers.0.attn.q", "layers.1.mlp.up", "embed")] == ["f32", "q2", None]
+
+
+def test_cli_bits_for(built, tmp_path):
+    bundle = built["gemma3"][2]
+    r = cli("generate", bundle, "--prompt-ids", "5,6,7", "--max-new-tokens", 6, "--no-eos", "--bits", "4",
+            "--bits-for", "embed=8", "--json")
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    assert j["policy"]["bits_for"] == {"embed": "8"}
+    with nd.Session(bundle, policy=nd.Policy(bits="4", bits_for="embed=8")) as s:
+        assert j["token_ids"] == s.generate(prompt_ids=[5, 6, 7], max_new_tokens=6, stop_at_eos=False).token_ids
+    assert "matches no tensor" in one_line_error(cli("generate", bundle, "--prompt-ids", "5", "--bits-for", "emb=8"))
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    assert "8, 4, 2 or float" in one_line_error(cli("perplexity", bundle, "--text-file", text, "--bits-for", "embed=7"))
+    assert "PATTERN=BITS" in one_line_error(cli("run", bundle, "--bits-for", "embed"))
+    bare = tmp_path / "bare.ndc"  # no float tier
+    compile_lm_source(lm_source_from_model(built["llama"][0]), bare, quiet=True)
+    assert "--keep-float" in one_line_error(cli("generate", bare, "--prompt-ids", "5", "--bits-for", "embed=float"))
+
+
 def test_memory_budget_gives_the_same_tokens(built):
     bundle = built["gemma3"][2]
     prompt = prompt_ids(2)

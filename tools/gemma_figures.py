@@ -6,6 +6,7 @@ then perplexity at context 512 on /usr/share/common-licenses/GPL-3 (second half 
 
     nadoo compile work_out/gemma-3-270m-q4_k_m.gguf -o work_out/gemma.ndc --keep-float --calib-text ...
     nice -n 10 .venv/bin/python tools/gemma_figures.py [--bundle work_out/gemma.ndc] [--bits float,8,4]
+        [--bits-for embed=8 --out work_out/gemma_figures_embed8.json]
 
 Writes work_out/gemma_figures.json (one record per tier). Takes ~5 min per tier on one core.
 """
@@ -22,14 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = "/usr/share/common-licenses/GPL-3"
 
 
-def one_tier(bundle: str, bits: str, ref: dict) -> dict:
+def one_tier(bundle: str, bits: str, ref: dict, bits_for: str = "") -> dict:
     """Runs in its own process (peak RSS is per process)."""
     import nadoo.runtime as nd
     from nadoo.runtime.files import read_text
     from nadoo.runtime.generate import perplexity
 
-    rec = {"bits": bits, "loadavg_start": os.getloadavg(), "prompts": []}
-    with nd.Session(bundle, policy=nd.Policy(bits=bits)) as s:
+    rec = {"bits": bits, "bits_for": bits_for, "loadavg_start": os.getloadavg(), "prompts": []}
+    with nd.Session(bundle, policy=nd.Policy(bits=bits, bits_for=bits_for)) as s:
         for p in ref["prompts"]:
             r = s.generate(p["prompt"], max_new_tokens=ref["new_tokens"], stop_at_eos=False)
             want = p["transformers_tokens"]
@@ -51,17 +52,19 @@ def main():
     ap.add_argument("--bundle", default=str(ROOT / "work_out" / "gemma.ndc"))
     ap.add_argument("--ref", default=str(ROOT / "work_out" / "gemma_ref.json"))
     ap.add_argument("--bits", default="float,8,4")
+    ap.add_argument("--bits-for", default="", help="per-tensor tiers over --bits, e.g. embed=8")
     ap.add_argument("--out", default=str(ROOT / "work_out" / "gemma_figures.json"))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one tier, print its record
     args = ap.parse_args()
     ref = json.loads(Path(args.ref).read_text())
     if args.one:
-        print(json.dumps(one_tier(args.bundle, args.one, ref)))
+        print(json.dumps(one_tier(args.bundle, args.one, ref, args.bits_for)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     out = {"reference_perplexity": ref["transformers_perplexity"], "tiers": []}
     for bits in args.bits.split(","):
-        r = subprocess.run([sys.executable, __file__, "--bundle", args.bundle, "--ref", args.ref, "--one", bits],
+        r = subprocess.run([sys.executable, __file__, "--bundle", args.bundle, "--ref", args.ref, "--one", bits,
+                            "--bits-for", args.bits_for],
                            capture_output=True, text=True, env=env)
         if r.returncode:
             sys.exit(r.stderr)
