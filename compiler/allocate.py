@@ -1,4 +1,4 @@
-"""Mixed precision under a budget (#5): one tier per chunk, minimising the summed error, never
+"""Mixed precision under a budget: one tier per chunk, minimising the summed error, never
 exceeding a byte budget.
 
 Method: per chunk, its tiers sorted by bytes are reduced to the lower convex hull of (bytes, error)

@@ -289,7 +289,7 @@ def calibrate(graph: dict, constants: dict, weights: list[Weight], calib: dict[s
             # what the node outputs is a state, not W's or R's product: no activation applies to those
             for key in ("weight", "recurrence"):
                 stats[n["attrs"][key]] = LayerStats(by_name[n["attrs"][key]], False)
-        elif n.get("domain") == "nadoo" and "weight" in n.get("attrs", {}):  # [nadoo#7] not MoE
+        elif n.get("domain") == "nadoo" and "weight" in n.get("attrs", {}):  # not MoE
             w = by_name[n["attrs"]["weight"]]
             act = activation_after(n, cons)
             stats[w.name] = LayerStats(w, act == "Relu", act)

@@ -21,7 +21,7 @@ from nadoo.runtime.tiers import NestedTiers, SeparateTier, TierLayout, compile_l
 from .calib_data import load_calibration, synthetic_calibration
 from .calibrate import IMPORTANCE_KINDS, calibrate, dense_builders
 from .ffn import coactivation_order, fit_sketch, fuse_ffn
-from .moe import MoECalibration, extract_moe, verify_moe_graph, write_moe  # [nadoo#7 MoE]
+from .moe import MoECalibration, extract_moe, verify_moe_graph, write_moe
 from .rewrite import Weight, inline_reasons, rewrite_weight_ops
 from .writer import BundleWriter
 
@@ -45,9 +45,9 @@ class CompileOptions:
     sketch_rank: int = 32  # rank of the FFN top-k predictor
     calib_batch: int = 16
     alignment: int = 64
-    quant_method: str = "gptq"  # "gptq" (error feedback + clipping search) | "search" | "rtn"  [#5]
-    bits_per_weight: float | None = None  # store a mixed-precision allocation under this budget  [#5]
-    nested: bool = False  # [#5] q8/q4/q2 as nested bit-planes of one 8-bit quantization (NDC 1.1 `nested`)
+    quant_method: str = "gptq"  # "gptq" (error feedback + clipping search) | "search" | "rtn"
+    bits_per_weight: float | None = None  # store a mixed-precision allocation under this budget
+    nested: bool = False  # q8/q4/q2 as nested bit-planes of one 8-bit quantization (NDC 1.1 `nested`)
     calib_text: str | None = None  # language models: calibration text, tokenized (compiler/lm_compile.py)
     calib_len: int = 128  # tokens per calibration window of a language model
     calib_windows: int = 32  # at most this many windows, spread over the text
@@ -126,7 +126,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
     # Every float constant of the source graph is a weight (chunked or inline): the dense reference.
     dense_bytes = 4 * sum(int(a.size) for a in consts.values() if a.dtype.kind == "f")
     graph, consts, weights = rewrite_weight_ops(graph, consts, opts.min_elements)
-    # [nadoo#7 MoE] expert weights leave the constants; each expert becomes a chunk group (compiler/moe.py)
+    # expert weights leave the constants; each expert becomes a chunk group (compiler/moe.py)
     graph, consts, moe_layers = extract_moe(graph, consts)
     moe_cal = MoECalibration(moe_layers)
     ffns = []
@@ -138,8 +138,8 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
     n = len(next(iter(calib.values())))
     with _progress("calibrating ", quiet)(range(0, n, opts.calib_batch)) as it:
         stats = calibrate(graph, consts, weights, calib, opts.calib_batch, progress=lambda _: it,
-                          extra_ops=moe_cal.builders())  # [nadoo#7 MoE]
-    if moe_layers:  # [nadoo#7 MoE] the exported graph must compute what the torch model computes
+                          extra_ops=moe_cal.builders())
+    if moe_layers:  # the exported graph must compute what the torch model computes
         s_in = {k: np.ascontiguousarray(v[:2]) for k, v in calib.items()}
         err = verify_moe_graph(graph, consts, weights, moe_cal, s_in, _reference_outputs(loaded, ref_graph, ref_consts, s_in))
         notes.append(f"MoE: {len(moe_layers)} layers x {moe_layers[0].n_experts} experts (top-{moe_layers[0].top_k}); "
@@ -189,7 +189,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
                        lambda w: (stats[w.name].importance() if w.kind in IMPORTANCE_KINDS else None,
                                   _quant_kwargs(w, stats, downs, opts)))
         entries = [per_tensor[w.name] for w in weights]
-        moe_entries, moe_bytes = write_moe(wr, moe_layers, moe_cal, opts.group_size, layouts)  # [nadoo#7]
+        moe_entries, moe_bytes = write_moe(wr, moe_layers, moe_cal, opts.group_size, layouts)
         for t, nb in moe_bytes.items():
             tier_bytes[t] += nb
         index = {
@@ -204,7 +204,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
             "stats": {"dense_fp32_weight_bytes": dense_bytes, "kept_params_ratio": kept / max(total, 1),
                       "prune_tau": opts.prune_tau, "calibration_samples": n},
         }
-        if opts.bits_per_weight:  # [#5] mixed precision under a budget (NDC 1.1 key "alloc")
+        if opts.bits_per_weight:  # mixed precision under a budget (NDC 1.1 key "alloc")
             from .allocate import bundle_allocation
 
             alloc = bundle_allocation(entries, lambda p: wr.stored_length(p) if p >= 0 else 0, opts.bits_per_weight)
@@ -214,7 +214,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
                     e["alloc"] = alloc["tiers"][e["name"]]
             notes.append(f"allocation at <= {opts.bits_per_weight} bits/weight: "
                          f"{alloc['achieved_bits_per_weight']:.3f} bits/weight (run with --bits alloc)")
-        if moe_entries:  # [nadoo#7 MoE] NDC 1.1 index key, ignored by readers that do not know it
+        if moe_entries:  # NDC 1.1 index key, ignored by readers that do not know it
             index["moe"] = moe_entries
         wr.finish(index)
     return CompileReport(

@@ -1,4 +1,4 @@
-"""Mixed-precision allocator (#5): never over budget, monotone in the budget."""
+"""Mixed-precision allocator: never over budget, monotone in the budget."""
 from hypothesis import given, settings, strategies as st
 
 from nadoo.compiler.allocate import allocate

@@ -1,4 +1,4 @@
-"""GPTQ error feedback (#5): same payload layout, lower output error than the search alone on correlated inputs."""
+"""GPTQ error feedback: same payload layout, lower output error than the search alone on correlated inputs."""
 import numpy as np
 
 from nadoo.compiler.quantize import gptq_factor, quantize, quantize_chunks, quantize_rows_gptq

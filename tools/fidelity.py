@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fidelity table (#5): every precision configuration of nadoo on MiniLM and the digits MLP / CNN,
+"""Fidelity table: every precision configuration of nadoo on MiniLM and the digits MLP / CNN,
 with ONNX Runtime's quantizers beside it on the same inputs, as one markdown table.
 
     .venv/bin/python tools/fidelity.py [--quick] [--out work_out/fidelity]
