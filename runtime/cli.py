@@ -180,6 +180,19 @@ _BITS_FOR = click.option("--bits-for", multiple=True, metavar="PATTERN=BITS",
                               "them) over --bits, e.g. --bits 4 --bits-for embed=8; repeatable, the first match wins.")
 
 
+def _engine_options(fn):
+    """--engine, --threads, --ort-int8: which engine runs the dense part of the plan (runtime/ort_engine.py)."""
+    fn = click.option("--ort-int8", is_flag=True, help="ORT engine: 4/8/2-bit linear layers with int8 activations "
+                      "(MatMulNBits accuracy_level 4): faster, activations rounded per block as llama.cpp's "
+                      "quantized products do; default: exact float products.")(fn)
+    fn = click.option("--threads", type=click.IntRange(1), help="ORT engine: intra-op threads of ONNX Runtime "
+                      "(default: ORT's own, one per core).")(fn)
+    return click.option("--engine", type=click.Choice(["auto", "numpy", "ort"]), default="auto", show_default=True,
+                        help="ort: dense layers and standard operators in ONNX Runtime, per-input selection, "
+                             "attention state and budgeted streaming in NumPy; auto: ort where onnxruntime "
+                             "and onnx are installed, else numpy.")(fn)
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(dir_okay=True))
 @click.option("--input", "input_path", type=click.Path(), help="Inputs: .npz keyed by graph input name, or .npy for a single-input model. Without it, the sample stored at compile time is run and checked against the source model's output.")
@@ -198,10 +211,11 @@ _BITS_FOR = click.option("--bits-for", multiple=True, metavar="PATTERN=BITS",
 @click.option("--only-experts", help="MoE: in each named layer route only to these experts, LAYER:EXPERT,...")
 @click.option("--prefetch", is_flag=True, help="MoE: load the next layer's likely experts (its router on this layer's input) ahead of use.")
 @_BITS_FOR
+@_engine_options
 @_friendly
 def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fallback, memory_budget, repeat, as_json, stats,
-        disable_experts, only_experts, prefetch, bits_for):
-    """Run BUNDLE with NumPy, reading only the chunks the policy selects."""
+        disable_experts, only_experts, prefetch, bits_for, engine, threads, ort_int8):
+    """Run BUNDLE (NumPy, dense parts in ONNX Runtime with --engine ort), reading only the chunks the policy selects."""
     import time
 
     import numpy as np
@@ -214,7 +228,8 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
     t0 = time.perf_counter()
     pol = Policy(kind=policy, bits=bits, topk=_parse_topk(topk), predictor=predictor, tau=tau, fallback=fallback,
                  disable_experts=disable_experts, only_experts=only_experts, prefetch=prefetch, bits_for=list(bits_for))
-    with Session(bundle, policy=pol, memory_budget=memory_budget) as sess:
+    with Session(bundle, policy=pol, memory_budget=memory_budget, engine=engine, threads=threads,
+                 ort_int8=ort_int8) as sess:
         ref = None
         if input_path:
             feeds = _load_inputs(input_path, sess)
@@ -290,16 +305,18 @@ def _parse_ids(text):
 @_BITS_FOR
 @_BUDGET
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, speed, bytes read, per-layer stats) instead of streaming.")
+@_engine_options
 @_friendly
 def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, no_eos, bits, bits_for,
-             memory_budget, as_json):
+             memory_budget, as_json, engine, threads, ort_int8):
     """Continue a prompt with the language model in BUNDLE, streaming the text as it is produced."""
     from .policy import Policy
     from .session import Session
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
-    with Session(bundle, policy=Policy(bits=bits, bits_for=list(bits_for)), memory_budget=memory_budget) as sess:
+    with Session(bundle, policy=Policy(bits=bits, bits_for=list(bits_for)), memory_budget=memory_budget, engine=engine,
+                 threads=threads, ort_int8=ort_int8) as sess:
         stream = sess.stream(prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, stop_at_eos=not no_eos)
         for tok in stream:
@@ -321,8 +338,9 @@ def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top
 @_BITS_FOR
 @_BUDGET
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_engine_options
 @_friendly
-def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget, as_json):
+def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget, as_json, engine, threads, ort_int8):
     """Perplexity of the language model in BUNDLE on a text file."""
     from .files import read_text
     from .generate import perplexity as ppl
@@ -330,7 +348,8 @@ def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget,
     from .session import Session
 
     text = read_text(text_file, "text file")
-    with Session(bundle, policy=Policy(bits=bits, bits_for=list(bits_for)), memory_budget=memory_budget) as sess:
+    with Session(bundle, policy=Policy(bits=bits, bits_for=list(bits_for)), memory_budget=memory_budget, engine=engine,
+                 threads=threads, ort_int8=ort_int8) as sess:
         r = ppl(sess, text, context=context, score=score)
     if as_json:
         click.echo(json.dumps(r, default=_jsonable))

@@ -412,10 +412,18 @@ class Plan:
     def _execute(self, feeds, prof: dict | None, label: int = 1) -> list[np.ndarray]:
         arrays = self._check_inputs(feeds)
         cap = self.max_elements or value_cap(self.model_bytes, sum(int(a.nbytes) for a in arrays))
-        work_cap = WORK_PER_ELEMENT * cap
         env = self._init.copy()
         for s, a in zip(self._in_slots, arrays):
             env[s] = a
+        self.run_steps(self._steps, self._labels, env, cap, prof, label)
+        return [_finalize(env[s]) for s in self._out_slots]
+
+    def run_steps(self, steps: list, labels: list, env: list, cap: int, prof: dict | None = None,
+                  label: int = 1) -> None:
+        """Run `steps` over the value slots `env` under the run's element cap. A step whose `single`
+        flag is None is a fused run of nodes (see `fuse`): it is called as `fn.run(args, cap, prof,
+        label)` and returns its outputs, checked like any node's."""
+        work_cap = WORK_PER_ELEMENT * cap
         clock = None
         if prof is not None:
             import time
@@ -423,26 +431,26 @@ class Plan:
             clock = time.perf_counter
         k = 0
         try:
-            for k, (fn, ins, out, single, frees, need) in enumerate(self._steps):
+            for k, (fn, ins, out, single, frees, need) in enumerate(steps):
                 args = [env[i] for i in ins]
                 if need is not None:
                     elements, macs = need(*args)
                     if elements > cap or macs > work_cap:
-                        self._refuse(k, elements, macs, cap)
+                        self.refuse(labels[k][0], elements, macs, cap)
                 if clock is not None:
                     t = clock()
-                r = fn(*args)
-                if clock is not None:
-                    key = self._labels[k][label]
+                r = fn(*args) if single is not None else fn.run(args, cap, prof, label)
+                if clock is not None and single is not None:
+                    key = labels[k][label]
                     prof[key] = prof.get(key, 0.0) + clock() - t
                 if single:
                     if getattr(r, "size", 0) > cap:  # a broadcast view counts at its logical size
-                        self._too_big(k, r.size, cap)
+                        self.too_big(labels[k][0], r.size, cap)
                     env[out] = r
                 else:
                     for o, v in zip(out, r):
                         if getattr(v, "size", 0) > cap:
-                            self._too_big(k, v.size, cap)
+                            self.too_big(labels[k][0], v.size, cap)
                         if o >= 0:
                             env[o] = v
                 for f in frees:
@@ -450,18 +458,54 @@ class Plan:
         except NadooError:
             raise
         except Exception as e:
-            raise InputError(f"model failed at node {self._labels[k][0]}: {type(e).__name__}: {e}") from e
-        return [_finalize(env[s]) for s in self._out_slots]
+            raise InputError(f"model failed at node {labels[k][0]}: {type(e).__name__}: {e}") from e
 
-    def _refuse(self, k: int, elements: int, macs: int, cap: int):
+    @staticmethod
+    def refuse(label: str, elements: int, macs: int, cap: int):
         if elements > cap:
-            self._too_big(k, elements, cap)
-        raise ModelError(f"node {self._labels[k][0]} would do {macs:,} multiply-adds, over the run's cap of "
+            Plan.too_big(label, elements, cap)
+        raise ModelError(f"node {label} would do {macs:,} multiply-adds, over the run's cap of "
                          f"{WORK_PER_ELEMENT * cap:,} (format_spec/NDC-v1.md §5)")
 
-    def _too_big(self, k: int, elements: int, cap: int):
-        raise ModelError(f"node {self._labels[k][0]} would produce {elements:,} elements, over the run's cap of "
+    @staticmethod
+    def too_big(label: str, elements: int, cap: int):
+        raise ModelError(f"node {label} would produce {elements:,} elements, over the run's cap of "
                          f"{cap:,} (format_spec/NDC-v1.md §5)")
+
+    # ------------------------------------------------------------------ fused runs of nodes
+    @property
+    def nodes(self) -> list[dict]:
+        """The graph's nodes, one per step of an unfused plan, in order."""
+        return self.graph["nodes"]
+
+    def slot_of(self, name: str) -> int:
+        return self._slots[name]
+
+    @property
+    def initial_values(self) -> list:
+        """The value slots before a run: constants filled in, everything else None."""
+        return self._init
+
+    def fuse(self, runs: list) -> None:
+        """Replace runs of consecutive steps by one step each. `runs`: (first, end, fused) with steps
+        first..end-1 of the current plan; `fused.bind(steps, labels, in_slots, out_slots)` receives
+        the steps it replaces and the slots of `fused.inputs` / `fused.outputs` (value names), and
+        `fused.run(args, cap, prof, label)` computes the outputs from the inputs' values. The values
+        the replaced steps released are released after the fused step."""
+        steps, labels, at = [], [], 0
+        for first, end, fused in sorted(runs, key=lambda r: r[0]):
+            steps += self._steps[at:first]
+            labels += self._labels[at:first]
+            sub, sub_labels = self._steps[first:end], self._labels[first:end]
+            in_slots = tuple(self._slots[n] for n in fused.inputs)
+            out_slots = tuple(self._slots[n] for n in fused.outputs)
+            fused.bind(sub, sub_labels, in_slots, out_slots)
+            frees = tuple(sorted({f for st in sub for f in st[4]}))
+            steps.append((fused, in_slots, out_slots, None, frees, None))
+            labels.append(fused.label)
+            at = end
+        self._steps = steps + self._steps[at:]
+        self._labels = labels + self._labels[at:]
 
 
 # ops whose (first) output is always a newly allocated array that no other value aliases

@@ -75,6 +75,18 @@ class Exporter:
         self.nodes.append(_node_with_attrs(self.helper, self.numpy_helper, op, ins, outs, name or self.fresh(op), domain,
                                            attrs))
 
+    def linear(self, x: str, name: str, bias: str, out: str) -> None:
+        """out = x·Wᵀ (+ bias) for chunked tensor `name` stored [R, K] (rows = outputs)."""
+        self.matmul(x, name, self.weight(name, transposed=True), bias, out)
+
+    def graph_node(self, n: dict) -> None:
+        """A node of a nadoo graph: standard ones copied, nadoo ones as their op class exports them."""
+        dom = n.get("domain", "")
+        if dom != "nadoo":
+            self.add_node(n["op"], n["inputs"], n["outputs"], n.get("attrs", {}), n.get("name") or self.fresh(n["op"]), dom)
+        else:
+            REGISTRY.get(n["op"], ChunkedOp).export(n, self)
+
     def matmul(self, x: str, wname: str, w: np.ndarray, bias: str, out: str) -> None:
         """out = x·w (+ bias), w an initializer named `wname`."""
         self.inits[wname] = w
@@ -93,11 +105,7 @@ def bundle_to_onnx(b: Bundle, tier: str = "q8"):
     consts = dict(b.read_constants())
     ex = Exporter(b, tier)
     for n in graph["nodes"]:
-        dom = n.get("domain", "")
-        if dom != "nadoo":
-            ex.add_node(n["op"], n["inputs"], n["outputs"], n.get("attrs", {}), n.get("name") or ex.fresh(n["op"]), dom)
-            continue
-        REGISTRY.get(n["op"], ChunkedOp).export(n, ex)
+        ex.graph_node(n)
     nodes, inits = ex.nodes, ex.inits
 
     used = {i for nd in nodes for i in nd.input}

@@ -58,7 +58,10 @@ class Session:
     with the copy of a mapped range can still kill the process with SIGBUS (positioned reads cannot)."""
 
     def __init__(self, path, policy: Policy | None = None, memory_budget=None, use_mmap: bool = False,
-                 pin_fraction: float = 0.5):
+                 pin_fraction: float = 0.5, engine: str = "auto", threads: int | None = None, ort_int8: bool = False):
+        from .ort_engine import resolve
+
+        engine = resolve(engine)
         self.bundle = Bundle.open(path, use_mmap=use_mmap)
         try:
             self.policy = policy or Policy()
@@ -78,6 +81,13 @@ class Session:
                              model_bytes=self.bundle.payload_bytes, weight_shapes=self.bundle.weight_shapes,
                              state=self.state)
             self.ops = env.ops  # one ChunkedOp per nadoo node, graph order
+            # --engine ort: the dense runs of the plan become ONNX Runtime sessions (runtime/ort_engine.py)
+            self.segments = []
+            if engine == "ort":
+                from .ort_engine import OrtOptions, hybridize
+
+                self.segments = hybridize(self.plan, self, OrtOptions(threads, ort_int8))
+            self.engine = "ort" if self.segments else "numpy"
             self._families = {cls: [op for op in self.ops if type(op) is cls] for cls in classes}
             # Under a budget, a top-k run pins the profile's hottest chunks (most inputs need them) in up to
             # `pin_fraction` of the budget; the rest of the budget is evicted by the victim strategy.
@@ -90,6 +100,16 @@ class Session:
             self.bundle.close()  # a failed construction must not leak the file descriptor
             raise
         self._local = threading.local()
+
+    @property
+    def resident_weight_bytes(self) -> int:
+        """Bytes of weights the session holds: ONNX Runtime's initializers and the NumPy chunk cache."""
+        return sum(s.resident_bytes for s in self.segments) + self.cache.bytes
+
+    @property
+    def ort_nodes(self) -> int:
+        """Graph nodes that run in ONNX Runtime."""
+        return sum(len(s.nodes) for s in self.segments)
 
     @property
     def last_stats(self) -> dict:
@@ -149,6 +169,9 @@ class Session:
             "cache_bytes": cache.bytes,
             "cache_pinned_bytes": cache.pinned_bytes,
             "cache_budget_bytes": cache.budget,
+            "engine": self.engine,
+            "ort_nodes": self.ort_nodes,
+            "resident_weight_bytes": self.resident_weight_bytes,
             "policy": {"kind": self.policy.kind, "bits": self.policy.bits, "topk": self.policy.topk,
                        "predictor": self.policy.predictor, "tau": self.policy.tau,
                        "bits_for": dict(self.policy.bits_for)},

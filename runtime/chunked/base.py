@@ -64,6 +64,11 @@ class ChunkedOp:
         """(share of calibration activity, chunk, [(tensor, tiers)]) worth keeping in the cache for good."""
         return []
 
+    def whole_tiers(self) -> dict[str, str] | None:
+        """{tensor name: tier} when another engine may compute this node from one stored weight per tensor
+        (`WeightOp`); None: it selects per input or holds state, so it runs here."""
+        return None
+
     @classmethod
     def check_policy(cls, policy: Policy, bundle: Bundle) -> None:
         """Refuse, when the session opens, policy options of this family the bundle cannot honour."""
@@ -152,6 +157,9 @@ class WeightOp(ChunkedOp):
     entry: TensorEntry  # the tensor the layer's statistics are named after
     plan: LayerPlan
     record: LayerCounters
+    # `export` computes the whole layer from one stored weight per tensor, so another engine (ONNX
+    # Runtime) may take the node over when `whole_tiers` allows it
+    exports_whole: ClassVar[bool] = False
 
     def tensor(self, attr: str = "weight") -> TensorEntry:
         name = self.node.get("attrs", {}).get(attr)
@@ -181,6 +189,29 @@ class WeightOp(ChunkedOp):
         lc.bytes_read += callstats.bytes_read() - before
         lc.macs += macs
         lc.dense_macs += dense_macs
+
+    def whole_tiers(self) -> dict[str, str] | None:
+        """{tensor name: tier} when this node reads every chunk of its tensors, each tensor at one tier,
+        unpruned and within the cache budget: then the layer is one stored weight per tensor and may
+        run elsewhere as a whole. None when the policy selects, mixes tiers, prunes or streams."""
+        if not self.exports_whole or self.plan.mode != "dense" or self.env.policy.tau > 0:
+            return None
+        out = {}
+        for e, tiers in self.group:
+            if len(set(tiers)) != 1 or not self.env.store.fits(e):
+                return None
+            out[e.name] = tiers[0]
+        return out
+
+    def macs_for(self, x_shape: tuple, y_shape: tuple | None) -> int:
+        """Multiply-adds of one dense execution with input x (first input) and first output y of these
+        shapes (y None when the node omits it)."""
+        raise NotImplementedError
+
+    def count_whole(self, x_shape: tuple, y_shape: tuple | None) -> None:
+        """Account one dense execution computed elsewhere (weights held there: nothing read now)."""
+        macs = self.macs_for(x_shape, y_shape)
+        self.count(callstats.bytes_read(), self.entry.n_chunks, macs, macs)
 
     def chose(self, ids: np.ndarray) -> None:
         self.selected = self.counters().selected = ids

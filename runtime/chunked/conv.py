@@ -4,6 +4,8 @@ channels. Inputs: x, optional bias; attributes: `weight` and the Conv's own. Eve
 
 from __future__ import annotations
 
+import numpy as np
+
 from .. import callstats
 from .base import WeightOp, register
 
@@ -25,6 +27,7 @@ def _conv_attrs(attrs: dict) -> dict:
 @register
 class ChunkedConv(WeightOp):
     op_type = "ChunkedConv"
+    exports_whole = True
 
     def __init__(self, node, ctx, env):
         super().__init__(node, ctx, env)
@@ -36,9 +39,12 @@ class ChunkedConv(WeightOp):
         e = self.entry
         before = callstats.bytes_read()
         y = self.conv(x, self.env.store.full(e, self.plan.tiers), bias)
-        macs = int(y.size) * e.row_len  # N·P·Cout output values, each a K-long dot product
+        macs = self.macs_for(x.shape, y.shape)
         self.count(before, e.n_chunks, macs, macs)
         return y
+
+    def macs_for(self, x_shape, y_shape) -> int:
+        return int(np.prod(y_shape, dtype=np.int64)) * self.entry.row_len  # N·P·Cout outputs, each a K-long dot product
 
     @classmethod
     def export(cls, node, ex):

@@ -53,6 +53,7 @@ def conv_transpose_fn(attrs: dict):
 @register
 class ChunkedConvTranspose(WeightOp):
     op_type = "ChunkedConvTranspose"
+    exports_whole = True
 
     def __init__(self, node, ctx, env):
         super().__init__(node, ctx, env)
@@ -68,10 +69,13 @@ class ChunkedConvTranspose(WeightOp):
         e = self.entry
         before = callstats.bytes_read()
         y = self.conv_transpose(x, self.env.store.full(e, self.plan.tiers), bias)
-        # every input value meets Cout/g · kernel weights: N·P_in·Cin·(Cout/g)·kk = N·P_in·Cout·K
-        macs = int(x.shape[0] * np.prod(x.shape[2:])) * e.rows * e.row_len
+        macs = self.macs_for(x.shape, y.shape)
         self.count(before, e.n_chunks, macs, macs)
         return y
+
+    def macs_for(self, x_shape, y_shape) -> int:
+        # every input value meets Cout/g · kernel weights: N·P_in·Cin·(Cout/g)·kk = N·P_in·Cout·K
+        return int(x_shape[0] * np.prod(x_shape[2:], dtype=np.int64)) * self.entry.rows * self.entry.row_len
 
     @classmethod
     def export(cls, node, ex):

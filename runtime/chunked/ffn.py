@@ -26,6 +26,7 @@ _SQRT1_2 = 0.7071067811865476
 @register
 class ChunkedFFN(WeightOp):
     op_type = "ChunkedFFN"
+    exports_whole = True
 
     def __init__(self, node, ctx, env):
         super().__init__(node, ctx, env)
@@ -54,7 +55,11 @@ class ChunkedFFN(WeightOp):
         return self.run(x, b1, b2)
 
     def _dense_macs(self, x) -> int:
-        return (x.size // self.up.row_len) * self.up.rows * (self.up.row_len + self.down.row_len)
+        return self.macs_for(x.shape, None)
+
+    def macs_for(self, x_shape, y_shape) -> int:
+        pos = int(np.prod(x_shape, dtype=np.int64)) // self.up.row_len
+        return pos * self.up.rows * (self.up.row_len + self.down.row_len)
 
     def _dense(self, x, b1, b2, before: int | None = None):
         before = callstats.bytes_read() if before is None else before
@@ -128,7 +133,7 @@ class ChunkedFFN(WeightOp):
         ins, attrs = node["inputs"], node["attrs"]
         up, down = attrs["up"], attrs["down"]
         z, h = ex.fresh("z"), ex.fresh("h")
-        ex.matmul(ins[0], up, ex.weight(up, transposed=True), ins[1] if len(ins) > 1 else "", z)
+        ex.linear(ins[0], up, ins[1] if len(ins) > 1 else "", z)
         if attrs["activation"] == "Relu":
             ex.add("Relu", [z], [h])
         else:  # GELU = 0.5·z·(1 + erf(z/√2)), in ops every opset has

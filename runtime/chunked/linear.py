@@ -33,6 +33,7 @@ def bias_only(x: np.ndarray, R: int, bias: np.ndarray | None) -> np.ndarray:
 @register
 class ChunkedLinear(WeightOp):
     op_type = "ChunkedLinear"
+    exports_whole = True
 
     def __init__(self, node, ctx, env):
         super().__init__(node, ctx, env)
@@ -47,6 +48,9 @@ class ChunkedLinear(WeightOp):
 
     def _macs(self, x, rows: int) -> int:
         return (x.size // self.entry.row_len) * rows * self.entry.row_len
+
+    def macs_for(self, x_shape, y_shape) -> int:
+        return int(np.prod(x_shape, dtype=np.int64)) // self.entry.row_len * self.entry.rows * self.entry.row_len
 
     def _dense(self, x, bias):
         e, store = self.entry, self.env.store
@@ -94,4 +98,4 @@ class ChunkedLinear(WeightOp):
     @classmethod
     def export(cls, node, ex):
         ins, name = node["inputs"], node["attrs"]["weight"]
-        ex.matmul(ins[0], name, ex.weight(name, transposed=True), ins[1] if len(ins) > 1 else "", node["outputs"][0])
+        ex.linear(ins[0], name, ins[1] if len(ins) > 1 else "", node["outputs"][0])

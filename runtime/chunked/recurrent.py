@@ -42,6 +42,7 @@ def stacked(w: np.ndarray, gates: int, hidden: int) -> np.ndarray:
 @register
 class ChunkedRecurrent(WeightOp):
     op_type = "ChunkedRecurrent"
+    exports_whole = True
 
     def __init__(self, node, ctx, env):
         super().__init__(node, ctx, env)
@@ -64,11 +65,14 @@ class ChunkedRecurrent(WeightOp):
         w = stacked(store.full(W, self.plan.tiers), self.G, H)
         r = stacked(store.full(R, self.tiers_r), self.G, H)
         y = self.cell(x, w, r, *rest)
-        # every time step of every sequence: one input row against W's rows, one state against R's
-        steps = int(np.prod(x.shape[:2]))
-        macs = steps * W.rows * (W.row_len + R.row_len)
+        macs = self.macs_for(x.shape, None)
         self.count(before, W.n_chunks, macs, macs)  # a chunk: the same gate rows of W and R
         return y
+
+    def macs_for(self, x_shape, y_shape) -> int:
+        # every time step of every sequence: one input row against W's rows, one state against R's
+        steps = int(np.prod(x_shape[:2], dtype=np.int64))
+        return steps * self.entry.rows * (self.entry.row_len + self.R.row_len)
 
     @classmethod
     def export(cls, node, ex):

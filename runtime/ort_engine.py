@@ -1,0 +1,428 @@
+"""The ONNX Runtime engine: the dense part of a plan runs in onnxruntime, the rest stays in NumPy.
+
+After a session's Plan is built, every node is classified. ORT takes a standard ONNX operator (the
+ai.onnx domain, defined at the graph's opset) and a chunked op whose policy reads every chunk at one
+tier (`WeightOp.whole_tiers`: ChunkedLinear, ChunkedFFN, ChunkedConv, ChunkedConvTranspose,
+ChunkedRecurrent, through their `export`). NumPy keeps what selects per input (top-k layers, MoE,
+ChunkedGather, which reads only the rows looked up), what holds state (nadoo.Attention and its KV
+cache), what streams under a memory budget, and generators whose output size is a run-time value
+(Expand, Range, ... with a non-constant size input: the plan checks those before they allocate).
+Each maximal run of consecutive ORT nodes becomes one onnxruntime.InferenceSession (`OrtSegment`),
+fused into the plan as one step; NumPy nodes and segments then run in graph order.
+
+Weights are read once, when the session opens, and handed to ORT as initializers (never graph inputs:
+ORT prepacks only initializers): a linear layer as com.microsoft MatMulNBits over its stored codes
+with integer zero points where the bundle stores that layout (`Bundle.read_packed`), else dequantized
+float32 (MatMul). `resident_bytes` counts what the sessions hold.
+
+Run-time caps hold in segments as in the plan: for each new combination of input shapes, ONNX shape
+inference gives every value of the segment its shape, and the plan's size rules and element cap are
+checked on them before ORT runs. A shape inference cannot settle runs the segment's nodes in NumPy
+for that input shape (same results, the plan's own checks). The same layer statistics are counted.
+
+onnxruntime and onnx are imported only when this engine is chosen.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from .errors import InputError, NadooError, UnsupportedError, one_line
+from .export_onnx import Exporter, _node_with_attrs
+
+ENGINES = ("auto", "numpy", "ort")
+
+# Their output size is the value of these inputs: with a non-constant one the node stays in NumPy,
+# whose size rule checks that value before the kernel allocates.
+_VALUE_SIZED = {"Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2), "OneHot": (1,),
+                "Pad": (1, 2, 3), "Resize": (1, 2, 3), "Upsample": (1,), "TopK": (1,)}
+# Never in ORT: random numbers would differ between engines; subgraph attributes are not converted.
+_NUMPY_ONLY = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+               "If", "Loop", "Scan"}
+_SMALL_CONST = 256  # constants up to this many elements stay data in the shape-inference model (shape values)
+
+
+def resolve(engine: str) -> str:
+    """'numpy' or 'ort' for --engine auto|numpy|ort; `ort` without onnxruntime/onnx is one clear error."""
+    if engine not in ENGINES:
+        raise InputError(f"unknown engine {engine!r} (auto, numpy or ort)")
+    if engine == "numpy":
+        return "numpy"
+    try:
+        import onnx  # noqa: F401  (builds the segments' models)
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        if engine == "ort":
+            raise UnsupportedError(f"--engine ort needs onnxruntime and onnx (pip install 'nadoo[ort]'): {e}") from None
+        return "numpy"
+    return "ort"
+
+
+class OrtOptions:
+    """Session options of the ORT engine. threads: ORT's intra-op threads (None: ORT's default, one per
+    core); int8: MatMulNBits with int8 activations (accuracy_level 4: faster, activations rounded
+    per block as llama.cpp's quantized products do) instead of exact float products (level 0)."""
+
+    def __init__(self, threads: int | None = None, int8: bool = False):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InputError(f"threads must be a positive integer, got {threads!r}")
+        self.threads, self.int8 = threads, bool(int8)
+
+    def session_options(self, ort):
+        so = ort.SessionOptions()
+        so.inter_op_num_threads = 1
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        # NumPy nodes run between segments: ORT's idle workers must not spin on the cores they need
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        return so
+
+
+# ---------------------------------------------------------------------------------------------- building
+class SegmentExporter(Exporter):
+    """An Exporter whose chunked weights come at the tier each layer's plan reads, linear layers as
+    MatMulNBits over the stored codes where the bundle has them in that layout."""
+
+    def __init__(self, bundle, tiers: dict[str, str], int8: bool, shapes_only: bool = False):
+        super().__init__(bundle, None)
+        self.tiers, self.int8, self.shapes_only = tiers, int8, shapes_only
+        self.uses_ms = False
+
+    def weight(self, name: str, transposed: bool = False) -> np.ndarray:
+        e = self.bundle.tensors[name]
+        if self.shapes_only:  # the graph for shape inference: weights of the right shape, nothing read
+            return np.broadcast_to(np.zeros((), np.float32), (e.row_len, e.rows) if transposed else tuple(e.shape))
+        w = self.bundle.read_weight(name, self.tiers[name])
+        return np.ascontiguousarray(w.reshape(e.rows, e.row_len).T if transposed else w)
+
+    def linear(self, x: str, name: str, bias: str, out: str) -> None:
+        read = getattr(self.bundle, "read_packed", None)
+        # ONNX shape inference knows no com.microsoft op: the shape graph keeps the plain MatMul
+        p = read(name, self.tiers[name]) if read is not None and not self.shapes_only else None
+        if p is None:
+            return super().linear(x, name, bias, out)
+        codes, scales, zps = (self.fresh(f"{name}_{s}") for s in ("codes", "scales", "zero_points"))
+        self.inits[codes] = np.ascontiguousarray(p.codes, np.uint8)
+        self.inits[scales] = np.ascontiguousarray(p.scales, np.float32).reshape(-1)
+        self.inits[zps] = np.ascontiguousarray(p.zero_points, np.uint8).reshape(-1)
+        mid = self.fresh("mm") if bias else out
+        self.nodes.append(self.helper.make_node(
+            "MatMulNBits", [x, codes, scales, zps], [mid], name=self.fresh("MatMulNBits"), domain="com.microsoft",
+            K=int(p.row_len), N=int(p.rows), bits=int(p.bits), block_size=int(p.block_size),
+            accuracy_level=4 if self.int8 else 0))
+        self.uses_ms = True
+        if bias:
+            self.add("Add", [mid, bias], [out])
+
+
+def _np_type(onnx, elem: int):
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+
+
+def value_types(graph: dict, constants) -> dict[str, np.dtype]:
+    """dtype of every value of the graph ONNX type inference settles: nadoo nodes' outputs are float32
+    (all of them compute in float32), constants and inputs as given."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    known = {i["name"]: np.dtype(i["dtype"]) for i in graph["inputs"] if i.get("dtype")}
+    known.update({n: np.asarray(constants[n]).dtype for n in graph.get("constants", [])})
+    nodes = []
+    for n in graph["nodes"]:
+        if n.get("domain", "") == "nadoo":
+            known.update({o: np.dtype(np.float32) for o in n["outputs"] if o})
+        else:
+            nodes.append(_node_with_attrs(helper, numpy_helper, n["op"], n["inputs"], n["outputs"], n.get("name", ""),
+                                          n.get("domain", ""), n.get("attrs") or {}))
+    ins = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v), None) for k, v in known.items()]
+    m = helper.make_model(helper.make_graph(nodes, "types", ins, []), opset_imports=_opsets(helper, graph))
+    try:
+        m = onnx.shape_inference.infer_shapes(m)
+    except Exception:  # types stay those known above; a segment input of unknown type stays NumPy
+        return known
+    for vi in m.graph.value_info:
+        if vi.type.tensor_type.elem_type:
+            known.setdefault(vi.name, _np_type(onnx, vi.type.tensor_type.elem_type))
+    return known
+
+
+def _opsets(helper, graph: dict, extra: dict | None = None) -> list:
+    ops = {("" if d == "ai.onnx" else d): int(v) for d, v in (graph.get("opset") or {}).items() if d != "nadoo"}
+    ops.setdefault("", 18)
+    ops.update(extra or {})
+    return [helper.make_opsetid(d, v) for d, v in ops.items()]
+
+
+def ort_able(node: dict, op, opsets: dict, const: set) -> bool:
+    """Whether ORT may run this node: a chunked op read whole at one tier, or a standard ONNX operator
+    of the graph's opset that is not value-sized by a run-time value (see the module docstring)."""
+    import onnx
+
+    dom = node.get("domain", "") or ""
+    if dom == "nadoo":
+        return op is not None and op.whole_tiers() is not None
+    if dom not in ("", "ai.onnx") or node["op"] in _NUMPY_ONLY:
+        return False
+    try:
+        onnx.defs.get_schema(node["op"], int(opsets.get("", opsets.get("ai.onnx", 18))), "")
+    except Exception:
+        return False
+    ins = node["inputs"]
+    return all(i >= len(ins) or not ins[i] or ins[i] in const for i in _VALUE_SIZED.get(node["op"], ()))
+
+
+def runs_of(flags: list[bool]) -> list[tuple[int, int]]:
+    """Maximal runs [first, end) of consecutive True flags."""
+    out, start = [], None
+    for k, f in enumerate(flags + [False]):
+        if f and start is None:
+            start = k
+        elif not f and start is not None:
+            out.append((start, k))
+            start = None
+    return out
+
+
+def hybridize(plan, session, options: OrtOptions) -> list["OrtSegment"]:
+    """Fuse the ORT-able runs of `session.plan` into ORT segments; the segments built."""
+    import onnxruntime as ort
+
+    nodes, graph, bundle = plan.nodes, plan.graph, session.bundle
+    const = set(graph.get("constants", []))
+    opsets = {("" if d == "ai.onnx" else d): v for d, v in (graph.get("opset") or {}).items()}
+    ops = iter(session.ops)
+    op_of = [next(ops) if n.get("domain") == "nadoo" and n["op"] in _chunked_types() else None for n in nodes]
+    flags = [ort_able(n, op, opsets, const) for n, op in zip(nodes, op_of)]
+    init = plan.initial_values
+    constants = {n: init[plan.slot_of(n)] for n in const}
+    types = value_types(graph, constants)
+    graph_outs = {o["name"] for o in graph["outputs"]}
+    last_use = {}
+    for k, n in enumerate(nodes):
+        for i in n["inputs"]:
+            if i:
+                last_use[i] = k
+    so = options.session_options(ort)
+    fused, segments = [], []
+    for first, end in runs_of(flags):
+        run = nodes[first:end]
+        produced = {o for n in run for o in n["outputs"] if o}
+        inputs = list(dict.fromkeys(i for n in run for i in n["inputs"] if i and i not in produced and i not in const))
+        outputs = [o for n in run for o in n["outputs"] if o and (o in graph_outs or last_use.get(o, -1) >= end)]
+        if not outputs or any(i not in types for i in inputs):
+            continue
+        try:
+            seg = OrtSegment(run, op_of[first:end], inputs, outputs, types, bundle, constants, graph, options, so, ort,
+                             (first, end))
+        except NadooError:
+            raise
+        except Exception:  # ORT cannot build this run (an operator it lacks): it stays in NumPy
+            continue
+        seg.plan = plan
+        fused.append((first, end, seg))
+        segments.append(seg)
+    plan.fuse(fused)
+    return segments
+
+
+def _chunked_types():
+    from . import chunked
+
+    return chunked.REGISTRY
+
+
+# ---------------------------------------------------------------------------------------------- segment
+def _shape_value(a: np.ndarray) -> bool:
+    """A few integers (a count, a shape, slice bounds): sizes downstream may depend on their value, so
+    segments settle shapes per value of such an input, not per shape alone."""
+    return a.dtype.kind in "iu" and a.size <= 8
+
+
+class OrtSegment:
+    """One run of consecutive nodes computed by one onnxruntime.InferenceSession (a fused plan step)."""
+
+    def __init__(self, run: list[dict], ops: list, inputs: list[str], outputs: list[str], types: dict, bundle,
+                 constants: dict, graph: dict, options: OrtOptions, so, ort, span: tuple[int, int]):
+        from onnx import helper, numpy_helper
+
+        self.inputs, self.outputs, self.nodes = inputs, outputs, run
+        self.label = (f"ORT segment {span[0]}..{span[1] - 1} ({run[0]['name']} .. {run[-1]['name']}, "
+                      f"{len(run)} nodes)", "OrtSegment", f"ort:{run[0]['name']}")
+        self.whole = [op for op in ops if op is not None]
+        tiers = {k: v for op in self.whole for k, v in op.whole_tiers().items()}
+
+        def export(shapes_only: bool) -> SegmentExporter:
+            ex = SegmentExporter(bundle, tiers, options.int8, shapes_only)
+            for n in run:
+                ex.graph_node(n)
+            used = {i for nd in ex.nodes for i in nd.input}
+            for k in constants:
+                if k in used and k not in ex.inits:
+                    ex.inits[k] = np.asarray(constants[k])
+            return ex
+
+        ex = export(False)
+        self.resident_bytes = int(sum(np.asarray(a).nbytes for a in ex.inits.values()))
+        in_vi = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(types[n]), None) for n in inputs]
+        out_vi = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(types[n]) if n in types else 0, None)
+                  for n in outputs]
+        extra = {"com.microsoft": 1} if ex.uses_ms else None
+
+        def model(ex, inits: dict, as_inputs: dict, outs: list):
+            g = helper.make_graph(ex.nodes, "nadoo_segment", in_vi + [
+                helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
+                for k, a in as_inputs.items()], outs, [numpy_helper.from_array(np.asarray(a), k) for k, a in inits.items()])
+            m = helper.make_model(g, opset_imports=_opsets(helper, graph, extra), producer_name="nadoo")
+            m.ir_version = min(m.ir_version, 10)
+            return m
+
+        data = model(ex, ex.inits, {}, out_vi).SerializeToString()
+        del ex
+        # Shape inference needs the shape values (small constants), not the weights: they are typed inputs
+        # there; it has no outputs (inference leaves a declared output's shape as declared).
+        sx = export(True)
+        big = {k: np.asarray(a) for k, a in sx.inits.items() if np.asarray(a).size > _SMALL_CONST}
+        self._shape_model = model(sx, {k: a for k, a in sx.inits.items() if k not in big},
+                                  {k: np.broadcast_to(np.zeros((), a.dtype), a.shape) for k, a in big.items()}, [])
+        self.sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        self._checked: dict = {}
+        self._lock = threading.Lock()
+
+    def bind(self, steps, labels, in_slots, out_slots) -> None:
+        """The plan's steps this segment replaces (run when a shape cannot be settled), and its slots."""
+        self.steps, self.step_labels, self.in_slots, self.out_slots = steps, labels, in_slots, out_slots
+
+    # ------------------------------------------------------------------ per input shape
+    def _check_for(self, sig, args):
+        got = self._checked.get(sig)
+        if got is None:
+            got = self._settle(args)
+            with self._lock:
+                self._checked[sig] = got
+        return got
+
+    def _settle(self, args):
+        """For these inputs' shapes: (largest value and its node, most multiply-adds and its node, the
+        chunked layers' (op, x shape, y shape)), or None when shape inference leaves a value open."""
+        import onnx
+        from onnx import numpy_helper
+
+        m = onnx.ModelProto()
+        m.CopyFrom(self._shape_model)
+        folded = self._fold(args)
+        for nd in list(m.graph.node):  # nodes computing only folded values: their values instead
+            if all(o in folded for o in nd.output if o):
+                m.graph.node.remove(nd)
+        for name, a in folded.items():
+            if name not in self.inputs:
+                m.graph.initializer.append(numpy_helper.from_array(np.asarray(a), name))
+        for vi, a in zip(list(m.graph.input[: len(args)]), args):
+            if _shape_value(a):  # its value is part of the signature: a constant for inference's data propagation
+                m.graph.initializer.append(numpy_helper.from_array(a, vi.name))
+                m.graph.input.remove(vi)
+                continue
+            dims = vi.type.tensor_type.shape
+            for d in a.shape:
+                dims.dim.add().dim_value = int(d)
+        try:
+            m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+        except Exception:
+            return None
+        shapes = {n: tuple(a.shape) for n, a in zip(self.inputs, args)}
+        shapes.update({n: tuple(np.shape(a)) for n, a in folded.items()})
+        for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
+            t = vi.type.tensor_type
+            if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+                shapes.setdefault(vi.name, tuple(int(d.dim_value) for d in t.shape.dim))
+        init = self.plan.initial_values
+        worst_el, worst_macs, layers = (0, ""), (0, ""), []
+        ops = iter(self.whole)
+        for n, step, lab in zip(self.nodes, self.steps, self.step_labels):
+            outs = [o for o in n["outputs"] if o]
+            if any(o not in shapes for o in outs):
+                return None
+            for o in outs:
+                worst_el = max(worst_el, (int(np.prod(shapes[o], dtype=np.int64)), lab[0]))
+            need, in_slots = step[5], step[1]
+            if need is not None:
+                dummies = []
+                for name, s in zip([i for i in n["inputs"]][: len(in_slots)], in_slots):
+                    if init[s] is not None or name in folded:
+                        dummies.append(init[s] if init[s] is not None else folded[name])
+                    elif not name:
+                        dummies.append(None)
+                    elif name in shapes:
+                        dummies.append(np.broadcast_to(np.zeros((), np.float32), shapes[name]))
+                    else:
+                        return None
+                try:
+                    el, macs = need(*dummies)
+                except Exception:
+                    return None  # the NumPy steps report what is wrong with these inputs
+                worst_el, worst_macs = max(worst_el, (el, lab[0])), max(worst_macs, (macs, lab[0]))
+            if n.get("domain") == "nadoo":
+                x, y = n["inputs"][0], n["outputs"][0]
+                if x not in shapes:
+                    return None
+                layers.append((next(ops), shapes[x], shapes.get(y)))
+        return worst_el, worst_macs, layers
+
+    def _fold(self, args) -> dict:
+        """The small integer values (`_shape_value`) computed from the segment's small integer inputs and
+        constants alone, by the plan's own kernels: ONNX's data propagation does not follow every
+        operator (Neg of a count, say), so what it would miss is settled here."""
+        init = self.plan.initial_values
+        known = {n: a for n, a in zip(self.inputs, args) if isinstance(a, np.ndarray) and _shape_value(a)}
+        for n, (fn, in_slots, out, single, _, _) in zip(self.nodes, self.steps):
+            if n.get("domain") == "nadoo" or not single:
+                continue
+            vals = []
+            for name, s in zip(n["inputs"], in_slots):
+                v = init[s] if init[s] is not None else known.get(name) if name else None
+                if name and v is None:
+                    break
+                vals.append(v)
+            else:
+                try:
+                    r = np.asarray(fn(*vals))
+                except Exception:
+                    continue
+                if _shape_value(r):
+                    known[n["outputs"][0]] = r
+        return known
+
+    # ------------------------------------------------------------------ running
+    def run(self, args, cap: int, prof, label: int):
+        from .engine import WORK_PER_ELEMENT, Plan
+
+        sig = tuple(None if not isinstance(a, np.ndarray) else (a.dtype.str, a.shape, a.tobytes() if _shape_value(a) else b"")
+                    for a in args)
+        checked = self._check_for(sig, args) if None not in sig else None
+        if checked is None:  # shapes not settled: the NumPy steps, with the plan's own checks
+            env = self.plan.initial_values.copy()
+            for s, a in zip(self.in_slots, args):
+                env[s] = a
+            self.plan.run_steps(self.steps, self.step_labels, env, cap, prof, label)
+            return [env[s] for s in self.out_slots]
+        (el, el_node), (macs, macs_node), layers = checked
+        if el > cap:
+            Plan.too_big(el_node, el, cap)
+        if macs > WORK_PER_ELEMENT * cap:
+            Plan.refuse(macs_node, 0, macs, cap)
+        clock = None
+        if prof is not None:
+            import time
+
+            clock, t = time.perf_counter, time.perf_counter()
+        try:
+            outs = self.sess.run(self.outputs, {n: np.ascontiguousarray(a) for n, a in zip(self.inputs, args)})
+        except Exception as e:
+            raise InputError(f"model failed in {self.label[0]}: {one_line(e)}") from None
+        if clock is not None:
+            key = self.label[label]
+            prof[key] = prof.get(key, 0.0) + clock() - t
+        for op, xs, ys in layers:
+            op.count_whole(xs, ys)
+        return outs

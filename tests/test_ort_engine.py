@@ -1,0 +1,183 @@
+"""The ONNX Runtime engine (runtime/ort_engine.py): the NumPy and ORT engines agree to float tolerance
+on the digits MLP, the digits CNN and a tiny language model (identical greedy tokens); routed top-k
+layers and budgeted streaming stay in NumPy; the run caps hold inside ORT segments; `--engine ort`
+without onnxruntime is one error line and `auto` then runs NumPy; both engines report the same stats."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from examples.models import digits_data, export_onnx, train_digits_cnn, train_digits_mlp  # noqa: E402
+from nadoo.compiler.pipeline import CompileOptions, compile_model  # noqa: E402
+from nadoo.runtime import Policy, Session  # noqa: E402
+from nadoo.runtime.errors import ModelError, UnsupportedError  # noqa: E402
+
+LAYER_KEYS = ("chunks_read", "chunks_total", "macs", "dense_macs", "tiers")
+BLOCK_ORT = "import sys; sys.modules['onnxruntime'] = None; from nadoo.runtime.cli import main; main()"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_data()
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory, digits):
+    d = tmp_path_factory.mktemp("ort_mlp")
+    torch.jit.save(torch.jit.trace(train_digits_mlp(), torch.zeros(1, 64)), d / "mlp.pt")
+    np.savez(d / "calib.npz", input=digits[0][:128])
+    compile_model(str(d / "mlp.pt"), str(d / "mlp.ndc"), CompileOptions(calib=str(d / "calib.npz"), keep_float=True,
+                                                                      chunks=8, route_threshold=0.0), quiet=True)
+    return d / "mlp.ndc"
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory, digits):
+    d = tmp_path_factory.mktemp("ort_cnn")
+    x = digits[0][:2].reshape(-1, 1, 8, 8)
+    export_onnx(train_digits_cnn(), (torch.from_numpy(x),), d / "cnn.onnx", ["x"], ["y"], {"x": {0: "n"}, "y": {0: "n"}})
+    np.savez(d / "calib.npz", x=digits[0][:64].reshape(-1, 1, 8, 8))
+    compile_model(str(d / "cnn.onnx"), str(d / "cnn.ndc"), CompileOptions(calib=str(d / "calib.npz"), keep_float=True),
+                  quiet=True)
+    return d / "cnn.ndc"
+
+
+def both(path, feeds, policy=None, **kw):
+    """(outputs, stats, session facts) per engine, the second of two runs (warm)."""
+    out = {}
+    for engine in ("numpy", "ort"):
+        with Session(path, policy or Policy(bits="float"), engine=engine, **kw) as s:
+            s.run(None, feeds)
+            ys, st = s.run_with_stats(None, feeds)
+            out[engine] = (ys, st, s.ort_nodes)
+    return out
+
+
+def assert_agree(res, rtol=1e-5, atol=1e-5):
+    (yn, sn, _), (yo, so, _) = res["numpy"], res["ort"]
+    for a, b in zip(yn, yo):
+        np.testing.assert_allclose(b, a, rtol=rtol, atol=atol)
+    assert sn["engine"] == "numpy"
+    assert set(sn) == set(so)
+    assert sn["layers"].keys() == so["layers"].keys()
+    for name, layer in sn["layers"].items():  # the same work counted per layer on both engines
+        assert {k: so["layers"][name][k] for k in LAYER_KEYS} == {k: layer[k] for k in LAYER_KEYS}, name
+    assert sn["resident_weight_bytes"] > 0 and so["resident_weight_bytes"] > 0
+
+
+@pytest.mark.parametrize("bits", ["float", "8", "4", "2"])
+def test_mlp_engines_agree(mlp, digits, bits):
+    res = both(mlp, {"input": digits[2][:7]}, Policy(bits=bits))
+    assert_agree(res)
+    st = res["ort"][1]
+    assert st["engine"] == "ort" and res["ort"][2] > 0
+    assert st["bytes_read"] == 0  # the weights ORT holds were read when the session opened
+
+
+def test_cnn_engines_agree(cnn, digits):
+    for bits in ("float", "4"):
+        res = both(cnn, {"x": digits[2][:5].reshape(-1, 1, 8, 8)}, Policy(bits=bits))
+        assert_agree(res, rtol=1e-4, atol=1e-4)
+        kinds = {layer["kind"] for layer in res["ort"][1]["layers"].values()}
+        assert "conv" in kinds and res["ort"][1]["engine"] == "ort"
+
+
+def test_topk_keeps_routed_layers_in_numpy(mlp, digits):
+    x = {"input": digits[2][:1]}
+    res = both(mlp, x, Policy("topk", bits="4", topk=0.5))
+    assert_agree(res)
+    routed = [n for n, layer in res["ort"][1]["layers"].items() if layer["chunks_read"] < layer["chunks_total"]]
+    assert len(routed) == 1  # the fused FFN: chosen per input in NumPy, its neighbours in ORT
+    with Session(mlp, Policy(bits="4"), engine="ort") as dense:
+        assert 0 < res["ort"][2] < dense.ort_nodes
+
+
+def test_budget_streaming_stays_in_numpy(mlp, digits):
+    feeds = {"input": digits[2][:3]}
+    res = both(mlp, feeds, Policy(bits="8"), memory_budget="40KB")
+    assert_agree(res)
+    with Session(mlp, Policy(bits="8"), engine="ort") as whole, \
+            Session(mlp, Policy(bits="8"), engine="ort", memory_budget="40KB") as budget:
+        assert budget.ort_nodes < whole.ort_nodes
+        budget.run(None, feeds)
+        assert budget.cache.bytes <= 40_000 and budget.last_stats["bytes_read"] > 0
+
+
+def test_run_caps_hold_inside_segments(mlp, digits):
+    """A value over the run's element cap is refused before ORT computes it, as the NumPy plan does."""
+    for engine in ("numpy", "ort"):
+        with Session(mlp, Policy(bits="4"), engine=engine) as s:
+            s.plan.max_elements = 1000  # 7 inputs x 256 hidden units is over it
+            with pytest.raises(ModelError, match="over the run's cap"):
+                s.run(None, {"input": digits[2][:7]})
+
+
+# ------------------------------------------------------------------ language model
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from lm_fixtures import tiny_model, tiny_tokenizer_json
+    from nadoo.compiler.lm_compile import compile_lm
+
+    d = tmp_path_factory.mktemp("ort_lm")
+    tiny_model("gemma3", vocab=400).save_pretrained(d / "hf")
+    (d / "hf" / "tokenizer.json").write_text(tiny_tokenizer_json(400))
+    compile_lm(d / "hf", d / "g.ndc", CompileOptions(keep_float=True), quiet=True)
+    return d / "g.ndc"
+
+
+@pytest.mark.parametrize("bits", ["float", "4"])
+def test_lm_greedy_tokens_identical(tiny_lm, bits):
+    prompt = np.random.default_rng(0).integers(4, 400, 9).tolist()
+    runs = {}
+    for engine in ("numpy", "ort"):
+        with Session(tiny_lm, Policy(bits=bits), engine=engine) as s:
+            r = s.generate(prompt_ids=prompt, max_new_tokens=16)
+            logits, _ = s.run_with_stats(None, {"input_ids": np.array([prompt]), "position_ids": np.arange(9)[None],
+                                                "logits_to_keep": np.array([0])})
+            runs[engine] = (r, logits[0], s.ort_nodes)
+    (rn, ln, _), (ro, lo, nodes) = runs["numpy"], runs["ort"]
+    assert ro.token_ids == rn.token_ids
+    np.testing.assert_allclose(lo, ln, rtol=1e-4, atol=1e-4)
+    assert nodes > 0 and ro.stats["engine"] == "ort" and rn.stats["engine"] == "numpy"
+    assert ro.stats["resident_weight_bytes"] > 0
+
+
+# ------------------------------------------------------------------ choosing the engine
+def test_engine_choice_without_onnxruntime(mlp, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import blocked
+    with pytest.raises(UnsupportedError, match="onnxruntime"):
+        Session(mlp, engine="ort")
+    with Session(mlp, engine="auto") as s:
+        assert s.engine == "numpy" and s.ort_nodes == 0
+    with pytest.raises(Exception, match="unknown engine"):
+        Session(mlp, engine="tensorrt")
+
+
+def test_cli_engine_options(mlp):
+    def nadoo(*args, blocked=False):
+        cmd = [sys.executable, "-c", BLOCK_ORT] if blocked else [sys.executable, "-m", "nadoo.runtime.cli"]
+        return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+    r = nadoo("run", mlp, "--engine", "ort", blocked=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "onnxruntime" in lines[0], r.stderr
+    engines = {}
+    for args, blocked in (([], True), (["--engine", "ort", "--threads", "1", "--ort-int8"], False),
+                          (["--engine", "numpy"], False)):
+        r = nadoo("run", mlp, "--bits", "4", "--json", *args, blocked=blocked)
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)
+        engines[tuple(args)] = st["engine"]
+        assert st["resident_weight_bytes"] > 0 and st["check"]
+    assert list(engines.values()) == ["numpy", "ort", "numpy"]
+    r = nadoo("run", mlp, "--threads", "0")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
