@@ -5,15 +5,16 @@ ai.onnx domain, defined at the graph's opset) and a chunked op whose policy read
 tier (`WeightOp.whole_tiers`: ChunkedLinear, ChunkedFFN, ChunkedConv, ChunkedConvTranspose,
 ChunkedRecurrent, through their `export`). NumPy keeps what selects per input (top-k layers, MoE,
 ChunkedGather, which reads only the rows looked up), what holds state (nadoo.Attention and its KV
-cache), what streams under a memory budget, and generators whose output size is a run-time value
+cache), chunked layers under a memory budget (they stream through the bounded cache), and generators whose output size is a run-time value
 (Expand, Range, ... with a non-constant size input: the plan checks those before they allocate).
 Each maximal run of consecutive ORT nodes becomes one onnxruntime.InferenceSession (`OrtSegment`),
 fused into the plan as one step; NumPy nodes and segments then run in graph order.
 
 Weights are read once, when the session opens, and handed to ORT as initializers (never graph inputs:
 ORT prepacks only initializers): a linear layer as com.microsoft MatMulNBits over its stored codes
-with integer zero points where the bundle stores that layout (`Bundle.read_packed`), else dequantized
-float32 (MatMul). `resident_bytes` counts what the sessions hold.
+with integer zero points where the bundle stores that layout (`Bundle.read_packed`) and the product
+is fast (4 bits exact; every width with int8 activations), else dequantized float32 (MatMul).
+`resident_bytes` counts what the sessions hold.
 
 Run-time caps hold in segments as in the plan: for each new combination of input shapes, ONNX shape
 inference gives every value of the segment its shape, and the plan's size rules and element cap are
@@ -30,6 +31,7 @@ import numpy as np
 
 from .errors import InputError, NadooError, UnsupportedError, one_line
 from .export_onnx import Exporter, _node_with_attrs
+from .tiers import TIER_BITS
 
 ENGINES = ("auto", "numpy", "ort")
 
@@ -99,8 +101,12 @@ class SegmentExporter(Exporter):
 
     def linear(self, x: str, name: str, bias: str, out: str) -> None:
         read = getattr(self.bundle, "read_packed", None)
-        # ONNX shape inference knows no com.microsoft op: the shape graph keeps the plain MatMul
-        p = read(name, self.tiers[name]) if read is not None and not self.shapes_only else None
+        tier = self.tiers[name]
+        # ONNX shape inference knows no com.microsoft op: the shape graph keeps the plain MatMul. MatMulNBits'
+        # exact path (accuracy level 0) is fast at 4 bits only (8 and 2 bits measured ~80x slower than a
+        # float MatMul, ORT 1.32): exact 8- and 2-bit layers are handed over dequantized.
+        packs = read is not None and not self.shapes_only and (self.int8 or TIER_BITS.get(tier) == 4)
+        p = read(name, tier) if packs else None
         if p is None:
             return super().linear(x, name, bias, out)
         codes, scales, zps = (self.fresh(f"{name}_{s}") for s in ("codes", "scales", "zero_points"))
@@ -264,7 +270,8 @@ class OrtSegment:
             return ex
 
         ex = export(False)
-        self.resident_bytes = int(sum(np.asarray(a).nbytes for a in ex.inits.values()))
+        # the chunked weights handed over (the plan's constants are held by the plan either way)
+        self.resident_bytes = int(sum(np.asarray(a).nbytes for k, a in ex.inits.items() if k not in constants))
         in_vi = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(types[n]), None) for n in inputs]
         out_vi = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(types[n]) if n in types else 0, None)
                   for n in outputs]

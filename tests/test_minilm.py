@@ -72,3 +72,16 @@ def test_tensors_keep_source_names_and_ffns_are_fused(minilm):
         assert "m.embeddings.word_embeddings.weight" in names
         kinds = [e.kind for e in b.tensors.values()]
         assert kinds.count("ffn_up") == 6 and kinds.count("ffn_down") == 6 and kinds.count("gather") >= 1
+
+
+def test_numpy_and_ort_engines_agree(minilm):
+    pytest.importorskip("onnxruntime")
+    d, _, feeds, _ = minilm
+    for bits in ("float", "8", "4"):
+        out = {}
+        for engine in ("numpy", "ort"):
+            with Session(d / "m.ndc", Policy(bits=bits), engine=engine) as s:
+                (out[engine],) = s.run(None, feeds)
+                out[engine + "_nodes"] = s.ort_nodes
+        np.testing.assert_allclose(out["ort"], out["numpy"], rtol=1e-4, atol=1e-4)
+        assert out["ort_nodes"] > 0 and out["numpy_nodes"] == 0

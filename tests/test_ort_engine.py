@@ -106,9 +106,10 @@ def test_budget_streaming_stays_in_numpy(mlp, digits):
     assert_agree(res)
     with Session(mlp, Policy(bits="8"), engine="ort") as whole, \
             Session(mlp, Policy(bits="8"), engine="ort", memory_budget="40KB") as budget:
-        assert budget.ort_nodes < whole.ort_nodes
+        assert budget.ort_nodes < whole.ort_nodes  # chunked layers stream through the bounded cache
         budget.run(None, feeds)
-        assert budget.cache.bytes <= 40_000 and budget.last_stats["bytes_read"] > 0
+        assert budget.resident_weight_bytes <= 40_000 < whole.resident_weight_bytes
+        assert budget.last_stats["bytes_read"] > 0
 
 
 def test_run_caps_hold_inside_segments(mlp, digits):

@@ -192,13 +192,15 @@ class WeightOp(ChunkedOp):
 
     def whole_tiers(self) -> dict[str, str] | None:
         """{tensor name: tier} when this node reads every chunk of its tensors, each tensor at one tier,
-        unpruned and within the cache budget: then the layer is one stored weight per tensor and may
-        run elsewhere as a whole. None when the policy selects, mixes tiers, prunes or streams."""
-        if not self.exports_whole or self.plan.mode != "dense" or self.env.policy.tau > 0:
+        unpruned: then the layer is one stored weight per tensor and may run elsewhere as a whole. None
+        when the policy selects, mixes tiers or prunes, or under a memory budget (weights held elsewhere
+        would escape the budget's bound; here they stream through the cache)."""
+        if (not self.exports_whole or self.plan.mode != "dense" or self.env.policy.tau > 0
+                or self.env.store.cache.budget is not None):
             return None
         out = {}
         for e, tiers in self.group:
-            if len(set(tiers)) != 1 or not self.env.store.fits(e):
+            if len(set(tiers)) != 1:
                 return None
             out[e.name] = tiers[0]
         return out
