@@ -182,3 +182,52 @@ def test_cli_engine_options(mlp):
     assert list(engines.values()) == ["numpy", "ort", "numpy"]
     r = nadoo("run", mlp, "--threads", "0")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ weights as stored (the zp codec)
+def zp_linear_bundle(path, R=48, K=64, G=16, bounds=(0, 16, 48), seed=0):
+    """x -> ChunkedLinear(w [R, K], zp-coded at q8/q4/q2 on a random grid) -> Relu."""
+    tiers = pytest.importorskip("nadoo.runtime.tiers")
+    if not hasattr(tiers, "ZERO_POINT"):
+        pytest.skip("this tree has no integer-zero-point codec")
+    from nadoo.compiler.writer import BundleWriter
+
+    rng = np.random.default_rng(seed)
+    entry = {"name": "w", "kind": "linear", "shape": [R, K], "group_size": G, "bounds": list(bounds), "tiers": {}}
+    graph = {"opset": {"": 18, "nadoo": 1}, "inputs": [{"name": "x", "dtype": "float32", "shape": ["n", K]}],
+             "outputs": [{"name": "y", "dtype": "float32", "shape": ["n", R]}], "constants": [],
+             "nodes": [{"op": "ChunkedLinear", "domain": "nadoo", "name": "lin", "inputs": ["x"], "outputs": ["h"],
+                        "attrs": {"weight": "w"}},
+                       {"op": "Relu", "domain": "", "name": "relu", "inputs": ["h"], "outputs": ["y"], "attrs": {}}]}
+    with BundleWriter(path) as wr:
+        gid = wr.add_json(graph)
+        for t, layout in tiers.ZERO_POINT.items():
+            g = layout.group(K, G)
+            ng = -(-K // g)
+            codes = rng.integers(0, 1 << layout.bits, (R, K)).astype(np.uint8)
+            scales = (rng.random((R, ng)) * 0.1 + 0.01).astype(np.float16)
+            zps = rng.integers(0, 1 << layout.bits, (R, ng)).astype(np.uint8)
+            layout.record(entry, [[wr.add_payload(layout.pack(codes[lo:hi], scales[lo:hi], zps[lo:hi], g)[0],
+                                                  compress="never") for lo, hi in zip(bounds, bounds[1:])]])
+        wr.finish({"format": "ndc", "graph": gid, "constants": None, "profile": None, "sample": None,
+                   "tensors": [entry]})
+    return path
+
+
+def test_zp_weights_are_handed_over_as_stored(tmp_path):
+    path = zp_linear_bundle(tmp_path / "zp.ndc")
+    x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    fp32 = 48 * 64 * 4
+    for bits in ("8", "4", "2"):
+        got = {}
+        for engine, int8 in (("numpy", False), ("ort", False), ("ort", True)):
+            with Session(path, Policy(bits=bits), engine=engine, ort_int8=int8) as s:
+                got[engine, int8] = (s.run(None, {"x": x})[0], s.resident_weight_bytes, s.ort_nodes)
+        ref, exact, fast = got["numpy", False], got["ort", False], got["ort", True]
+        np.testing.assert_allclose(exact[0], ref[0], rtol=1e-5, atol=1e-4)
+        assert exact[2] == fast[2] == 2 and ref[1] == fp32
+        # exact 4-bit products run on the codes; exact 8/2-bit ones on dequantized floats (fast there)
+        assert exact[1] < fp32 / 4 if bits == "4" else exact[1] == fp32
+        assert fast[1] < fp32 / 3  # int8 activations: every width on its codes
+        err = np.abs(fast[0] - ref[0]).max() / np.abs(ref[0]).max()
+        assert 0 < err < 0.05  # activations rounded to int8 per block: close, not equal
