@@ -32,7 +32,7 @@ def digits():
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory, digits):
     d = tmp_path_factory.mktemp("ort_mlp")
-    torch.jit.save(torch.jit.trace(train_digits_mlp(), torch.zeros(1, 64)), d / "mlp.pt")
+    torch.jit.save(torch.jit.trace(train_digits_mlp(act_l1=0.0), torch.zeros(1, 64)), d / "mlp.pt")
     np.savez(d / "calib.npz", input=digits[0][:128])
     compile_model(str(d / "mlp.pt"), str(d / "mlp.ndc"), CompileOptions(calib=str(d / "calib.npz"), keep_float=True,
                                                                       chunks=8, route_threshold=0.0), quiet=True)
@@ -153,9 +153,10 @@ def test_lm_greedy_tokens_identical(tiny_lm, bits):
 
 
 # ------------------------------------------------------------------ choosing the engine
-def test_engine_choice_without_onnxruntime(mlp, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import blocked
-    with pytest.raises(UnsupportedError, match="onnxruntime"):
+@pytest.mark.parametrize("blocked", ["onnxruntime", "onnx"])
+def test_engine_choice_without_onnxruntime(mlp, monkeypatch, blocked):
+    monkeypatch.setitem(sys.modules, blocked, None)  # import blocked
+    with pytest.raises(UnsupportedError, match="onnxruntime and onnx"):
         Session(mlp, engine="ort")
     with Session(mlp, engine="auto") as s:
         assert s.engine == "numpy" and s.ort_nodes == 0
