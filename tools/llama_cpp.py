@@ -18,7 +18,7 @@ from pathlib import Path
 
 VERSION = "0.3.36"
 CACHE = Path(os.environ.get("NADOO_CACHE", Path.home() / ".cache" / "nadoo"))
-TARGETS = ("llama-bench", "llama-perplexity", "llama-completion", "llama-cli")
+TARGETS = ("llama-bench", "llama-perplexity", "llama-completion")
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
@@ -51,7 +51,7 @@ def build() -> Path:
     """The folder of the built binaries (built once, then reused)."""
     src = _sources()
     out = src / "build" / "bin"
-    if all((out / t).exists() for t in TARGETS[:2]):
+    if all((out / t).exists() for t in TARGETS):
         return out
     _patch_march(src)
     subprocess.run(["cmake", "-S", str(src), "-B", str(src / "build"), "-DCMAKE_BUILD_TYPE=Release",
