@@ -17,14 +17,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.models import digits_data, export_onnx, train_digits_cnn, train_digits_mlp  # noqa: E402
+from examples.models import TIER_POLICIES, digits_data, export_onnx, train_digits_cnn, train_digits_mlp  # noqa: E402
 
-POLICIES = [
-    ("float (dense)", dict(bits="float")),
-    ("8-bit", dict(bits="8")),
-    ("4-bit", dict(bits="4")),
-    ("2-bit", dict(bits="2")),
-    ("auto 8/4/2", dict(bits="auto")),
+POLICIES = TIER_POLICIES + [
     ("4-bit top-k 50%", dict(kind="topk", bits="4", topk=0.5)),
     ("4-bit top-k 25%", dict(kind="topk", bits="4", topk=0.25)),
 ]

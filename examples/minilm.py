@@ -21,17 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from examples.models import SENTENCES, calibration_sentences, export_onnx, load_minilm, minilm_inputs  # noqa: E402
+from examples.models import SENTENCES, TIER_POLICIES, calibration_sentences, export_onnx, load_minilm, minilm_inputs  # noqa: E402
 
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
-POLICIES = [
-    ("float (dense)", dict(bits="float")),
-    ("8-bit", dict(bits="8")),
-    ("4-bit", dict(bits="4")),
-    ("2-bit", dict(bits="2")),
-    ("auto 8/4/2", dict(bits="auto")),
-    ("4-bit FFN top-k 50%", dict(kind="topk", bits="4", topk=0.5)),
-]
+POLICIES = TIER_POLICIES + [("4-bit FFN top-k 50%", dict(kind="topk", bits="4", topk=0.5))]
 
 
 def mean_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:

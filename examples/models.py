@@ -26,6 +26,17 @@ __all__ = [
     "load_minilm",
     "minilm_inputs",
     "export_onnx",
+    "TIER_POLICIES",
+]
+
+
+# The policies the examples run (label, Policy keyword arguments): the tiers; each example adds its top-k rows.
+TIER_POLICIES = [
+    ("float (dense)", dict(bits="float")),
+    ("8-bit", dict(bits="8")),
+    ("4-bit", dict(bits="4")),
+    ("2-bit", dict(bits="2")),
+    ("auto 8/4/2", dict(bits="auto")),
 ]
 
 

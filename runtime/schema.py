@@ -393,15 +393,24 @@ class Profile:
         return self.raw
 
 
+def _record_of(what: str, rec, name: str, sizes, kind: str, w: Where) -> int | None:
+    """Check that profile record `rec` is an object about a `kind` the bundle has; its list length."""
+    _object(rec, what, w)
+    if sizes is None:
+        return None
+    if name not in sizes:
+        w.fail(f"{what} is not {kind} of the bundle")
+    return sizes[name]
+
+
+def _lists(rec: dict, keys, n, what: str, w: Where) -> dict:
+    return {k: tuple(_numbers(rec[k], n, f"{what} {k}", w)) if k in rec else None for k in keys}
+
+
 def _layer_profile(name: str, L, chunks, w: Where) -> LayerProfile:
     what = f"layer {name}"
-    _object(L, what, w)
-    n = None
-    if chunks is not None:
-        if name not in chunks:
-            w.fail(f"{what} is not a chunked tensor of the bundle")
-        n = chunks[name]
-    lists = {k: tuple(_numbers(L[k], n, f"{what} {k}", w)) if k in L else None for k in _CHUNK_LISTS}
+    n = _record_of(what, L, name, chunks, "a chunked tensor", w)
+    lists = _lists(L, _CHUNK_LISTS, n, what, w)
     routable = L.get("routable")
     if routable is not None and not isinstance(routable, bool):
         w.fail(f"{what} routable must be a boolean")
@@ -420,20 +429,14 @@ def _layer_profile(name: str, L, chunks, w: Where) -> LayerProfile:
 
 def _moe_usage(name: str, u, experts, w: Where) -> MoEUsage:
     what = f"moe usage {name}"
-    _object(u, what, w)
-    n = None
-    if experts is not None:
-        if name not in experts:
-            w.fail(f"{what} is not an MoE layer of the bundle")
-        n = experts[name]
+    n = _record_of(what, u, name, experts, "an MoE layer", w)
     tokens = u.get("tokens")
     if tokens is not None:
         _int(tokens, 0, _INT64 - 1, f"{what} tokens", w)
     for k in ("n_experts", "top_k"):
         if k in u:
             _int(u[k], 0, _INT64 - 1, f"{what} {k}", w)
-    vals = {k: tuple(_numbers(u[k], n, f"{what} {k}", w)) if k in u else None
-            for k in ("expert_frequency", "expert_count", "mean_weight")}
+    vals = _lists(u, ("expert_frequency", "expert_count", "mean_weight"), n, what, w)
     return MoEUsage(tokens, vals["expert_frequency"], vals["expert_count"], vals["mean_weight"])
 
 

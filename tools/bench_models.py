@@ -144,6 +144,21 @@ def _done(d: str) -> dict | None:
     return None
 
 
+def _compile_entry(d, name, model, onnx_path, chunks, params, input_names, output, stem=None, **extra):
+    """Compile the model's ONNX file (float tier kept) and describe every artifact of folder `d`."""
+    stem = stem or name
+    ndc = os.path.join(d, f"{stem}.ndc")
+    secs = _nadoo_compile(onnx_path, ndc, os.path.join(d, "calib.npz"), ["--keep-float", "--chunks", str(chunks)])
+    return _finish(d, {
+        "name": name, "dir": d, "onnx": onnx_path, "onnx_q4": os.path.join(d, f"{stem}_q4.onnx"),
+        "torchscript": os.path.join(d, f"{stem}.ts"), "ndc": ndc, "compile_s": secs,
+        "inputs": {"b1": os.path.join(d, "b1.npz"), "b8": os.path.join(d, "b8.npz")},
+        "input_names": list(input_names), "output": output,
+        "fp32_weight_bytes": int(sum(p.numel() * 4 for p in model.parameters())),
+        "onnx_bytes": os.path.getsize(onnx_path), "params": params, **extra,
+    })
+
+
 def _finish(d: str, man: dict) -> dict:
     with open(os.path.join(d, "manifest.json.tmp"), "w") as f:
         json.dump(man, f, indent=1)
@@ -195,17 +210,8 @@ def minilm(root: str, seq: int = 32, chunks: int = 16) -> dict:
         warnings.simplefilter("ignore")
         ts = torch.jit.trace(Wrap(model).eval(), tuple(torch.from_numpy(b1[k]) for k in names), strict=False)
     torch.jit.save(ts, os.path.join(d, "minilm.ts"))
-    ndc = os.path.join(d, "minilm.ndc")
     _log("nadoo compile MiniLM")
-    secs = _nadoo_compile(onnx_path, ndc, os.path.join(d, "calib.npz"), ["--keep-float", "--chunks", str(chunks)])
-    weight_bytes = sum(p.numel() * 4 for p in model.parameters())
-    return _finish(d, {
-        "name": "minilm", "dir": d, "onnx": onnx_path, "onnx_q4": os.path.join(d, "minilm_q4.onnx"),
-        "torchscript": os.path.join(d, "minilm.ts"), "ndc": ndc, "compile_s": secs,
-        "inputs": {"b1": os.path.join(d, "b1.npz"), "b8": os.path.join(d, "b8.npz")},
-        "input_names": names, "output": "last_hidden_state", "fp32_weight_bytes": int(weight_bytes),
-        "onnx_bytes": os.path.getsize(onnx_path), "params": params,
-    })
+    return _compile_entry(d, "minilm", model, onnx_path, chunks, params, names, "last_hidden_state")
 
 
 def load_minilm_torch():
@@ -295,18 +301,10 @@ def wide_mlp(root: str, d: int = 4096, h: int = 8192, blocks: int = 2, calib_n: 
     with torch.no_grad():
         ts = torch.jit.trace(model, (torch.from_numpy(x8[:1]),))
     torch.jit.save(ts, os.path.join(dd, "mlp.ts"))
-    ndc = os.path.join(dd, "mlp.ndc")
     _log("nadoo compile wide MLP (slow: quantizes 3 tiers + float)")
-    secs = _nadoo_compile(onnx_path, ndc, os.path.join(dd, "calib.npz"), ["--keep-float", "--chunks", str(chunks)])
-    weight_bytes = sum(p.numel() * 4 for p in model.parameters())
-    return _finish(dd, {
-        "name": "wide_mlp", "dir": dd, "onnx": onnx_path, "onnx_q4": os.path.join(dd, "mlp_q4.onnx"),
-        "torchscript": os.path.join(dd, "mlp.ts"), "ndc": ndc, "compile_s": secs,
-        "inputs": {"b1": os.path.join(dd, "b1.npz"), "b8": os.path.join(dd, "b8.npz")},
-        "input_names": ["x"], "output": "y", "fp32_weight_bytes": int(weight_bytes),
-        "onnx_bytes": os.path.getsize(onnx_path), "raw_weights": os.path.join(dd, "weights.bin"),
-        "layout": layout, "state": os.path.join(dd, "state.pt"), "params": params,
-    })
+    return _compile_entry(dd, "wide_mlp", model, onnx_path, chunks, params, ["x"], "y", stem="mlp",
+                          raw_weights=os.path.join(dd, "weights.bin"), layout=layout,
+                          state=os.path.join(dd, "state.pt"))
 
 
 def load_wide_mlp_torch(man: dict):

@@ -16,11 +16,4 @@ from __future__ import annotations
 from ._common import Fallback, REGISTRY, register  # noqa: F401
 from . import elementwise, matmul, conv, shape, reduce, norm, rnn, resize, conv_transpose, rmsnorm, attention  # noqa: F401  (populate REGISTRY)
 
-__all__ = ["REGISTRY", "Fallback", "register", "get_builder"]
-
-
-def get_builder(op: str, domain: str = ""):
-    """Return the built-in builder for (domain, op) or None."""
-    if domain == "ai.onnx":
-        domain = ""
-    return REGISTRY.get((domain, op))
+__all__ = ["REGISTRY", "Fallback", "register"]

@@ -235,14 +235,6 @@ def _pow_builder(node, ctx):
 register("Pow")(_pow_builder)
 
 
-def _same_dtype(fn):
-    """Binary op whose output keeps the dtype of the first operand (NumPy's NEP-50 may promote scalars)."""
-    def g(a, b):
-        r = fn(a, b)
-        return r if r.dtype == a.dtype else r.astype(a.dtype)
-    return g
-
-
 _BINARY = {
     "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": _div,
     "Equal": np.equal, "Less": np.less, "Greater": np.greater, "LessOrEqual": np.less_equal,
