@@ -55,7 +55,10 @@ def peak_rss_bytes() -> int:
 class Session:
     """An open bundle ready to run. `use_mmap=True` maps the file instead of reading it with positioned
     reads; a read past the end of a file truncated while open raises BundleError, but a truncation racing
-    with the copy of a mapped range can still kill the process with SIGBUS (positioned reads cannot)."""
+    with the copy of a mapped range can still kill the process with SIGBUS (positioned reads cannot).
+    `engine`: "numpy", "ort" (the plan's dense part in ONNX Runtime, `threads` its intra-op threads,
+    `ort_int8` int8 activations in its quantized products; runtime/ort_engine.py) or "auto" (ort where
+    onnxruntime and onnx import); `engine` after opening says which one runs."""
 
     def __init__(self, path, policy: Policy | None = None, memory_budget=None, use_mmap: bool = False,
                  pin_fraction: float = 0.5, engine: str = "auto", threads: int | None = None, ort_int8: bool = False):
