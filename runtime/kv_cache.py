@@ -301,6 +301,13 @@ class SequenceState:
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers.values())
 
+    def set_attention(self, policy) -> None:
+        """Read the caches by another attention policy from now on; the caches start over (their
+        layout depends on the policy)."""
+        self.attention = policy
+        self.dtype = policy.np_dtype
+        self.layers.clear()
+
     @property
     def bytes_read(self) -> int:
         """KV bytes the attention steps have read, over every layer and sequence so far."""

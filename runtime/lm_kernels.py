@@ -116,6 +116,7 @@ def _heads(x: np.ndarray, n_heads: int, head_dim: int, what: str) -> np.ndarray:
 
 
 _SCORE_ELEMS = 1 << 22  # scores [heads, rows, keys] held at once: 16 MB, so an 8k prefill goes in row blocks
+_ROW_BLOCK = 256
 
 
 def attention(q, k, v, cache, *, n_heads: int, scale: float, rope: RopeTable | None = None,
@@ -179,7 +180,8 @@ def _attend(q4, view, qstart, cache, out, *, g, scale, window, softcap, sparse) 
     kvh, _, n, d = q4.shape
     kpos = view.positions
     m = len(view)
-    rows_per = max(1, _SCORE_ELEMS // max(1, kvh * g * m))
+    # small row blocks also let a sliding-window layer's block read little more than its window
+    rows_per = max(1, min(_ROW_BLOCK, _SCORE_ELEMS // max(1, kvh * g * m)))
     # a prefill decodes the stored keys once, not per row block; the oracle scores every key anyway
     full = view.take() if n > 1 or (sparse is not None and sparse.kind == "oracle") else None
     for r0 in range(0, n, rows_per):
@@ -227,7 +229,9 @@ def _attend(q4, view, qstart, cache, out, *, g, scale, window, softcap, sparse) 
 
 
 def _scores(qg, keys, scale, softcap):
-    scores = np.matmul(qg, keys.transpose(0, 2, 1))
+    # keys @ q^T, not q @ keys^T: NumPy hands a stacked product with a transposed right operand to a
+    # slow loop (5 ms instead of 0.02 ms for one decode step's [4, 256] x [256, 512])
+    scores = np.ascontiguousarray(np.matmul(keys, qg.transpose(0, 2, 1)).transpose(0, 2, 1))
     scores *= np.float32(scale)
     if softcap is not None:
         scores /= np.float32(softcap)

@@ -76,11 +76,14 @@ class AttentionPolicy:
         sink = 0 if self.kind == "oracle" else 4 if sink is None else sink
         page = 16 if page is None else page
         if window is None and budget is not None:
-            window = {"window": budget - sink, "pages": max(1, budget // 8), "heavy": max(1, budget // 2)}.get(
+            window = {"window": budget - sink, "pages": max(page, budget // 8), "heavy": max(1, budget // 2)}.get(
                 self.kind, 0)
         if budget is not None and self.kind != "oracle" and (window is None or window < 1 or sink + window > budget):
             raise InputError(f"--sink {sink} + --window {window} must leave room within --kv-budget {budget} "
                              "(the window needs at least 1 key)")
+        if self.kind == "pages" and window < page:
+            # a page is scored only once it lies wholly in the past, which needs the window to span a page
+            raise InputError(f"--attention pages needs --window >= --page ({window} < {page})")
         for name, v in (("budget", budget), ("sink", sink), ("window", window), ("page", page)):
             object.__setattr__(self, name, v)
 
