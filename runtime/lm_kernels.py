@@ -263,7 +263,7 @@ def _page_bounds_of(cache, view, full, kpos, page):
 def _evict(cache, policy) -> None:
     """After a step of an evicting policy, drop the keys no later query will read: at most budget - 1
     stay, so the next query, with its own key, reads at most `budget`."""
-    if cache.filled < policy.budget:
+    if cache.length < policy.budget:  # the next query sees no more than the budget: all stays
         return
     pos = cache._pos[:cache.filled]
     last = cache.length - 1
