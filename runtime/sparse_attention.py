@@ -121,10 +121,13 @@ def page_bounds(keys: np.ndarray, kpos: np.ndarray, page: int, n_pages: int) -> 
     kvh, _, d = keys.shape
     lo = np.full((kvh, n_pages, d), np.inf, np.float32)
     hi = np.full((kvh, n_pages, d), -np.inf, np.float32)
-    ids = kpos // page
-    for h in range(kvh):
-        np.minimum.at(lo[h], ids, keys[h])
-        np.maximum.at(hi[h], ids, keys[h])
+    if kpos.size:
+        order = np.argsort(kpos, kind="stable")
+        ids = kpos[order] // page
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # first key of each page present
+        sorted_keys = keys[:, order]
+        lo[:, ids[starts]] = np.minimum.reduceat(sorted_keys, starts, axis=1)
+        hi[:, ids[starts]] = np.maximum.reduceat(sorted_keys, starts, axis=1)
     return lo, hi
 
 
