@@ -80,6 +80,22 @@ def retrieval(sess, lm, ids, kinds, budget, kv_dtype, filler) -> dict:
     return acc
 
 
+def table(out) -> str:
+    """The README table (markdown)."""
+    lines = ["| context | policy | perplexity (vs dense) | top-1 = dense | greedy = dense | KV read / token (all layers; "
+             "global layers vs dense) | attention / token (vs dense) | KV cache |", "|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        lines.append(f"| {r['context']} | {r['policy']} | {r['ppl']:.3f} ({(r['ppl_vs_dense'] - 1) * 100:+.1f} %) | "
+                     f"{r['top1_agree'] * 100:.0f} % | {r['greedy_agree'] * 100:.0f} % | "
+                     f"{r['kv_bytes_read_per_token'] / 2**20:.1f} MiB; {r['kv_read_global_vs_dense']:.2f}× | "
+                     f"{r['attention_s_per_token'] * 1e3:.0f} ms ({r['attention_time_vs_dense']:.2f}×) | "
+                     f"{r['kv_cache_bytes'] / 2**20:.1f} MiB |")
+    if out.get("retrieval"):
+        lines.append("\nretrieval (fact early, question at the end): " + ", ".join(
+            f"{k} {v * 100:.0f} %" for k, v in out["retrieval"].items()))
+    return "\n".join(lines)
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -111,7 +127,9 @@ def main():
     ap.add_argument("--cont", type=int, default=128, help="continuation tokens scored at the end of each context")
     ap.add_argument("--decode", type=int, default=4, help="decode steps timed after each prefill")
     ap.add_argument("--retrieval-filler", type=int, default=1600, help="filler tokens (0: no retrieval prompts)")
-    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--retrieval-policies", default="dense,window,pages,heavy")
+    ap.add_argument("--json", help="write the rows here (after each row)")
+    ap.add_argument("--merge", help="rows of an earlier run (its --json) to table and plot with these")
     ap.add_argument("--plot", help="write a PNG plot here")
     args = ap.parse_args()
 
@@ -121,8 +139,18 @@ def main():
     ids = lm.encode(open(TEXT, encoding="utf-8").read())
     print(f"# {TEXT}: {len(ids)} tokens; bits {args.bits}; kv {args.kv_dtype}; budget {args.budget} on global layers; "
           f"uptime: {os.getloadavg()}", flush=True)
-    rows = []
-    for L in (int(x) for x in args.contexts.split(",")):
+    out = {"rows": [], "retrieval": {}}
+    if args.merge:
+        with open(args.merge) as f:
+            out = json.load(f)
+    rows = out["rows"]
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+    for L in (int(x) for x in args.contexts.split(",") if x):
         if L > len(ids):
             raise SystemExit(f"context {L} is longer than the text ({len(ids)} tokens)")
         dense = None
@@ -142,20 +170,19 @@ def main():
                    "attention_time_vs_dense": r["attention_s_per_token"] / dense["attention_s_per_token"],
                    "load": os.getloadavg()[0]}
             rows.append(row)
+            save()
             print(f"L={L:5d} {kind:6s} ppl {row['ppl']:8.3f} ({row['ppl_vs_dense']:.4f}x) top1 {row['top1_agree']:.3f} "
                   f"greedy {row['greedy_agree']:.2f} kv/token {row['kv_bytes_read_per_token'] / 1e6:6.2f} MB "
                   f"({row['kv_read_vs_dense']:.2f}x, global {row['kv_read_global_vs_dense']:.2f}x) "
                   f"attn {row['attention_s_per_token'] * 1e3:6.1f} ms ({row['attention_time_vs_dense']:.2f}x) "
                   f"cache {row['kv_cache_bytes'] / 1e6:6.1f} MB prefill {row['prefill_s']:.0f} s load {row['load']:.1f}",
                   flush=True)
-    out = {"rows": rows}
     if args.retrieval_filler:
-        out["retrieval"] = retrieval(sess, lm, ids, [k for k in kinds if k != "oracle"], args.budget, args.kv_dtype,
+        out["retrieval"] = retrieval(sess, lm, ids, args.retrieval_policies.split(","), args.budget, args.kv_dtype,
                                      args.retrieval_filler)
         print("retrieval accuracy:", out["retrieval"], flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        save()
+    print(table(out))
     if args.plot:
         plot(rows, args.plot)
 
