@@ -280,6 +280,7 @@ class SequenceState:
         self.lock = threading.RLock()
         self.restarts = 0
         self.attention_s = 0.0  # seconds spent in the attention ops (kept across sequences)
+        self.attention_cpu_s = 0.0  # their CPU time (this thread's)
 
     def layer(self, key: str, kv_heads: int, head_dim: int, max_positions: int, window: int | None) -> LayerKVCache:
         c = self.layers.get(key)
