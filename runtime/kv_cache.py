@@ -166,6 +166,11 @@ class LayerKVCache:
         np.maximum(self.page_hi[:, sl], hi, out=self.page_hi[:, sl])
 
     @property
+    def slot_positions(self) -> np.ndarray:
+        """The position each slot in use holds (a linear cache: slots 0 .. filled-1)."""
+        return self._pos[:self.filled]
+
+    @property
     def n_pages(self) -> int:
         return 0 if not self.page or not self.length else (self.length - 1) // self.page + 1
 

@@ -265,7 +265,7 @@ def _evict(cache, policy) -> None:
     stay, so the next query, with its own key, reads at most `budget`."""
     if cache.length < policy.budget:  # the next query sees no more than the budget: all stays
         return
-    pos = cache._pos[:cache.filled]
+    pos = cache.slot_positions
     last = cache.length - 1
     if policy.kind == "window":
         keep = window_mask(policy, pos, np.array([last + 1]))[0]  # what the next query will see

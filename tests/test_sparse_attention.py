@@ -121,7 +121,7 @@ def test_heavy_hitters_decoded_token_by_token_equal_the_reference():
     got, cache = run(pol, [1] * N)
     np.testing.assert_allclose(got, reference("heavy"), rtol=1e-5, atol=1e-5)
     assert cache.filled == B - 1 and cache.length == N
-    held = set(cache._pos[:cache.filled].tolist())
+    held = set(cache.slot_positions.tolist())
     assert set(range(S)) <= held and set(range(N - W + 1, N)) <= held  # sinks and the recent window stay
 
 
