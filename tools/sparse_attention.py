@@ -74,7 +74,8 @@ def retrieval(sess, lm, ids, kinds, budget, kv_dtype, filler) -> dict:
         sess.state.set_attention(policy(kind, budget, kv_dtype))
         hits = []
         for thing, code in FACTS:
-            r = sess.generate(prompt_ids=retrieval_prompt(lm, ids[:filler], thing, code), max_new_tokens=4)
+            # digits are one token each: a space and four digits, and a token to spare
+            r = sess.generate(prompt_ids=retrieval_prompt(lm, ids[:filler], thing, code), max_new_tokens=6)
             hits.append(code in r.text.replace(" ", ""))
             print(f"  retrieval {kind:6s} {thing:15s} -> {r.text!r} {'ok' if hits[-1] else 'miss'}", flush=True)
         acc[kind] = sum(hits) / len(hits)
