@@ -180,6 +180,15 @@ def test_int8_and_float16_caches_are_close_and_smaller():
     assert np.abs(got - exact).max() < 0.3 and c.filled == B - 1
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.int8])
+def test_quantized_ring_hands_back_old_and_new_keys(dtype):
+    # a prefill chunk into a wrapped ring returns stored (encoded) old keys followed by the new ones
+    ref, _ = run(AttentionPolicy(), [9, 1, 20, 1, 9], window=6)
+    got, c = run(AttentionPolicy(), [9, 1, 20, 1, 9], window=6, dtype=dtype)
+    assert c.ring and c.capacity == 6
+    assert 0 < np.abs(got - ref).max() < (5e-3 if dtype == np.float16 else 0.15)
+
+
 def test_quest_bound_is_an_upper_bound():
     from nadoo.runtime.sparse_attention import page_bounds
 

@@ -127,7 +127,7 @@ def main():
     ap.add_argument("--policies", default="dense,window,pages,heavy,oracle")
     ap.add_argument("--kv-dtype", default="float16")
     ap.add_argument("--cont", type=int, default=128, help="continuation tokens scored at the end of each context")
-    ap.add_argument("--decode", type=int, default=4, help="decode steps timed after each prefill")
+    ap.add_argument("--decode", type=int, default=6, help="decode steps timed after each prefill")
     ap.add_argument("--retrieval-filler", type=int, default=1600, help="filler tokens (0: no retrieval prompts)")
     ap.add_argument("--retrieval-policies", default="dense,window,pages,heavy")
     ap.add_argument("--json", help="write the rows here (after each row)")
