@@ -266,6 +266,34 @@ _BITS = click.option("--bits", type=click.Choice(["8", "4", "2", "float", "auto"
                      help="Weight precision, as for run.")
 _BUDGET = click.option("--memory-budget", help="Hard bound on cached (decoded) weight bytes, e.g. 64MB.")
 
+_ATTENTION_OPTIONS = [
+    click.option("--attention", type=click.Choice(["dense", "window", "pages", "heavy", "oracle"]), default="dense",
+                 show_default=True, help="Which cached keys each query reads: dense all; window sinks + recent (evicts); "
+                 "pages the best pages by their min/max bounds + sinks + recent; heavy sinks + recent + most attended "
+                 "(evicts); oracle the exact top keys (measuring)."),
+    click.option("--kv-budget", type=int, help="With a sparse --attention: keys one query reads per layer."),
+    click.option("--sink", type=int, help="First positions always read (default 4)."),
+    click.option("--window", type=int, help="Most recent keys always read (default: window budget-sink, pages "
+                 "budget/8, heavy budget/2)."),
+    click.option("--page", type=int, help="With --attention pages: keys per page (default 16)."),
+    click.option("--attention-scope", type=click.Choice(["global", "all"]), default="global", show_default=True,
+                 help="global: only full-attention layers (native sliding windows stay exact); all: every layer."),
+    click.option("--kv-dtype", type=click.Choice(["float32", "float16", "int8"]), default="float32",
+                 show_default=True, help="Storage of the KV cache (int8: one scale per key and head)."),
+]
+
+
+def _attention_options(fn):
+    for opt in reversed(_ATTENTION_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def _attention_policy(attention, kv_budget, sink, window, page, attention_scope, kv_dtype):
+    from .sparse_attention import AttentionPolicy
+
+    return AttentionPolicy(attention, kv_budget, sink, window, page, attention_scope, kv_dtype)
+
 
 def _parse_ids(text):
     if text is None:
@@ -289,17 +317,19 @@ def _parse_ids(text):
 @_BITS
 @_BITS_FOR
 @_BUDGET
+@_attention_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, speed, bytes read, per-layer stats) instead of streaming.")
 @_friendly
 def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, no_eos, bits, bits_for,
-             memory_budget, as_json):
+             memory_budget, as_json, **attention):
     """Continue a prompt with the language model in BUNDLE, streaming the text as it is produced."""
     from .policy import Policy
     from .session import Session
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
-    with Session(bundle, policy=Policy(bits=bits, bits_for=list(bits_for)), memory_budget=memory_budget) as sess:
+    policy = Policy(bits=bits, bits_for=list(bits_for), attention=_attention_policy(**attention))
+    with Session(bundle, policy=policy, memory_budget=memory_budget) as sess:
         stream = sess.stream(prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, stop_at_eos=not no_eos)
         for tok in stream:
@@ -320,9 +350,10 @@ def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top
 @_BITS
 @_BITS_FOR
 @_BUDGET
+@_attention_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_friendly
-def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget, as_json):
+def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget, as_json, **attention):
     """Perplexity of the language model in BUNDLE on a text file."""
     from .files import read_text
     from .generate import perplexity as ppl
@@ -330,7 +361,8 @@ def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget,
     from .session import Session
 
     text = read_text(text_file, "text file")
-    with Session(bundle, policy=Policy(bits=bits, bits_for=list(bits_for)), memory_budget=memory_budget) as sess:
+    policy = Policy(bits=bits, bits_for=list(bits_for), attention=_attention_policy(**attention))
+    with Session(bundle, policy=policy, memory_budget=memory_budget) as sess:
         r = ppl(sess, text, context=context, score=score)
     if as_json:
         click.echo(json.dumps(r, default=_jsonable))

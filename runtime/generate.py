@@ -149,7 +149,19 @@ class _Totals:
                 "resident_weight_bytes": session.cache.bytes, "cache_budget_bytes": session.cache.budget,
                 "kv_cache_bytes": session.state.nbytes, "bundle_bytes": session.bundle.file_size,
                 "policy": {"bits": session.policy.bits, "kind": session.policy.kind,
-                           "bits_for": dict(session.policy.bits_for)}, "layers": self.layers}
+                           "bits_for": dict(session.policy.bits_for),
+                           "attention": session.policy.attention.describe()}, "layers": self.layers}
+
+
+def _kv_mark(session) -> tuple[int, float]:
+    """(KV bytes read, seconds in attention) so far: differences of two marks give a span's share."""
+    return session.state.bytes_read, session.state.attention_s
+
+
+def _kv_per_token(session, since: tuple[int, float], tokens: int) -> dict:
+    b, s = _kv_mark(session)
+    return {"kv_bytes_read_per_token": (b - since[0]) / tokens if tokens else None,
+            "attention_s_per_token": (s - since[1]) / tokens if tokens else None}
 
 
 # ------------------------------------------------------------------ generation
@@ -216,6 +228,7 @@ class TokenStream:
         t0 = time.perf_counter()
         logits = self._step(self.prompt_ids, 0, totals)
         prefill_bytes = totals.sums["bytes_read"]
+        kv_mark = _kv_mark(self.lm.session)  # decode steps only: what each generated token costs
         t_first = None
         stop = "length"
         while True:
@@ -240,6 +253,7 @@ class TokenStream:
                          "decode_s": t_end - t_first, "decode_tokens_per_s": steps / (t_end - t_first) if steps else None,
                          "prefill_bytes_read": prefill_bytes,
                          "bytes_read_per_token": decode_bytes / steps if steps else None,
+                         **_kv_per_token(self.lm.session, kv_mark, steps),
                          **totals.as_dict(self.lm.session)}
                 self.result = GenerationResult("".join(texts) if decoder is not None else None, ids,
                                                list(self.prompt_ids), stop, stats)
@@ -294,6 +308,7 @@ def perplexity(session, text: str | None = None, *, ids=None, context: int = 512
     first = context // 2 if score == "half" else 0
     totals, nll = _Totals(), []
     t0 = time.perf_counter()
+    kv_mark = _kv_mark(session)
     for w in range(n_windows):
         win = ids[w * context:(w + 1) * context]
         if lm.info.add_bos:
@@ -305,7 +320,7 @@ def perplexity(session, text: str | None = None, *, ids=None, context: int = 512
     nll = np.concatenate(nll)
     return {"perplexity": float(math.exp(nll.mean())), "tokens_scored": int(nll.size), "windows": n_windows,
             "context": context, "score": score, "nll_mean": float(nll.mean()), "seconds": time.perf_counter() - t0,
-            **totals.as_dict(session)}
+            **_kv_per_token(session, kv_mark, n_windows * context), **totals.as_dict(session)}
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray, rows: int = 64) -> np.ndarray:

@@ -69,8 +69,16 @@ class Policy:
     auto_threshold: float = 0.5
     # per-tensor tiers over `bits`: "embed=8,layers.0.*=float" or [(pattern, bits)] or {pattern: bits}
     bits_for: str | list | dict = field(default_factory=list)
+    # which cached keys a language model's attention reads (sparse_attention.AttentionPolicy, or its fields as a dict)
+    attention: object = None
 
     def __post_init__(self):
+        from .sparse_attention import AttentionPolicy
+
+        if self.attention is None or isinstance(self.attention, dict):
+            self.attention = AttentionPolicy(**(self.attention or {}))
+        elif not isinstance(self.attention, AttentionPolicy):
+            raise InputError(f"attention must be an AttentionPolicy, got {type(self.attention).__name__}")
         self.bits = str(self.bits)
         self.bits_for = _overrides(self.bits_for)
         self.disable_experts = _pairs(self.disable_experts)
