@@ -1,10 +1,11 @@
 """FFN activation sparsity (TEAL/CATS style, training-free): which neurons of a down projection a token skips.
 
-A gated MLP computes a = act(gate·x) ⊙ (up·x), then down·a. Neuron j is skipped when |a_j| is below its
-layer's threshold t_l: its column of down is neither read nor multiplied. The compiler stores, per layer,
+A gated MLP computes a = act(gate·x) ⊙ (up·x), then down·a. Neuron j is skipped when |a_j| <= its layer's
+threshold t_l: its column of down is neither read nor multiplied. The compiler stores, per layer,
 a curve over a grid of sparsities s: the threshold t_l(s) (the s-quantile of |a| on the calibration
 text) and the relative error ‖Δy‖²/‖y‖² of the layer's output when every |a_j| < t_l(s) is dropped
-(measured on calibration positions). At run time `allocate` spreads a model-wide target sparsity over
+(measured on calibration positions). A ReLU layer's exact zeros make t_l(s) = 0 for small s:
+skipping them is exact, so such a layer skips at least its zeros. At run time `allocate` spreads a model-wide target sparsity over
 the layers greedily: each step raises the layer whose error grows least for the next step of
 sparsity, so tolerant layers carry more of the target and intolerant ones stay (near) dense.
 """
@@ -44,7 +45,7 @@ def curves_of(profile: dict) -> dict[str, dict]:
             neurons = int(c["neurons"])
         except (KeyError, TypeError, ValueError):
             raise BundleError(f"profile of {name}: malformed {PROFILE_KEY} curve") from None
-        ok = (grid.ndim == 1 and len(grid) >= 2 and grid.shape == thr.shape == err.shape and grid[0] == 0
+        ok = (grid.ndim == 1 and np.all(thr >= 0) and len(grid) >= 2 and grid.shape == thr.shape == err.shape and grid[0] == 0
               and np.all(np.diff(grid) > 0) and np.all(np.isfinite(thr)) and np.all(np.isfinite(err))
               and neurons > 0)
         if not ok:
@@ -108,12 +109,13 @@ def calibration_curve(acts: np.ndarray, down_t: np.ndarray, grid=None) -> dict:
     ref = float(np.einsum("ij,ij->", y, y, dtype=np.float64)) + 1e-30
     thresholds, errors = [], []
     for s in grid:
-        t = float(np.quantile(mag, s)) if s > 0 else 0.0
-        thresholds.append(t)
-        if t <= 0:
+        if s <= 0:
+            thresholds.append(0.0)
             errors.append(0.0)
             continue
-        dropped = np.where(mag < t, a, np.float32(0))
+        t = float(np.quantile(mag, s))
+        thresholds.append(t)
+        dropped = np.where(mag <= np.float32(t), a, np.float32(0))
         d = dropped @ down_t
         errors.append(float(np.einsum("ij,ij->", d, d, dtype=np.float64)) / ref)
     return {"grid": [float(g) for g in grid], "thresholds": thresholds, "errors": errors, "neurons": int(a.shape[1])}

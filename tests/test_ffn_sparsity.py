@@ -74,8 +74,8 @@ def test_calibration_curve_measures_the_dropped_error():
     a, w = rng.standard_normal((64, 40)).astype(np.float32), rng.standard_normal((40, 8)).astype(np.float32)
     c = calibration_curve(a, w, grid=[0, 0.5])
     t = c["thresholds"][1]
-    assert np.mean(np.abs(a) < t) == pytest.approx(0.5, abs=0.01)
-    d = np.where(np.abs(a) < t, a, 0) @ w
+    assert np.mean(np.abs(a) <= t) == pytest.approx(0.5, abs=0.01)
+    d = np.where(np.abs(a) <= np.float32(t), a, 0) @ w
     assert c["errors"] == pytest.approx([0.0, (d ** 2).sum() / ((a @ w) ** 2).sum()], rel=1e-5)
 
 
@@ -165,14 +165,36 @@ def test_cli_options_and_errors(bundles, tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("nadoo: error:"), r.stderr
 
 
-def test_a_bundle_without_thresholds_refuses_sparsity(tmp_path):
-    """A bundle with no gated MLP (here: a plain MLP compiled from torch) has no thresholds to use."""
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
-    src = tmp_path / "mlp.pt"
-    torch.save(model, src)
+def compile_torch(model, tmp_path, name):
     from nadoo.compiler.pipeline import compile_model
 
-    out = tmp_path / "mlp.ndc"
-    compile_model(str(src), str(out), CompileOptions(input_shapes={"input": [1, 32]}, allow_pickle=True), quiet=True)
+    src, out = tmp_path / f"{name}.pt", tmp_path / f"{name}.ndc"
+    torch.save(model, src)
+    compile_model(str(src), str(out), CompileOptions(input_shapes={"input": [1, 32]}, allow_pickle=True,
+                                                     keep_float=True), quiet=True)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:no calibration data")
+def test_an_ungated_relu_mlp_takes_the_same_policy(tmp_path):
+    """A fused ReLU FFN (nadoo.ChunkedFFN): below its share of exact zeros the skip is exact."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8)).eval()
+    path = compile_torch(model, tmp_path, "relu")
+    x = {"input": np.random.default_rng(5).standard_normal((1, 32)).astype(np.float32)}
+    outs = {}
+    for s in (0.0, 0.3, 0.8):
+        with nd.Session(path, policy=nd.Policy(bits="float", ffn_sparsity=s)) as sess:
+            (outs[s],), st = sess.run_with_stats(None, x)
+        assert st["ffn_sparsity"] >= s - 0.1, st["ffn_counts"]
+    np.testing.assert_allclose(outs[0.3], outs[0.0], rtol=1e-5, atol=1e-6)  # only exact zeros dropped
+    assert not np.allclose(outs[0.8], outs[0.0], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:no calibration data")
+def test_a_bundle_without_thresholds_refuses_sparsity(tmp_path):
+    """A bundle with no MLP (here: one linear layer) has no thresholds to use."""
+    path = compile_torch(torch.nn.Sequential(torch.nn.Linear(32, 64)), tmp_path, "linear")
     with pytest.raises(InputError, match="--ffn-sparsity needs"):
-        nd.Session(out, policy=nd.Policy(ffn_sparsity=0.3))
+        nd.Session(path, policy=nd.Policy(ffn_sparsity=0.3))
+    nd.Session(path, policy=nd.Policy(ffn_sparsity=0.0)).close()

@@ -6,7 +6,7 @@ are [R, K] linear tensors (rows = neurons); down is stored transposed, [R, N], c
 groups, so a group of input neurons of down is one contiguous chunk.
 
 Activation sparsity (runtime/ffn_sparsity.py): with `Policy.ffn_sparsity` > 0 a neuron whose |a_j| is
-below the layer's calibrated threshold is dropped, and down reads and multiplies only the groups with
+at or below the layer's calibrated threshold is dropped, and down reads and multiplies only the groups with
 a surviving neuron. A position whose activity is spread (fewer than `Policy.ffn_fallback` of its
 neurons below the threshold) computes the layer dense. With sparsity 0 the op is the dense product.
 
@@ -52,7 +52,7 @@ class GatedFFN(WeightOp):
         self.start(down, plan, [(gate, self.tiers_g), (up, self.tiers_u), (down, plan.tiers)])
         self.gate, self.up, self.down = gate, up, down
         self.act = activation(node["attrs"]["activation"])
-        self.sparsity, self.threshold = _allocation(env).get(down.name, (0.0, 0.0))
+        self.sparsity, self.threshold = allocation(env).get(down.name, (0.0, 0.0))
         self.fallback = pol.ffn_fallback
         self.streamed = env.store.cache.budget is not None
 
@@ -63,25 +63,14 @@ class GatedFFN(WeightOp):
         pos = x.size // self.gate.row_len
         K, R, N = self.gate.row_len, self.gate.rows, self.down.row_len
         dense = pos * R * (2 * K + N)
-        c = callstats.state_for(self, _Counts)
-        c.neurons += pos * R
-        c.positions += pos
-        if self.threshold <= 0:
+        c = new_counts(self, pos, R)
+        if self.sparsity <= 0:
             y = self._down_groups(h, np.arange(self.down.n_chunks), b_down)
             self.count(before, self.down.n_chunks, dense, dense)
             return y
-        keep = np.abs(h) >= np.float32(self.threshold)
-        flat = keep.reshape(-1, R)
-        skipped = R - np.count_nonzero(flat, axis=1)
-        spread = skipped < self.fallback * R  # these positions compute the layer dense
-        if spread.any():
-            flat[spread] = True
-        h = np.where(keep, h, np.float32(0))
-        bounds = self.down.bounds
-        ids = np.flatnonzero(np.logical_or.reduceat(flat.any(0), bounds[:-1]))
-        c.skipped += int(skipped[~spread].sum())
-        c.dense_positions += int(spread.sum())
+        h, ids = drop_small(h, self.threshold, self.fallback, self.down.bounds, c)
         y = self._down_groups(h, ids, b_down)
+        bounds = self.down.bounds
         rows = int((bounds[ids + 1] - bounds[ids]).sum())
         self.chose(ids)
         self.count(before, len(ids), pos * R * 2 * K + pos * rows * N, dense)
@@ -104,7 +93,7 @@ class GatedFFN(WeightOp):
         y = None
         if not self.streamed:
             full = store.full(d, self.plan.tiers)
-            for lo, hi in _runs(ids):
+            for lo, hi in runs(ids):
                 part = h[..., bounds[lo]:bounds[hi]] @ full[bounds[lo]:bounds[hi]]
                 y = part if y is None else np.add(y, part, out=y)
         else:
@@ -119,14 +108,12 @@ class GatedFFN(WeightOp):
     @classmethod
     def check_policy(cls, policy, bundle) -> None:
         if policy.ffn_sparsity > 0 and not curves_of(bundle.read_profile() or {}):
-            raise InputError("--ffn-sparsity needs a bundle with FFN sparsity thresholds (a language model "
-                             "compiled by this nadoo version); this one has none")
+            raise InputError("--ffn-sparsity needs a bundle with FFN sparsity thresholds (compiled by this "
+                             "nadoo version, with an MLP); this one has none")
 
     @classmethod
     def extra_stats(cls, ops, call) -> dict | None:
-        counts = [call.states[op] for op in ops if op in call.states]
-        n = {k: sum(getattr(c, k) for c in counts) for k in _Counts.__slots__}
-        return {"ffn_counts": n, **ffn_rates(n)}
+        return ffn_stats(ops, call)
 
     @classmethod
     def export(cls, node, ex):
@@ -148,6 +135,31 @@ class GatedFFN(WeightOp):
         ex.matmul(h, a["down"], ex.weight(a["down"]), ins[3] if len(ins) > 3 else "", node["outputs"][0])
 
 
+def drop_small(h: np.ndarray, threshold: float, fallback: float, bounds: np.ndarray, c: "_Counts"):
+    """h with every |h_j| <= threshold zeroed (positions whose share below it is under `fallback`
+    kept whole: their activity is spread), and the neuron groups (chunks of `bounds`) still needed
+    by some position. Counts skipped neurons and dense positions in `c`."""
+    R = h.shape[-1]
+    keep = np.abs(h) > np.float32(threshold)
+    flat = keep.reshape(-1, R)
+    skipped = R - np.count_nonzero(flat, axis=1)
+    spread = skipped < fallback * R
+    if spread.any():
+        flat[spread] = True
+    c.skipped += int(skipped[~spread].sum())
+    c.dense_positions += int(spread.sum())
+    ids = np.flatnonzero(np.logical_or.reduceat(flat.any(0), bounds[:-1]))
+    return np.where(keep, h, np.float32(0)), ids
+
+
+def new_counts(op, pos: int, R: int) -> "_Counts":
+    """The current call's neuron counts of `op`, `pos` positions of `R` neurons added."""
+    c = callstats.state_for(op, _Counts)
+    c.neurons += pos * R
+    c.positions += pos
+    return c
+
+
 def ffn_rates(n: dict) -> dict:
     """`ffn_sparsity` (share of neurons skipped) and `ffn_dense_fallback_rate` (share of positions a
     sparse layer computed dense) from summed counts."""
@@ -155,7 +167,14 @@ def ffn_rates(n: dict) -> dict:
             "ffn_dense_fallback_rate": n["dense_positions"] / max(n["positions"], 1)}
 
 
-def _runs(ids):
+def ffn_stats(ops, call) -> dict:
+    """The run statistics of a family of sparsity-aware FFN ops: summed counts and their rates."""
+    counts = [call.states[op] for op in ops if op in call.states]
+    n = {k: sum(getattr(c, k) for c in counts) for k in _Counts.__slots__}
+    return {"ffn_counts": n, **ffn_rates(n)}
+
+
+def runs(ids):
     """Consecutive runs [lo, hi) of sorted group ids."""
     if len(ids) == 0:
         return []
@@ -165,7 +184,7 @@ def _runs(ids):
     return [(int(ids[s]), int(ids[e - 1]) + 1) for s, e in zip(starts, ends)]
 
 
-def _allocation(env) -> dict:
+def allocation(env) -> dict:
     """Per layer (sparsity, threshold) for the policy's target, computed once per session."""
     if "ffn_allocation" not in env.shared:
         target = env.policy.ffn_sparsity
