@@ -6,7 +6,8 @@ and returns logits [1, k, vocab] for the last k positions (all when k = 0): `nad
 for the embedding, `Mul` by the embedding scale, per layer `RMSNormalization`, `nadoo.ChunkedLinear`
 q/k/v, one fused `nadoo.Attention` (q/k norms, rotary tables from inv_freq constants, grouped-query
 sharing, exact sliding window, the layer's KV cache in the plan's state), o, the sandwich norms
-where the family has them, the gated MLP act(gate)·up → down, then the final norm and the LM head
+where the family has them, the gated MLP act(gate)·up → down as one `nadoo.GatedFFN` (neurons
+reordered by calibration, compiler/gated_ffn.py), then the final norm and the LM head
 — over the same chunked tensor as the embedding when the two are tied.
 
 Gemma's norms scale by (1 + w); the offset is added here, once, in float32, which is what the
