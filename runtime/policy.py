@@ -18,7 +18,7 @@
 - Mixture-of-experts layers: `disable_experts` / `only_experts` ("LAYER:EXPERT,...") mask experts out
   of routing, `prefetch` loads the next layer's likely experts ahead of use; under `bits="auto"` a
   token's expert runs at 8 bits when its routing weight is >= `auto_threshold`, else at 4.
-- `ffn_sparsity`: a language model's MLPs skip the down-projection neurons whose activation is below
+- `ffn_sparsity`: MLPs (gated `GatedFFN`, fused `ChunkedFFN`) skip the down-projection neurons whose |activation| is at or below
   a calibrated per-layer threshold, the thresholds allocated to this model-wide share (ffn_sparsity.py).
 Embedding (gather) layers always read only the rows an input looks up: exact, free savings.
 

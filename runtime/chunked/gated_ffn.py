@@ -115,25 +115,6 @@ class GatedFFN(WeightOp):
     def extra_stats(cls, ops, call) -> dict | None:
         return ffn_stats(ops, call)
 
-    @classmethod
-    def export(cls, node, ex):
-        ins, a = node["inputs"], node["attrs"]
-        g, u, h = ex.fresh("gate"), ex.fresh("up"), ex.fresh("h")
-        ex.matmul(ins[0], a["gate"], ex.weight(a["gate"], transposed=True), ins[1] if len(ins) > 1 else "", g)
-        ex.matmul(ins[0], a["up"], ex.weight(a["up"], transposed=True), ins[2] if len(ins) > 2 else "", u)
-        act = ex.fresh("act")
-        name = a["activation"].lower()
-        if name == "silu":
-            s = ex.fresh("sig")
-            ex.add("Sigmoid", [g], [s])
-            ex.add("Mul", [g, s], [act])
-        elif name == "relu":
-            ex.add("Relu", [g], [act])
-        else:
-            ex.add("Gelu", [g], [act], approximate="tanh" if name == "gelu_tanh" else "none")
-        ex.add("Mul", [act, u], [h])
-        ex.matmul(h, a["down"], ex.weight(a["down"]), ins[3] if len(ins) > 3 else "", node["outputs"][0])
-
 
 def drop_small(h: np.ndarray, threshold: float, fallback: float, bounds: np.ndarray, c: "_Counts"):
     """h with every |h_j| <= threshold zeroed (positions whose share below it is under `fallback`
