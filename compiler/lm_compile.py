@@ -6,7 +6,8 @@ and returns logits [1, k, vocab] for the last k positions (all when k = 0): `nad
 for the embedding, `Mul` by the embedding scale, per layer `RMSNormalization`, `nadoo.ChunkedLinear`
 q/k/v, one fused `nadoo.Attention` (q/k norms, rotary tables from inv_freq constants, grouped-query
 sharing, exact sliding window, the layer's KV cache in the plan's state), o, the sandwich norms
-where the family has them, the gated MLP act(gate)·up → down, then the final norm and the LM head
+where the family has them, the gated MLP act(gate)·up → down as one `nadoo.GatedFFN` (neurons
+reordered by calibration, compiler/gated_ffn.py), then the final norm and the LM head
 — over the same chunked tensor as the embedding when the two are tied.
 
 Gemma's norms scale by (1 + w); the offset is added here, once, in float32, which is what the
@@ -27,6 +28,7 @@ from nadoo.runtime.kv_cache import SequenceState
 from nadoo.runtime.tiers import compile_layouts
 
 from .calibrate import LayerStats, dense_builders
+from .gated_ffn import GROUP_ROWS, DownStats, reorder_neurons
 from .pipeline import (CompileOptions, CompileReport, _bounds, _entry, _progress, _quant_kwargs, _raw,
                        _write_constants, _write_weights)
 from .rewrite import Weight
@@ -81,6 +83,20 @@ def lm_graph(src, head: str) -> tuple[dict, dict, list[Weight]]:
         bias = [g.const(name + "_bias", w[name + "_bias"])] if name + "_bias" in w else []
         return g.add("ChunkedLinear", [x, *bias], out, domain="nadoo", weight=name)
 
+    def gated_mlp(x, p):
+        # One op: act(gate·x) ⊙ up·x → down, down stored transposed and chunked by input neuron
+        # groups, so activation sparsity reads only the groups a token uses (compiler/gated_ffn.py).
+        out = p + "down.out"
+        weights.append(Weight(p + "gate", "linear", w[p + "gate"], out, x, p + "gate.out"))
+        weights.append(Weight(p + "up", "linear", w[p + "up"], out, x, p + "up.out"))
+        weights.append(Weight(p + "down", "ffn_down", np.ascontiguousarray(w[p + "down"].T), out, p + "gated", out))
+        biases = [g.const(p + t + "_bias", w[p + t + "_bias"]) if p + t + "_bias" in w else ""
+                  for t in ("gate", "up", "down")]
+        while biases and not biases[-1]:
+            biases.pop()
+        return g.add("GatedFFN", [x, *biases], out, domain="nadoo", gate=p + "gate", up=p + "up", down=p + "down",
+                     activation=c["activation"])
+
     weights.append(Weight("embed", "gather", w["embed"], "embed", "input_ids", "embed"))
     x = g.add("ChunkedGather", ["input_ids"], "embed", domain="nadoo", weight="embed")
     if c["embed_scale"] != 1.0:
@@ -100,13 +116,7 @@ def lm_graph(src, head: str) -> tuple[dict, dict, list[Weight]]:
             a = norm(a, p + "post_attn_norm", p + "post_attn_norm.out")
         x = g.add("Add", [x, a], p + "attn.residual")
         h = norm(x, p + "mlp_norm", p + "mlp_norm.out")
-        gate, up = linear(h, p + "mlp.gate", p + "mlp.gate.out"), linear(h, p + "mlp.up", p + "mlp.up.out")
-        if c["activation"] == "silu":
-            s = g.add("Sigmoid", [gate], p + "mlp.gate.sigmoid")
-            act = g.add("Mul", [gate, s], p + "mlp.act")
-        else:
-            act = g.add("Gelu", [gate], p + "mlp.act", approximate="tanh" if c["activation"] == "gelu_tanh" else "none")
-        m = linear(g.add("Mul", [act, up], p + "mlp.gated"), p + "mlp.down", p + "mlp.down.out")
+        m = gated_mlp(h, p + "mlp.")
         if c["sandwich_norm"]:
             m = norm(m, p + "post_mlp_norm", p + "post_mlp_norm.out")
         x = g.add("Add", [x, m], p + "mlp.residual")
@@ -182,7 +192,7 @@ def _calibrate(graph, consts, weights, windows, quiet) -> tuple[dict, Plan]:
     """Dense float run over every window: per weight its input moments (importance, GPTQ Hessian)
     and output activity. The LM head sees every position (logits_to_keep 0). Returns the stats and
     the float plan (for the stored sample)."""
-    stats = {w.name: LayerStats(w, False, None) for w in weights}
+    stats = {w.name: DownStats(w) if w.kind == "ffn_down" else LayerStats(w, False, None) for w in weights}
     plan = Plan(graph, consts, custom_ops=dense_builders({w.name: w for w in weights}, stats), state=SequenceState())
     with _progress("calibrating ", quiet)(windows) as it:
         for win in it:
@@ -231,15 +241,17 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
     (sample_logits,) = plan.run(sample_in)
     del plan
     graph, consts, weights = lm_graph(src, head="embed" if c["tied_head"] else "head")
-    bounds = {w.name: _bounds(w.rows, -(-w.rows // opts.embedding_rows) if w.kind == "gather" else opts.chunks)
+    rows_per = {"gather": opts.embedding_rows, "ffn_down": GROUP_ROWS}
+    bounds = {w.name: _bounds(w.rows, -(-w.rows // rows_per[w.kind]) if w.kind in rows_per else opts.chunks)
               for w in weights}
+    reorder_neurons(weights, stats, consts, bounds)
     # LM layers are not routed yet (activation None in the stats): no layer is marked routable.
     layers = {w.name: stats[w.name].summary(np.asarray(bounds[w.name])) for w in weights}
     alias = {"embed": "head"} if c["tied_head"] else {}
 
     def quant_args(w):
         st = stats[alias.get(w.name, w.name)]
-        kw = _quant_kwargs(st.w, stats, {}, opts)
+        kw = _quant_kwargs(st.w, stats, {w.name: st.w} if w.kind == "ffn_down" else {}, opts)
         if w.name in alias:
             # A tied table is also read row by row as the embedding, whose error the head's Hessian
             # does not see; and GPTQ over its 262144 rows (Gemma 3) costs ~230 s per tier against ~30 s

@@ -153,7 +153,8 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         layers[w.name] = stats[w.name].summary(np.asarray(bounds[w.name]), route_threshold=opts.route_threshold)
     for f in ffns:
         up = f["up"].name
-        layers[f["down"].name] = {"kind": "ffn_down", "group_of": up, "routable": layers[up]["routable"]}
+        layers[f["down"].name] = {"kind": "ffn_down", "group_of": up, "routable": layers[up]["routable"],
+                                  **ffn_sparsity_curve(f, stats[up], consts)}
 
     # The stored sample: first calibration sample and the *source* model's fp32 output for it.
     sample_in = {k: np.ascontiguousarray(v[:1]) for k, v in calib.items()}
@@ -360,6 +361,20 @@ def _prepare_ffn(f: dict, st, consts: dict, graph: dict, bounds: dict, opts: Com
     consts[names[2]] = np.einsum("rn,rn->r", down.array, down.array).astype(np.float32)
     node["inputs"] = node["inputs"][:3] + names
     graph["constants"] = sorted(set(graph["constants"]) | {x for x in names if x})
+
+
+def ffn_sparsity_curve(f: dict, st, consts: dict) -> dict:
+    """The activation-sparsity curve of a fused FFN (runtime/ffn_sparsity.py) from its calibration
+    input subsample, in the stored (reordered) neuron order."""
+    from nadoo.runtime.activations import activation
+    from nadoo.runtime.ffn_sparsity import PROFILE_KEY, calibration_curve
+
+    if not st.x_rows:
+        return {}
+    z = np.concatenate(st.x_rows).astype(np.float32) @ f["up"].array.T
+    if f["bias"]:
+        z += consts[f["bias"]].reshape(-1)
+    return {PROFILE_KEY: calibration_curve(activation(f["activation"])(z), f["down"].array)}
 
 
 def _write_constants(wr: BundleWriter, consts: dict, reasons: dict | None = None) -> dict | None:

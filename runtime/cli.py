@@ -180,6 +180,23 @@ _BITS_FOR = click.option("--bits-for", multiple=True, metavar="PATTERN=BITS",
                               "them) over --bits, e.g. --bits 4 --bits-for embed=8; repeatable, the first match wins.")
 
 
+
+def _ffn_sparsity(fn):
+    """--ffn-sparsity / --ffn-fallback, passed to the command as one `ffn` dict of Policy fields."""
+    import functools
+
+    @click.option("--ffn-sparsity", default=0.0, show_default=True, type=float,
+                  help="Language models: model-wide share (0..0.9) of MLP neurons skipped per token by calibrated "
+                       "per-layer activation thresholds; 0 = dense.")
+    @click.option("--ffn-fallback", default=0.05, show_default=True, type=float,
+                  help="With --ffn-sparsity: a token whose layer has fewer than this share of neurons below the "
+                       "threshold computes that layer dense.")
+    @functools.wraps(fn)
+    def wrapper(*args, ffn_sparsity, ffn_fallback, **kw):
+        return fn(*args, ffn={"ffn_sparsity": ffn_sparsity, "ffn_fallback": ffn_fallback}, **kw)
+    return wrapper
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(dir_okay=True))
 @click.option("--input", "input_path", type=click.Path(), help="Inputs: .npz keyed by graph input name, or .npy for a single-input model. Without it, the sample stored at compile time is run and checked against the source model's output.")
@@ -198,9 +215,10 @@ _BITS_FOR = click.option("--bits-for", multiple=True, metavar="PATTERN=BITS",
 @click.option("--only-experts", help="MoE: in each named layer route only to these experts, LAYER:EXPERT,...")
 @click.option("--prefetch", is_flag=True, help="MoE: load the next layer's likely experts (its router on this layer's input) ahead of use.")
 @_BITS_FOR
+@_ffn_sparsity
 @_friendly
 def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fallback, memory_budget, repeat, as_json, stats,
-        disable_experts, only_experts, prefetch, bits_for):
+        disable_experts, only_experts, prefetch, bits_for, ffn):
     """Run BUNDLE with NumPy, reading only the chunks the policy selects."""
     import time
 
@@ -213,7 +231,8 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
     refuse_overwrite(output_path, {"bundle": bundle, "input file": input_path})
     t0 = time.perf_counter()
     pol = Policy(kind=policy, bits=bits, topk=_parse_topk(topk), predictor=predictor, tau=tau, fallback=fallback,
-                 disable_experts=disable_experts, only_experts=only_experts, prefetch=prefetch, bits_for=list(bits_for))
+                 disable_experts=disable_experts, only_experts=only_experts, prefetch=prefetch, bits_for=list(bits_for),
+                 **ffn)
     with Session(bundle, policy=pol, memory_budget=memory_budget) as sess:
         ref = None
         if input_path:
@@ -319,16 +338,17 @@ def _parse_ids(text):
 @_BUDGET
 @_attention_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, speed, bytes read, per-layer stats) instead of streaming.")
+@_ffn_sparsity
 @_friendly
 def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, no_eos, bits, bits_for,
-             memory_budget, as_json, **attention):
+             memory_budget, as_json, ffn, **attention):
     """Continue a prompt with the language model in BUNDLE, streaming the text as it is produced."""
     from .policy import Policy
     from .session import Session
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
-    policy = Policy(bits=bits, bits_for=list(bits_for), attention=_attention_policy(**attention))
+    policy = Policy(bits=bits, bits_for=list(bits_for), attention=_attention_policy(**attention), **ffn)
     with Session(bundle, policy=policy, memory_budget=memory_budget) as sess:
         stream = sess.stream(prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, stop_at_eos=not no_eos)
@@ -352,8 +372,9 @@ def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top
 @_BUDGET
 @_attention_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_ffn_sparsity
 @_friendly
-def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget, as_json, **attention):
+def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget, as_json, ffn, **attention):
     """Perplexity of the language model in BUNDLE on a text file."""
     from .files import read_text
     from .generate import perplexity as ppl
@@ -361,7 +382,7 @@ def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget,
     from .session import Session
 
     text = read_text(text_file, "text file")
-    policy = Policy(bits=bits, bits_for=list(bits_for), attention=_attention_policy(**attention))
+    policy = Policy(bits=bits, bits_for=list(bits_for), attention=_attention_policy(**attention), **ffn)
     with Session(bundle, policy=policy, memory_budget=memory_budget) as sess:
         r = ppl(sess, text, context=context, score=score)
     if as_json:

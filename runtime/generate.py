@@ -129,6 +129,7 @@ class _Totals:
         self.sums = dict.fromkeys(self._SUMS, 0)
         self.layers: dict[str, dict] = {}
         self.calls = 0
+        self.ffn_counts: dict | None = None
 
     def add(self, st: dict) -> None:
         self.calls += 1
@@ -139,6 +140,10 @@ class _Totals:
             acc = self.layers.setdefault(name, {**layer, **dict.fromkeys(self._LAYER_SUMS, 0)})
             for k in self._LAYER_SUMS:
                 acc[k] += layer[k]
+        if "ffn_counts" in st:  # FFN activation sparsity: neurons skipped, positions computed dense
+            acc = self.ffn_counts = self.ffn_counts or dict.fromkeys(st["ffn_counts"], 0)
+            for k, v in st["ffn_counts"].items():
+                acc[k] += v
 
     def as_dict(self, session) -> dict:
         from .session import peak_rss_bytes
@@ -150,7 +155,14 @@ class _Totals:
                 "kv_cache_bytes": session.state.nbytes, "bundle_bytes": session.bundle.file_size,
                 "policy": {"bits": session.policy.bits, "kind": session.policy.kind,
                            "bits_for": dict(session.policy.bits_for),
-                           "attention": session.policy.attention.describe()}, "layers": self.layers}
+                           "attention": session.policy.attention.describe()}, "layers": self.layers,
+                **self._ffn()}
+
+    def _ffn(self) -> dict:
+        from .chunked.gated_ffn import ffn_rates
+
+        n = self.ffn_counts
+        return {} if n is None else {"ffn_counts": n, **ffn_rates(n)}
 
 
 def _kv_mark(session) -> tuple[int, float]:

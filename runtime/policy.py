@@ -18,6 +18,8 @@
 - Mixture-of-experts layers: `disable_experts` / `only_experts` ("LAYER:EXPERT,...") mask experts out
   of routing, `prefetch` loads the next layer's likely experts ahead of use; under `bits="auto"` a
   token's expert runs at 8 bits when its routing weight is >= `auto_threshold`, else at 4.
+- `ffn_sparsity`: MLPs (gated `GatedFFN`, fused `ChunkedFFN`) skip the down-projection neurons whose |activation| is at or below
+  a calibrated per-layer threshold, the thresholds allocated to this model-wide share (ffn_sparsity.py).
 Embedding (gather) layers always read only the rows an input looks up: exact, free savings.
 
 Every op asks `plan` (chunked tensors) or `expert_tiers` (experts) and decides nothing of this itself.
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
+from .ffn_sparsity import check_fallback, check_target
 from .tiers import BITS_TO_TIER, FLOAT_TIER, NEAREST, QUANT_TIERS, tier_within
 
 HI, MID, LO = QUANT_TIERS  # --bits auto: the hot, the ordinary and the cold chunks' tiers
@@ -71,6 +74,10 @@ class Policy:
     bits_for: str | list | dict = field(default_factory=list)
     # which cached keys a language model's attention reads (sparse_attention.AttentionPolicy, or its fields as a dict)
     attention: object = None
+    # FFN activation sparsity (runtime/ffn_sparsity.py): model-wide share of down-projection neurons
+    # skipped per token (0 = dense), and the share below which a position's layer computes dense
+    ffn_sparsity: float = 0.0
+    ffn_fallback: float = 0.05
 
     def __post_init__(self):
         from .sparse_attention import AttentionPolicy
@@ -97,6 +104,8 @@ class Policy:
                 raise InputError(f"--topk must be a chunk count >= 1 or a fraction in (0, 1], got {self.topk}")
         if not 0 <= self.tau < 1:
             raise InputError(f"--tau must be in [0, 1), got {self.tau}")
+        self.ffn_sparsity = check_target(self.ffn_sparsity)
+        self.ffn_fallback = check_fallback(self.ffn_fallback)
 
     def k_for(self, n_chunks: int) -> int:
         t = self.topk

@@ -33,10 +33,11 @@ NADOO_OP_ATTRS: dict[str, dict[str, type]] = {
     "ChunkedConvTranspose": {"weight": str},
     "ChunkedRecurrent": {"cell": str, "weight": str, "recurrence": str},
     "ChunkedFFN": {"up": str, "down": str, "activation": str},
+    "GatedFFN": {"gate": str, "up": str, "down": str, "activation": str},
     "MoE": {"moe": str},
     "Attention": {"heads": int, "kv_heads": int, "head_dim": int, "max_positions": int},
 }
-_WEIGHT_ATTRS = ("weight", "recurrence", "up", "down")
+_WEIGHT_ATTRS = ("weight", "recurrence", "up", "down", "gate")
 
 
 def normalize_domain(domain: str) -> str:

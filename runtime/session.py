@@ -69,7 +69,7 @@ class Session:
             constants = self.bundle.read_constants()
             classes = chunked.classes_in(graph)
             self.cache = ChunkCache(parse_size(memory_budget), victim=chunked.cache_victim(classes))
-            need_profile = self.policy.kind == "topk" or self.policy.bits == "auto"
+            need_profile = self.policy.kind == "topk" or self.policy.bits == "auto" or self.policy.ffn_sparsity > 0
             profile = (self.bundle.read_profile() if need_profile else None) or {}
             env = chunked.OpEnv(self.bundle, chunked.WeightStore(self.bundle, self.cache, self.policy.tau),
                                 self.policy, profile)

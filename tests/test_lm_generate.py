@@ -160,6 +160,13 @@ def test_perplexity_equals_transformers(built, score):
 
 
 # ------------------------------------------------------------------ quantized tiers
+def source_layout(bundle, name, tier):
+    """A stored tensor decoded, in the source's layout (an MLP's down projection is stored transposed,
+    chunked by input neuron groups)."""
+    w = bundle.read_weight(name, tier)
+    return w.T if bundle.tensors[name].kind == "ffn_down" else w
+
+
 def test_8_bit_runs_the_stored_8_bit_weights(built):
     """At 8 bits the session computes what the reference decoder computes over the bundle's decoded
     q8 tensors (to float rounding), and stays close to the float model."""
@@ -167,7 +174,7 @@ def test_8_bit_runs_the_stored_8_bit_weights(built):
     src = load_lm_source(folder)
     seq = prompt_ids() + transformers_greedy(model, prompt_ids(), NEW)[0]
     with session(bundle, "8") as s:
-        q8 = {n: s.bundle.read_weight(n, "q8") for n in s.bundle.tensors}
+        q8 = {n: source_layout(s.bundle, n, "q8") for n in s.bundle.tensors}
         logits = LanguageModel(s).forward(seq, 0, keep=0)[0]
     ref = ReferenceDecoder(LMSource(src.config, {**src.weights, **q8}))
     exact = ref.forward(seq)
@@ -185,7 +192,7 @@ def test_bits_for_sets_the_tier_of_the_tensors_it_names(built):
     src = load_lm_source(folder)
     seq = prompt_ids(3, 24)
     with nd.Session(bundle, policy=nd.Policy(bits="4", bits_for="embed=8")) as s:
-        mixed = {n: s.bundle.read_weight(n, "q8" if n == "embed" else "q4") for n in s.bundle.tensors}
+        mixed = {n: source_layout(s.bundle, n, "q8" if n == "embed" else "q4") for n in s.bundle.tensors}
         logits = LanguageModel(s).forward(seq, 0, keep=0)[0]
     with session(bundle, "4") as s:
         plain = LanguageModel(s).forward(seq, 0, keep=0)[0]

@@ -403,6 +403,19 @@ def _chunked_ffn(node, ctx):
     return need
 
 
+@size_rule("GatedFFN", domain="nadoo")
+def _gated_ffn(node, ctx):
+    gate, down = _weight(ctx, "gate"), _weight(ctx, "down")
+    if gate is None or down is None:
+        return None
+    r, k, n = gate[0], prod(gate[1:]), prod(down[1:])
+
+    def need(x, *rest):
+        pos = prod(_shape(x)[:-1])
+        return pos * max(r, n), pos * r * (2 * k + n)  # gate and up [r, k], down stored [r, n]
+    return need
+
+
 @size_rule("ChunkedRecurrent", domain="nadoo")
 def _chunked_recurrent(node, ctx):
     w, r = _weight(ctx), _weight(ctx, "recurrence")
