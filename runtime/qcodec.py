@@ -1,4 +1,6 @@
-"""Grouped asymmetric quantization payload codec (.ndc format v1), pure NumPy.
+"""Grouped asymmetric quantization payload codecs (.ndc format v1), pure NumPy: the scale+min codec
+below (NDC 1.0, spec §4.2), its nested bit-planes (1.1, §4.2b) and the integer-zero-point codec at the
+end of this module (1.2, §4.2c, the default of new compiles).
 
 A quantized chunk is a matrix W of ``rows`` (R) x ``row_len`` (K). Along K the columns are cut
 into groups of ``group_size`` (G) columns; ``ng = ceil(K / G)`` and ``K_pad = ng * G`` (the

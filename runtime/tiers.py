@@ -238,7 +238,7 @@ ZERO_POINT = {t: ZeroPointTier(t) for t in QUANT_TIERS}
 NESTED = NestedTiers()
 # The codecs of separate quantized tiers: "zp" (1.2, the default of compiles) and the scale+min "minmax".
 CODECS = {"zp": ZERO_POINT, "minmax": {t: SEPARATE[t] for t in QUANT_TIERS}}
-DEFAULT_CODEC = "minmax"  # "zp" once the compiler quantizes onto its grid
+DEFAULT_CODEC = "zp"
 
 
 def layouts_of(entry: dict) -> dict[str, tuple[TierLayout, list]]:
