@@ -17,7 +17,8 @@ from nadoo.runtime import __version__
 from nadoo.runtime.errors import CompileError
 from nadoo.runtime.format import MAX_GROUP_SIZE
 from nadoo.runtime.qcodec import ZP_GROUPS
-from nadoo.runtime.tiers import CODECS, DEFAULT_CODEC, NestedTiers, SeparateTier, TierLayout, ZeroPointTier, compile_layouts
+from nadoo.runtime.tiers import (CODECS, DEFAULT_CODEC, NestedTiers, SeparateTier, TierLayout, ZeroPointTier,
+                                 compile_layouts)
 
 from .calib_data import load_calibration, synthetic_calibration
 from .calibrate import IMPORTANCE_KINDS, calibrate, dense_builders

@@ -221,3 +221,40 @@ def test_read_packed_feeds_onnxruntime_matmulnbits(tmp_path, tier, K, G):
     (y,) = sess.run(None, {"A": A})
     ref = A @ w.T
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def test_scale_min_bundles_still_read(tmp_path):
+    """A bundle of the legacy scale+min codec (no `zp` key) is written as 1.0 and decodes as §4.2."""
+    rng = np.random.default_rng(5)
+    R, K, G = 6, 40, 16
+    entry = {"name": "w", "kind": "linear", "shape": [R, K], "group_size": G, "bounds": [0, 2, 6], "tiers": {}}
+    codes, scales, mins = {}, {}, {}
+    p = tmp_path / "legacy.ndc"
+    with BundleWriter(p) as wr:
+        for layout in compile_layouts(False, False, codec="minmax"):
+            ng = -(-K // G)
+            c = rng.integers(0, 1 << layout.bits, (R, K)).astype(np.uint8)
+            s, m = (rng.uniform(-1, 1, (R, ng)).astype(np.float16) for _ in range(2))
+            codes[layout.key], scales[layout.key], mins[layout.key] = c, s, m
+            layout.record(entry, [[wr.add_payload(qcodec.pack(c[lo:hi], s[lo:hi], m[lo:hi], layout.bits, G))
+                                   for lo, hi in ((0, 2), (2, 6))]])
+        wr.finish({"format": "ndc", "tensors": [entry]})
+    assert "zp" not in entry
+    with Bundle.open(p) as b:
+        assert (b.preamble.major, b.preamble.minor) == (1, 0)
+        for t, bits in (("q8", 8), ("q4", 4), ("q2", 2)):
+            want = qcodec.dequantize(qcodec.pack(codes[t], scales[t], mins[t], bits, G), R, K, G, bits)
+            np.testing.assert_array_equal(b.read_weight("w", t), want)
+            assert b.read_packed("w", t) is None   # not in the MatMulNBits layout
+
+
+def test_compile_options_need_a_zp_group_size():
+    from nadoo.compiler.pipeline import CompileOptions, check_layout_options
+    from nadoo.runtime.errors import CompileError
+
+    check_layout_options(CompileOptions(group_size=128))
+    check_layout_options(CompileOptions(group_size=48, codec="minmax"))
+    for bad in (CompileOptions(group_size=48), CompileOptions(group_size=512), CompileOptions(group_size=8),
+                CompileOptions(codec="nf4")):
+        with pytest.raises(CompileError):
+            check_layout_options(bad)
