@@ -29,7 +29,7 @@ from nadoo.runtime.tiers import compile_layouts
 
 from .calibrate import LayerStats, dense_builders
 from .gated_ffn import GROUP_ROWS, DownStats, reorder_neurons
-from .pipeline import (CompileOptions, CompileReport, _bounds, _entry, _progress, _quant_kwargs, _raw,
+from .pipeline import (CompileOptions, CompileReport, _bounds, _entry, _progress, _quant_kwargs, _raw, check_layout_options,
                        _write_constants, _write_weights)
 from .rewrite import Weight
 from .writer import BundleWriter
@@ -227,8 +227,7 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
                       source: str = "transformers model", source_kind: str = "transformers", t0=None) -> CompileReport:
     opts = opts or CompileOptions()
     t0 = time.perf_counter() if t0 is None else t0
-    if opts.group_size < 1 or opts.chunks < 1 or opts.embedding_rows < 1:
-        raise CompileError("--group-size, --chunks and --embedding-rows must be positive")
+    check_layout_options(opts)
     c = src.config
     windows, calib_note = calibration_windows(src, opts)
     notes = [] if opts.calib_text else ["warning: no --calib-text given; the activity profile comes from random tokens"]
@@ -259,7 +258,7 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
             kw.pop("hessian", None)
         return (st.importance() if st.w.kind == "linear" else None), kw
 
-    layouts = compile_layouts(opts.keep_float, opts.nested)
+    layouts = compile_layouts(opts.keep_float, opts.nested, opts.codec)
     tier_bytes = {layout.key: 0 for layout in layouts}
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with BundleWriter(out_path, alignment=opts.alignment) as wr:
