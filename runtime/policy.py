@@ -18,6 +18,9 @@
 - Mixture-of-experts layers: `disable_experts` / `only_experts` ("LAYER:EXPERT,...") mask experts out
   of routing, `prefetch` loads the next layer's likely experts ahead of use; under `bits="auto"` a
   token's expert runs at 8 bits when its routing weight is >= `auto_threshold`, else at 4.
+- `lm_head="topk"`: a language model's head computes exact logits only for the vocabulary chunks
+  that can matter (the `lm_head_k` most likely first; certified argmax for greedy decoding, all but
+  `lm_head_epsilon` of the probability mass for sampling; runtime/chunked/lm_head.py).
 Embedding (gather) layers always read only the rows an input looks up: exact, free savings.
 
 Every op asks `plan` (chunked tensors) or `expert_tiers` (experts) and decides nothing of this itself.
@@ -69,6 +72,11 @@ class Policy:
     auto_threshold: float = 0.5
     # per-tensor tiers over `bits`: "embed=8,layers.0.*=float" or [(pattern, bits)] or {pattern: bits}
     bits_for: str | list | dict = field(default_factory=list)
+    # a language model's head routed by vocabulary chunk (runtime/chunked/lm_head.py): "dense" | "topk",
+    # the chunks scored exactly first, and the probability mass sampling may leave out
+    lm_head: str = "dense"
+    lm_head_k: int = 4
+    lm_head_epsilon: float = 1e-3
 
     def __post_init__(self):
         self.bits = str(self.bits)
@@ -89,6 +97,13 @@ class Policy:
                 raise InputError(f"--topk must be a chunk count >= 1 or a fraction in (0, 1], got {self.topk}")
         if not 0 <= self.tau < 1:
             raise InputError(f"--tau must be in [0, 1), got {self.tau}")
+        if self.lm_head not in ("dense", "topk"):
+            raise InputError(f"unknown --lm-head {self.lm_head!r} (dense or topk)")
+        if type(self.lm_head_k) is not int or self.lm_head_k < 1:
+            raise InputError(f"--lm-head-k must be a chunk count >= 1, got {self.lm_head_k!r}")
+        eps = self.lm_head_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise InputError(f"--lm-head-epsilon must be in (0, 1), got {eps!r}")
 
     def k_for(self, n_chunks: int) -> int:
         t = self.topk
