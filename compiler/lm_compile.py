@@ -128,7 +128,7 @@ def lm_graph(src, head: str, layout=None) -> tuple[dict, dict, list[Weight]]:
         weights.append(Weight(head, "linear", rows[layout.order] if layout is not None else rows, "head", x, out))
     if layout is not None:  # the softcap is applied inside: rows a routed head does not compute stay -inf
         g.add("LMHead", [x, *row_map, g.const("lm_head.basis", layout.basis), g.const("lm_head.mean", layout.mean)],
-              out, domain="nadoo", weight=head, softcap=float(c["final_softcap"] or 0.0), stages=list(layout.stages))
+              out, domain="nadoo", weight=head, softcap=float(c["final_softcap"] or 0.0))
     else:
         g.add("ChunkedLinear", [x], out, domain="nadoo", weight=head)
     if c["final_softcap"] is not None and layout is None:
@@ -208,7 +208,7 @@ def _head_layout(src, stats, opts: CompileOptions):
     c, w = src.config, src.weights
     st = stats["head"]
     moment = st.hessian()  # E[h hᵀ] over every calibration position (a linear layer's statistics keep it)
-    layout = head_layout(w["embed"] if c["tied_head"] else w["head"], moment, opts.embedding_rows)
+    layout = head_layout(w["embed"] if c["tied_head"] else w["head"], moment, opts.embedding_rows, opts.lm_head_sketch)
     st.out.permute(layout.order)
     if c["tied_head"] and stats["embed"].lookups is not None:
         stats["embed"].lookups = stats["embed"].lookups[layout.order]

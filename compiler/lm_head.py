@@ -14,7 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SKETCH_RANK = 192  # basis columns stored; measured on Gemma 3 270M: at 192 dims 0.03 % of rows survive the bound
+from nadoo.runtime.chunked.lm_head import stages
+
+# Basis columns stored, as a share of the hidden size (CompileOptions.lm_head_sketch): on Gemma 3 270M (640) the bound at 192 dims
+# leaves 0.03 % of the rows able to beat the best logit, at 128 dims 1.2 %, at 64 about half. The
+# bound is refined in thirds (64, 128, 192 there: runtime/chunked/lm_head.py `stages`).
 POWER_ITERS = 6
 
 
@@ -24,7 +28,6 @@ class HeadLayout:
     row_of: np.ndarray  # token t is stored at row row_of[t] (int64 [V])
     basis: np.ndarray  # [K, r] float32
     mean: np.ndarray  # [K] float32, the mean head row
-    stages: list[int]  # sketch dimensions the bound is refined at (increasing, last = r)
 
 
 def sketch_basis(moment: np.ndarray, rank: int) -> np.ndarray:
@@ -55,14 +58,13 @@ def bisection_order(points: np.ndarray, leaf: int, seed: int = 0) -> np.ndarray:
     return np.concatenate(out)
 
 
-def head_layout(head: np.ndarray, moment: np.ndarray, rows_per_chunk: int, rank: int = SKETCH_RANK) -> HeadLayout:
+def head_layout(head: np.ndarray, moment: np.ndarray, rows_per_chunk: int, share: float = 0.3) -> HeadLayout:
     """The routed layout of a [V, K] head whose input has second moment `moment` [K, K]."""
     w = np.asarray(head, np.float32)
-    rank = max(1, min(rank, w.shape[1]))
+    rank = max(1, min(round(share * w.shape[1]), w.shape[1]))
     basis = sketch_basis(moment, rank)
     mean = w.mean(axis=0, dtype=np.float64).astype(np.float32)
-    first = max(1, rank // 2)
-    order = bisection_order((w - mean) @ basis[:, :first], rows_per_chunk)
+    order = bisection_order((w - mean) @ basis[:, :stages(rank)[0]], rows_per_chunk)
     row_of = np.empty(len(order), np.int64)
     row_of[order] = np.arange(len(order))
-    return HeadLayout(order, row_of, basis, mean, sorted({first, rank}))
+    return HeadLayout(order, row_of, basis, mean)

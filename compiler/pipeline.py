@@ -51,6 +51,7 @@ class CompileOptions:
     calib_text: str | None = None  # language models: calibration text, tokenized (compiler/lm_compile.py)
     calib_len: int = 128  # tokens per calibration window of a language model
     calib_windows: int = 32  # at most this many windows, spread over the text
+    lm_head_sketch: float = 0.3  # language models: the routed head's basis, a share of the hidden size
 
 
 @dataclass

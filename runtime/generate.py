@@ -150,10 +150,14 @@ class _Totals:
                     self.lm_head[k] += head[k]
                 self.lm_head["tail_mass_max"] = max(self.lm_head["tail_mass_max"], head["tail_mass_max"])
 
-    def head_stats(self, temperature: float) -> dict:
-        """The LM head's figures per generated token (None where the bundle's head is not routable or,
-        for the certified rate, when nothing was certified: dense head or sampling)."""
+    def head_stats(self, temperature: float, prefill: dict | None) -> dict:
+        """The LM head's figures per decoded token, its counts after `prefill` (None where the bundle's
+        head is not routable or, for the certified rate, when nothing was certified: dense head or
+        sampling)."""
         h = self.lm_head
+        if h and prefill:
+            h = {**h, **{k: h[k] - prefill[k] for k in ("calls", "routed_calls", "chunks_read", "certified_calls",
+                                                        "macs", "dense_macs")}}
         per = (lambda k: h[k] / h["calls"]) if h and h["calls"] else (lambda k: None)
         return {"lm_head_chunks_read_per_token": per("chunks_read"),
                 "lm_head_chunks_total": h["chunks_total"] if h else None,
@@ -240,6 +244,7 @@ class TokenStream:
         logits = self._step(self.prompt_ids, 0, totals)
         prefill_bytes = totals.sums["bytes_read"]
         prefill_macs = totals.sums["macs"], totals.sums["dense_macs"]
+        prefill_head = dict(totals.lm_head) if totals.lm_head else None
         t_first = None
         stop = "length"
         while True:
@@ -267,7 +272,7 @@ class TokenStream:
                          **totals.as_dict(self.lm.session),
                          "macs_per_token": (totals.sums["macs"] - prefill_macs[0]) / steps if steps else None,
                          "dense_macs_per_token": (totals.sums["dense_macs"] - prefill_macs[1]) / steps if steps else None,
-                         **totals.head_stats(self.sampler.temperature)}
+                         **totals.head_stats(self.sampler.temperature, prefill_head)}
                 self.result = GenerationResult("".join(texts) if decoder is not None else None, ids,
                                                list(self.prompt_ids), stop, stats)
                 yield GeneratedToken(t, text)

@@ -2,7 +2,7 @@
 
 logits[..., t] = softcap(x · W[row_of[t]]), W [V, K] stored as chunks of rows in the order the
 compiler chose (similar rows together, compiler/lm_head.py). Inputs: x [..., K], row_of [V], basis B
-[K, r], mean row μ [K]. Attributes: `weight`, `softcap` (0: none), `stages` (sketch dimensions).
+[K, r], mean row μ [K]. Attributes: `weight`, `softcap` (0: none).
 
 `Policy.lm_head = "dense"` computes every row. `"topk"`, on a call with one position (a decode
 step), computes exact logits only for the chunks it must:
@@ -38,6 +38,12 @@ _EPS32 = float(np.finfo(np.float32).eps)
 _BATCH = 4  # chunks read per round while certifying (fewer rounds; rarely more reads than needed)
 
 
+def stages(r: int) -> list[int]:
+    """The sketch dimensions the bound is refined at: thirds of the basis, each stage computed only
+    for the rows the previous one left able to matter."""
+    return sorted({max(1, round(r * j / 3)) for j in (1, 2, 3)})
+
+
 @contextlib.contextmanager
 def sampling(temperature: float):
     """Calls inside the block sample at `temperature` (0: greedy): a routed head then covers all but
@@ -62,7 +68,7 @@ class HeadCounters:
 class _Certificate:
     """Sketch coordinates and residual norms of every stored row, from the decoded blocks."""
 
-    def __init__(self, store, e, tiers, basis, mean, stages):
+    def __init__(self, store, e, tiers, basis, mean, dims):
         r = basis.shape[1]
         self.A = np.empty((e.rows, r), np.float32)
         wc2 = np.empty(e.rows, np.float64)
@@ -74,7 +80,7 @@ class _Certificate:
         G = basis.T.astype(np.float64) @ basis
         a64 = self.A.astype(np.float64)
         self.t_norm, self.in_norm = [], []
-        for m in stages:
+        for m in dims:
             am = a64[:, :m]
             # ‖t‖² = ‖w - μ‖² - 2 aᵀa + aᵀ G a  (a = B_mᵀ(w - μ) as computed; 1e-3‖w - μ‖ covers its rounding)
             t2 = wc2 - 2 * np.einsum("ij,ij->i", am, am) + np.einsum("ij,jk,ik->i", am, G[:m, :m], am)
@@ -97,14 +103,10 @@ class LMHead(ChunkedLinear):
             raise BundleError(f"corrupt bundle: {node['name']}: the row map, basis and mean must be constants")
         self.row_of = checked_row_map(row_of, e.rows, node["name"])
         self.basis, self.mean = np.asarray(basis, np.float32), np.asarray(mean, np.float32)
-        stages = attrs.get("stages", [])
         r = self.basis.shape[1] if self.basis.ndim == 2 else 0
-        if (self.basis.shape != (e.row_len, r) or self.mean.shape != (e.row_len,) or not stages
-                or any(type(m) is not int for m in stages) or list(stages) != sorted(set(stages))
-                or not 1 <= stages[0] <= stages[-1] <= r):
-            raise BundleError(f"corrupt bundle: {node['name']}: basis, mean or stages do not fit a [{e.rows}, "
-                              f"{e.row_len}] head")
-        self.stages = list(stages)
+        if self.basis.shape != (e.row_len, r) or r < 1 or self.mean.shape != (e.row_len,):
+            raise BundleError(f"corrupt bundle: {node['name']}: basis or mean do not fit a [{e.rows}, {e.row_len}] head")
+        self.stages = stages(r)
         self.softcap = float(attrs.get("softcap", 0.0))
         self.routed = env.policy.lm_head == "topk"
         self.k = max(1, min(env.policy.lm_head_k, e.n_chunks))
