@@ -66,22 +66,24 @@ class HeadCounters:
 
 
 class _Certificate:
-    """Sketch coordinates and residual norms of every stored row, from the decoded blocks."""
+    """Sketch coordinates and residual norms of every stored row, from the decoded blocks. The
+    coordinates are kept per stage (columns dims[s-1]:dims[s]) as contiguous blocks: a product with a
+    column slice of one [V, r] array would copy it on every call."""
 
     def __init__(self, store, e, tiers, basis, mean, dims):
         r = basis.shape[1]
-        self.A = np.empty((e.rows, r), np.float32)
+        A = np.empty((e.rows, r), np.float32)
         wc2 = np.empty(e.rows, np.float64)
         for i, w in store.stream(e, tiers):
             lo, hi = e.bounds[i], e.bounds[i + 1]
             wc = w.reshape(hi - lo, -1) - mean
-            self.A[lo:hi] = wc @ basis
+            A[lo:hi] = wc @ basis
             wc2[lo:hi] = np.einsum("ij,ij->i", wc, wc, dtype=np.float64)
         G = basis.T.astype(np.float64) @ basis
-        a64 = self.A.astype(np.float64)
+        self.blocks = [np.ascontiguousarray(A[:, lo:hi]) for lo, hi in zip([0, *dims], dims)]
         self.t_norm, self.in_norm = [], []
         for m in dims:
-            am = a64[:, :m]
+            am = A[:, :m].astype(np.float64)
             # ‖t‖² = ‖w - μ‖² - 2 aᵀa + aᵀ G a  (a = B_mᵀ(w - μ) as computed; 1e-3‖w - μ‖ covers its rounding)
             t2 = wc2 - 2 * np.einsum("ij,ij->i", am, am) + np.einsum("ij,jk,ik->i", am, G[:m, :m], am)
             self.t_norm.append((np.sqrt(np.maximum(t2, 0)) + 1e-3 * np.sqrt(wc2)).astype(np.float32))
@@ -144,7 +146,7 @@ class LMHead(ChunkedLinear):
         hn = float(np.linalg.norm(h))
         slack = 2 * (K + self.basis.shape[1] + 8) * _EPS32 * hn * cert.row_norm_max + 1e-6
         m0 = self.stages[0]
-        est = cert.A[:, :m0] @ u[:m0] + base
+        est = cert.blocks[0] @ u[:m0] + base
         bound = est + self._tail(h, u, 0, slice(None)) + slack
         macs = K * self.basis.shape[1] + V * m0
         starts = bounds[:-1]
@@ -170,7 +172,7 @@ class LMHead(ChunkedLinear):
         for s in range(1, len(self.stages)):  # refine the bound of those rows with more sketch dimensions
             cand = np.flatnonzero((bound >= reach) & ~rows_done)
             lo, hi = self.stages[s - 1], self.stages[s]
-            est[cand] += cert.A[cand, lo:hi] @ u[lo:hi]
+            est[cand] += cert.blocks[s][cand] @ u[lo:hi]
             bound[cand] = est[cand] + self._tail(h, u, s, cand) + slack
             macs += len(cand) * (hi - lo) + K * hi
         extra = False
