@@ -71,7 +71,7 @@ class _Certificate:
     column slice of one [V, r] array would copy it on every call."""
 
     def __init__(self, store, e, tiers, basis, mean, dims):
-        r = basis.shape[1]
+        r, K = basis.shape[1], e.row_len
         A = np.empty((e.rows, r), np.float32)
         wc2 = np.empty(e.rows, np.float64)
         for i, w in store.stream(e, tiers):
@@ -81,15 +81,19 @@ class _Certificate:
             wc2[lo:hi] = np.einsum("ij,ij->i", wc, wc, dtype=np.float64)
         G = basis.T.astype(np.float64) @ basis
         self.blocks = [np.ascontiguousarray(A[:, lo:hi]) for lo, hi in zip([0, *dims], dims)]
+        del A
         self.t_norm, self.in_norm = [], []
-        for m in dims:
-            am = A[:, :m].astype(np.float64)
-            # ‖t‖² = ‖w - μ‖² - 2 aᵀa + aᵀ G a  (a = B_mᵀ(w - μ) as computed; 1e-3‖w - μ‖ covers its rounding)
-            t2 = wc2 - 2 * np.einsum("ij,ij->i", am, am) + np.einsum("ij,jk,ik->i", am, G[:m, :m], am)
-            self.t_norm.append((np.sqrt(np.maximum(t2, 0)) + 1e-3 * np.sqrt(wc2)).astype(np.float32))
-            # ‖B_mᵀ t‖ = ‖(I - G_m) a‖ <= ‖I - G_m‖₂ ‖a‖
+        a2 = np.zeros(e.rows, np.float64)  # ‖a‖² over the first m columns
+        for m, block in zip(dims, self.blocks):
+            a2 += np.einsum("ij,ij->i", block, block, dtype=np.float64)
+            # ‖I - G_m‖₂: how far the stored basis is from orthonormal (float32 rounding)
             gap = float(np.linalg.norm(np.eye(m) - G[:m, :m], 2))
-            self.in_norm.append((gap * np.sqrt(np.einsum("ij,ij->i", am, am)) + 1e-6).astype(np.float32))
+            # ‖t‖² = ‖w - μ‖² - 2 aᵀ(B_mᵀ(w - μ)) + aᵀ G a <= ‖w - μ‖² - (1 - gap) ‖a‖², a being the
+            # float32 product B_mᵀ(w - μ): its rounding moves the middle term by at most 2K·eps·‖w - μ‖²
+            t2 = wc2 - (1 - gap) * a2 + 4 * K * _EPS32 * wc2
+            self.t_norm.append(np.sqrt(np.maximum(t2, 0)).astype(np.float32))
+            # ‖B_mᵀ t‖ = ‖(I - G_m) a‖ <= gap ‖a‖
+            self.in_norm.append((gap * np.sqrt(a2) + 1e-6).astype(np.float32))
         self.row_norm_max = float(np.sqrt(wc2.max())) + float(np.linalg.norm(mean)) if e.rows else 0.0
 
 
