@@ -148,11 +148,14 @@ class LMHead(ChunkedLinear):
         u = self.basis.T @ h
         base = float(h @ self.mean)
         hn = float(np.linalg.norm(h))
-        slack = 2 * (K + self.basis.shape[1] + 8) * _EPS32 * hn * cert.row_norm_max + 1e-6
+        r = self.basis.shape[1]
+        # Worst-case float32 rounding of both sides, doubled: the exact logit (K terms), and the bound
+        # (u = Bᵀx: K terms per coordinate, whose errors reach u·a through up to √r·‖a‖; then r more).
+        slack = 4 * (K + r) * (1 + math.sqrt(r)) * _EPS32 * hn * cert.row_norm_max + 1e-6
         m0 = self.stages[0]
         est = cert.blocks[0] @ u[:m0] + base
         bound = est + self._tail(h, u, 0, slice(None)) + slack
-        macs = K * self.basis.shape[1] + V * m0
+        macs = K * r + V * m0
         starts = bounds[:-1]
         exact = np.full(V, -np.inf, np.float32)
         done = np.zeros(e.n_chunks, bool)
@@ -176,9 +179,14 @@ class LMHead(ChunkedLinear):
         for s in range(1, len(self.stages)):  # refine the bound of those rows with more sketch dimensions
             cand = np.flatnonzero((bound >= reach) & ~rows_done)
             lo, hi = self.stages[s - 1], self.stages[s]
-            est[cand] += cert.blocks[s][cand] @ u[lo:hi]
+            block = cert.blocks[s]
+            if 2 * len(cand) > V:  # most rows: one product over the block beats gathering its rows
+                est[cand] += (block @ u[lo:hi])[cand]
+                macs += V * (hi - lo) + K * hi
+            else:
+                est[cand] += block[cand] @ u[lo:hi]
+                macs += len(cand) * (hi - lo) + K * hi
             bound[cand] = est[cand] + self._tail(h, u, s, cand) + slack
-            macs += len(cand) * (hi - lo) + K * hi
         extra = False
         while True:
             cb = np.maximum.reduceat(bound, starts)
