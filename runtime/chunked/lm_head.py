@@ -35,7 +35,7 @@ from .linear import ChunkedLinear
 
 _TEMPERATURE = contextvars.ContextVar("nadoo_lm_head_temperature", default=0.0)
 _EPS32 = float(np.finfo(np.float32).eps)
-_BATCH = 4  # chunks read per round while certifying (fewer rounds; rarely more reads than needed)
+_BATCH = 4  # chunks read in the first round after the k (then more per round)
 
 
 def stages(r: int) -> list[int]:
@@ -187,7 +187,7 @@ class LMHead(ChunkedLinear):
                 est[cand] += block[cand] @ u[lo:hi]
                 macs += len(cand) * (hi - lo) + K * hi
             bound[cand] = est[cand] + self._tail(h, u, s, cand) + slack
-        extra = False
+        extra, batch = False, _BATCH
         while True:
             cb = np.maximum.reduceat(bound, starts)
             cb[done] = -np.inf
@@ -196,12 +196,15 @@ class LMHead(ChunkedLinear):
                 if tail <= self.env.policy.lm_head_epsilon or done.all():
                     hc.tail_mass_max = max(hc.tail_mass_max, tail)
                     break
-                want = np.argsort(-cb, kind="stable")[:_BATCH]
+                want = np.argsort(-cb, kind="stable")[:batch]
+                batch *= 2
             else:
                 want = np.flatnonzero(cb >= best)
                 if len(want) == 0:
                     break
-                want = want[np.argsort(-cb[want], kind="stable")][:_BATCH]
+                # highest bounds first; at least half of what is left each round, so a loose bound
+                # costs a few rounds, not one per chunk
+                want = want[np.argsort(-cb[want], kind="stable")][:max(_BATCH, len(want) // 2)]
             extra = True
             read(want)
             best = float(exact.max())
