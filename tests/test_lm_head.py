@@ -195,3 +195,16 @@ def test_bisection_order_groups_similar_rows():
     order = bisection_order((centres[label] + rng.standard_normal((128, 6)) * 0.1).astype(np.float32), 16)
     assert sorted(order.tolist()) == list(range(128))
     assert all(len(set(label[order[i:i + 16]])) == 1 for i in range(0, 128, 16))
+
+
+def test_a_loose_bound_falls_back_to_the_dense_head(tmp_path):
+    """A basis of 6 of 64 dimensions bounds nothing on a random model: the calls compute the dense
+    head (every chunk) and give its tokens."""
+    tiny_model("gemma3", vocab=VOCAB).save_pretrained(tmp_path / "hf")
+    bundle = tmp_path / "loose.ndc"
+    compile_lm(tmp_path / "hf", bundle, CompileOptions(embedding_rows=ROWS, lm_head_sketch=0.1), quiet=True)
+    dense, _ = tokens(bundle, "8", PROMPTS[2])
+    routed, st = tokens(bundle, "8", PROMPTS[2], lm_head="topk", lm_head_k=1)
+    assert routed == dense
+    assert st["lm_head_chunks_read_per_token"] == VOCAB // ROWS and st["lm_head_certified_rate"] == 0
+    assert st["lm_head_macs_per_token"] > st["lm_head_dense_macs_per_token"]  # the sketch came on top

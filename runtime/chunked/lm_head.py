@@ -17,7 +17,8 @@ greedy decoding, every unread chunk whose bound reaches the best exact logit is 
 first) until none does: the argmax is the dense one. A call that needed such extra reads is not
 *certified* (counted). With sampling (a temperature set by generate.py), chunks are read until the
 bound on the probability mass left out is below `lm_head_epsilon`; the bound is reported. Rows not
-computed have logit -inf. Calls with several positions (prefill of many logits, perplexity) run dense.
+computed have logit -inf. When more than a quarter of the chunks could still hold the argmax, the
+call computes the dense head instead (one product over the cached whole tensor, as `dense` does). Calls with several positions (prefill of many logits, perplexity) run dense.
 """
 from __future__ import annotations
 
@@ -31,11 +32,12 @@ from .. import callstats
 from ..errors import BundleError, InputError
 from .base import register
 from .gather import checked_row_map
-from .linear import ChunkedLinear
+from .linear import ChunkedLinear, linear
 
 _TEMPERATURE = contextvars.ContextVar("nadoo_lm_head_temperature", default=0.0)
 _EPS32 = float(np.finfo(np.float32).eps)
 _BATCH = 4  # chunks read in the first round after the k (then more per round)
+_FALLBACK = 4  # more than 1/_FALLBACK of the chunks still able to win: compute the dense head instead
 
 
 def stages(r: int) -> list[int]:
@@ -160,10 +162,14 @@ class LMHead(ChunkedLinear):
         exact = np.full(V, -np.inf, np.float32)
         done = np.zeros(e.n_chunks, bool)
 
+        full = store.cache.peek(store.key(e.name, tuple(self.plan.tiers), "full"))  # after a dense fallback
+
         def read(ids):
             nonlocal macs
             ids = np.sort(np.asarray(ids, np.int64))
-            for i, w in zip(ids, store.chunks(e, ids, self.plan.tiers)):
+            blocks = ((full[bounds[i]:bounds[i + 1]] for i in ids) if full is not None
+                      else store.chunks(e, ids, self.plan.tiers))
+            for i, w in zip(ids, blocks):
                 exact[bounds[i]:bounds[i + 1]] = w.reshape(-1, K) @ h
                 macs += (bounds[i + 1] - bounds[i]) * K
             done[ids] = True
@@ -201,6 +207,15 @@ class LMHead(ChunkedLinear):
             else:
                 want = np.flatnonzero(cb >= best)
                 if len(want) == 0:
+                    break
+                if len(want) * _FALLBACK > e.n_chunks:  # the bound excludes little: the dense product
+                    extra = True
+                    if store.fits(e):
+                        exact[:] = linear(h, store.full(e, self.plan.tiers).T, None)
+                        done[:] = True
+                        macs += V * K
+                    else:
+                        read(np.flatnonzero(~done))
                     break
                 # highest bounds first; at least half of what is left each round, so a loose bound
                 # costs a few rounds, not one per chunk
