@@ -64,9 +64,11 @@ class _Graph:
         return name
 
 
-def lm_graph(src, head: str) -> tuple[dict, dict, list[Weight]]:
+def lm_graph(src, head: str, layout=None) -> tuple[dict, dict, list[Weight]]:
     """(graph, inline constants, chunked weights) of a decoder; the LM head node reads tensor `head`
-    ("embed" for a tied head in the bundle; the compiler's calibration passes a linear alias)."""
+    ("embed" for a tied head in the bundle; the compiler's calibration passes a linear alias).
+    `layout` (compiler/lm_head.py): the head's rows stored in its order and the head a `nadoo.LMHead`
+    (routable by vocabulary chunk); None: a plain `nadoo.ChunkedLinear` head in token order."""
     c, w = src.config, src.weights
     g = _Graph()
     weights: list[Weight] = []
@@ -97,8 +99,11 @@ def lm_graph(src, head: str) -> tuple[dict, dict, list[Weight]]:
         return g.add("GatedFFN", [x, *biases], out, domain="nadoo", gate=p + "gate", up=p + "up", down=p + "down",
                      activation=c["activation"])
 
-    weights.append(Weight("embed", "gather", w["embed"], "embed", "input_ids", "embed"))
-    x = g.add("ChunkedGather", ["input_ids"], "embed", domain="nadoo", weight="embed")
+    tied_rows = layout is not None and c["tied_head"]  # the embedding's rows are the head's, reordered
+    weights.append(Weight("embed", "gather", w["embed"][layout.order] if tied_rows else w["embed"], "embed",
+                          "input_ids", "embed"))
+    row_map = [g.const("lm_head.row_of", layout.row_of)] if layout is not None else []
+    x = g.add("ChunkedGather", ["input_ids", *row_map[:tied_rows]], "embed", domain="nadoo", weight="embed")
     if c["embed_scale"] != 1.0:
         x = g.add("Mul", [x, g.const("embed_scale", np.float32(c["embed_scale"]))], "embed.scaled")
     for i, kind in enumerate(c["layer_types"]):
@@ -127,11 +132,16 @@ def lm_graph(src, head: str) -> tuple[dict, dict, list[Weight]]:
     x = g.add("Slice", [x, start, g.const("logits.end", np.array([INT64_MAX])), g.const("logits.axis", np.array([1]))],
               "logits.rows")
     x = norm(x, "final_norm", "final_norm.out")
-    out = "logits" if c["final_softcap"] is None else "logits.raw"
+    out = "logits" if c["final_softcap"] is None or layout is not None else "logits.raw"
     if head != "embed":  # a tied head in the bundle is the embedding's own tensor, stored once
-        weights.append(Weight(head, "linear", w["embed"] if c["tied_head"] else w["head"], "head", x, out))
-    g.add("ChunkedLinear", [x], out, domain="nadoo", weight=head)
-    if c["final_softcap"] is not None:
+        rows = w["embed"] if c["tied_head"] else w["head"]
+        weights.append(Weight(head, "linear", rows[layout.order] if layout is not None else rows, "head", x, out))
+    if layout is not None:  # the softcap is applied inside: rows a routed head does not compute stay -inf
+        g.add("LMHead", [x, *row_map, g.const("lm_head.basis", layout.basis), g.const("lm_head.mean", layout.mean)],
+              out, domain="nadoo", weight=head, softcap=float(c["final_softcap"] or 0.0))
+    else:
+        g.add("ChunkedLinear", [x], out, domain="nadoo", weight=head)
+    if c["final_softcap"] is not None and layout is None:
         cap = g.const("final_softcap", np.float32(c["final_softcap"]))
         t = g.add("Tanh", [g.add("Div", [out, cap], "logits.div")], "logits.tanh")
         g.add("Mul", [t, cap], "logits")
@@ -200,6 +210,21 @@ def _calibrate(graph, consts, weights, windows, quiet) -> tuple[dict, Plan]:
     return stats, plan
 
 
+def _head_layout(src, stats, opts: CompileOptions):
+    """The head's routed layout from its calibration input moments; the calibration statistics of
+    the head and of a tied embedding reordered to match (their chunk profiles follow the stored rows)."""
+    from .lm_head import head_layout
+
+    c, w = src.config, src.weights
+    st = stats["head"]
+    moment = st.hessian()  # E[h hᵀ] over every calibration position (a linear layer's statistics keep it)
+    layout = head_layout(w["embed"] if c["tied_head"] else w["head"], moment, opts.embedding_rows, opts.lm_head_sketch)
+    st.out.permute(layout.order)
+    if c["tied_head"] and stats["embed"].lookups is not None:
+        stats["embed"].lookups = stats["embed"].lookups[layout.order]
+    return layout
+
+
 # ------------------------------------------------------------------ compile
 _NOT_FOR_LMS = (("calib", "a language model calibrates on text: use --calib-text FILE"),
                 ("input_shapes", "--input-shape applies to torch models only"),
@@ -239,10 +264,15 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
     sample_in = lm_feeds(windows[0], keep=1)
     (sample_logits,) = plan.run(sample_in)
     del plan
-    graph, consts, weights = lm_graph(src, head="embed" if c["tied_head"] else "head")
+    layout = _head_layout(src, stats, opts)
+    graph, consts, weights = lm_graph(src, head="embed" if c["tied_head"] else "head", layout=layout)
     rows_per = {"gather": opts.embedding_rows, "ffn_down": GROUP_ROWS}
-    bounds = {w.name: _bounds(w.rows, -(-w.rows // rows_per[w.kind]) if w.kind in rows_per else opts.chunks)
-              for w in weights}
+
+    def n_chunks(wt):  # an untied head is chunked like an embedding (vocabulary rows), so it can be routed
+        per = opts.embedding_rows if wt.name == "head" else rows_per.get(wt.kind)
+        return opts.chunks if per is None else -(-wt.rows // per)
+
+    bounds = {wt.name: _bounds(wt.rows, n_chunks(wt)) for wt in weights}
     reorder_neurons(weights, stats, consts, bounds)
     # LM layers are not routed yet (activation None in the stats): no layer is marked routable.
     layers = {w.name: stats[w.name].summary(np.asarray(bounds[w.name])) for w in weights}

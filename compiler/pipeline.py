@@ -54,6 +54,7 @@ class CompileOptions:
     calib_len: int = 128  # tokens per calibration window of a language model
     calib_windows: int = 32  # at most this many windows, spread over the text
     codec: str = DEFAULT_CODEC  # separate quantized tiers: "zp" (integer zero points, NDC 1.2) | "minmax" (1.1)
+    lm_head_sketch: float = 0.3  # language models: the routed head's basis, a share of the hidden size
 
 
 @dataclass

@@ -284,6 +284,21 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
 _BITS = click.option("--bits", type=click.Choice(["8", "4", "2", "float", "auto", "alloc"]), default="8", show_default=True,
                      help="Weight precision, as for run.")
 _BUDGET = click.option("--memory-budget", help="Hard bound on cached (decoded) weight bytes, e.g. 64MB.")
+_LM_HEAD = [click.option("--lm-head", type=click.Choice(["dense", "topk"]), default="dense", show_default=True,
+                         help="topk: exact logits only for the vocabulary chunks that can matter (greedy: the argmax "
+                              "certified equal to the dense one; sampling: all but --lm-head-epsilon of the probability "
+                              "mass; other logits -inf). Needs a bundle compiled with the routed head layout."),
+            click.option("--lm-head-k", default=4, show_default=True, type=click.IntRange(1),
+                         help="With --lm-head topk: chunks computed exactly before the bound decides what else to read."),
+            click.option("--lm-head-epsilon", default=1e-3, show_default=True,
+                         type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                         help="With --lm-head topk and sampling: the probability mass the unread chunks may hold at most.")]
+
+
+def _lm_head_options(fn):
+    for opt in reversed(_LM_HEAD):
+        fn = opt(fn)
+    return fn
 
 _ATTENTION_OPTIONS = [
     click.option("--attention", type=click.Choice(["dense", "window", "pages", "heavy", "oracle"]), default="dense",
@@ -337,18 +352,20 @@ def _parse_ids(text):
 @_BITS_FOR
 @_BUDGET
 @_attention_options
+@_lm_head_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, speed, bytes read, per-layer stats) instead of streaming.")
 @_ffn_sparsity
 @_friendly
 def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, no_eos, bits, bits_for,
-             memory_budget, as_json, ffn, **attention):
+             memory_budget, lm_head, lm_head_k, lm_head_epsilon, as_json, ffn, **attention):
     """Continue a prompt with the language model in BUNDLE, streaming the text as it is produced."""
     from .policy import Policy
     from .session import Session
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
-    policy = Policy(bits=bits, bits_for=list(bits_for), attention=_attention_policy(**attention), **ffn)
+    policy = Policy(bits=bits, bits_for=list(bits_for), attention=_attention_policy(**attention), lm_head=lm_head,
+                    lm_head_k=lm_head_k, lm_head_epsilon=lm_head_epsilon, **ffn)
     with Session(bundle, policy=policy, memory_budget=memory_budget) as sess:
         stream = sess.stream(prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, stop_at_eos=not no_eos)

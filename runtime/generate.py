@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .chunked.lm_head import sampling
 from .errors import BundleError, InputError
 
 __all__ = ["GeneratedToken", "GenerationResult", "LanguageModel", "Sampler", "TokenStream", "generate", "perplexity",
@@ -130,6 +131,7 @@ class _Totals:
         self.layers: dict[str, dict] = {}
         self.calls = 0
         self.ffn_counts: dict | None = None
+        self.lm_head: dict | None = None  # the routed head's counts (runtime/chunked/lm_head.py), summed
 
     def add(self, st: dict) -> None:
         self.calls += 1
@@ -144,6 +146,30 @@ class _Totals:
             acc = self.ffn_counts = self.ffn_counts or dict.fromkeys(st["ffn_counts"], 0)
             for k, v in st["ffn_counts"].items():
                 acc[k] += v
+        head = st.get("lm_head")
+        if head is not None:
+            if self.lm_head is None:
+                self.lm_head = dict(head)
+            else:
+                for k in ("calls", "routed_calls", "chunks_read", "certified_calls", "macs", "dense_macs"):
+                    self.lm_head[k] += head[k]
+                self.lm_head["tail_mass_max"] = max(self.lm_head["tail_mass_max"], head["tail_mass_max"])
+
+    def head_stats(self, temperature: float, prefill: dict | None) -> dict:
+        """The LM head's figures per decoded token, its counts after `prefill` (None where the bundle's
+        head is not routable or, for the certified rate, when nothing was certified: dense head or
+        sampling)."""
+        h = self.lm_head
+        if h and prefill:
+            h = {**h, **{k: h[k] - prefill[k] for k in ("calls", "routed_calls", "chunks_read", "certified_calls",
+                                                        "macs", "dense_macs")}}
+        per = (lambda k: h[k] / h["calls"]) if h and h["calls"] else (lambda k: None)
+        return {"lm_head_chunks_read_per_token": per("chunks_read"),
+                "lm_head_chunks_total": h["chunks_total"] if h else None,
+                "lm_head_certified_rate": (h["certified_calls"] / h["routed_calls"]
+                                           if h and h["routed_calls"] and temperature == 0 else None),
+                "lm_head_tail_mass_max": h["tail_mass_max"] if h and h["routed_calls"] and temperature > 0 else None,
+                "lm_head_macs_per_token": per("macs"), "lm_head_dense_macs_per_token": per("dense_macs")}
 
     def as_dict(self, session) -> dict:
         from .session import peak_rss_bytes
@@ -227,7 +253,8 @@ class TokenStream:
             if start and state.restarts != self._restarts:
                 raise InputError("another sequence used this session's KV cache since this generation started "
                                  "(a session generates one sequence at a time)")
-            logits, st = self.lm.forward(ids, start)
+            with sampling(self.sampler.temperature):  # a routed LM head covers what the sampler may pick
+                logits, st = self.lm.forward(ids, start)
             self._restarts = state.restarts
         totals.add(st)
         return logits[-1]
@@ -241,6 +268,8 @@ class TokenStream:
         logits = self._step(self.prompt_ids, 0, totals)
         prefill_bytes = totals.sums["bytes_read"]
         kv_mark = _kv_mark(self.lm.session)  # decode steps only: what each generated token costs
+        prefill_macs = totals.sums["macs"], totals.sums["dense_macs"]
+        prefill_head = dict(totals.lm_head) if totals.lm_head else None
         t_first = None
         stop = "length"
         while True:
@@ -266,7 +295,10 @@ class TokenStream:
                          "prefill_bytes_read": prefill_bytes,
                          "bytes_read_per_token": decode_bytes / steps if steps else None,
                          **_kv_per_token(self.lm.session, kv_mark, steps),
-                         **totals.as_dict(self.lm.session)}
+                         **totals.as_dict(self.lm.session),
+                         "macs_per_token": (totals.sums["macs"] - prefill_macs[0]) / steps if steps else None,
+                         "dense_macs_per_token": (totals.sums["dense_macs"] - prefill_macs[1]) / steps if steps else None,
+                         **totals.head_stats(self.sampler.temperature, prefill_head)}
                 self.result = GenerationResult("".join(texts) if decoder is not None else None, ids,
                                                list(self.prompt_ids), stop, stats)
                 yield GeneratedToken(t, text)

@@ -20,6 +20,9 @@
   token's expert runs at 8 bits when its routing weight is >= `auto_threshold`, else at 4.
 - `ffn_sparsity`: MLPs (gated `GatedFFN`, fused `ChunkedFFN`) skip the down-projection neurons whose |activation| is at or below
   a calibrated per-layer threshold, the thresholds allocated to this model-wide share (ffn_sparsity.py).
+- `lm_head="topk"`: a language model's head computes exact logits only for the vocabulary chunks
+  that can matter (the `lm_head_k` most likely first; certified argmax for greedy decoding, all but
+  `lm_head_epsilon` of the probability mass for sampling; runtime/chunked/lm_head.py).
 Embedding (gather) layers always read only the rows an input looks up: exact, free savings.
 
 Every op asks `plan` (chunked tensors) or `expert_tiers` (experts) and decides nothing of this itself.
@@ -78,6 +81,11 @@ class Policy:
     # skipped per token (0 = dense), and the share below which a position's layer computes dense
     ffn_sparsity: float = 0.0
     ffn_fallback: float = 0.05
+    # a language model's head routed by vocabulary chunk (runtime/chunked/lm_head.py): "dense" | "topk",
+    # the chunks scored exactly first, and the probability mass sampling may leave out
+    lm_head: str = "dense"
+    lm_head_k: int = 4
+    lm_head_epsilon: float = 1e-3
 
     def __post_init__(self):
         from .sparse_attention import AttentionPolicy
@@ -106,6 +114,13 @@ class Policy:
             raise InputError(f"--tau must be in [0, 1), got {self.tau}")
         self.ffn_sparsity = check_target(self.ffn_sparsity)
         self.ffn_fallback = check_fallback(self.ffn_fallback)
+        if self.lm_head not in ("dense", "topk"):
+            raise InputError(f"unknown --lm-head {self.lm_head!r} (dense or topk)")
+        if type(self.lm_head_k) is not int or self.lm_head_k < 1:
+            raise InputError(f"--lm-head-k must be a chunk count >= 1, got {self.lm_head_k!r}")
+        eps = self.lm_head_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise InputError(f"--lm-head-epsilon must be in (0, 1), got {eps!r}")
 
     def k_for(self, n_chunks: int) -> int:
         t = self.topk

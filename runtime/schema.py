@@ -31,6 +31,7 @@ _INT64 = 1 << 63
 NADOO_OP_ATTRS: dict[str, dict[str, type]] = {
     "ChunkedLinear": {"weight": str},
     "ChunkedGather": {"weight": str},
+    "LMHead": {"weight": str},
     "ChunkedConv": {"weight": str},
     "ChunkedConvTranspose": {"weight": str},
     "ChunkedRecurrent": {"cell": str, "weight": str, "recurrence": str},

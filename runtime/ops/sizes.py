@@ -387,7 +387,16 @@ def _chunked_gather(node, ctx):
     if w is None:
         return None
     row = prod(w[1:])
-    return lambda idx: (prod(_shape(idx)) * row, 0)
+    return lambda idx, row_map=None: (prod(_shape(idx)) * row, 0)
+
+
+@size_rule("LMHead", domain="nadoo")
+def _lm_head(node, ctx):
+    w = _weight(ctx)
+    if w is None:
+        return None
+    r, k = w[0], prod(w[1:])
+    return lambda x, *consts: (prod(_shape(x)[:-1]) * r, prod(_shape(x)[:-1]) * r * k)
 
 
 @size_rule("ChunkedFFN", domain="nadoo")
