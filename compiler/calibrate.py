@@ -373,6 +373,8 @@ def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | No
             return linear(h, down.array, b2)
         return run
 
+    from .gated_ffn import gated_builder
+
     return {("nadoo", "ChunkedLinear"): b_linear, ("nadoo", "ChunkedGather"): b_gather, ("nadoo", "ChunkedConv"): b_conv(conv_fn),
             ("nadoo", "ChunkedConvTranspose"): b_conv(conv_transpose_fn), ("nadoo", "ChunkedFFN"): b_ffn,
-            ("nadoo", "ChunkedRecurrent"): b_recurrent}
+            ("nadoo", "ChunkedRecurrent"): b_recurrent, ("nadoo", "GatedFFN"): gated_builder(weights, stats)}

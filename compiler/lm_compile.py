@@ -6,7 +6,8 @@ and returns logits [1, k, vocab] for the last k positions (all when k = 0): `nad
 for the embedding, `Mul` by the embedding scale, per layer `RMSNormalization`, `nadoo.ChunkedLinear`
 q/k/v, one fused `nadoo.Attention` (q/k norms, rotary tables from inv_freq constants, grouped-query
 sharing, exact sliding window, the layer's KV cache in the plan's state), o, the sandwich norms
-where the family has them, the gated MLP act(gate)·up → down, then the final norm and the LM head
+where the family has them, the gated MLP act(gate)·up → down as one `nadoo.GatedFFN` (neurons
+reordered by calibration, compiler/gated_ffn.py), then the final norm and the LM head
 — over the same chunked tensor as the embedding when the two are tied.
 
 Gemma's norms scale by (1 + w); the offset is added here, once, in float32, which is what the
@@ -27,7 +28,8 @@ from nadoo.runtime.kv_cache import SequenceState
 from nadoo.runtime.tiers import compile_layouts
 
 from .calibrate import LayerStats, dense_builders
-from .pipeline import (CompileOptions, CompileReport, _bounds, _entry, _progress, _quant_kwargs, _raw,
+from .gated_ffn import GROUP_ROWS, DownStats, reorder_neurons
+from .pipeline import (CompileOptions, CompileReport, _bounds, _entry, _progress, _quant_kwargs, _raw, check_layout_options,
                        _write_constants, _write_weights)
 from .rewrite import Weight
 from .writer import BundleWriter
@@ -62,9 +64,11 @@ class _Graph:
         return name
 
 
-def lm_graph(src, head: str) -> tuple[dict, dict, list[Weight]]:
+def lm_graph(src, head: str, layout=None) -> tuple[dict, dict, list[Weight]]:
     """(graph, inline constants, chunked weights) of a decoder; the LM head node reads tensor `head`
-    ("embed" for a tied head in the bundle; the compiler's calibration passes a linear alias)."""
+    ("embed" for a tied head in the bundle; the compiler's calibration passes a linear alias).
+    `layout` (compiler/lm_head.py): the head's rows stored in its order and the head a `nadoo.LMHead`
+    (routable by vocabulary chunk); None: a plain `nadoo.ChunkedLinear` head in token order."""
     c, w = src.config, src.weights
     g = _Graph()
     weights: list[Weight] = []
@@ -81,8 +85,25 @@ def lm_graph(src, head: str) -> tuple[dict, dict, list[Weight]]:
         bias = [g.const(name + "_bias", w[name + "_bias"])] if name + "_bias" in w else []
         return g.add("ChunkedLinear", [x, *bias], out, domain="nadoo", weight=name)
 
-    weights.append(Weight("embed", "gather", w["embed"], "embed", "input_ids", "embed"))
-    x = g.add("ChunkedGather", ["input_ids"], "embed", domain="nadoo", weight="embed")
+    def gated_mlp(x, p):
+        # One op: act(gate·x) ⊙ up·x → down, down stored transposed and chunked by input neuron
+        # groups, so activation sparsity reads only the groups a token uses (compiler/gated_ffn.py).
+        out = p + "down.out"
+        weights.append(Weight(p + "gate", "linear", w[p + "gate"], out, x, p + "gate.out"))
+        weights.append(Weight(p + "up", "linear", w[p + "up"], out, x, p + "up.out"))
+        weights.append(Weight(p + "down", "ffn_down", np.ascontiguousarray(w[p + "down"].T), out, p + "gated", out))
+        biases = [g.const(p + t + "_bias", w[p + t + "_bias"]) if p + t + "_bias" in w else ""
+                  for t in ("gate", "up", "down")]
+        while biases and not biases[-1]:
+            biases.pop()
+        return g.add("GatedFFN", [x, *biases], out, domain="nadoo", gate=p + "gate", up=p + "up", down=p + "down",
+                     activation=c["activation"])
+
+    tied_rows = layout is not None and c["tied_head"]  # the embedding's rows are the head's, reordered
+    weights.append(Weight("embed", "gather", w["embed"][layout.order] if tied_rows else w["embed"], "embed",
+                          "input_ids", "embed"))
+    row_map = [g.const("lm_head.row_of", layout.row_of)] if layout is not None else []
+    x = g.add("ChunkedGather", ["input_ids", *row_map[:tied_rows]], "embed", domain="nadoo", weight="embed")
     if c["embed_scale"] != 1.0:
         x = g.add("Mul", [x, g.const("embed_scale", np.float32(c["embed_scale"]))], "embed.scaled")
     for i, kind in enumerate(c["layer_types"]):
@@ -100,13 +121,7 @@ def lm_graph(src, head: str) -> tuple[dict, dict, list[Weight]]:
             a = norm(a, p + "post_attn_norm", p + "post_attn_norm.out")
         x = g.add("Add", [x, a], p + "attn.residual")
         h = norm(x, p + "mlp_norm", p + "mlp_norm.out")
-        gate, up = linear(h, p + "mlp.gate", p + "mlp.gate.out"), linear(h, p + "mlp.up", p + "mlp.up.out")
-        if c["activation"] == "silu":
-            s = g.add("Sigmoid", [gate], p + "mlp.gate.sigmoid")
-            act = g.add("Mul", [gate, s], p + "mlp.act")
-        else:
-            act = g.add("Gelu", [gate], p + "mlp.act", approximate="tanh" if c["activation"] == "gelu_tanh" else "none")
-        m = linear(g.add("Mul", [act, up], p + "mlp.gated"), p + "mlp.down", p + "mlp.down.out")
+        m = gated_mlp(h, p + "mlp.")
         if c["sandwich_norm"]:
             m = norm(m, p + "post_mlp_norm", p + "post_mlp_norm.out")
         x = g.add("Add", [x, m], p + "mlp.residual")
@@ -117,11 +132,16 @@ def lm_graph(src, head: str) -> tuple[dict, dict, list[Weight]]:
     x = g.add("Slice", [x, start, g.const("logits.end", np.array([INT64_MAX])), g.const("logits.axis", np.array([1]))],
               "logits.rows")
     x = norm(x, "final_norm", "final_norm.out")
-    out = "logits" if c["final_softcap"] is None else "logits.raw"
+    out = "logits" if c["final_softcap"] is None or layout is not None else "logits.raw"
     if head != "embed":  # a tied head in the bundle is the embedding's own tensor, stored once
-        weights.append(Weight(head, "linear", w["embed"] if c["tied_head"] else w["head"], "head", x, out))
-    g.add("ChunkedLinear", [x], out, domain="nadoo", weight=head)
-    if c["final_softcap"] is not None:
+        rows = w["embed"] if c["tied_head"] else w["head"]
+        weights.append(Weight(head, "linear", rows[layout.order] if layout is not None else rows, "head", x, out))
+    if layout is not None:  # the softcap is applied inside: rows a routed head does not compute stay -inf
+        g.add("LMHead", [x, *row_map, g.const("lm_head.basis", layout.basis), g.const("lm_head.mean", layout.mean)],
+              out, domain="nadoo", weight=head, softcap=float(c["final_softcap"] or 0.0))
+    else:
+        g.add("ChunkedLinear", [x], out, domain="nadoo", weight=head)
+    if c["final_softcap"] is not None and layout is None:
         cap = g.const("final_softcap", np.float32(c["final_softcap"]))
         t = g.add("Tanh", [g.add("Div", [out, cap], "logits.div")], "logits.tanh")
         g.add("Mul", [t, cap], "logits")
@@ -182,12 +202,27 @@ def _calibrate(graph, consts, weights, windows, quiet) -> tuple[dict, Plan]:
     """Dense float run over every window: per weight its input moments (importance, GPTQ Hessian)
     and output activity. The LM head sees every position (logits_to_keep 0). Returns the stats and
     the float plan (for the stored sample)."""
-    stats = {w.name: LayerStats(w, False, None) for w in weights}
+    stats = {w.name: DownStats(w) if w.kind == "ffn_down" else LayerStats(w, False, None) for w in weights}
     plan = Plan(graph, consts, custom_ops=dense_builders({w.name: w for w in weights}, stats), state=SequenceState())
     with _progress("calibrating ", quiet)(windows) as it:
         for win in it:
             plan.run(lm_feeds(win, keep=0))
     return stats, plan
+
+
+def _head_layout(src, stats, opts: CompileOptions):
+    """The head's routed layout from its calibration input moments; the calibration statistics of
+    the head and of a tied embedding reordered to match (their chunk profiles follow the stored rows)."""
+    from .lm_head import head_layout
+
+    c, w = src.config, src.weights
+    st = stats["head"]
+    moment = st.hessian()  # E[h hᵀ] over every calibration position (a linear layer's statistics keep it)
+    layout = head_layout(w["embed"] if c["tied_head"] else w["head"], moment, opts.embedding_rows, opts.lm_head_sketch)
+    st.out.permute(layout.order)
+    if c["tied_head"] and stats["embed"].lookups is not None:
+        stats["embed"].lookups = stats["embed"].lookups[layout.order]
+    return layout
 
 
 # ------------------------------------------------------------------ compile
@@ -217,8 +252,7 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
                       source: str = "transformers model", source_kind: str = "transformers", t0=None) -> CompileReport:
     opts = opts or CompileOptions()
     t0 = time.perf_counter() if t0 is None else t0
-    if opts.group_size < 1 or opts.chunks < 1 or opts.embedding_rows < 1:
-        raise CompileError("--group-size, --chunks and --embedding-rows must be positive")
+    check_layout_options(opts)
     c = src.config
     windows, calib_note = calibration_windows(src, opts)
     notes = [] if opts.calib_text else ["warning: no --calib-text given; the activity profile comes from random tokens"]
@@ -230,16 +264,23 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
     sample_in = lm_feeds(windows[0], keep=1)
     (sample_logits,) = plan.run(sample_in)
     del plan
-    graph, consts, weights = lm_graph(src, head="embed" if c["tied_head"] else "head")
-    bounds = {w.name: _bounds(w.rows, -(-w.rows // opts.embedding_rows) if w.kind == "gather" else opts.chunks)
-              for w in weights}
+    layout = _head_layout(src, stats, opts)
+    graph, consts, weights = lm_graph(src, head="embed" if c["tied_head"] else "head", layout=layout)
+    rows_per = {"gather": opts.embedding_rows, "ffn_down": GROUP_ROWS}
+
+    def n_chunks(wt):  # an untied head is chunked like an embedding (vocabulary rows), so it can be routed
+        per = opts.embedding_rows if wt.name == "head" else rows_per.get(wt.kind)
+        return opts.chunks if per is None else -(-wt.rows // per)
+
+    bounds = {wt.name: _bounds(wt.rows, n_chunks(wt)) for wt in weights}
+    reorder_neurons(weights, stats, consts, bounds)
     # LM layers are not routed yet (activation None in the stats): no layer is marked routable.
     layers = {w.name: stats[w.name].summary(np.asarray(bounds[w.name])) for w in weights}
     alias = {"embed": "head"} if c["tied_head"] else {}
 
     def quant_args(w):
         st = stats[alias.get(w.name, w.name)]
-        kw = _quant_kwargs(st.w, stats, {}, opts)
+        kw = _quant_kwargs(st.w, stats, {w.name: st.w} if w.kind == "ffn_down" else {}, opts)
         if w.name in alias:
             # A tied table is also read row by row as the embedding, whose error the head's Hessian
             # does not see; and GPTQ over its 262144 rows (Gemma 3) costs ~230 s per tier against ~30 s
@@ -247,7 +288,7 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
             kw.pop("hessian", None)
         return (st.importance() if st.w.kind == "linear" else None), kw
 
-    layouts = compile_layouts(opts.keep_float, opts.nested)
+    layouts = compile_layouts(opts.keep_float, opts.nested, opts.codec)
     tier_bytes = {layout.key: 0 for layout in layouts}
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with BundleWriter(out_path, alignment=opts.alignment) as wr:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nadoo.runtime.errors import CompileError
-from nadoo.runtime.tiers import SEPARATE, TierLayout
+from nadoo.runtime.tiers import CODECS, DEFAULT_CODEC, SeparateTier, TierLayout
 
 log = logging.getLogger(__name__)
 
@@ -613,15 +613,17 @@ class MoECalibration:
         return out
 
 
-def write_moe(wr, layers: list[MoELayer], cal: MoECalibration, group_size: int, layouts: list[TierLayout]
-              ) -> tuple[list[dict], dict]:
+def write_moe(wr, layers: list[MoELayer], cal: MoECalibration, group_size: int, layouts: list[TierLayout],
+              codec: str = DEFAULT_CODEC) -> tuple[list[dict], dict]:
     """Write every expert as a chunk group: per layer and tier, experts in order, each expert's matrices
     (w1, w3, w2) back to back, so one merged positioned read fetches an expert. Experts have no nested
     bit-planes (the MoE op decodes whole §4.2 payloads): every tier a layout serves is stored separately,
-    its bytes counted under the layout's key. Returns (index entries, stored bytes per layout key)."""
+    its bytes counted under the layout's key (tiers of nested planes in `codec`). Returns (index entries,
+    stored bytes per layout key)."""
     from .quantize import quantize_payload
 
-    tiers = [(t, layout.key) for layout in layouts for t in layout.serves]
+    tiers = [(t, layout.key, layout if isinstance(layout, SeparateTier) else CODECS[codec][t])
+             for layout in layouts for t in layout.serves]
     tier_bytes = {layout.key: 0 for layout in layouts}
     entries = []
     for l in layers:
@@ -629,20 +631,19 @@ def write_moe(wr, layers: list[MoELayer], cal: MoECalibration, group_size: int, 
         mats = ("w1", "w3", "w2") if l.gated else ("w1", "w2")
         experts = [{"tensors": {m: {"shape": [H, F] if m == "w2" else [F, H], "tiers": {}, "errors": {}} for m in mats}}
                    for _ in range(E)]
-        for tier, counted in tiers:
+        for tier, counted, store in tiers:
             for e in range(E):
                 for m in mats:
                     w = getattr(l, m)[e]
                     d = experts[e]["tensors"][m]
-                    codec = SEPARATE[tier]
-                    if not codec.quantized:
-                        pid = wr.add_payload(codec.pack(w)[0])
+                    if not store.quantized:
+                        pid = wr.add_payload(store.pack(w)[0])
                     else:
-                        payload, err = quantize_payload(w, codec.bits, min(group_size, w.shape[1]),
-                                                        cal.importance(l.name, e, m))
+                        payload, err = quantize_payload(w, store.bits, store.group(w.shape[1], group_size),
+                                                        cal.importance(l.name, e, m), codec=store.codec)
                         pid = wr.add_payload(payload)
                         d["errors"][tier] = {"mse": err["mse"], "out_err": err["out_err"]}
-                    d["tiers"][tier] = pid
+                    store.record(d, [pid])
                     tier_bytes[counted] += wr.stored_length(pid)
         entries.append({
             "name": l.name, "node": l.node_name, "n_experts": E, "top_k": l.top_k, "hidden": H, "intermediate": F,

@@ -16,7 +16,9 @@ import numpy as np
 from nadoo.runtime import __version__
 from nadoo.runtime.errors import CompileError
 from nadoo.runtime.format import MAX_GROUP_SIZE
-from nadoo.runtime.tiers import NestedTiers, SeparateTier, TierLayout, compile_layouts
+from nadoo.runtime.qcodec import ZP_GROUPS
+from nadoo.runtime.tiers import (CODECS, DEFAULT_CODEC, NestedTiers, SeparateTier, TierLayout, ZeroPointTier,
+                                 compile_layouts)
 
 from .calib_data import load_calibration, synthetic_calibration
 from .calibrate import IMPORTANCE_KINDS, calibrate, dense_builders
@@ -51,6 +53,8 @@ class CompileOptions:
     calib_text: str | None = None  # language models: calibration text, tokenized (compiler/lm_compile.py)
     calib_len: int = 128  # tokens per calibration window of a language model
     calib_windows: int = 32  # at most this many windows, spread over the text
+    codec: str = DEFAULT_CODEC  # separate quantized tiers: "zp" (integer zero points, NDC 1.2) | "minmax" (1.1)
+    lm_head_sketch: float = 0.3  # language models: the routed head's basis, a share of the hidden size
 
 
 @dataclass
@@ -98,15 +102,25 @@ def _progress(label: str, quiet: bool):
     return wrap
 
 
+def check_layout_options(opts: CompileOptions) -> None:
+    """The chunking and quantization options every compile (models, language models) checks first."""
+    if opts.group_size < 1 or opts.chunks < 1 or opts.embedding_rows < 1:
+        raise CompileError("--group-size, --chunks and --embedding-rows must be positive")
+    if opts.group_size > MAX_GROUP_SIZE:
+        raise CompileError(f"--group-size must be at most {MAX_GROUP_SIZE} (the format's cap)")
+    if opts.codec not in CODECS:
+        raise CompileError(f"unknown quantization codec {opts.codec!r} ({' or '.join(CODECS)})")
+    if opts.codec == "zp" and opts.group_size not in ZP_GROUPS:
+        raise CompileError(f"--group-size must be one of {', '.join(map(str, ZP_GROUPS))} for the zp codec "
+                           f"(got {opts.group_size})")
+
+
 def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = None, quiet: bool = False) -> CompileReport:
     from .load import load_model
     from .onnx_to_graph import onnx_to_graph
 
     opts = opts or CompileOptions()
-    if opts.group_size < 1 or opts.chunks < 1 or opts.embedding_rows < 1:
-        raise CompileError("--group-size, --chunks and --embedding-rows must be positive")
-    if opts.group_size > MAX_GROUP_SIZE:
-        raise CompileError(f"--group-size must be at most {MAX_GROUP_SIZE} (the format's cap)")
+    check_layout_options(opts)
     if not 0 <= opts.prune_tau < 1:
         raise CompileError("--prune-tau must be in [0, 1)")
     t0 = time.perf_counter()
@@ -153,7 +167,8 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         layers[w.name] = stats[w.name].summary(np.asarray(bounds[w.name]), route_threshold=opts.route_threshold)
     for f in ffns:
         up = f["up"].name
-        layers[f["down"].name] = {"kind": "ffn_down", "group_of": up, "routable": layers[up]["routable"]}
+        layers[f["down"].name] = {"kind": "ffn_down", "group_of": up, "routable": layers[up]["routable"],
+                                  **ffn_sparsity_curve(f, stats[up], consts)}
 
     # The stored sample: first calibration sample and the *source* model's fp32 output for it.
     sample_in = {k: np.ascontiguousarray(v[:1]) for k, v in calib.items()}
@@ -167,7 +182,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         kept += int(np.count_nonzero(w.array))
         total += w.array.size
 
-    layouts = compile_layouts(opts.keep_float, opts.nested)
+    layouts = compile_layouts(opts.keep_float, opts.nested, opts.codec)
     tier_bytes = {layout.key: 0 for layout in layouts}
     entries = []
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -189,7 +204,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
                        lambda w: (stats[w.name].importance() if w.kind in IMPORTANCE_KINDS else None,
                                   _quant_kwargs(w, stats, downs, opts)))
         entries = [per_tensor[w.name] for w in weights]
-        moe_entries, moe_bytes = write_moe(wr, moe_layers, moe_cal, opts.group_size, layouts)
+        moe_entries, moe_bytes = write_moe(wr, moe_layers, moe_cal, opts.group_size, layouts, opts.codec)
         for t, nb in moe_bytes.items():
             tier_bytes[t] += nb
         index = {
@@ -276,7 +291,8 @@ def _encode_separate(layout: SeparateTier, m: np.ndarray, bounds: list[int], gro
 
     if layout.bits == 8:  # 8-bit is already at cos 0.9999 without error feedback: save the compile time
         kw = {k: v for k, v in kw.items() if k not in ("hessian", "down_hessian")}
-    out = [([p], {layout.key: err}) for p, err in quantize_chunks(m, bounds, layout.bits, group_size, imp, **kw)]
+    out = [([p], {layout.key: err})
+           for p, err in quantize_chunks(m, bounds, layout.bits, group_size, imp, codec=layout.codec, **kw)]
     return out.__getitem__
 
 
@@ -287,7 +303,7 @@ def _encode_nested(layout: NestedTiers, m: np.ndarray, bounds: list[int], group_
 
 
 # The quantizer of each layout kind: chunk c -> ([its payloads], {tier: errors}) of a matrix.
-_ENCODERS = {SeparateTier: _encode_separate, NestedTiers: _encode_nested}
+_ENCODERS = {SeparateTier: _encode_separate, ZeroPointTier: _encode_separate, NestedTiers: _encode_nested}
 
 
 def _write_layout(wr: BundleWriter, group: list[Weight], entries: list[dict], layout: TierLayout, imps: list,
@@ -300,7 +316,7 @@ def _write_layout(wr: BundleWriter, group: list[Weight], entries: list[dict], la
     encoded = []
     for w, e, imp, kw in zip(group, entries, imps, qkw):
         m = w.array.reshape(w.rows, -1)
-        encoded.append(_ENCODERS[type(layout)](layout, m, bounds, min(e["group_size"], m.shape[1]), imp, kw)
+        encoded.append(_ENCODERS[type(layout)](layout, m, bounds, layout.group(m.shape[1], e["group_size"]), imp, kw)
                        if m.any() else None)
     ids = [[[] for _ in range(layout.n_payloads)] for _ in group]
     errs = [{t: {"mse": [], "out_err": []} for t in layout.serves} if layout.quantized else {} for _ in group]
@@ -362,6 +378,20 @@ def _prepare_ffn(f: dict, st, consts: dict, graph: dict, bounds: dict, opts: Com
     graph["constants"] = sorted(set(graph["constants"]) | {x for x in names if x})
 
 
+def ffn_sparsity_curve(f: dict, st, consts: dict) -> dict:
+    """The activation-sparsity curve of a fused FFN (runtime/ffn_sparsity.py) from its calibration
+    input subsample, in the stored (reordered) neuron order."""
+    from nadoo.runtime.activations import activation
+    from nadoo.runtime.ffn_sparsity import PROFILE_KEY, calibration_curve
+
+    if not st.x_rows:
+        return {}
+    z = np.concatenate(st.x_rows).astype(np.float32) @ f["up"].array.T
+    if f["bias"]:
+        z += consts[f["bias"]].reshape(-1)
+    return {PROFILE_KEY: calibration_curve(activation(f["activation"])(z), f["down"].array)}
+
+
 def _write_constants(wr: BundleWriter, consts: dict, reasons: dict | None = None) -> dict | None:
     """The constants table; `reasons`: why a large float constant was not chunked (§4, inline_reason)."""
     if not consts:
@@ -398,4 +428,4 @@ def _reference_outputs(loaded, graph, consts, inputs: dict) -> dict:
     return dict(zip(names, outs))
 
 
-__all__ = ["CompileOptions", "CompileReport", "compile_model", "dense_builders"]
+__all__ = ["CompileOptions", "CompileReport", "check_layout_options", "compile_model", "dense_builders"]

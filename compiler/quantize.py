@@ -1,8 +1,14 @@
-"""Activation-aware grouped asymmetric quantizer (NumPy) producing .ndc v1 quantized payloads.
+"""Activation-aware grouped asymmetric quantizer (NumPy) producing .ndc quantized payloads.
 
 For a weight matrix W [R, K] (row = output channel, K = input features), each row is cut along K
-into groups of G columns; every group gets a float16 ``scale`` and ``min`` and b-bit codes
-(see :mod:`nadoo.runtime.qcodec` for the byte layout and the exact decode formula).
+into groups of G columns; every group gets a float16 ``scale``, a second parameter p and b-bit codes
+(see :mod:`nadoo.runtime.qcodec` for the byte layouts and the exact decode formulas). The grid is the
+codec's (``codec=``):
+- ``"zp"`` (NDC 1.2, the default): p = an integer zero point z in [0, 2^b - 1], w^ = s·(q − z), the
+  grid of ONNX Runtime's MatMulNBits (zero is always on it);
+- ``"minmax"``: p = a float16 min, w^ = s·q + min (the legacy codec, also the nested bit-planes').
+Every candidate is evaluated with the parameters exactly as stored (float16 scale, integer z), so the
+decode reproduces what the quantizer assumed.
 
 Quality: the parameters of each group are chosen to minimise the *importance-weighted* error
 ``sum_k imp_k (w_k - w^_k)^2`` where ``imp_k`` = mean x_k^2 of the layer's input channel k from
@@ -18,7 +24,8 @@ A candidate only replaces the incumbent when its weighted error is strictly lowe
 is never worse (in weighted error, per group) than plain min/max round-to-nearest.
 
 Robustness: the shrink-1.0 candidate rounds ``min`` toward -inf and ``scale`` toward +inf in
-float16, so it covers the whole group and |w - w^| <= scale/2 for every element. Constant groups
+float16 (zp: the range widened to include 0, ``scale`` rounded up, z = round(−lo/scale)), so it covers
+the whole group and |w - w^| <= scale/2 for every element. Constant groups
 decode exactly (or within float16 rounding of the value); scale 0 is allowed (all codes 0).
 Weights must be finite with |w| <= 65504 (float16 range), otherwise :class:`CompileError`.
 Importance must be finite and >= 0; a floor of ``IMP_FLOOR`` x its mean is added so channels not
@@ -32,7 +39,7 @@ import numpy as np
 
 from nadoo.runtime import qcodec
 from nadoo.runtime.errors import CompileError
-from nadoo.runtime.tiers import NESTED
+from nadoo.runtime.tiers import CODECS, DEFAULT_CODEC, NESTED, TIER_BITS
 
 __all__ = ["quantize", "quantize_payload", "quantize_chunks", "gptq_factor", "shrink_grid", "F16_MAX",
            "IMP_FLOOR", "GPTQ_DAMP", "quantize_nested"]
@@ -77,12 +84,43 @@ def _f16_near(x: np.ndarray) -> np.ndarray:
         return x.astype(np.float16).astype(np.float32)
 
 
+def _to_codes(x, p, inv, qmax, zp: bool):
+    """Codes of values x on the grid (scale 1/inv, parameter p: zero point if zp, else min)."""
+    q = x * inv + p if zp else (x - p) * inv
+    return np.clip(np.rint(q), 0, qmax)
+
+
+def _to_values(q, s, p, zp: bool):
+    """What codes q decode to: s·(q − z) (zp) or s·q + min, in the reader's float32 order."""
+    return (q - p) * s if zp else q * s + p
+
+
+def _inverse(s):
+    with np.errstate(divide="ignore"):
+        return np.where(s > 0, np.float32(1.0) / np.where(s > 0, s, 1), 0).astype(np.float32)
+
+
+def _layout(bits: int, codec: str):
+    """The tier layout that packs and decodes `bits`-bit payloads of `codec`."""
+    if codec not in CODECS:
+        raise CompileError(f"quantize: unknown codec {codec!r} (one of {', '.join(CODECS)})")
+    if bits not in qcodec.SUPPORTED_BITS:
+        raise CompileError(f"quantize: bits must be one of {qcodec.SUPPORTED_BITS}, got {bits!r}")
+    return CODECS[codec][next(t for t, b in TIER_BITS.items() if b == bits)]
+
+
+def _stored(s, p, zp: bool):
+    """The searched float32 parameters as stored: float16 scales and float16 mins or uint8 zero points."""
+    return s.astype(np.float16), (p.astype(np.uint8) if zp else p.astype(np.float16))
+
+
 class _Block:
     """Vectorised per-group evaluation for a block W [n, ng, G] with importance A [1, ng, G]."""
 
-    def __init__(self, W: np.ndarray, A: np.ndarray, qmax: int):
+    def __init__(self, W: np.ndarray, A: np.ndarray, qmax: int, zp: bool = False):
         self.W = W
         self.A = A
+        self.zp = zp  # parameters (s, z) of the integer-zero-point grid, else (s, min)
         self.qmax = np.float32(qmax)
         self.Sa = A.sum(-1)                      # [1, ng]
         self.Saw = (W * A).sum(-1)               # [n, ng]
@@ -90,11 +128,15 @@ class _Block:
         self.q = np.empty_like(W)
 
     def codes(self, s, m, out):
-        """out <- clip(rint((W - m) / s), 0, qmax) as float32 (s may be 0 -> all codes 0)."""
-        with np.errstate(divide="ignore"):
-            inv = np.where(s > 0, np.float32(1.0) / np.where(s > 0, s, 1), 0).astype(np.float32)
-        np.subtract(self.W, m[..., None], out=out)
-        out *= inv[..., None]
+        """out <- clip(rint((W - m) / s), 0, qmax) (zp: rint(W / s + z)) as float32 (s may be 0 -> all
+        codes 0, zp: z)."""
+        inv = _inverse(s)
+        if self.zp:
+            np.multiply(self.W, inv[..., None], out=out)
+            out += m[..., None]
+        else:
+            np.subtract(self.W, m[..., None], out=out)
+            out *= inv[..., None]
         np.rint(out, out=out)
         np.clip(out, 0, self.qmax, out=out)
         return out
@@ -102,8 +144,12 @@ class _Block:
     def err(self, s, m, q):
         """Weighted squared error per group of decoding codes q with (s, m)."""
         t = self.t
-        np.multiply(q, s[..., None], out=t)
-        t += m[..., None]
+        if self.zp:
+            np.subtract(q, m[..., None], out=t)
+            t *= s[..., None]
+        else:
+            np.multiply(q, s[..., None], out=t)
+            t += m[..., None]
         t -= self.W
         np.square(t, out=t)
         t *= self.A
@@ -125,12 +171,20 @@ class _Block:
             m = (Saw - s * Saq) / Sa
         ok &= np.isfinite(s) & np.isfinite(m) & (s > 0)
         s = np.where(ok, s, np.nan)
+        if self.zp:  # the integer zero point nearest the fit, then the scale refit for it
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = np.clip(np.rint(-m / s), 0, float(self.qmax))
+                d = q.astype(np.float64) - z[..., None]
+                ad = d * self.A
+                s = np.einsum("ijk,ijk->ij", ad, self.W) / np.einsum("ijk,ijk->ij", ad, d)
+            s = np.where(ok & np.isfinite(s) & (s > 0), s, np.nan)
+            return s, np.where(np.isfinite(z), z, 0)
         return s, m
 
     def try_params(self, s, m, best):
         """Evaluate float16-representable (s, m) (float32 arrays; NaN s = skip); update best."""
         bs, bm, be = best
-        valid = np.isfinite(s) & np.isfinite(m) & (s >= 0) & (np.abs(m) <= F16_MAX)
+        valid = np.isfinite(s) & np.isfinite(m) & (s >= 0) & (s <= F16_MAX) & (np.abs(m) <= F16_MAX)
         # decoded extremes must stay finite/representable-ish: m + qmax*s within float32 easily
         s = np.where(valid, s, 0).astype(np.float32)
         m = np.where(valid, m, 0).astype(np.float32)
@@ -140,9 +194,10 @@ class _Block:
         return np.where(better, s, bs), np.where(better, m, bm), np.where(better, e, be)
 
 
-def _quantize_block(W, A, qmax, shrinks, lsq_each, refine_iters):
-    """Search the parameters of every group of W [n, ng, G]; returns (codes f32, scales, mins)."""
-    blk = _Block(W, A, qmax)
+def _quantize_block(W, A, qmax, shrinks, lsq_each, refine_iters, zp=False):
+    """Search the parameters of every group of W [n, ng, G]; returns (codes f32, scales, mins or zero
+    points) as float32."""
+    blk = _Block(W, A, qmax, zp)
     lo = W.min(-1)
     hi = W.max(-1)
     mu = np.clip(blk.Saw / blk.Sa, lo, hi).astype(np.float32) if shrinks.size > 1 else lo
@@ -150,17 +205,27 @@ def _quantize_block(W, A, qmax, shrinks, lsq_each, refine_iters):
     for f in shrinks:
         lo_f = mu + (lo - mu) * f if f != 1 else lo
         hi_f = mu + (hi - mu) * f if f != 1 else hi
-        m = _f16_down(lo_f)
-        s = _f16_up(np.maximum(hi_f - m, 0) / np.float32(qmax))
-        best = blk.try_params(s, m, best)
+        if zp:  # zero is on the grid: widen to include it, z = the code of 0
+            lo_f, hi_f = np.minimum(lo_f, 0), np.maximum(hi_f, 0)
+            s = _f16_up((hi_f - lo_f) / np.float32(qmax))
+            z = -lo_f * _inverse(s)
+            # round to nearest: the nearest integer zero point; the search: the integers on both sides
+            for m in ((np.rint(z),) if shrinks.size == 1 else (np.floor(z), np.ceil(z))):
+                best = blk.try_params(s, np.clip(m, 0, qmax).astype(np.float32), best)
+            if lsq_each:
+                blk.codes(best[0], best[1], blk.q)
+        else:
+            m = _f16_down(lo_f)
+            s = _f16_up(np.maximum(hi_f - m, 0) / np.float32(qmax))
+            best = blk.try_params(s, m, best)
         if lsq_each:
-            s2, m2 = blk.lsq(blk.q)   # blk.q holds this candidate's codes
-            best = blk.try_params(_f16_near(s2), _f16_near(m2), best)
+            s2, m2 = blk.lsq(blk.q)   # blk.q holds this candidate's codes (zp: the best so far)
+            best = blk.try_params(_f16_near(s2), m2 if zp else _f16_near(m2), best)
     for _ in range(refine_iters):
         bs, bm, _ = best
         q = blk.codes(bs, bm, blk.q)
         s2, m2 = blk.lsq(q)
-        best = blk.try_params(_f16_near(s2), _f16_near(m2), best)
+        best = blk.try_params(_f16_near(s2), m2 if zp else _f16_near(m2), best)
     bs, bm, _ = best
     return blk.codes(bs, bm, blk.q), bs, bm
 
@@ -238,7 +303,7 @@ def _gptq_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
     raise CompileError("quantize: the input second-moment matrix is not positive definite")
 
 
-def _gptq(w, bits, G, imp, U, shrinks, lsq_each, refine_iters, perm=None):
+def _gptq(w, bits, G, imp, U, shrinks, lsq_each, refine_iters, perm=None, zp=False):
     """GPTQ (Frantar et al. 2022) with the layout's groups: columns in order (or in ``perm`` order,
     act-order, with U the factor of the permuted H), each group's (scale, min) chosen by the
     clipping search on the *error-updated* weights when the group's first column comes up, each
@@ -251,8 +316,6 @@ def _gptq(w, bits, G, imp, U, shrinks, lsq_each, refine_iters, perm=None):
     pinv = np.argsort(perm)
     W = np.array(w[:, perm], dtype=np.float32, copy=True)     # permuted working copy
     qp = np.empty((R, K), np.uint8)
-    scales = np.empty((R, ng), np.float16)
-    mins = np.empty((R, ng), np.float16)
     S = np.zeros((R, ng), np.float32)
     M = np.zeros((R, ng), np.float32)
     INV = np.zeros((R, ng), np.float32)
@@ -274,34 +337,33 @@ def _gptq(w, bits, G, imp, U, shrinks, lsq_each, refine_iters, perm=None):
                     cur[:, late] -= err[:, :i - b0] @ U[b0:i][:, cols[late]]
                 W3 = np.ascontiguousarray(cur).reshape(R, 1, len(cols))
                 _, bs, bm = _quantize_block(W3, imp[..., perm[cols]].reshape(-1, 1, len(cols)), qmax, shrinks,
-                                            lsq_each, refine_iters)
+                                            lsq_each, refine_iters, zp)
                 S[:, g], M[:, g] = bs[:, 0], bm[:, 0]
-                with np.errstate(divide="ignore"):
-                    INV[:, g] = np.where(bs[:, 0] > 0, np.float32(1.0) / np.where(bs[:, 0] > 0, bs[:, 0], 1), 0)
+                INV[:, g] = _inverse(bs[:, 0])
                 done[g] = True
             s, m, inv = S[:, g], M[:, g], INV[:, g]
             col = W[:, i]
-            q = np.clip(np.rint((col - m) * inv), 0, qmax)
+            q = _to_codes(col, m, inv, qmax, zp)
             qp[:, i] = q.astype(np.uint8)
-            e = (col - (q * s + m)) / U[i, i]
+            e = (col - _to_values(q, s, m, zp)) / U[i, i]
             err[:, i - b0] = e
             if i + 1 < b1:
                 W[:, i + 1:b1] -= np.outer(e, U[i, i + 1:b1])
         if b1 < K:
             W[:, b1:] -= err @ U[b0:b1, b1:]
-    scales[:] = S.astype(np.float16)
-    mins[:] = M.astype(np.float16)
-    return np.ascontiguousarray(qp[:, pinv]), scales, mins
+    return (np.ascontiguousarray(qp[:, pinv]), *_stored(S, M, zp))
 
 
 def quantize_rows_gptq(wt: np.ndarray, bits: int, group_size: int, hessian: np.ndarray, *,
-                       method: str = "search", block: int = 32, damp: float = GPTQ_DAMP):
+                       method: str = "search", block: int = 32, damp: float = GPTQ_DAMP, codec: str = DEFAULT_CODEC):
     """GPTQ for a weight stored *transposed*, wt [N, O] (row n = input unit n's weights to all O
     outputs, groups along O): the FFN down-projection in neuron-group layout. Rows (= input
     columns of the real weight) are processed in order; H [N, N] is the second moment of the
     input. The group parameters of a block of ``block`` rows are searched (uniform importance)
     when the block starts, on the rows as updated so far; each row's error is fed forward through
-    the Cholesky factor of H^-1. Returns (codes uint8 [N, O], scales, mins) in the payload layout."""
+    the Cholesky factor of H^-1. Returns (codes uint8 [N, O], scales, mins or zero points) in the payload
+    layout of `codec`."""
+    zp = _layout(bits, codec).codec == "zp"
     wt, G, _ = _prepare(wt, bits, group_size, None)
     N, O = wt.shape
     U = gptq_factor(hessian, damp)
@@ -318,37 +380,37 @@ def quantize_rows_gptq(wt: np.ndarray, bits: int, group_size: int, hessian: np.n
     A = np.zeros((1, ng, G), np.float32)
     A.reshape(-1)[:O] = 1
     codes = np.empty((N, o_pad), np.uint8)
-    scales = np.empty((N, ng), np.float16)
-    mins = np.empty((N, ng), np.float16)
+    S = np.empty((N, ng), np.float32)
+    M = np.empty((N, ng), np.float32)
     for b0 in range(0, N, block):
         b1 = min(N, b0 + block)
         _, bs, bm = _quantize_block(np.ascontiguousarray(W[b0:b1]).reshape(b1 - b0, ng, G), A, qmax, shrinks,
-                                    lsq, refine)
-        scales[b0:b1], mins[b0:b1] = bs.astype(np.float16), bm.astype(np.float16)
+                                    lsq, refine, zp)
+        S[b0:b1], M[b0:b1] = bs, bm
         s = np.repeat(bs, G, axis=1)
         m = np.repeat(bm, G, axis=1)
-        with np.errstate(divide="ignore"):
-            inv = np.where(s > 0, np.float32(1.0) / np.where(s > 0, s, 1), 0).astype(np.float32)
+        inv = _inverse(s)
         err = np.empty((b1 - b0, o_pad), np.float32)
         for i in range(b0, b1):
             j = i - b0
-            q = np.clip(np.rint((W[i] - m[j]) * inv[j]), 0, qmax)
+            q = _to_codes(W[i], m[j], inv[j], qmax, zp)
             codes[i] = q.astype(np.uint8)
-            e = (W[i] - (q * s[j] + m[j])) / U[i, i]
+            e = (W[i] - _to_values(q, s[j], m[j], zp)) / U[i, i]
             e[O:] = 0
             err[j] = e
             if i + 1 < b1:
                 W[i + 1:b1] -= np.outer(U[i, i + 1:b1], e)
         if b1 < N:
             W[b1:] -= U[b0:b1, b1:].T @ err
-    return np.ascontiguousarray(codes[:, :O]), scales, mins
+    return (np.ascontiguousarray(codes[:, :O]), *_stored(S, M, zp))
 
 
 def quantize(w: np.ndarray, bits: int, group_size: int, importance: np.ndarray | None = None,
              *, method: str = "search", grid: np.ndarray | None = None, refine_iters: int = 2,
              lsq_each: bool = True, threads: int = 1, hessian: np.ndarray | None = None,
-             gptq_u: np.ndarray | None = None, act_order: bool = False):
-    """Quantize w float32 [R, K] -> (codes uint8 [R, K], scales float16 [R, ng], mins float16 [R, ng]).
+             gptq_u: np.ndarray | None = None, act_order: bool = False, codec: str = DEFAULT_CODEC):
+    """Quantize w float32 [R, K] -> (codes uint8 [R, K], scales float16 [R, ng], p [R, ng]) on the grid of
+    `codec`: p = zero points uint8 ("zp") or mins float16 ("minmax").
 
     ``group_size`` is the effective group size (the caller passes K when K < the compile option).
     ``importance`` float32 [K] = mean x^2 of the input channels (None = uniform), or [R, K] when rows
@@ -358,6 +420,7 @@ def quantize(w: np.ndarray, bits: int, group_size: int, importance: np.ndarray |
     ``hessian`` [K, K] = mean x^T x of the layer input (or ``gptq_u`` = :func:`gptq_factor` of it,
     precomputed): GPTQ error feedback, group parameters by ``method`` on the updated weights.
     """
+    zp = _layout(bits, codec).codec == "zp"
     w, G, imp = _prepare(w, bits, group_size, importance)
     R, K = w.shape
     ng = -(-K // G)
@@ -380,7 +443,7 @@ def quantize(w: np.ndarray, bits: int, group_size: int, importance: np.ndarray |
             U = gptq_u if gptq_u is not None else gptq_factor(hessian)
         if U.shape != (K, K):
             raise CompileError(f"quantize: hessian must be [{K}, {K}], got {U.shape}")
-        return _gptq(w, bits, G, imp, U, shrinks, lsq_each, refine_iters, perm)
+        return _gptq(w, bits, G, imp, U, shrinks, lsq_each, refine_iters, perm, zp)
 
     if k_pad != K:   # pad with a real value of the last group (keeps min/max) and zero importance
         wp = np.empty((R, k_pad), np.float32)
@@ -394,17 +457,16 @@ def quantize(w: np.ndarray, bits: int, group_size: int, importance: np.ndarray |
     A3 = ip.reshape(-1, ng, G)  # [1 | R, ng, G]
 
     codes = np.empty((R, k_pad), np.uint8)
-    scales = np.empty((R, ng), np.float16)
-    mins = np.empty((R, ng), np.float16)
+    S = np.empty((R, ng), np.float32)
+    M = np.empty((R, ng), np.float32)
     rows_per = max(1, _BLOCK_ELEMS // k_pad)
 
     def work(r0):
         r1 = min(R, r0 + rows_per)
         q, bs, bm = _quantize_block(W3[r0:r1], A3 if len(A3) == 1 else A3[r0:r1], qmax, shrinks, lsq_each,
-                                    refine_iters)
+                                    refine_iters, zp)
         codes[r0:r1] = q.reshape(r1 - r0, k_pad)
-        scales[r0:r1] = bs.astype(np.float16)
-        mins[r0:r1] = bm.astype(np.float16)
+        S[r0:r1], M[r0:r1] = bs, bm
 
     starts = range(0, R, rows_per)
     if threads > 1 and len(starts) > 1:
@@ -414,7 +476,7 @@ def quantize(w: np.ndarray, bits: int, group_size: int, importance: np.ndarray |
     else:
         for r0 in starts:
             work(r0)
-    return np.ascontiguousarray(codes[:, :K]), scales, mins
+    return (np.ascontiguousarray(codes[:, :K]), *_stored(S, M, zp))
 
 
 def quantize_payload(w: np.ndarray, bits: int, group_size: int, importance: np.ndarray | None = None,
@@ -427,9 +489,9 @@ def quantize_payload(w: np.ndarray, bits: int, group_size: int, importance: np.n
                  uniform if None): relative output-error energy under a diagonal input model
         max_abs  max |w - w^|
     """
-    codes, scales, mins = quantize(w, bits, group_size, importance, **kw)
-    payload = qcodec.pack(codes, scales, mins, bits, group_size)
-    return payload, _errors(w, payload, bits, group_size, importance)
+    layout = _layout(bits, kw.get("codec", DEFAULT_CODEC))
+    payload = layout.pack(*quantize(w, bits, group_size, importance, **kw), group_size)[0]
+    return payload, _errors(w, payload, layout, group_size, importance)
 
 
 def quantize_chunks(w: np.ndarray, bounds, bits: int, group_size: int, importance: np.ndarray | None = None,
@@ -439,14 +501,17 @@ def quantize_chunks(w: np.ndarray, bounds, bits: int, group_size: int, importanc
     :func:`quantize_rows_gptq` (a transposed weight). Returns [(payload, errors)] per chunk, errors as
     :func:`quantize_payload`."""
     down_h = kw.pop("down_hessian", None)
+    codec = kw.get("codec", DEFAULT_CODEC)
+    layout = _layout(bits, codec)
     if down_h is not None:
-        codes, scales, mins = quantize_rows_gptq(w, bits, group_size, down_h, method=kw.get("method", "search"))
+        codes, scales, params = quantize_rows_gptq(w, bits, group_size, down_h, method=kw.get("method", "search"),
+                                                   codec=codec)
     else:
-        codes, scales, mins = quantize(w, bits, group_size, importance, **kw)
+        codes, scales, params = quantize(w, bits, group_size, importance, **kw)
     out = []
     for lo, hi in zip(bounds, bounds[1:]):
-        p = qcodec.pack(codes[lo:hi], scales[lo:hi], mins[lo:hi], bits, group_size)
-        out.append((p, _errors(np.asarray(w)[lo:hi], p, bits, group_size, _rows(importance, lo, hi))))
+        p = layout.pack(codes[lo:hi], scales[lo:hi], params[lo:hi], group_size)[0]
+        out.append((p, _errors(np.asarray(w)[lo:hi], p, layout, group_size, _rows(importance, lo, hi))))
     return out
 
 
@@ -455,10 +520,10 @@ def _rows(importance, lo: int, hi: int):
     return importance if importance is None or np.ndim(importance) == 1 else np.asarray(importance)[lo:hi]
 
 
-def _errors(w, payload, bits, group_size, importance):
+def _errors(w, payload, layout, group_size, importance):
     w = np.asarray(w, dtype=np.float32)
     R, K = w.shape
-    return _errors_of(w, qcodec.dequantize(payload, R, K, group_size, bits), importance)
+    return _errors_of(w, layout.decode(layout.key, [payload], R, K, group_size), importance)
 
 
 def _nested_from_q4(w, codes4, s4, m4, G, U=None):
@@ -515,12 +580,13 @@ def quantize_nested(w: np.ndarray, bounds, group_size: int, importance: np.ndarr
     w = np.ascontiguousarray(w, np.float32)
     down_h = kw.pop("down_hessian", None)
     G = group_size
+    kw["codec"] = "minmax"  # the planes store the scale+min grid
     if base == "q8":
         kw = {k: v for k, v in kw.items() if k not in ("hessian", "gptq_u", "act_order")}
         q8, s8, m8 = quantize(w, 8, G, importance, **kw)
     elif base == "q4":
         if down_h is not None:   # transposed weight: rows are the input units, so GPTQ runs on w.T
-            c4, s4, m4 = quantize_rows_gptq(w, 4, G, down_h, method=kw.get("method", "search"))
+            c4, s4, m4 = quantize_rows_gptq(w, 4, G, down_h, method=kw.get("method", "search"), codec="minmax")
             _, s8, m8 = _nested_from_q4(w, c4, s4, m4, G)  # the grid only
             K = w.shape[1]
             s = np.ascontiguousarray(np.repeat(s8.astype(np.float32), G, axis=1)[:, :K].T)

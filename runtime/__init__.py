@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Bundle": "reader", "BundleError": "errors", "InputError": "errors", "ModelError": "errors", "NadooError": "errors",
-    "UnsupportedError": "errors", "Policy": "policy", "Session": "session",
+    "UnsupportedError": "errors", "Policy": "policy", "Session": "session", "AttentionPolicy": "sparse_attention",
 }
 
 

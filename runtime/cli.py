@@ -193,6 +193,22 @@ def _engine_options(fn):
                              "and onnx are installed, else numpy.")(fn)
 
 
+def _ffn_sparsity(fn):
+    """--ffn-sparsity / --ffn-fallback, passed to the command as one `ffn` dict of Policy fields."""
+    import functools
+
+    @click.option("--ffn-sparsity", default=0.0, show_default=True, type=float,
+                  help="Language models: model-wide share (0..0.9) of MLP neurons skipped per token by calibrated "
+                       "per-layer activation thresholds; 0 = dense.")
+    @click.option("--ffn-fallback", default=0.05, show_default=True, type=float,
+                  help="With --ffn-sparsity: a token whose layer has fewer than this share of neurons below the "
+                       "threshold computes that layer dense.")
+    @functools.wraps(fn)
+    def wrapper(*args, ffn_sparsity, ffn_fallback, **kw):
+        return fn(*args, ffn={"ffn_sparsity": ffn_sparsity, "ffn_fallback": ffn_fallback}, **kw)
+    return wrapper
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(dir_okay=True))
 @click.option("--input", "input_path", type=click.Path(), help="Inputs: .npz keyed by graph input name, or .npy for a single-input model. Without it, the sample stored at compile time is run and checked against the source model's output.")
@@ -211,10 +227,11 @@ def _engine_options(fn):
 @click.option("--only-experts", help="MoE: in each named layer route only to these experts, LAYER:EXPERT,...")
 @click.option("--prefetch", is_flag=True, help="MoE: load the next layer's likely experts (its router on this layer's input) ahead of use.")
 @_BITS_FOR
+@_ffn_sparsity
 @_engine_options
 @_friendly
 def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fallback, memory_budget, repeat, as_json, stats,
-        disable_experts, only_experts, prefetch, bits_for, engine, threads, ort_int8):
+        disable_experts, only_experts, prefetch, bits_for, ffn, engine, threads, ort_int8):
     """Run BUNDLE (NumPy, dense parts in ONNX Runtime with --engine ort), reading only the chunks the policy selects."""
     import time
 
@@ -227,7 +244,8 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
     refuse_overwrite(output_path, {"bundle": bundle, "input file": input_path})
     t0 = time.perf_counter()
     pol = Policy(kind=policy, bits=bits, topk=_parse_topk(topk), predictor=predictor, tau=tau, fallback=fallback,
-                 disable_experts=disable_experts, only_experts=only_experts, prefetch=prefetch, bits_for=list(bits_for))
+                 disable_experts=disable_experts, only_experts=only_experts, prefetch=prefetch, bits_for=list(bits_for),
+                 **ffn)
     with Session(bundle, policy=pol, memory_budget=memory_budget, engine=engine, threads=threads,
                  ort_int8=ort_int8) as sess:
         ref = None
@@ -280,6 +298,49 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
 _BITS = click.option("--bits", type=click.Choice(["8", "4", "2", "float", "auto", "alloc"]), default="8", show_default=True,
                      help="Weight precision, as for run.")
 _BUDGET = click.option("--memory-budget", help="Hard bound on cached (decoded) weight bytes, e.g. 64MB.")
+_LM_HEAD = [click.option("--lm-head", type=click.Choice(["dense", "topk"]), default="dense", show_default=True,
+                         help="topk: exact logits only for the vocabulary chunks that can matter (greedy: the argmax "
+                              "certified equal to the dense one; sampling: all but --lm-head-epsilon of the probability "
+                              "mass; other logits -inf). Needs a bundle compiled with the routed head layout."),
+            click.option("--lm-head-k", default=4, show_default=True, type=click.IntRange(1),
+                         help="With --lm-head topk: chunks computed exactly before the bound decides what else to read."),
+            click.option("--lm-head-epsilon", default=1e-3, show_default=True,
+                         type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                         help="With --lm-head topk and sampling: the probability mass the unread chunks may hold at most.")]
+
+
+def _lm_head_options(fn):
+    for opt in reversed(_LM_HEAD):
+        fn = opt(fn)
+    return fn
+
+_ATTENTION_OPTIONS = [
+    click.option("--attention", type=click.Choice(["dense", "window", "pages", "heavy", "oracle"]), default="dense",
+                 show_default=True, help="Which cached keys each query reads: dense all; window sinks + recent (evicts); "
+                 "pages the best pages by their min/max bounds + sinks + recent; heavy sinks + recent + most attended "
+                 "(evicts); oracle the exact top keys (measuring)."),
+    click.option("--kv-budget", type=int, help="With a sparse --attention: keys one query reads per layer."),
+    click.option("--sink", type=int, help="First positions always read (default 4)."),
+    click.option("--window", type=int, help="Most recent keys always read (default: window budget-sink, pages "
+                 "budget/8, heavy budget/2)."),
+    click.option("--page", type=int, help="With --attention pages: keys per page (default 16)."),
+    click.option("--attention-scope", type=click.Choice(["global", "all"]), default="global", show_default=True,
+                 help="global: only full-attention layers (native sliding windows stay exact); all: every layer."),
+    click.option("--kv-dtype", type=click.Choice(["float32", "float16", "int8"]), default="float32",
+                 show_default=True, help="Storage of the KV cache (int8: one scale per key and head)."),
+]
+
+
+def _attention_options(fn):
+    for opt in reversed(_ATTENTION_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def _attention_policy(attention, kv_budget, sink, window, page, attention_scope, kv_dtype):
+    from .sparse_attention import AttentionPolicy
+
+    return AttentionPolicy(attention, kv_budget, sink, window, page, attention_scope, kv_dtype)
 
 
 def _parse_ids(text):
@@ -304,19 +365,24 @@ def _parse_ids(text):
 @_BITS
 @_BITS_FOR
 @_BUDGET
+@_attention_options
+@_lm_head_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, speed, bytes read, per-layer stats) instead of streaming.")
+@_ffn_sparsity
 @_engine_options
 @_friendly
 def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, no_eos, bits, bits_for,
-             memory_budget, as_json, engine, threads, ort_int8):
+             memory_budget, lm_head, lm_head_k, lm_head_epsilon, as_json, ffn, engine, threads, ort_int8, **attention):
     """Continue a prompt with the language model in BUNDLE, streaming the text as it is produced."""
     from .policy import Policy
     from .session import Session
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
-    with Session(bundle, policy=Policy(bits=bits, bits_for=list(bits_for)), memory_budget=memory_budget, engine=engine,
-                 threads=threads, ort_int8=ort_int8) as sess:
+    policy = Policy(bits=bits, bits_for=list(bits_for), attention=_attention_policy(**attention), lm_head=lm_head,
+                    lm_head_k=lm_head_k, lm_head_epsilon=lm_head_epsilon, **ffn)
+    with Session(bundle, policy=policy, memory_budget=memory_budget, engine=engine, threads=threads,
+                 ort_int8=ort_int8) as sess:
         stream = sess.stream(prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, stop_at_eos=not no_eos)
         for tok in stream:
@@ -337,10 +403,13 @@ def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top
 @_BITS
 @_BITS_FOR
 @_BUDGET
+@_attention_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_ffn_sparsity
 @_engine_options
 @_friendly
-def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget, as_json, engine, threads, ort_int8):
+def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget, as_json, ffn, engine, threads, ort_int8,
+               **attention):
     """Perplexity of the language model in BUNDLE on a text file."""
     from .files import read_text
     from .generate import perplexity as ppl
@@ -348,8 +417,9 @@ def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget,
     from .session import Session
 
     text = read_text(text_file, "text file")
-    with Session(bundle, policy=Policy(bits=bits, bits_for=list(bits_for)), memory_budget=memory_budget, engine=engine,
-                 threads=threads, ort_int8=ort_int8) as sess:
+    policy = Policy(bits=bits, bits_for=list(bits_for), attention=_attention_policy(**attention), **ffn)
+    with Session(bundle, policy=policy, memory_budget=memory_budget, engine=engine, threads=threads,
+                 ort_int8=ort_int8) as sess:
         r = ppl(sess, text, context=context, score=score)
     if as_json:
         click.echo(json.dumps(r, default=_jsonable))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .chunked.lm_head import sampling
 from .errors import BundleError, InputError
 
 __all__ = ["GeneratedToken", "GenerationResult", "LanguageModel", "Sampler", "TokenStream", "generate", "perplexity",
@@ -129,6 +130,8 @@ class _Totals:
         self.sums = dict.fromkeys(self._SUMS, 0)
         self.layers: dict[str, dict] = {}
         self.calls = 0
+        self.ffn_counts: dict | None = None
+        self.lm_head: dict | None = None  # the routed head's counts (runtime/chunked/lm_head.py), summed
 
     def add(self, st: dict) -> None:
         self.calls += 1
@@ -139,6 +142,34 @@ class _Totals:
             acc = self.layers.setdefault(name, {**layer, **dict.fromkeys(self._LAYER_SUMS, 0)})
             for k in self._LAYER_SUMS:
                 acc[k] += layer[k]
+        if "ffn_counts" in st:  # FFN activation sparsity: neurons skipped, positions computed dense
+            acc = self.ffn_counts = self.ffn_counts or dict.fromkeys(st["ffn_counts"], 0)
+            for k, v in st["ffn_counts"].items():
+                acc[k] += v
+        head = st.get("lm_head")
+        if head is not None:
+            if self.lm_head is None:
+                self.lm_head = dict(head)
+            else:
+                for k in ("calls", "routed_calls", "chunks_read", "certified_calls", "macs", "dense_macs"):
+                    self.lm_head[k] += head[k]
+                self.lm_head["tail_mass_max"] = max(self.lm_head["tail_mass_max"], head["tail_mass_max"])
+
+    def head_stats(self, temperature: float, prefill: dict | None) -> dict:
+        """The LM head's figures per decoded token, its counts after `prefill` (None where the bundle's
+        head is not routable or, for the certified rate, when nothing was certified: dense head or
+        sampling)."""
+        h = self.lm_head
+        if h and prefill:
+            h = {**h, **{k: h[k] - prefill[k] for k in ("calls", "routed_calls", "chunks_read", "certified_calls",
+                                                        "macs", "dense_macs")}}
+        per = (lambda k: h[k] / h["calls"]) if h and h["calls"] else (lambda k: None)
+        return {"lm_head_chunks_read_per_token": per("chunks_read"),
+                "lm_head_chunks_total": h["chunks_total"] if h else None,
+                "lm_head_certified_rate": (h["certified_calls"] / h["routed_calls"]
+                                           if h and h["routed_calls"] and temperature == 0 else None),
+                "lm_head_tail_mass_max": h["tail_mass_max"] if h and h["routed_calls"] and temperature > 0 else None,
+                "lm_head_macs_per_token": per("macs"), "lm_head_dense_macs_per_token": per("dense_macs")}
 
     def as_dict(self, session) -> dict:
         from .session import peak_rss_bytes
@@ -150,7 +181,26 @@ class _Totals:
                 "cache_budget_bytes": session.cache.budget,
                 "kv_cache_bytes": session.state.nbytes, "bundle_bytes": session.bundle.file_size,
                 "policy": {"bits": session.policy.bits, "kind": session.policy.kind,
-                           "bits_for": dict(session.policy.bits_for)}, "layers": self.layers}
+                           "bits_for": dict(session.policy.bits_for),
+                           "attention": session.policy.attention.describe()}, "layers": self.layers,
+                **self._ffn()}
+
+    def _ffn(self) -> dict:
+        from .chunked.gated_ffn import ffn_rates
+
+        n = self.ffn_counts
+        return {} if n is None else {"ffn_counts": n, **ffn_rates(n)}
+
+
+def _kv_mark(session) -> tuple[int, float]:
+    """(KV bytes read, seconds in attention) so far: differences of two marks give a span's share."""
+    return session.state.bytes_read, session.state.attention_s
+
+
+def _kv_per_token(session, since: tuple[int, float], tokens: int) -> dict:
+    b, s = _kv_mark(session)
+    return {"kv_bytes_read_per_token": (b - since[0]) / tokens if tokens else None,
+            "attention_s_per_token": (s - since[1]) / tokens if tokens else None}
 
 
 # ------------------------------------------------------------------ generation
@@ -204,7 +254,8 @@ class TokenStream:
             if start and state.restarts != self._restarts:
                 raise InputError("another sequence used this session's KV cache since this generation started "
                                  "(a session generates one sequence at a time)")
-            logits, st = self.lm.forward(ids, start)
+            with sampling(self.sampler.temperature):  # a routed LM head covers what the sampler may pick
+                logits, st = self.lm.forward(ids, start)
             self._restarts = state.restarts
         totals.add(st)
         return logits[-1]
@@ -217,6 +268,9 @@ class TokenStream:
         t0 = time.perf_counter()
         logits = self._step(self.prompt_ids, 0, totals)
         prefill_bytes = totals.sums["bytes_read"]
+        kv_mark = _kv_mark(self.lm.session)  # decode steps only: what each generated token costs
+        prefill_macs = totals.sums["macs"], totals.sums["dense_macs"]
+        prefill_head = dict(totals.lm_head) if totals.lm_head else None
         t_first = None
         stop = "length"
         while True:
@@ -241,7 +295,11 @@ class TokenStream:
                          "decode_s": t_end - t_first, "decode_tokens_per_s": steps / (t_end - t_first) if steps else None,
                          "prefill_bytes_read": prefill_bytes,
                          "bytes_read_per_token": decode_bytes / steps if steps else None,
-                         **totals.as_dict(self.lm.session)}
+                         **_kv_per_token(self.lm.session, kv_mark, steps),
+                         **totals.as_dict(self.lm.session),
+                         "macs_per_token": (totals.sums["macs"] - prefill_macs[0]) / steps if steps else None,
+                         "dense_macs_per_token": (totals.sums["dense_macs"] - prefill_macs[1]) / steps if steps else None,
+                         **totals.head_stats(self.sampler.temperature, prefill_head)}
                 self.result = GenerationResult("".join(texts) if decoder is not None else None, ids,
                                                list(self.prompt_ids), stop, stats)
                 yield GeneratedToken(t, text)
@@ -295,6 +353,7 @@ def perplexity(session, text: str | None = None, *, ids=None, context: int = 512
     first = context // 2 if score == "half" else 0
     totals, nll = _Totals(), []
     t0 = time.perf_counter()
+    kv_mark = _kv_mark(session)
     for w in range(n_windows):
         win = ids[w * context:(w + 1) * context]
         if lm.info.add_bos:
@@ -306,7 +365,7 @@ def perplexity(session, text: str | None = None, *, ids=None, context: int = 512
     nll = np.concatenate(nll)
     return {"perplexity": float(math.exp(nll.mean())), "tokens_scored": int(nll.size), "windows": n_windows,
             "context": context, "score": score, "nll_mean": float(nll.mean()), "seconds": time.perf_counter() - t0,
-            **totals.as_dict(session)}
+            **_kv_per_token(session, kv_mark, n_windows * context), **totals.as_dict(session)}
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray, rows: int = 64) -> np.ndarray:

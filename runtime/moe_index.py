@@ -12,7 +12,8 @@ import numpy as np
 from .activations import ACTIVATIONS
 from .errors import corrupt as _fail
 from .format import MAX_DIM, MAX_NAME_LEN
-from .tiers import SEPARATE, TIERS
+from .schema import check_zp_tiers
+from .tiers import TIERS, layouts_of
 
 MAX_EXPERTS = 1 << 16
 
@@ -20,16 +21,24 @@ MAX_EXPERTS = 1 << 16
 class ExpertMat:
     """One matrix of one expert, rows-first ([F, H] for w1/w3, [H, F] for w2)."""
 
-    __slots__ = ("shape", "tiers", "errors")
+    __slots__ = ("shape", "tiers", "layouts", "errors")
 
-    def __init__(self, shape, tiers, errors):
+    def __init__(self, shape, md: dict, errors):
         self.shape = tuple(shape)
-        self.tiers = tiers  # tier -> payload id
+        self.tiers = {}  # tier -> payload id, filled as the reader checks them
+        # experts store every tier separately (no nested planes): `tiers` and (1.2) `zp`
+        self.layouts = {t: layout for t, (layout, _) in layouts_of(md).items()}
         self.errors = errors  # tier -> {"mse", "out_err"}
 
     def nbytes(self, tier: str, group_size: int) -> int:
-        r, k = self.shape  # experts store every tier separately (no nested planes)
-        return SEPARATE[tier].nbytes(tier, r, k, min(group_size, k))
+        r, k = self.shape
+        layout = self.layouts[tier]
+        return layout.nbytes(tier, r, k, layout.group(k, group_size))
+
+    def decode(self, tier: str, buf, group_size: int) -> np.ndarray:
+        r, k = self.shape
+        layout = self.layouts[tier]
+        return layout.decode(tier, [buf], r, k, layout.group(k, group_size))
 
 
 class MoEEntry:
@@ -64,8 +73,7 @@ class MoEEntry:
         out = np.empty((len(self.mats), self.intermediate, self.hidden), np.float32)
         for j, m in enumerate(self.mats):
             mat = self.experts[e][m]
-            r, k = mat.shape
-            a = SEPARATE[tier].decode(tier, [data[mat.tiers[tier]]], r, k, min(self.group_size, k))
+            a = mat.decode(tier, data[mat.tiers[tier]], self.group_size)
             out[j] = a.T if m == "w2" else a
         return out
 
@@ -125,17 +133,20 @@ def validate_moe(bundle, items, used: set) -> dict[str, MoEEntry]:
                 if not isinstance(md, dict) or md.get("shape") != shape:
                     _fail(f"{what} expert {i} {m}: shape must be {shape}")
                 tiers = md.get("tiers")
-                if not isinstance(tiers, dict) or not tiers or any(x not in TIERS for x in tiers):
-                    _fail(f"{what} expert {i} {m}: tiers must be a non-empty subset of {TIERS}")
+                zp = check_zp_tiers({**md, "group_size": G}, f"{what} expert {i} {m}")
+                if (not isinstance(tiers, dict) or not (tiers or zp) or any(x not in TIERS for x in tiers)
+                        or set(tiers) & set(zp)):
+                    _fail(f"{what} expert {i} {m}: tiers must be a non-empty subset of {TIERS}, "
+                          f"none also in zp")
                 if tier_set is None:
-                    tier_set = set(tiers)
-                elif set(tiers) != tier_set:
+                    tier_set = set(tiers) | set(zp)
+                elif set(tiers) | set(zp) != tier_set:
                     _fail(f"{what} expert {i} {m}: every expert matrix must hold the same tiers")
                 errors = md.get("errors", {})
                 if not isinstance(errors, dict):
                     _fail(f"{what} expert {i} {m}: errors must be an object")
-                mat = ExpertMat(shape, {}, errors)
-                for tier, pid in tiers.items():
+                mat = ExpertMat(shape, md, errors)
+                for tier, pid in [*tiers.items(), *zp.items()]:
                     bundle.claim_payload(pid, f"{what} expert {i} {m} tier {tier}", used)
                     if int(raw_len[pid]) != mat.nbytes(tier, G):
                         _fail(f"{what} expert {i} {m} tier {tier}: payload length does not match the layout")

@@ -18,6 +18,11 @@
 - Mixture-of-experts layers: `disable_experts` / `only_experts` ("LAYER:EXPERT,...") mask experts out
   of routing, `prefetch` loads the next layer's likely experts ahead of use; under `bits="auto"` a
   token's expert runs at 8 bits when its routing weight is >= `auto_threshold`, else at 4.
+- `ffn_sparsity`: MLPs (gated `GatedFFN`, fused `ChunkedFFN`) skip the down-projection neurons whose |activation| is at or below
+  a calibrated per-layer threshold, the thresholds allocated to this model-wide share (ffn_sparsity.py).
+- `lm_head="topk"`: a language model's head computes exact logits only for the vocabulary chunks
+  that can matter (the `lm_head_k` most likely first; certified argmax for greedy decoding, all but
+  `lm_head_epsilon` of the probability mass for sampling; runtime/chunked/lm_head.py).
 Embedding (gather) layers always read only the rows an input looks up: exact, free savings.
 
 Every op asks `plan` (chunked tensors) or `expert_tiers` (experts) and decides nothing of this itself.
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
+from .ffn_sparsity import check_fallback, check_target
 from .tiers import BITS_TO_TIER, FLOAT_TIER, NEAREST, QUANT_TIERS, tier_within
 
 HI, MID, LO = QUANT_TIERS  # --bits auto: the hot, the ordinary and the cold chunks' tiers
@@ -69,8 +75,25 @@ class Policy:
     auto_threshold: float = 0.5
     # per-tensor tiers over `bits`: "embed=8,layers.0.*=float" or [(pattern, bits)] or {pattern: bits}
     bits_for: str | list | dict = field(default_factory=list)
+    # which cached keys a language model's attention reads (sparse_attention.AttentionPolicy, or its fields as a dict)
+    attention: object = None
+    # FFN activation sparsity (runtime/ffn_sparsity.py): model-wide share of down-projection neurons
+    # skipped per token (0 = dense), and the share below which a position's layer computes dense
+    ffn_sparsity: float = 0.0
+    ffn_fallback: float = 0.05
+    # a language model's head routed by vocabulary chunk (runtime/chunked/lm_head.py): "dense" | "topk",
+    # the chunks scored exactly first, and the probability mass sampling may leave out
+    lm_head: str = "dense"
+    lm_head_k: int = 4
+    lm_head_epsilon: float = 1e-3
 
     def __post_init__(self):
+        from .sparse_attention import AttentionPolicy
+
+        if self.attention is None or isinstance(self.attention, dict):
+            self.attention = AttentionPolicy(**(self.attention or {}))
+        elif not isinstance(self.attention, AttentionPolicy):
+            raise InputError(f"attention must be an AttentionPolicy, got {type(self.attention).__name__}")
         self.bits = str(self.bits)
         self.bits_for = _overrides(self.bits_for)
         self.disable_experts = _pairs(self.disable_experts)
@@ -89,6 +112,15 @@ class Policy:
                 raise InputError(f"--topk must be a chunk count >= 1 or a fraction in (0, 1], got {self.topk}")
         if not 0 <= self.tau < 1:
             raise InputError(f"--tau must be in [0, 1), got {self.tau}")
+        self.ffn_sparsity = check_target(self.ffn_sparsity)
+        self.ffn_fallback = check_fallback(self.ffn_fallback)
+        if self.lm_head not in ("dense", "topk"):
+            raise InputError(f"unknown --lm-head {self.lm_head!r} (dense or topk)")
+        if type(self.lm_head_k) is not int or self.lm_head_k < 1:
+            raise InputError(f"--lm-head-k must be a chunk count >= 1, got {self.lm_head_k!r}")
+        eps = self.lm_head_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise InputError(f"--lm-head-epsilon must be in (0, 1), got {eps!r}")
 
     def k_for(self, n_chunks: int) -> int:
         t = self.topk

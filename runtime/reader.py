@@ -24,9 +24,9 @@ from .format import (
 from .moe_index import validate_moe
 from .schema import (
     ConstantsTable, Graph, Profile, Stats, check_dtype, check_index_info, check_name, check_shape, check_tensor_facts,
-    load_json,
+    check_zp_tiers, load_json,
 )
-from .tiers import NESTED, SEPARATE, TierLayout
+from .tiers import NESTED, SEPARATE, ZERO_POINT, PackedWeight, TierLayout, ZeroPointTier
 
 # Index and table are read in one positioned read when at most this many bytes lie between them (the
 # writer pads to 8); a larger gap is legal but never read.
@@ -69,6 +69,8 @@ class TensorEntry:
         self.layouts: dict[str, tuple[TierLayout, list[np.ndarray]]] = {}
         for t, pids in d["tiers"].items():
             self.add_layout(SEPARATE[t], [pids])
+        for t, pids in d.get(ZeroPointTier.index_key, {}).items():  # (1.2) integer-zero-point tiers
+            self.add_layout(ZERO_POINT[t], [pids])
 
     def add_layout(self, layout: TierLayout, ids: list) -> None:
         ids = [np.asarray(p, dtype=np.int64) for p in ids]
@@ -93,16 +95,17 @@ class TensorEntry:
     def chunk_rows(self, i: int) -> int:
         return int(self.bounds[i + 1] - self.bounds[i])
 
-    def effective_group(self) -> int:
-        return min(self.group_size, self.row_len)
+    def effective_group(self, layout: TierLayout) -> int:
+        return layout.group(self.row_len, self.group_size)
 
     def payload_nbytes(self, tier: str, i: int) -> int:
         """Raw bytes a read of chunk i at `tier` takes (every payload it needs)."""
-        return self.layouts[tier][0].nbytes(tier, self.chunk_rows(i), self.row_len, self.effective_group())
+        layout = self.layouts[tier][0]
+        return layout.nbytes(tier, self.chunk_rows(i), self.row_len, self.effective_group(layout))
 
     def payload_sizes(self, layout: TierLayout, i: int) -> list[int]:
         """Raw length of each of chunk i's payloads in `layout`."""
-        return layout.payload_sizes(self.chunk_rows(i), self.row_len, self.effective_group())
+        return layout.payload_sizes(self.chunk_rows(i), self.row_len, self.effective_group(layout))
 
 
 _fail = corrupt
@@ -285,16 +288,19 @@ class Bundle:
                 _fail(f"tensor {name}: chunk bounds must rise strictly from 0 to {shape[0]}")
             tiers = d.get("tiers")
             nested = d.get("nested")
-            if (not isinstance(tiers, dict) or not (tiers or nested is not None)
+            zp = check_zp_tiers(d, f"tensor {name}")
+            if (not isinstance(tiers, dict) or not (tiers or zp or nested is not None)
                     or any(t not in TIERS for t in tiers)):
                 _fail(f"tensor {name}: tiers must be a non-empty subset of {TIERS}")
-            for t, pids in tiers.items():
+            if set(tiers) & set(zp):
+                _fail(f"tensor {name}: tier stored both in tiers and in zp")
+            for t, pids in [*tiers.items(), *zp.items()]:
                 if not isinstance(pids, list) or len(pids) != len(b) - 1:
                     _fail(f"tensor {name}: tier {t} must list one payload per chunk")
                 for pid in pids:  # ids are checked before TensorEntry turns them into int64 arrays
                     self._pid(pid, f"tensor {name} tier {t}", used, allow_empty=True)
             e = TensorEntry(d)
-            for t, pids in tiers.items():
+            for t, pids in [*tiers.items(), *zp.items()]:
                 for i, pid in enumerate(pids):
                     if pid >= 0 and int(self.table["raw"][pid]) != e.payload_nbytes(t, i):
                         _fail(f"tensor {name} tier {t} chunk {i}: payload length does not match the layout")
@@ -314,7 +320,7 @@ class Bundle:
         planes = nested.get("planes") if isinstance(nested, dict) else None
         if not isinstance(planes, list) or not 1 <= len(planes) <= NESTED.n_payloads:
             _fail(f"tensor {name}: nested must be an object with a list of 1 to {NESTED.n_payloads} planes")
-        if any(t in e.meta["tiers"] for t in NESTED.tiers_of(planes)):
+        if any(t in e.layouts for t in NESTED.tiers_of(planes)):
             _fail(f"tensor {name}: tier stored both separately and as nested planes")
         for p, pids in enumerate(planes):
             if not isinstance(pids, list) or len(pids) != n:
@@ -445,7 +451,22 @@ class Bundle:
         missing = [p for p in pids if p not in have]
         if missing:
             have = {**have, **self.read_payloads(missing)}
-        return tensor.layouts[tier][0].decode(tier, [have[p] for p in pids], r, k, tensor.effective_group())
+        layout = tensor.layouts[tier][0]
+        return layout.decode(tier, [have[p] for p in pids], r, k, tensor.effective_group(layout))
+
+    def read_packed(self, name: str, tier: str) -> PackedWeight | None:
+        """A zp-coded tensor at one tier as stored (every chunk read and counted, like `read_weight`), in
+        the inputs of ONNX Runtime's MatMulNBits; None when the tensor is not zp-coded at that tier
+        (legacy scale+min, nested planes, float32, or the tier is not stored)."""
+        e = self.tensors.get(name)
+        if e is None:
+            raise BundleError(f"no chunked tensor {name!r} in the bundle")
+        layout, ids = e.layouts.get(tier, (None, None))
+        if not isinstance(layout, ZeroPointTier):
+            return None
+        data = self.read_payloads(int(p) for p in ids[0] if p >= 0)
+        chunks = [(e.chunk_rows(i), data.get(int(p))) for i, p in enumerate(ids[0])]
+        return layout.packed(chunks, e.row_len, e.effective_group(layout))
 
     def read_weight(self, name: str, tier: str) -> np.ndarray:
         """The whole tensor at one tier, in its stored shape (rows first)."""

@@ -16,6 +16,8 @@ from typing import Collection, Mapping
 import numpy as np
 
 from .errors import BundleError
+from .qcodec import ZP_GROUPS
+from .tiers import QUANT_TIERS
 from .format import (
     DTYPES, MAX_DIM, MAX_ELEMENTS, MAX_JSON_CONTAINERS_FLOOR, MAX_NAME_LEN, MAX_RANK, JSON_BYTES_PER_CONTAINER,
 )
@@ -29,14 +31,16 @@ _INT64 = 1 << 63
 NADOO_OP_ATTRS: dict[str, dict[str, type]] = {
     "ChunkedLinear": {"weight": str},
     "ChunkedGather": {"weight": str},
+    "LMHead": {"weight": str},
     "ChunkedConv": {"weight": str},
     "ChunkedConvTranspose": {"weight": str},
     "ChunkedRecurrent": {"cell": str, "weight": str, "recurrence": str},
     "ChunkedFFN": {"up": str, "down": str, "activation": str},
+    "GatedFFN": {"gate": str, "up": str, "down": str, "activation": str},
     "MoE": {"moe": str},
     "Attention": {"heads": int, "kv_heads": int, "head_dim": int, "max_positions": int},
 }
-_WEIGHT_ATTRS = ("weight", "recurrence", "up", "down")
+_WEIGHT_ATTRS = ("weight", "recurrence", "up", "down", "gate")
 
 
 def normalize_domain(domain: str) -> str:
@@ -545,6 +549,20 @@ def check_tensor_facts(d: dict, n_chunks: int, tiers: Collection[str], what: str
         w.fail(f"{what}: alloc must list one stored tier per chunk")
 
 
+def check_zp_tiers(d: dict, what: str, w: Where = _INDEX) -> dict:
+    """(1.2) `zp` of a chunked tensor or MoE expert matrix: {tier: payload ids} of its quantized tiers in the
+    integer-zero-point codec (§4.2c), which needs a `group_size` in ZP_GROUPS. {} when absent; the ids
+    themselves are the reader's to check."""
+    zp = d.get("zp")
+    if zp is None:
+        return {}
+    if not isinstance(zp, dict) or not zp or any(t not in QUANT_TIERS for t in zp):
+        w.fail(f"{what}: zp must map some of the tiers {', '.join(QUANT_TIERS)} to payload ids")
+    if d.get("group_size") not in ZP_GROUPS:
+        w.fail(f"{what}: a zp-coded tensor needs group_size in {ZP_GROUPS}, got {_short(d.get('group_size'))}")
+    return zp
+
+
 def check_index_info(ix: dict, w: Where = _INDEX) -> None:
     """Informational index keys that `nadoo info` prints: `producer` and `model` are objects."""
     for key in ("producer", "model"):
@@ -554,6 +572,7 @@ def check_index_info(ix: dict, w: Where = _INDEX) -> None:
 
 __all__ = [
     "ConstantSpec", "ConstantsTable", "Graph", "LayerProfile", "MoEUsage", "Node", "Profile", "Stats", "ValueInfo",
-    "Where", "check_dtype", "check_index_info", "check_name", "check_shape", "check_tensor_facts", "load_json",
+    "Where", "check_dtype", "check_index_info", "check_name", "check_shape", "check_tensor_facts", "check_zp_tiers",
+    "load_json",
     "normalize_domain", "NADOO_OP_ATTRS",
 ]

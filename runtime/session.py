@@ -75,11 +75,12 @@ class Session:
             constants = self.bundle.read_constants()
             classes = chunked.classes_in(graph)
             self.cache = ChunkCache(parse_size(memory_budget), victim=chunked.cache_victim(classes))
-            need_profile = self.policy.kind == "topk" or self.policy.bits == "auto"
+            need_profile = self.policy.kind == "topk" or self.policy.bits == "auto" or self.policy.ffn_sparsity > 0
             profile = (self.bundle.read_profile() if need_profile else None) or {}
             env = chunked.OpEnv(self.bundle, chunked.WeightStore(self.bundle, self.cache, self.policy.tau),
                                 self.policy, profile)
-            self.state = SequenceState()  # a language model's KV caches (runtime/generate.py)
+            # a language model's KV caches (runtime/generate.py), read as the attention policy says
+            self.state = SequenceState(attention=self.policy.attention)
             self.plan = Plan(graph, constants, custom_ops=chunked.builders(env),
                              model_bytes=self.bundle.payload_bytes, weight_shapes=self.bundle.weight_shapes,
                              state=self.state)

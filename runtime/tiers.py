@@ -6,17 +6,22 @@ and the order in which a missing tier is replaced by the nearest stored one.
 A layout (`TierLayout`) is a codec for one way of storing tiers; it knows both directions:
 - which payloads a read of chunk i at a tier needs and how many bytes each has,
 - `pack` (the compiler's writer: codes -> payload bytes) and `decode` (the reader: payloads -> float32).
-Two implementations (format_spec/NDC-v1.md §4.2, §4.2b):
-- `SeparateTier`: one payload per chunk for one tier (float32, or the grouped codec of runtime/qcodec.py);
+Three implementations (format_spec/NDC-v1.md §4.2, §4.2b, §4.2c):
+- `SeparateTier`: one payload per chunk for one tier (float32, or the scale+min grouped codec);
+- `ZeroPointTier`: one payload per chunk for one quantized tier in the integer-zero-point codec (1.2),
+  laid out as ONNX Runtime's MatMulNBits takes it (`PackedWeight`), the default of new compiles;
 - `NestedTiers`: one 8-bit quantization stored as bit-planes A, B, C; q2 reads A, q4 A+B, q8 A+B+C.
 The byte-level work stays in runtime/qcodec.py; a layout only decides which of its functions apply.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import qcodec
+from .errors import BundleError
 from .format import TIERS  # the index's tier names, highest precision first
 
 TIER_BITS = {"f32": 32, "q8": 8, "q4": 4, "q2": 2}
@@ -55,6 +60,11 @@ class TierLayout:
         """The payloads `chunk_pids` names, in that order -> float32 [rows, row_len]."""
         raise NotImplementedError
 
+    def group(self, row_len: int, group_size: int) -> int:
+        """The effective group size of rows of `row_len` under the index's `group_size` (what the other
+        methods take as `group_size`)."""
+        return min(group_size, row_len)
+
     def pack(self, *args) -> list[bytes]:
         """One chunk's values -> its `n_payloads` payloads (the compiler's writer)."""
         raise NotImplementedError
@@ -85,6 +95,7 @@ class SeparateTier(TierLayout):
     """One tier, one payload per chunk: float32 little-endian, or the grouped quantized codec."""
 
     n_payloads = 1
+    codec = "minmax"  # of its quantized payloads (a key of CODECS)
 
     def __init__(self, tier: str):
         self.key = tier
@@ -115,12 +126,79 @@ class SeparateTier(TierLayout):
             return [a.astype("<f4", copy=False).tobytes()]
         return [qcodec.pack(values, scales, mins, self.bits, group_size)]
 
+    index_key = "tiers"  # the tensor entry's key that lists this layout's payload ids per tier
+
     def ids_of(self, entry):
-        ids = entry.get("tiers", {}).get(self.key)
+        ids = entry.get(self.index_key, {}).get(self.key)
         return None if ids is None else [ids]
 
     def record(self, entry, ids):
-        entry["tiers"][self.key] = ids[0]
+        entry.setdefault(self.index_key, {})[self.key] = ids[0]
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A zp-coded tensor as stored, in the inputs of ONNX Runtime's com.microsoft MatMulNBits (B, scales,
+    zero_points with attributes N = rows, K = row_len, bits, block_size): w[r, k] =
+    scales[r, k // block_size] * (code[r, k] - zero_point[r, k // block_size])."""
+
+    codes: np.ndarray        # uint8 [rows, ng, block_size * bits // 8], per block LSB-first
+    scales: np.ndarray       # float32 [rows, ng] (stored as float16: exact)
+    zero_points: np.ndarray  # uint8 [rows, ceil(ng * bits / 8)], per row LSB-first
+    bits: int
+    block_size: int
+    rows: int
+    row_len: int
+
+
+class ZeroPointTier(SeparateTier):
+    """One quantized tier, one payload per chunk, in the integer-zero-point codec (qcodec `*_zp`, NDC 1.2).
+    Its payload ids are listed under the entry's `zp` key, not `tiers`: a 1.1 reader, which would decode
+    them as scale+min payloads, finds no tier it knows there and refuses the tensor instead of misreading."""
+
+    index_key = "zp"
+    codec = "zp"
+
+    def __init__(self, tier: str):
+        super().__init__(tier)
+        assert self.quantized
+
+    def __repr__(self) -> str:
+        return f"ZeroPointTier({self.key!r})"
+
+    def group(self, row_len, group_size):
+        return qcodec.zp_group(row_len, group_size)
+
+    def payload_sizes(self, rows, row_len, group_size):
+        return [qcodec.zp_payload_nbytes(rows, row_len, group_size, self.bits)]
+
+    def decode(self, tier, bufs, rows, row_len, group_size):
+        return qcodec.dequantize_zp(bufs[0], rows, row_len, group_size, self.bits)
+
+    def pack(self, codes, scales, zero_points, group_size) -> list[bytes]:
+        """codes uint8 [R, K], scales float16 [R, ng], zero points [R, ng] (integers in [0, 2^bits - 1])."""
+        return [qcodec.pack_zp(codes, scales, zero_points, self.bits, group_size)]
+
+    def packed(self, chunks: list, row_len: int, group_size: int) -> PackedWeight:
+        """[(rows, payload or None for an empty chunk)] of a whole tensor, in row order -> its PackedWeight.
+        An empty chunk is all codes, zero points and scales 0 (it decodes to zeros)."""
+        ng = -(-row_len // group_size)
+        blob, zb = group_size * self.bits // 8, -(-(ng * self.bits) // 8)
+        codes, scales, zps = [], [], []
+        for rows, buf in chunks:
+            if buf is None:
+                c, s, z = (np.zeros((rows, ng, blob), np.uint8), np.zeros((rows, ng), np.float16),
+                           np.zeros((rows, zb), np.uint8))
+            else:
+                c, s, z = qcodec.split_zp(buf, rows, row_len, group_size, self.bits)
+            codes.append(c)
+            scales.append(s)
+            zps.append(z)
+        s32 = np.concatenate(scales).astype(np.float32)
+        if not np.isfinite(s32).all():
+            raise BundleError("zp chunk: scales contain non-finite values (corrupt payload)")
+        return PackedWeight(np.concatenate(codes), s32, np.concatenate(zps), self.bits, group_size,
+                            len(s32), row_len)
 
 
 class NestedTiers(TierLayout):
@@ -156,14 +234,21 @@ class NestedTiers(TierLayout):
 
 
 SEPARATE = {t: SeparateTier(t) for t in TIERS}
+ZERO_POINT = {t: ZeroPointTier(t) for t in QUANT_TIERS}
 NESTED = NestedTiers()
+# The codecs of separate quantized tiers: "zp" (1.2, the default of compiles) and the scale+min "minmax".
+CODECS = {"zp": ZERO_POINT, "minmax": {t: SEPARATE[t] for t in QUANT_TIERS}}
+DEFAULT_CODEC = "zp"
 
 
 def layouts_of(entry: dict) -> dict[str, tuple[TierLayout, list]]:
-    """tier -> (layout, payload-id lists) of one tensor index entry: its separate tiers, then nested ones."""
+    """tier -> (layout, payload-id lists) of one tensor (or MoE expert matrix) index entry: its separate
+    tiers (`tiers`, `zp`), then nested ones."""
     found = {}
     for t, ids in entry.get("tiers", {}).items():
         found[t] = (SEPARATE[t], [ids])
+    for t, ids in entry.get(ZeroPointTier.index_key, {}).items():
+        found[t] = (ZERO_POINT[t], [ids])
     planes = NESTED.ids_of(entry)
     if planes:
         for t in NESTED.tiers_of(planes):
@@ -171,7 +256,10 @@ def layouts_of(entry: dict) -> dict[str, tuple[TierLayout, list]]:
     return found
 
 
-def compile_layouts(keep_float: bool, nested: bool) -> list[TierLayout]:
-    """The layouts a compile writes, in write order: float32 if kept, then nested planes or q8, q4, q2."""
+def compile_layouts(keep_float: bool, nested: bool, codec: str = DEFAULT_CODEC) -> list[TierLayout]:
+    """The layouts a compile writes, in write order: float32 if kept, then nested planes or q8, q4, q2 in
+    `codec` (a key of CODECS)."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown quantization codec {codec!r} (one of {', '.join(CODECS)})")
     out = [SEPARATE[FLOAT_TIER]] if keep_float else []
-    return out + ([NESTED] if nested else [SEPARATE[t] for t in QUANT_TIERS])
+    return out + ([NESTED] if nested else [CODECS[codec][t] for t in QUANT_TIERS])

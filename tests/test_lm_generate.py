@@ -131,7 +131,7 @@ def test_tied_head_is_the_embedding_stored_once(built):
     with session(built["gemma3"][2]) as s:
         names = set(s.bundle.tensors)
         assert "embed" in names and "head" not in names
-        heads = [n for n in s.plan.graph["nodes"] if n["op"] == "ChunkedLinear" and n["outputs"] == ["logits"]]
+        heads = [n for n in s.plan.graph["nodes"] if n["op"] == "LMHead" and n["outputs"] == ["logits"]]
         assert heads[0]["attrs"]["weight"] == "embed"
     with session(built["qwen2"][2]) as s:  # untied: a head of its own
         assert "head" in s.bundle.tensors
@@ -160,6 +160,17 @@ def test_perplexity_equals_transformers(built, score):
 
 
 # ------------------------------------------------------------------ quantized tiers
+def read_in_token_order(s, name, tier):
+    """A decoded tensor in the source's layout: an MLP's down projection is stored transposed (chunked by
+    input neuron groups), and the LM head's tensor (the embedding too, when tied) in the routed head's
+    vocabulary order."""
+    w = s.bundle.read_weight(name, tier)
+    if s.bundle.tensors[name].kind == "ffn_down":
+        return w.T
+    head = next(n for n in s.plan.graph["nodes"] if n["op"] == "LMHead")
+    return w[dict(s.bundle.read_constants())[head["inputs"][1]]] if head["attrs"]["weight"] == name else w
+
+
 def test_8_bit_runs_the_stored_8_bit_weights(built):
     """At 8 bits the session computes what the reference decoder computes over the bundle's decoded
     q8 tensors (to float rounding), and stays close to the float model."""
@@ -167,7 +178,7 @@ def test_8_bit_runs_the_stored_8_bit_weights(built):
     src = load_lm_source(folder)
     seq = prompt_ids() + transformers_greedy(model, prompt_ids(), NEW)[0]
     with session(bundle, "8") as s:
-        q8 = {n: s.bundle.read_weight(n, "q8") for n in s.bundle.tensors}
+        q8 = {n: read_in_token_order(s, n, "q8") for n in s.bundle.tensors}
         logits = LanguageModel(s).forward(seq, 0, keep=0)[0]
     ref = ReferenceDecoder(LMSource(src.config, {**src.weights, **q8}))
     exact = ref.forward(seq)
@@ -185,7 +196,7 @@ def test_bits_for_sets_the_tier_of_the_tensors_it_names(built):
     src = load_lm_source(folder)
     seq = prompt_ids(3, 24)
     with nd.Session(bundle, policy=nd.Policy(bits="4", bits_for="embed=8")) as s:
-        mixed = {n: s.bundle.read_weight(n, "q8" if n == "embed" else "q4") for n in s.bundle.tensors}
+        mixed = {n: read_in_token_order(s, n, "q8" if n == "embed" else "q4") for n in s.bundle.tensors}
         logits = LanguageModel(s).forward(seq, 0, keep=0)[0]
     with session(bundle, "4") as s:
         plain = LanguageModel(s).forward(seq, 0, keep=0)[0]

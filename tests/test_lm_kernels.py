@@ -185,8 +185,8 @@ def test_cache_full_and_bad_input_are_one_clear_error():
         c.append(np.zeros((1, 1, 4), np.float32), np.zeros((1, 1, 4), np.float32))
     with pytest.raises(InputError, match="shape"):
         LayerKVCache(1, 4, 5).append(np.zeros((2, 1, 4), np.float32), np.zeros((2, 1, 4), np.float32))
-    with pytest.raises(InputError, match="float32 or float16"):
-        LayerKVCache(1, 4, 5, dtype=np.int8)
+    with pytest.raises(InputError, match="float32, float16 or int8"):
+        LayerKVCache(1, 4, 5, dtype=np.int16)
     with pytest.raises(InputError, match="positive"):
         LayerKVCache(1, 4, 5, window=0)
     c.reset()

@@ -222,12 +222,15 @@ def _rewrite_index(src, dst, change):
 @pytest.mark.parametrize("change,msg", [
     (lambda ix: ix["moe"][0].update(top_k=9), "top_k"),
     (lambda ix: ix["moe"][0]["experts"].pop(), "experts"),
-    (lambda ix: ix["moe"][0]["experts"][0]["tensors"]["w1"]["tiers"].update(q8=10**6), "out of range"),
+    (lambda ix: ix["moe"][0]["experts"][0]["tensors"]["w1"]["zp"].update(q8=10**6), "out of range"),
     (lambda ix: ix["moe"][0]["experts"][0]["tensors"]["w2"].update(shape=[128, 64]), "shape"),
+    (lambda ix: ix["moe"][0]["experts"][1]["tensors"]["w1"]["zp"].update(
+        q8=ix["moe"][0]["experts"][0]["tensors"]["w1"]["zp"]["q8"]), "twice"),
+    (lambda ix: ix["moe"][0]["experts"][1]["tensors"]["w1"]["zp"].update(
+        q8=ix["moe"][0]["experts"][1]["tensors"]["w1"]["zp"]["q4"]), "twice|layout"),
     (lambda ix: ix["moe"][0]["experts"][1]["tensors"]["w1"]["tiers"].update(
-        q8=ix["moe"][0]["experts"][0]["tensors"]["w1"]["tiers"]["q8"]), "twice"),
-    (lambda ix: ix["moe"][0]["experts"][1]["tensors"]["w1"]["tiers"].update(
-        q8=ix["moe"][0]["experts"][1]["tensors"]["w1"]["tiers"]["q4"]), "twice|layout"),
+        q8=ix["moe"][0]["experts"][1]["tensors"]["w1"]["zp"].pop("q8")), "layout"),  # a zp payload as scale+min
+    (lambda ix: ix["moe"][0].update(group_size=48), "group_size"),
 ])
 def test_reader_validates_moe_index(mixtral, tmp_path, change, msg):
     _rewrite_index(mixtral, tmp_path / "bad.ndc", change)

@@ -50,7 +50,7 @@ def test_quantize_nested_truncation_is_the_4bit_quantization():
     x = rng.standard_normal((256, 96)).astype(np.float32)
     H = x.T @ x / len(x)
     (planes, errs), = quantize_nested(w, [0, 8], 32, (x * x).mean(0), hessian=H)
-    c4, s4, m4 = quantize(w, 4, 32, (x * x).mean(0), hessian=H)
+    c4, s4, m4 = quantize(w, 4, 32, (x * x).mean(0), hessian=H, codec="minmax")  # the planes' grid
     q, *_ = qcodec.nested_codes(planes, 8, 96, 32, 8)
     np.testing.assert_array_equal(q[:, :96] >> 4, c4)          # the high nibble is the GPTQ 4-bit code
     w4 = qcodec.dequantize_nested(planes[:2], 8, 96, 32, 4)

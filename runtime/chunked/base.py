@@ -35,6 +35,7 @@ class OpEnv:
     profile: dict  # the bundle's calibration profile ({} when the policy needs none)
     ops: list = field(default_factory=list)  # the ops built so far, in graph order
     records: dict = field(default_factory=dict)  # tensor name -> its LayerCounters (shared by nodes reading it)
+    shared: dict = field(default_factory=dict)  # what one op family decides once per session (e.g. an allocation)
 
     def layer_profile(self, name: str) -> dict:
         return self.profile.get("layers", {}).get(name, {})

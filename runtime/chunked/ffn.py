@@ -18,6 +18,7 @@ from .. import callstats
 from ..activations import activation
 from ..errors import InputError
 from .base import WeightOp, register
+from .gated_ffn import allocation, drop_small, ffn_stats, new_counts, runs
 from .linear import linear
 
 _SQRT1_2 = 0.7071067811865476
@@ -48,6 +49,9 @@ class ChunkedFFN(WeightOp):
         self.P, self.Q = P, Q
         self.E = np.ones(up.rows, np.float32) if E is None else E
         self.fits = env.store.fits(up) and env.store.fits(down)
+        # activation sparsity (gated_ffn.py): only the dense plan drops small activations per token
+        self.sparsity, self.threshold = allocation(env).get(down.name, (0.0, 0.0)) if plan.mode == "dense" else (0, 0)
+        self.fallback = env.policy.ffn_fallback
         self.run = {"dense": self._dense, "subset": self._subset, "empty": self._subset, "oracle": self._oracle,
                     "predict": self._predicted}[plan.mode]
 
@@ -67,9 +71,31 @@ class ChunkedFFN(WeightOp):
             return self._groups(x, np.arange(self.up.n_chunks), b1, b2, 0, before)
         store = self.env.store
         h = self.act(linear(x, store.full(self.up, self.plan.tiers).T, b1))
+        c = new_counts(self, x.size // self.up.row_len, self.up.rows)
+        if self.sparsity > 0:
+            return self._sparse(x, h, b2, c, before)
         y = linear(h, store.full(self.down, self.tiers_d), b2)
         self.count(before, self.up.n_chunks, self._dense_macs(x), self._dense_macs(x))
         return y
+
+    def _sparse(self, x, h, b2, c, before):
+        """down over the neuron groups a position still needs once small activations are dropped."""
+        h, ids = drop_small(h, self.threshold, self.fallback, self.down.bounds, c)
+        full, bounds = self.env.store.full(self.down, self.tiers_d), self.down.bounds
+        y = np.zeros(h.shape[:-1] + (self.down.row_len,), np.float32)
+        for lo, hi in runs(ids):
+            y += h[..., bounds[lo]:bounds[hi]] @ full[bounds[lo]:bounds[hi]]
+        if b2 is not None:
+            y += b2
+        pos = x.size // self.up.row_len
+        rows = int((bounds[ids + 1] - bounds[ids]).sum())
+        self.count(before, self.up.n_chunks, pos * (self.up.rows * self.up.row_len + rows * self.down.row_len),
+                   self._dense_macs(x))
+        return y
+
+    @classmethod
+    def extra_stats(cls, ops, call) -> dict | None:
+        return ffn_stats(ops, call)
 
     def _subset(self, x, b1, b2):
         keep = self.plan.keep if self.plan.keep is not None else np.zeros(0, np.int64)

@@ -1,7 +1,9 @@
 """`nadoo.ChunkedGather`: rows of an embedding table [N, ...] stored as chunks of rows.
 
-Input: integer indices of any shape (negative ones count from the end, as in ONNX Gather). Only the
-chunks holding a looked-up row are read: exact, whatever the policy.
+Input: integer indices of any shape (negative ones count from the end, as in ONNX Gather), and
+optionally a row map [N] (constant): index i reads stored row map[i] (a table stored in another
+row order, e.g. an embedding tied to a vocabulary-routed LM head). Only the chunks holding a
+looked-up row are read: exact, whatever the policy.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import callstats
-from ..errors import InputError
+from ..errors import BundleError, InputError
 from .base import WeightOp, register
 
 
@@ -21,6 +23,14 @@ def row_indices(idx, n: int, what: str) -> np.ndarray:
     if idx.size and (idx.min() < -n or idx.max() >= n):
         raise InputError(f"{what}: index out of range for {n} rows")
     return np.where(idx < 0, idx + n, idx)
+
+
+def checked_row_map(row_map, n: int, what: str) -> np.ndarray:
+    """A row map must be a permutation of 0..n-1: anything else would read wrong rows silently."""
+    m = np.asarray(row_map)
+    if m.shape != (n,) or m.dtype.kind not in "iu" or not np.array_equal(np.sort(m), np.arange(n)):
+        raise BundleError(f"corrupt bundle: {what}: the row map is not a permutation of the table's {n} rows")
+    return m
 
 
 def gather_rows(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -36,11 +46,16 @@ class ChunkedGather(WeightOp):
         super().__init__(node, ctx, env)
         e = self.tensor()
         self.start(e, env.policy.plan(e, env.layer_profile(e.name), can_route=False))
+        self._map = self._map_seen = None
 
-    def __call__(self, idx):
+    def __call__(self, idx, row_map=None):
         e, bounds = self.entry, self.entry.bounds
         before = callstats.bytes_read()
         flat = row_indices(idx, e.rows, self.node["name"]).reshape(-1)
+        if row_map is not None:
+            if row_map is not self._map_seen:  # a constant: checked once, not on every call
+                self._map, self._map_seen = checked_row_map(row_map, e.rows, self.node["name"]), row_map
+            flat = self._map[flat]
         shape = np.shape(idx) + e.shape[1:]
         if flat.size == 0:
             self.count(before, 0, 0, 0)
@@ -57,6 +72,10 @@ class ChunkedGather(WeightOp):
 
     @classmethod
     def export(cls, node, ex):
-        name = node["attrs"]["weight"]
+        name, ins = node["attrs"]["weight"], node["inputs"]
         ex.initializer(name, ex.weight(name))
-        ex.add("Gather", [name, node["inputs"][0]], node["outputs"], axis=0)
+        idx = ins[0]
+        if len(ins) > 1:  # the row map first: index -> stored row
+            idx = ex.fresh("rows")
+            ex.add("Gather", [ins[1], ins[0]], [idx], axis=0)
+        ex.add("Gather", [name, idx], node["outputs"], axis=0)

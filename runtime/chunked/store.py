@@ -88,6 +88,15 @@ class WeightStore:
         if start < len(ids):
             yield ids[start:]
 
+    def stream(self, e: TensorEntry, tiers: list[str], per_read: int = 256):
+        """(chunk id, decoded block) of every chunk, read `per_read` chunks at a time and not cached: a
+        one-off pass over a whole tensor that must not fill (or evict from) the cache."""
+        for lo in range(0, e.n_chunks, per_read):
+            ids = range(lo, min(lo + per_read, e.n_chunks))
+            data = self.b.read_payloads([p for i in ids for p in e.chunk_pids(tiers[i], i)])
+            for i in ids:
+                yield i, self._decode(e, i, tiers[i], data)
+
     def fits(self, e: TensorEntry) -> bool:
         """Whether the whole decoded tensor fits in the cache beside what is pinned."""
         return self.cache.budget is None or 4 * e.rows * e.row_len <= self.cache.budget - self.cache.pinned_bytes

@@ -9,9 +9,13 @@ softcap (of the scores, 0 = none). Output [1, n, heads·D].
 The layer's keys and values live in the plan's `state` (kv_cache.SequenceState, keyed by node
 name); a plan built without one keeps a private state. The n new positions must follow the cached
 ones (position_ids = L, L+1, ... with L the cached length) or start at 0, which starts a new
-sequence. One sequence at a time: the batch axis must be 1.
+sequence. One sequence at a time: the batch axis must be 1. The state's attention policy
+(runtime/sparse_attention.py) decides which cached keys each query reads; the time spent here adds
+up in state.attention_s.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -60,7 +64,10 @@ def _attention(node, ctx):
         if start != cache.length or (n and not np.array_equal(pos, np.arange(start, start + n))):
             raise InputError(f"{name}: position_ids must continue the cached sequence at {cache.length} "
                              f"(or start at 0), got {pos[:4].tolist()}{' …' if n > 4 else ''}")
+        t0, c0 = time.perf_counter(), time.thread_time()
         out = attention(q[0], k[0], v[0], cache, n_heads=heads, scale=scale, rope=rope, window=window or None,
-                        softcap=softcap or None, q_norm=q_norm, k_norm=k_norm, norm_eps=eps)
+                        softcap=softcap or None, q_norm=q_norm, k_norm=k_norm, norm_eps=eps, sparse=state.attention)
+        state.attention_s += time.perf_counter() - t0
+        state.attention_cpu_s += time.thread_time() - c0  # what a loaded machine does not inflate
         return out[None]
     return f

@@ -387,7 +387,16 @@ def _chunked_gather(node, ctx):
     if w is None:
         return None
     row = prod(w[1:])
-    return lambda idx: (prod(_shape(idx)) * row, 0)
+    return lambda idx, row_map=None: (prod(_shape(idx)) * row, 0)
+
+
+@size_rule("LMHead", domain="nadoo")
+def _lm_head(node, ctx):
+    w = _weight(ctx)
+    if w is None:
+        return None
+    r, k = w[0], prod(w[1:])
+    return lambda x, *consts: (prod(_shape(x)[:-1]) * r, prod(_shape(x)[:-1]) * r * k)
 
 
 @size_rule("ChunkedFFN", domain="nadoo")
@@ -400,6 +409,19 @@ def _chunked_ffn(node, ctx):
     def need(x, *rest):
         pos = prod(_shape(x)[:-1])
         return pos * max(r, n), pos * r * (k + n)
+    return need
+
+
+@size_rule("GatedFFN", domain="nadoo")
+def _gated_ffn(node, ctx):
+    gate, down = _weight(ctx, "gate"), _weight(ctx, "down")
+    if gate is None or down is None:
+        return None
+    r, k, n = gate[0], prod(gate[1:]), prod(down[1:])
+
+    def need(x, *rest):
+        pos = prod(_shape(x)[:-1])
+        return pos * max(r, n), pos * r * (2 * k + n)  # gate and up [r, k], down stored [r, n]
     return need
 
 

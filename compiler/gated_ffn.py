@@ -1,0 +1,129 @@
+"""Calibration of a language model's gated MLP (`nadoo.GatedFFN`): what its down projection needs.
+
+The down projection is stored transposed ([neurons, outputs], kind `ffn_down`) and chunked by groups
+of input neurons, so activation sparsity reads only the groups a token uses. Its calibration records
+the second moment of its input a = act(gate·x) ⊙ up·x (for GPTQ of the transposed weight), per-neuron
+activity, and a subsample of a-rows from which the layer's sparsity curve (runtime/ffn_sparsity.py)
+is measured at summary time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nadoo.runtime.ffn_sparsity import PROFILE_KEY, calibration_curve
+
+from .calibrate import OutputActivity
+from .ffn import coactivation_order
+from .rewrite import Weight
+
+GROUP_ROWS = 32  # neurons per chunk of down: small enough that whole groups fall below the threshold
+
+
+class DownStats:
+    """Calibration of one gated MLP's down projection (`w` is the transposed down weight)."""
+
+    MAX_ROWS = 512  # subsampled positions for the sparsity curve (an exact error per grid point)
+
+    def __init__(self, w: Weight):
+        self.w = w
+        R = w.rows
+        self.sum_hht = np.zeros((R, R), np.float64)
+        self.n_x = 0
+        self.out = OutputActivity(R)
+        self.rows: list[np.ndarray] = []
+        self.n_rows = 0
+
+    def record(self, h: np.ndarray) -> None:
+        """h: [batch, positions, neurons] the inputs of down."""
+        hf = np.ascontiguousarray(h.reshape(-1, h.shape[-1]), np.float32)
+        self.sum_hht += hf.T @ hf
+        self.n_x += hf.shape[0]
+        self.out.add(h.reshape(h.shape[0], -1, h.shape[-1]))
+        if self.n_rows < self.MAX_ROWS:
+            step = max(1, hf.shape[0] // 64)  # spread the subsample over the calibration windows
+            take = hf[::step][: self.MAX_ROWS - self.n_rows].copy()
+            self.rows.append(take)
+            self.n_rows += len(take)
+
+    def neuron_order(self, n_groups: int) -> np.ndarray:
+        """A permutation of the neurons that puts those often below the layer's median |a| together
+        (and, inside bands of groups, those active together), so whole groups fall below a threshold."""
+        acts = np.abs(np.concatenate(self.rows)) if self.rows else np.zeros((1, self.w.rows), np.float32)
+        above = acts * (acts >= np.quantile(acts, 0.5))
+        return coactivation_order(above, n_groups)
+
+    def permute(self, perm: np.ndarray) -> None:
+        """Apply a neuron permutation to everything recorded (and to the calibration copy of down)."""
+        self.sum_hht = self.sum_hht[np.ix_(perm, perm)]
+        self._Hd = (None, -1)
+        self.out.permute(perm)
+        self.rows = [r[:, perm] for r in self.rows]
+        self.w.array = np.ascontiguousarray(self.w.array[perm])
+
+    def importance(self):
+        return None  # the transposed weight's error is weighted through down_hessian instead
+
+    def down_hessian(self) -> np.ndarray | None:
+        """mean aᵀa of the down projection's input [neurons, neurons]."""
+        if not self.n_x:
+            return None
+        if getattr(self, "_Hd", (None, -1))[1] != self.n_x:  # one array per state: GPTQ memoises on it
+            self._Hd = (self.sum_hht / self.n_x, self.n_x)
+        return self._Hd[0]
+
+    def summary(self, bounds: np.ndarray) -> dict:
+        rows_per = np.diff(bounds)
+        contrib = np.einsum("rn,rn->r", self.w.array, self.w.array)  # |down column|² per neuron
+        acts = np.concatenate(self.rows) if self.rows else np.zeros((1, self.w.rows), np.float32)
+        return {
+            "kind": "ffn_down", "activation_after": None, "routable": False, "concentration": 0.0,
+            "chunk_activity": (np.add.reduceat(self.out.mean_abs() * contrib, bounds[:-1]) / rows_per).tolist(),
+            "chunk_active_frac": (np.add.reduceat(self.out.active_frac(), bounds[:-1]) / rows_per).tolist(),
+            "chunk_peak": np.maximum.reduceat(self.out.peak, bounds[:-1]).tolist(),
+            PROFILE_KEY: calibration_curve(acts, self.w.array),
+        }
+
+
+def gated_builder(weights: dict, stats: dict | None):
+    """Float, full-weight GatedFFN for calibration: records gate's and up's input/output statistics
+    (LayerStats) and down's input (DownStats)."""
+    from nadoo.runtime.activations import activation
+    from nadoo.runtime.chunked.linear import linear
+
+    def build(node, ctx):
+        a = node["attrs"]
+        gate, up, down = weights[a["gate"]], weights[a["up"]], weights[a["down"]]
+        gt, ut = np.ascontiguousarray(gate.array.T), np.ascontiguousarray(up.array.T)
+        act = activation(a["activation"])
+
+        def run(x, b_gate=None, b_up=None, b_down=None):
+            g = linear(x, gt, b_gate)
+            u = linear(x, ut, b_up)
+            if stats is not None:
+                stats[gate.name].record(x, g)
+                stats[up.name].record(x, u)
+            h = act(g.copy()) * u
+            if stats is not None:
+                stats[down.name].record(h.reshape(h.shape[0] if h.ndim > 2 else 1, -1, h.shape[-1]))
+            return linear(h, down.array, b_down)
+        return run
+    return build
+
+
+def reorder_neurons(weights: list[Weight], stats: dict, consts: dict, bounds: dict) -> None:
+    """Permute every gated MLP's neurons (gate and up rows and biases, down's stored rows) by its
+    down projection's calibration (DownStats.neuron_order): exact for the dense output, and it turns
+    scattered small activations into whole groups of down that a token can skip."""
+    by_name = {w.name: w for w in weights}
+    for d in [w for w in weights if w.kind == "ffn_down"]:
+        prefix = d.name[: -len("down")]
+        perm = stats[d.name].neuron_order(len(bounds[d.name]) - 1)
+        stats[d.name].permute(perm)
+        d.array = np.ascontiguousarray(d.array[perm])
+        for t in ("gate", "up"):
+            w = by_name[prefix + t]
+            w.array = np.ascontiguousarray(w.array[perm])
+            stats[w.name].out.permute(perm)
+            if prefix + t + "_bias" in consts:
+                consts[prefix + t + "_bias"] = np.ascontiguousarray(consts[prefix + t + "_bias"][perm])

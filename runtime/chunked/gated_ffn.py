@@ -1,0 +1,173 @@
+"""`nadoo.GatedFFN`: a language model's gated MLP, down(act(gate·x) ⊙ up·x), in one op.
+
+Inputs: x [..., K], then optional biases of gate, up [R] and down [N] ("" when absent). Attributes:
+`gate`, `up`, `down` (chunked tensors) and `activation` (runtime/activations.py names). gate and up
+are [R, K] linear tensors (rows = neurons); down is stored transposed, [R, N], chunked by neuron
+groups, so a group of input neurons of down is one contiguous chunk.
+
+Activation sparsity (runtime/ffn_sparsity.py): with `Policy.ffn_sparsity` > 0 a neuron whose |a_j| is
+at or below the layer's calibrated threshold is dropped, and down reads and multiplies only the groups with
+a surviving neuron. A position whose activity is spread (fewer than `Policy.ffn_fallback` of its
+neurons below the threshold) computes the layer dense. With sparsity 0 the op is the dense product.
+
+Where the groups come from: an unbounded cache keeps every tensor resident after its first use, so
+the whole down tensor is read once and each run of consecutive kept groups is a view into it (no
+copy); under a memory budget only the kept groups' chunks are read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import callstats
+from ..activations import activation
+from ..errors import BundleError, InputError
+from ..ffn_sparsity import allocate, curves_of
+from .base import WeightOp, register
+from .linear import linear
+
+
+class _Counts:
+    """One call's neuron counts of one layer (per position)."""
+
+    __slots__ = ("neurons", "skipped", "positions", "dense_positions")
+
+    def __init__(self):
+        self.neurons = self.skipped = self.positions = self.dense_positions = 0
+
+
+@register
+class GatedFFN(WeightOp):
+    op_type = "GatedFFN"
+
+    def __init__(self, node, ctx, env):
+        super().__init__(node, ctx, env)
+        gate, up, down = self.tensor("gate"), self.tensor("up"), self.tensor("down")
+        if not (gate.rows == up.rows == down.rows and gate.row_len == up.row_len):
+            raise BundleError(f"{node['name']}: gate, up and down projections disagree in shape")
+        pol = env.policy
+        plan = pol.plan(down, env.layer_profile(down.name), can_route=False)
+        self.tiers_g = pol.tiers_for(gate, set(gate.tiers), None)
+        self.tiers_u = pol.tiers_for(up, set(up.tiers), None)
+        self.start(down, plan, [(gate, self.tiers_g), (up, self.tiers_u), (down, plan.tiers)])
+        self.gate, self.up, self.down = gate, up, down
+        self.act = activation(node["attrs"]["activation"])
+        self.sparsity, self.threshold = allocation(env).get(down.name, (0.0, 0.0))
+        self.fallback = pol.ffn_fallback
+        self.streamed = env.store.cache.budget is not None
+
+    def __call__(self, x, b_gate=None, b_up=None, b_down=None):
+        before = callstats.bytes_read()
+        h = self.act(self._rows(x, self.gate, self.tiers_g, b_gate))
+        h *= self._rows(x, self.up, self.tiers_u, b_up)
+        pos = x.size // self.gate.row_len
+        K, R, N = self.gate.row_len, self.gate.rows, self.down.row_len
+        dense = pos * R * (2 * K + N)
+        c = new_counts(self, pos, R)
+        if self.sparsity <= 0:
+            y = self._down_groups(h, np.arange(self.down.n_chunks), b_down)
+            self.count(before, self.down.n_chunks, dense, dense)
+            return y
+        h, ids = drop_small(h, self.threshold, self.fallback, self.down.bounds, c)
+        y = self._down_groups(h, ids, b_down)
+        bounds = self.down.bounds
+        rows = int((bounds[ids + 1] - bounds[ids]).sum())
+        self.chose(ids)
+        self.count(before, len(ids), pos * R * 2 * K + pos * rows * N, dense)
+        return y
+
+    def _rows(self, x, e, tiers, bias):
+        """x·Eᵀ (+ bias) over every chunk of a linear tensor (streamed under a small budget)."""
+        store = self.env.store
+        if store.fits(e):
+            return linear(x, store.full(e, tiers).T, bias)
+        y = np.empty(x.shape[:-1] + (e.rows,), np.float32)
+        for part in store.slices(e, np.arange(e.n_chunks)):
+            for i, w in zip(part, store.chunks(e, part, tiers)):
+                y[..., e.bounds[i]:e.bounds[i + 1]] = x @ w.T
+        return y + bias if bias is not None else y
+
+    def _down_groups(self, h, ids, bias):
+        """Σ over the groups `ids` of h[group] · downᵀ[group] (+ bias)."""
+        d, store, bounds = self.down, self.env.store, self.down.bounds
+        y = None
+        if not self.streamed:
+            full = store.full(d, self.plan.tiers)
+            for lo, hi in runs(ids):
+                part = h[..., bounds[lo]:bounds[hi]] @ full[bounds[lo]:bounds[hi]]
+                y = part if y is None else np.add(y, part, out=y)
+        else:
+            for sl in store.slices(d, ids):
+                for i, w in zip(sl, store.chunks(d, sl, self.plan.tiers)):
+                    part = h[..., bounds[i]:bounds[i + 1]] @ w
+                    y = part if y is None else np.add(y, part, out=y)
+        if y is None:
+            y = np.zeros(h.shape[:-1] + (d.row_len,), np.float32)
+        return y + bias if bias is not None else y
+
+    @classmethod
+    def check_policy(cls, policy, bundle) -> None:
+        if policy.ffn_sparsity > 0 and not curves_of(bundle.read_profile() or {}):
+            raise InputError("--ffn-sparsity needs a bundle with FFN sparsity thresholds (compiled by this "
+                             "nadoo version, with an MLP); this one has none")
+
+    @classmethod
+    def extra_stats(cls, ops, call) -> dict | None:
+        return ffn_stats(ops, call)
+
+
+def drop_small(h: np.ndarray, threshold: float, fallback: float, bounds: np.ndarray, c: "_Counts"):
+    """h with every |h_j| <= threshold zeroed (positions whose share below it is under `fallback`
+    kept whole: their activity is spread), and the neuron groups (chunks of `bounds`) still needed
+    by some position. Counts skipped neurons and dense positions in `c`."""
+    R = h.shape[-1]
+    keep = np.abs(h) > np.float32(threshold)
+    flat = keep.reshape(-1, R)
+    skipped = R - np.count_nonzero(flat, axis=1)
+    spread = skipped < fallback * R
+    if spread.any():
+        flat[spread] = True
+    c.skipped += int(skipped[~spread].sum())
+    c.dense_positions += int(spread.sum())
+    ids = np.flatnonzero(np.logical_or.reduceat(flat.any(0), bounds[:-1]))
+    return np.where(keep, h, np.float32(0)), ids
+
+
+def new_counts(op, pos: int, R: int) -> "_Counts":
+    """The current call's neuron counts of `op`, `pos` positions of `R` neurons added."""
+    c = callstats.state_for(op, _Counts)
+    c.neurons += pos * R
+    c.positions += pos
+    return c
+
+
+def ffn_rates(n: dict) -> dict:
+    """`ffn_sparsity` (share of neurons skipped) and `ffn_dense_fallback_rate` (share of positions a
+    sparse layer computed dense) from summed counts."""
+    return {"ffn_sparsity": n["skipped"] / max(n["neurons"], 1),
+            "ffn_dense_fallback_rate": n["dense_positions"] / max(n["positions"], 1)}
+
+
+def ffn_stats(ops, call) -> dict:
+    """The run statistics of a family of sparsity-aware FFN ops: summed counts and their rates."""
+    counts = [call.states[op] for op in ops if op in call.states]
+    n = {k: sum(getattr(c, k) for c in counts) for k in _Counts.__slots__}
+    return {"ffn_counts": n, **ffn_rates(n)}
+
+
+def runs(ids):
+    """Consecutive runs [lo, hi) of sorted group ids."""
+    if len(ids) == 0:
+        return []
+    cut = np.flatnonzero(np.diff(ids) != 1) + 1
+    starts = np.concatenate([[0], cut])
+    ends = np.concatenate([cut, [len(ids)]])
+    return [(int(ids[s]), int(ids[e - 1]) + 1) for s, e in zip(starts, ends)]
+
+
+def allocation(env) -> dict:
+    """Per layer (sparsity, threshold) for the policy's target, computed once per session."""
+    if "ffn_allocation" not in env.shared:
+        target = env.policy.ffn_sparsity
+        env.shared["ffn_allocation"] = allocate(curves_of(env.profile), target) if target > 0 else {}
+    return env.shared["ffn_allocation"]

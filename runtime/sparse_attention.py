@@ -1,0 +1,192 @@
+"""Training-free sparse attention over the KV cache: which cached keys each query reads.
+
+    dense   every key the layer's own mask allows (causal, and its native sliding window)
+    window  StreamingLLM: the first `sink` positions + the most recent `window`; older keys are evicted
+    pages   Quest: keys grouped in pages of `page` positions, each page summarised by its element-wise
+            min and max key; a query scores a page by sum_i max(q_i*min_i, q_i*max_i) (an upper bound
+            of q.k over the page) and reads the best pages that fit the budget, plus the sinks and a
+            local window. Nothing is evicted: the cache stays whole, only less of it is read.
+    heavy   H2O: the sinks, a recent window and the "heavy hitters" (keys with the largest attention
+            they have received so far, summed over queries and heads); the rest is evicted.
+    oracle  the `budget` keys with the largest exact attention weight, per query (for measuring: it
+            has to score every key to choose)
+
+`budget` counts the keys one query reads in one layer, sinks and window included. A query that can
+see no more keys than the budget reads them all, so every policy is exactly dense until the context
+outgrows its budget. With grouped-query attention a selection is made per KV head, from the scores of
+the query heads that share it (summed). By default only global-attention layers are governed (native
+sliding-window layers are exact already); scope "all" applies the policy inside native windows too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["ATTENTION_KINDS", "AttentionPolicy", "KV_DTYPES", "SCOPES"]
+
+ATTENTION_KINDS = ("dense", "window", "pages", "heavy", "oracle")
+SCOPES = ("global", "all")
+KV_DTYPES = ("float32", "float16", "int8")
+EVICTING = ("window", "heavy")
+HEAVY_BLOCK = 64  # prompt rows a heavy-hitter prefill attends with between two evictions
+
+
+def _count(name: str, value, lo: int):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise InputError(f"--{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class AttentionPolicy:
+    kind: str = "dense"
+    budget: int | None = None  # keys read per query per layer (sinks and window included)
+    sink: int | None = None  # default 4
+    window: int | None = None  # recent keys always read; default per kind (see `recent`)
+    page: int | None = None  # pages: keys per page, default 16
+    scope: str = "global"  # "global": only full-attention layers; "all": native-window layers too
+    kv_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.kind not in ATTENTION_KINDS:
+            raise InputError(f"unknown --attention {self.kind!r} ({', '.join(ATTENTION_KINDS)})")
+        if self.scope not in SCOPES:
+            raise InputError(f"unknown --attention-scope {self.scope!r} (global or all)")
+        if self.kv_dtype not in KV_DTYPES:
+            raise InputError(f"unknown --kv-dtype {self.kv_dtype!r} ({', '.join(KV_DTYPES)})")
+        budget = _count("kv-budget", self.budget, 1)
+        sink, window, page = _count("sink", self.sink, 0), _count("window", self.window, 1), _count("page", self.page, 1)
+        given = [n for n, v in (("kv-budget", budget), ("sink", sink), ("window", window), ("page", page))
+                 if v is not None]
+        if self.kind == "dense":
+            if given:
+                raise InputError(f"--{given[0]} needs a sparse --attention (window, pages, heavy or oracle)")
+        else:
+            if budget is None:
+                raise InputError(f"--attention {self.kind} needs --kv-budget N (keys read per query)")
+            if page is not None and self.kind != "pages":
+                raise InputError(f"--page applies to --attention pages, not {self.kind}")
+            if self.kind == "oracle" and (sink is not None or window is not None):
+                raise InputError("--attention oracle picks the exact top keys: --sink and --window do not apply")
+        sink = 0 if self.kind == "oracle" else 4 if sink is None else sink
+        page = 16 if page is None else page
+        if window is None and budget is not None:
+            window = {"window": budget - sink, "pages": max(page, budget // 8), "heavy": max(1, budget // 2)}.get(
+                self.kind, 0)
+        if budget is not None and self.kind != "oracle" and (window is None or window < 1 or sink + window > budget):
+            raise InputError(f"--sink {sink} + --window {window} must leave room within --kv-budget {budget} "
+                             "(the window needs at least 1 key)")
+        if self.kind == "pages" and window < page:
+            # a page is scored only once it lies wholly in the past, which needs the window to span a page
+            raise InputError(f"--attention pages needs --window >= --page ({window} < {page})")
+        for name, v in (("budget", budget), ("sink", sink), ("window", window), ("page", page)):
+            object.__setattr__(self, name, v)
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "dense"
+
+    @property
+    def evicts(self) -> bool:
+        return self.kind in EVICTING
+
+    @property
+    def np_dtype(self):
+        return np.dtype(self.kv_dtype)
+
+    def governs(self, native_window: int | None) -> bool:
+        """Whether this policy applies to a layer with that native sliding window (None = global)."""
+        return self.active and (native_window is None or self.scope == "all")
+
+    def describe(self) -> dict:
+        """The settings, as `--json` reports them."""
+        return {"kind": self.kind, "budget": self.budget, "sink": self.sink, "window": self.window,
+                "page": self.page if self.kind == "pages" else None, "scope": self.scope, "kv_dtype": self.kv_dtype}
+
+
+# ------------------------------------------------------------------ selections
+def window_mask(policy: AttentionPolicy, kpos: np.ndarray, qpos: np.ndarray) -> np.ndarray:
+    """[rows, keys]: the sinks and the recent window of each query."""
+    return (kpos[None, :] < policy.sink) | (kpos[None, :] > qpos[:, None] - policy.window)
+
+
+def page_bounds(keys: np.ndarray, kpos: np.ndarray, page: int, n_pages: int) -> tuple[np.ndarray, np.ndarray]:
+    """Element-wise min and max key [kv_heads, n_pages, D] of each page (page = position // page) from
+    keys [kv_heads, m, D] at positions kpos; pages without a key hold +inf / -inf."""
+    kvh, _, d = keys.shape
+    lo = np.full((kvh, n_pages, d), np.inf, np.float32)
+    hi = np.full((kvh, n_pages, d), -np.inf, np.float32)
+    if kpos.size:
+        order = np.argsort(kpos, kind="stable")
+        ids = kpos[order] // page
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # first key of each page present
+        sorted_keys = keys[:, order]
+        lo[:, ids[starts]] = np.minimum.reduceat(sorted_keys, starts, axis=1)
+        hi[:, ids[starts]] = np.maximum.reduceat(sorted_keys, starts, axis=1)
+    return lo, hi
+
+
+def page_mask(policy: AttentionPolicy, qg: np.ndarray, g: int, lo: np.ndarray, hi: np.ndarray,
+              kpos: np.ndarray, qpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([kv_heads, rows, keys], pages scored per row): sinks + local window + the top pages of each
+    query by the Quest bound.
+    qg [kv_heads, g*rows, D] are the (scaled-or-not: only the order matters) queries grouped per KV
+    head; lo/hi [kv_heads, n_pages, D] the page bounds."""
+    kvh, n_pages = lo.shape[0], lo.shape[1]
+    rows = qpos.size
+    empty = ~np.isfinite(hi[..., 0])  # pages holding no key yet
+    lo, hi = np.where(empty[..., None], 0, lo), np.where(empty[..., None], 0, hi)
+    # max(q*min, q*max) = q+ * max + q- * min elementwise, so the bound is two products
+    qp, qn = np.maximum(qg, 0), np.minimum(qg, 0)
+    score = np.matmul(qp, hi.transpose(0, 2, 1)) + np.matmul(qn, lo.transpose(0, 2, 1))  # [kvh, g*rows, pages]
+    score = score.reshape(kvh, g, rows, n_pages).sum(axis=1)
+    first = np.arange(n_pages) * policy.page  # first position of each page
+    last = first + policy.page - 1
+    # pages starting after the query are in its future; pages wholly among the sinks or the local
+    # window are read anyway and need no budget
+    useless = (first[None, :] > qpos[:, None]) | (last[None, :] < policy.sink) \
+        | (first[None, :] > qpos[:, None] - policy.window)
+    score = np.where(useless[None] | empty[:, None, :], -np.inf, score)
+    n_top = (policy.budget - policy.sink - policy.window) // policy.page
+    chosen = np.zeros((kvh, rows, n_pages), bool)
+    if n_top > 0:
+        k = min(n_top, n_pages)
+        top = np.argpartition(-score, k - 1, axis=-1)[..., :k] if k < n_pages else \
+            np.broadcast_to(np.arange(n_pages), (kvh, rows, n_pages))
+        np.put_along_axis(chosen, top, True, axis=-1)
+        chosen &= np.isfinite(score)
+    base = window_mask(policy, kpos, qpos)
+    return base[None] | chosen[:, :, kpos // policy.page], (~useless).sum(axis=1)
+
+
+def oracle_mask(budget: int, probs: np.ndarray, g: int, allowed: np.ndarray) -> np.ndarray:
+    """[kv_heads, rows, keys]: each query's `budget` keys with the largest attention weight summed
+    over the query heads sharing the KV head. probs [kv_heads, g*rows, keys] (dense softmax)."""
+    kvh, _, m = probs.shape
+    rows = allowed.shape[0]
+    mass = probs.reshape(kvh, g, rows, m).sum(axis=1)
+    mass = np.where(allowed[None], mass, -1.0)
+    out = np.zeros((kvh, rows, m), bool)
+    k = min(budget, m)
+    top = np.argpartition(-mass, k - 1, axis=-1)[..., :k]
+    np.put_along_axis(out, top, True, axis=-1)
+    return out & allowed[None]
+
+
+def heavy_keep(policy: AttentionPolicy, kpos: np.ndarray, acc: np.ndarray, next_pos: int) -> np.ndarray:
+    """Which of the cached keys (positions kpos, accumulated attention acc) a heavy-hitter cache keeps
+    for the query at position `next_pos`, which adds its own key: the sinks, the recent window, then
+    the largest accumulated scores, budget - 1 keys in all."""
+    keep = (kpos < policy.sink) | (kpos > next_pos - policy.window)
+    room = policy.budget - 1 - int(keep.sum())
+    if room > 0:
+        cand = np.flatnonzero(~keep)
+        if cand.size > room:
+            cand = cand[np.argpartition(-acc[cand], room - 1)[:room]]
+        keep[cand] = True
+    return keep
