@@ -58,6 +58,10 @@ class ChunkedFFN(WeightOp):
     def __call__(self, x, b1=None, b2=None, *_):
         return self.run(x, b1, b2)
 
+    def whole_tiers(self):
+        # dropping small activations per token is a per-input selection: that layer runs here
+        return None if self.sparsity > 0 else super().whole_tiers()
+
     def _dense_macs(self, x) -> int:
         return self.macs_for(x.shape, None)
 
