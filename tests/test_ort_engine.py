@@ -144,8 +144,9 @@ def test_lm_greedy_tokens_identical(tiny_lm, bits):
             r = s.generate(prompt_ids=prompt, max_new_tokens=16)
             logits, _ = s.run_with_stats(None, {"input_ids": np.array([prompt]), "position_ids": np.arange(9)[None],
                                                 "logits_to_keep": np.array([0])})
-            runs[engine] = (r, logits[0], s.ort_nodes)
-    (rn, ln, _), (ro, lo, nodes) = runs["numpy"], runs["ort"]
+            runs[engine] = (r, logits[0], s.ort_nodes, {n["op"] for seg in s.segments for n in seg.nodes})
+    (rn, ln, _, _), (ro, lo, nodes, ort_ops) = runs["numpy"], runs["ort"]
+    assert {"ChunkedLinear", "GatedFFN", "LMHead"} <= ort_ops and "Attention" not in ort_ops
     assert ro.token_ids == rn.token_ids
     np.testing.assert_allclose(lo, ln, rtol=1e-4, atol=1e-4)
     assert nodes > 0 and ro.stats["engine"] == "ort" and rn.stats["engine"] == "numpy"

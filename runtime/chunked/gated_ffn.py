@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import callstats
 from ..activations import activation
-from ..errors import BundleError, InputError
+from ..errors import BundleError, InputError, UnsupportedError
 from ..ffn_sparsity import allocate, curves_of
 from .base import WeightOp, register
 from .linear import linear
@@ -39,6 +39,7 @@ class _Counts:
 @register
 class GatedFFN(WeightOp):
     op_type = "GatedFFN"
+    exports_whole = True  # dense (no sparsity): another engine may run gate, up and down as one whole layer
 
     def __init__(self, node, ctx, env):
         super().__init__(node, ctx, env)
@@ -75,6 +76,36 @@ class GatedFFN(WeightOp):
         self.chose(ids)
         self.count(before, len(ids), pos * R * 2 * K + pos * rows * N, dense)
         return y
+
+    def whole_tiers(self):
+        # activation sparsity selects neuron groups per token: that stays here
+        return None if self.sparsity > 0 else super().whole_tiers()
+
+    def macs_for(self, x_shape, y_shape) -> int:
+        K, R, N = self.gate.row_len, self.gate.rows, self.down.row_len
+        return int(np.prod(x_shape, dtype=np.int64)) // K * R * (2 * K + N)
+
+    @classmethod
+    def export(cls, node, ex):
+        """act(x·gateᵀ) ⊙ (x·upᵀ) · down, down as stored ([neurons, outputs])."""
+        ins, a = node["inputs"], node["attrs"]
+        bias = [ins[i] if len(ins) > i else "" for i in (1, 2, 3)]
+        g, u, act, h = (ex.fresh(t) for t in ("gate", "up", "act", "h"))
+        ex.linear(ins[0], a["gate"], bias[0], g)
+        ex.linear(ins[0], a["up"], bias[1], u)
+        name = a["activation"].lower()
+        if name in ("gelu", "gelu_tanh"):
+            ex.add("Gelu", [g], [act], approximate="tanh" if name == "gelu_tanh" else "none")
+        elif name == "relu":
+            ex.add("Relu", [g], [act])
+        elif name == "silu":
+            sig = ex.fresh("sigmoid")
+            ex.add("Sigmoid", [g], [sig])
+            ex.add("Mul", [g, sig], [act])
+        else:
+            raise UnsupportedError(f"{node['name']}: no ONNX form for activation {a['activation']!r}")
+        ex.add("Mul", [act, u], [h])
+        ex.matmul(h, a["down"], ex.weight(a["down"]), bias[2], node["outputs"][0])
 
     def _rows(self, x, e, tiers, bias):
         """x·Eᵀ (+ bias) over every chunk of a linear tensor (streamed under a small budget)."""

@@ -102,7 +102,9 @@ class _Certificate:
 @register
 class LMHead(ChunkedLinear):
     op_type = "LMHead"
-    exports_whole = False  # it routes per decode step and counts its own calls: it runs here on every engine
+    # routed (`--lm-head topk`) it chooses chunks per decode step and stays here on every engine; dense,
+    # another engine may run it whole (its per-token head figures are then not counted)
+    exports_whole = True
 
     def __init__(self, node, ctx, env):
         super().__init__(node, ctx, env)  # the dense product, its plan (every chunk at its tiers), stats
@@ -120,6 +122,18 @@ class LMHead(ChunkedLinear):
         self.routed = env.policy.lm_head == "topk"
         self.k = max(1, min(env.policy.lm_head_k, e.n_chunks))
         self.cert = _Certificate(env.store, e, self.plan.tiers, self.basis, self.mean, self.stages) if self.routed else None
+
+    def whole_tiers(self):
+        return None if self.routed else super().whole_tiers()
+
+    def count_whole(self, x_shape, y_shape):
+        """A dense head computed by another engine counts as the dense call here would."""
+        super().count_whole(x_shape, y_shape)
+        hc, macs = callstats.state_for(self, HeadCounters), self.macs_for(x_shape, y_shape)
+        hc.calls += 1
+        hc.chunks_read += self.entry.n_chunks
+        hc.macs += macs
+        hc.dense_macs += macs
 
     # -- the output in token order --------------------------------------------------------------
     def _cap(self, y):
@@ -273,7 +287,7 @@ class LMHead(ChunkedLinear):
     def export(cls, node, ex):
         ins, name = node["inputs"], node["attrs"]["weight"]
         raw = ex.fresh("logits_stored")
-        ex.matmul(ins[0], name + "__head", ex.weight(name, transposed=True), "", raw)
+        ex.linear(ins[0], name, "", raw)
         cap = float(node["attrs"].get("softcap", 0.0))
         out = ex.fresh("logits_raw") if cap else node["outputs"][0]
         ex.add("Gather", [raw, ins[1]], [out], axis=-1)
