@@ -91,9 +91,10 @@ def nadoo_rows(bundle: str, bits: list[str], engines: list[str], threads: list[i
         for e in engines:
             extra = ["--bits", b] + ([] if e == "default" else ["--engine", e])
             for t in threads:
+                extra_t = extra + ["--threads", str(t)]  # ORT's intra-op threads (OMP_* set NumPy's BLAS)
                 colds = [_nadoo(["generate", bundle, "--prompt", PROMPT, "--max-new-tokens", "32", "--no-eos",
-                                 *extra], t) for _ in range(repeat)]
-                pre = [_nadoo(["generate", bundle, "--prompt-ids", long_prompt, "--max-new-tokens", "1", *extra], t)
+                                 *extra_t], t) for _ in range(repeat)]
+                pre = [_nadoo(["generate", bundle, "--prompt-ids", long_prompt, "--max-new-tokens", "1", *extra_t], t)
                        for _ in range(repeat)]
                 last = colds[-1]
                 row = {"engine": f"nadoo ({last.get('engine', e)})", "weights": b, "threads": t,
@@ -105,7 +106,7 @@ def nadoo_rows(bundle: str, bits: list[str], engines: list[str], threads: list[i
                        "resident_weight_bytes": last.get("resident_weight_bytes"), "text": last["text"]}
                 if with_ppl and t == threads[0]:
                     row["perplexity"] = _nadoo(["perplexity", bundle, "--text-file", TEXT, "--context", "512",
-                                                *extra], t)["perplexity"]
+                                                *extra_t], t)["perplexity"]
                 rows.append(row)
                 print(_line(row), flush=True)
     return rows
@@ -114,7 +115,7 @@ def nadoo_rows(bundle: str, bits: list[str], engines: list[str], threads: list[i
 def _line(r: dict) -> str:
     mib = lambda v: "–" if v is None else f"{v / 2**20:.0f} MiB"  # noqa: E731
     ppl = f"{r['perplexity']:.4f}" if "perplexity" in r else "–"
-    per_tok = "–" if r.get("bytes_read_per_token") is None else f"{r['bytes_read_per_token'] / 2**20:.1f} MiB"
+    per_tok = "–" if r.get("bytes_read_per_token") is None else f"{r['bytes_read_per_token'] / 2**10:.1f} KiB"
     return (f"| {r['engine']} | {r['weights']} | {r['threads']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
             f"{r['cold_s']:.2f} s | {mib(r['peak_rss_bytes'])} | {per_tok} | {ppl} |")
 
