@@ -399,30 +399,28 @@ def _lm_head(node, ctx):
     return lambda x, *consts: (prod(_shape(x)[:-1]) * r, prod(_shape(x)[:-1]) * r * k)
 
 
-@size_rule("ChunkedFFN", domain="nadoo")
-def _chunked_ffn(node, ctx):
-    up, down = _weight(ctx, "up"), _weight(ctx, "down")
-    if up is None or down is None:
+def _ffn_rule(ctx, first: str, projections: int):
+    """A fused MLP: `projections` matrices [r, k] from the input (`first` among them), then down, stored
+    with r rows of n; its widest value has max(r, n) elements per position."""
+    a, down = _weight(ctx, first), _weight(ctx, "down")
+    if a is None or down is None:
         return None
-    r, k, n = up[0], prod(up[1:]), prod(down[1:])
+    r, k, n = a[0], prod(a[1:]), prod(down[1:])
 
     def need(x, *rest):
         pos = prod(_shape(x)[:-1])
-        return pos * max(r, n), pos * r * (k + n)
+        return pos * max(r, n), pos * r * (projections * k + n)
     return need
+
+
+@size_rule("ChunkedFFN", domain="nadoo")
+def _chunked_ffn(node, ctx):
+    return _ffn_rule(ctx, "up", 1)
 
 
 @size_rule("GatedFFN", domain="nadoo")
 def _gated_ffn(node, ctx):
-    gate, down = _weight(ctx, "gate"), _weight(ctx, "down")
-    if gate is None or down is None:
-        return None
-    r, k, n = gate[0], prod(gate[1:]), prod(down[1:])
-
-    def need(x, *rest):
-        pos = prod(_shape(x)[:-1])
-        return pos * max(r, n), pos * r * (2 * k + n)  # gate and up [r, k], down stored [r, n]
-    return need
+    return _ffn_rule(ctx, "gate", 2)  # gate and up [r, k], down stored [r, n]
 
 
 @size_rule("ChunkedRecurrent", domain="nadoo")
