@@ -178,6 +178,7 @@ class _Totals:
         return {**s, "cache_hit_rate": s["cache_hits"] / max(s["cache_hits"] + s["cache_misses"], 1),
                 "calls": self.calls, "peak_rss_bytes": peak_rss_bytes(),
                 "resident_weight_bytes": session.resident_weight_bytes, "engine": session.engine,
+                "ort_nodes": session.ort_nodes,
                 "cache_budget_bytes": session.cache.budget,
                 "kv_cache_bytes": session.state.nbytes, "bundle_bytes": session.bundle.file_size,
                 "policy": {"bits": session.policy.bits, "kind": session.policy.kind,

@@ -150,6 +150,7 @@ def test_lm_greedy_tokens_identical(tiny_lm, bits):
     assert ro.token_ids == rn.token_ids
     np.testing.assert_allclose(lo, ln, rtol=1e-4, atol=1e-4)
     assert nodes > 0 and ro.stats["engine"] == "ort" and rn.stats["engine"] == "numpy"
+    assert ro.stats["ort_nodes"] == nodes and rn.stats["ort_nodes"] == 0
     assert ro.stats["resident_weight_bytes"] > 0
 
 
