@@ -368,14 +368,15 @@ def _weight(ctx, key: str = "weight") -> tuple | None:
     return ctx.weight_shapes.get(ctx.attrs.get(key))
 
 
-@size_rule("ChunkedLinear", domain="nadoo")
+# LMHead: the same product; its other inputs are constants (row map, basis, mean)
+@size_rule("ChunkedLinear", "LMHead", domain="nadoo")
 def _chunked_linear(node, ctx):
     w = _weight(ctx)
     if w is None:
         return None
     r, k = w[0], prod(w[1:])
 
-    def need(x, bias=None):
+    def need(x, *rest):
         pos = prod(_shape(x)[:-1])
         return pos * r, pos * r * k
     return need
@@ -388,15 +389,6 @@ def _chunked_gather(node, ctx):
         return None
     row = prod(w[1:])
     return lambda idx, row_map=None: (prod(_shape(idx)) * row, 0)
-
-
-@size_rule("LMHead", domain="nadoo")
-def _lm_head(node, ctx):
-    w = _weight(ctx)
-    if w is None:
-        return None
-    r, k = w[0], prod(w[1:])
-    return lambda x, *consts: (prod(_shape(x)[:-1]) * r, prod(_shape(x)[:-1]) * r * k)
 
 
 def _ffn_rule(ctx, first: str, projections: int):
