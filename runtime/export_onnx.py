@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .chunked import REGISTRY, ChunkedOp
-from .errors import NadooError
+from .errors import NadooError, UnsupportedError
 from .reader import Bundle
 
 
@@ -78,6 +78,28 @@ class Exporter:
     def linear(self, x: str, name: str, bias: str, out: str) -> None:
         """out = x·Wᵀ (+ bias) for chunked tensor `name` stored [R, K] (rows = outputs)."""
         self.matmul(x, name, self.weight(name, transposed=True), bias, out)
+
+    def activation(self, name: str, z: str, out: str) -> None:
+        """out = act(z) for an activation name of runtime/activations.py (any case)."""
+        name = name.lower()
+        if name == "relu":
+            self.add("Relu", [z], [out])
+        elif name == "gelu":  # 0.5·z·(1 + erf(z/√2)), in ops every opset has
+            c, half, one = (self.constant(v) for v in (float(np.sqrt(0.5)), 0.5, 1.0))
+            t1, t2, t3, t4 = (self.fresh("g") for _ in range(4))
+            self.add("Mul", [z, c], [t1])
+            self.add("Erf", [t1], [t2])
+            self.add("Add", [t2, one], [t3])
+            self.add("Mul", [z, t3], [t4])
+            self.add("Mul", [t4, half], [out])
+        elif name == "gelu_tanh":  # ONNX Gelu (opset >= 20; the language-model graphs are 23)
+            self.add("Gelu", [z], [out], approximate="tanh")
+        elif name == "silu":
+            sig = self.fresh("sigmoid")
+            self.add("Sigmoid", [z], [sig])
+            self.add("Mul", [z, sig], [out])
+        else:
+            raise UnsupportedError(f"no ONNX form for activation {name!r}")
 
     def graph_node(self, n: dict) -> None:
         """A node of a nadoo graph: standard ones copied, nadoo ones as their op class exports them."""

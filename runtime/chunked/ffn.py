@@ -21,8 +21,6 @@ from .base import WeightOp, register
 from .gated_ffn import allocation, drop_small, ffn_stats, new_counts, runs
 from .linear import linear
 
-_SQRT1_2 = 0.7071067811865476
-
 
 @register
 class ChunkedFFN(WeightOp):
@@ -164,14 +162,5 @@ class ChunkedFFN(WeightOp):
         up, down = attrs["up"], attrs["down"]
         z, h = ex.fresh("z"), ex.fresh("h")
         ex.linear(ins[0], up, ins[1] if len(ins) > 1 else "", z)
-        if attrs["activation"] == "Relu":
-            ex.add("Relu", [z], [h])
-        else:  # GELU = 0.5·z·(1 + erf(z/√2)), in ops every opset has
-            c, half, one = (ex.constant(v) for v in (_SQRT1_2, 0.5, 1.0))
-            t1, t2, t3, t4 = (ex.fresh("g") for _ in range(4))
-            ex.add("Mul", [z, c], [t1])
-            ex.add("Erf", [t1], [t2])
-            ex.add("Add", [t2, one], [t3])
-            ex.add("Mul", [z, t3], [t4])
-            ex.add("Mul", [t4, half], [h])
+        ex.activation(attrs["activation"], z, h)
         ex.matmul(h, down, ex.weight(down), ins[2] if len(ins) > 2 else "", node["outputs"][0])

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import callstats
 from ..activations import activation
-from ..errors import BundleError, InputError, UnsupportedError
+from ..errors import BundleError, InputError
 from ..ffn_sparsity import allocate, curves_of
 from .base import WeightOp, register
 from .linear import linear
@@ -93,17 +93,7 @@ class GatedFFN(WeightOp):
         g, u, act, h = (ex.fresh(t) for t in ("gate", "up", "act", "h"))
         ex.linear(ins[0], a["gate"], bias[0], g)
         ex.linear(ins[0], a["up"], bias[1], u)
-        name = a["activation"].lower()
-        if name in ("gelu", "gelu_tanh"):
-            ex.add("Gelu", [g], [act], approximate="tanh" if name == "gelu_tanh" else "none")
-        elif name == "relu":
-            ex.add("Relu", [g], [act])
-        elif name == "silu":
-            sig = ex.fresh("sigmoid")
-            ex.add("Sigmoid", [g], [sig])
-            ex.add("Mul", [g, sig], [act])
-        else:
-            raise UnsupportedError(f"{node['name']}: no ONNX form for activation {a['activation']!r}")
+        ex.activation(a["activation"], g, act)
         ex.add("Mul", [act, u], [h])
         ex.matmul(h, a["down"], ex.weight(a["down"]), bias[2], node["outputs"][0])
 
