@@ -38,9 +38,10 @@ def _attr(helper, numpy_helper, k, v):
 class Exporter:
     """The plain-ONNX graph being built; `ChunkedOp.export` adds a node's equivalent through it."""
 
-    def __init__(self, bundle: Bundle, tier: str):
+    def __init__(self, bundle: Bundle, tier: str, constants: dict | None = None):
         _, self.helper, self.numpy_helper = _onnx()
         self.bundle, self.tier = bundle, tier
+        self.constants = constants or {}  # the graph's constant values, for ops whose export depends on one
         self.nodes: list = []
         self.inits: dict[str, np.ndarray] = {}
         self._counter = 0
@@ -75,9 +76,11 @@ class Exporter:
         self.nodes.append(_node_with_attrs(self.helper, self.numpy_helper, op, ins, outs, name or self.fresh(op), domain,
                                            attrs))
 
-    def linear(self, x: str, name: str, bias: str, out: str) -> None:
-        """out = x·Wᵀ (+ bias) for chunked tensor `name` stored [R, K] (rows = outputs)."""
-        self.matmul(x, name, self.weight(name, transposed=True), bias, out)
+    def linear(self, x: str, name: str, bias: str, out: str, rows: np.ndarray | None = None) -> None:
+        """out = x·Wᵀ (+ bias) for chunked tensor `name` stored [R, K] (rows = outputs); with `rows`, output j
+        is stored row rows[j] (the rows reordered once here, not the outputs on every call)."""
+        w = self.weight(name, transposed=True)
+        self.matmul(x, name, w if rows is None else np.ascontiguousarray(w[:, rows]), bias, out)
 
     def activation(self, name: str, z: str, out: str) -> None:
         """out = act(z) for an activation name of runtime/activations.py (any case)."""
@@ -125,7 +128,7 @@ def bundle_to_onnx(b: Bundle, tier: str = "q8"):
     onnx, helper, numpy_helper = _onnx()
     graph = b.read_graph()
     consts = dict(b.read_constants())
-    ex = Exporter(b, tier)
+    ex = Exporter(b, tier, consts)
     for n in graph["nodes"]:
         ex.graph_node(n)
     nodes, inits = ex.nodes, ex.inits

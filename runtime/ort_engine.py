@@ -87,8 +87,9 @@ class SegmentExporter(Exporter):
     """An Exporter whose chunked weights come at the tier each layer's plan reads, linear layers as
     MatMulNBits over the stored codes where the bundle has them in that layout."""
 
-    def __init__(self, bundle, tiers: dict[str, str], int8: bool, shapes_only: bool = False):
-        super().__init__(bundle, None)
+    def __init__(self, bundle, tiers: dict[str, str], int8: bool, shapes_only: bool = False,
+                 constants: dict | None = None):
+        super().__init__(bundle, None, constants)
         self.tiers, self.int8, self.shapes_only = tiers, int8, shapes_only
         self.uses_ms = False
 
@@ -99,20 +100,23 @@ class SegmentExporter(Exporter):
         w = self.bundle.read_weight(name, self.tiers[name])
         return np.ascontiguousarray(w.reshape(e.rows, e.row_len).T if transposed else w)
 
-    def linear(self, x: str, name: str, bias: str, out: str) -> None:
+    def linear(self, x: str, name: str, bias: str, out: str, rows: np.ndarray | None = None) -> None:
         read = getattr(self.bundle, "read_packed", None)
         tier = self.tiers[name]
+        if self.shapes_only:  # a row permutation leaves every shape as it is
+            rows = None
         # ONNX shape inference knows no com.microsoft op: the shape graph keeps the plain MatMul. MatMulNBits'
         # exact path (accuracy level 0) is fast at 4 bits only (8 and 2 bits measured ~80x slower than a
         # float MatMul, ORT 1.32): exact 8- and 2-bit layers are handed over dequantized.
         packs = read is not None and not self.shapes_only and (self.int8 or TIER_BITS.get(tier) == 4)
         p = read(name, tier) if packs else None
         if p is None:
-            return super().linear(x, name, bias, out)
+            return super().linear(x, name, bias, out, rows)
+        pick = (lambda a: a) if rows is None else (lambda a: a[rows])  # codes, scales, zero points are per row
         codes, scales, zps = (self.fresh(f"{name}_{s}") for s in ("codes", "scales", "zero_points"))
-        self.inits[codes] = np.ascontiguousarray(p.codes, np.uint8)
-        self.inits[scales] = np.ascontiguousarray(p.scales, np.float32).reshape(-1)
-        self.inits[zps] = np.ascontiguousarray(p.zero_points, np.uint8).reshape(-1)
+        self.inits[codes] = np.ascontiguousarray(pick(p.codes), np.uint8)
+        self.inits[scales] = np.ascontiguousarray(pick(p.scales), np.float32).reshape(-1)
+        self.inits[zps] = np.ascontiguousarray(pick(p.zero_points), np.uint8).reshape(-1)
         mid = self.fresh("mm") if bias else out
         self.nodes.append(self.helper.make_node(
             "MatMulNBits", [x, codes, scales, zps], [mid], name=self.fresh("MatMulNBits"), domain="com.microsoft",
@@ -260,7 +264,7 @@ class OrtSegment:
         tiers = {k: v for op in self.whole for k, v in op.whole_tiers().items()}
 
         def export(shapes_only: bool) -> SegmentExporter:
-            ex = SegmentExporter(bundle, tiers, options.int8, shapes_only)
+            ex = SegmentExporter(bundle, tiers, options.int8, shapes_only, constants)
             for n in run:
                 ex.graph_node(n)
             used = {i for nd in ex.nodes for i in nd.input}

@@ -286,11 +286,15 @@ class LMHead(ChunkedLinear):
     @classmethod
     def export(cls, node, ex):
         ins, name = node["inputs"], node["attrs"]["weight"]
-        raw = ex.fresh("logits_stored")
-        ex.linear(ins[0], name, "", raw)
         cap = float(node["attrs"].get("softcap", 0.0))
         out = ex.fresh("logits_raw") if cap else node["outputs"][0]
-        ex.add("Gather", [raw, ins[1]], [out], axis=-1)
+        row_of = ex.constants.get(ins[1])
+        if row_of is not None:  # the weight's rows put in vocabulary order once: no Gather of every logit per call
+            ex.linear(ins[0], name, "", out, rows=checked_row_map(row_of, ex.bundle.tensors[name].rows, node["name"]))
+        else:
+            raw = ex.fresh("logits_stored")
+            ex.linear(ins[0], name, "", raw)
+            ex.add("Gather", [raw, ins[1]], [out], axis=-1)
         if cap:
             c = ex.constant(cap)
             d, t = ex.fresh("div"), ex.fresh("tanh")
