@@ -356,6 +356,7 @@ def _parse_ids(text):
 @click.argument("bundle", type=click.Path(dir_okay=True))
 @click.option("--prompt", help="Text to continue (needs the tokenizers package).")
 @click.option("--prompt-ids", callback=lambda c, p, v: _parse_ids(v), help="Token ids to continue, e.g. 2,651,6037.")
+@click.option("--chat", is_flag=True, help="--prompt is a user message: format it with the bundle's chat template (needs jinja2).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1), help="Stop after this many new tokens.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0: greedy; else sample from softmax(logits / T).")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="Sample among the k most likely tokens (0: all).")
@@ -371,7 +372,7 @@ def _parse_ids(text):
 @_ffn_sparsity
 @_engine_options
 @_friendly
-def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, no_eos, bits, bits_for,
+def generate(bundle, prompt, prompt_ids, chat, max_new_tokens, temperature, top_k, top_p, seed, no_eos, bits, bits_for,
              memory_budget, lm_head, lm_head_k, lm_head_epsilon, as_json, ffn, engine, threads, ort_int8, **attention):
     """Continue a prompt with the language model in BUNDLE, streaming the text as it is produced."""
     from .policy import Policy
@@ -379,11 +380,14 @@ def generate(bundle, prompt, prompt_ids, max_new_tokens, temperature, top_k, top
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
+    if chat and prompt is None:
+        raise click.UsageError("--chat formats a text --prompt")
     policy = Policy(bits=bits, bits_for=list(bits_for), attention=_attention_policy(**attention), lm_head=lm_head,
                     lm_head_k=lm_head_k, lm_head_epsilon=lm_head_epsilon, **ffn)
     with Session(bundle, policy=policy, memory_budget=memory_budget, engine=engine, threads=threads,
                  ort_int8=ort_int8) as sess:
-        stream = sess.stream(prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+        said = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+        stream = sess.stream(**said, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, stop_at_eos=not no_eos)
         for tok in stream:
             if not as_json:

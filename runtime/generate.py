@@ -96,6 +96,22 @@ class LanguageModel:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer("encoding text").encode(text)
 
+    def encode_chat(self, messages) -> list[int]:
+        """Token ids of `messages` rendered by the bundle's chat template, ready for the model's answer.
+        The template writes the special tokens itself (BOS included), so none is added twice."""
+        from .chat import render
+
+        tok = self.tokenizer("a chat prompt")
+        def name(i):
+            return tok.token_text(i) if i is not None else ""
+
+        text = render(self.info.chat_template, messages, bos_token=name(self.info.bos_id),
+                      eos_token=name(self.info.eos_ids[0] if self.info.eos_ids else None))
+        ids = tok.encode(text)
+        if tok.add_bos and len(ids) > 1 and ids[1] == tok.bos_id:
+            ids = ids[1:]
+        return ids
+
     def check_ids(self, ids, what: str = "prompt") -> list[int]:
         try:
             out = [int(i) for i in ids]
@@ -309,9 +325,11 @@ class TokenStream:
             logits = self._step([t], n + len(ids) - 1, totals)
 
 
-def _prompt(lm: LanguageModel, prompt, prompt_ids) -> list[int]:
-    if (prompt is None) == (prompt_ids is None):
-        raise InputError("give either a text prompt or prompt_ids")
+def _prompt(lm: LanguageModel, prompt, prompt_ids, messages=None) -> list[int]:
+    if sum(x is not None for x in (prompt, prompt_ids, messages)) != 1:
+        raise InputError("give one of a text prompt, prompt_ids or chat messages")
+    if messages is not None:
+        return lm.check_ids(lm.encode_chat(messages), "the encoded chat prompt")
     if prompt is not None:
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be text, got {type(prompt).__name__} (token ids go in prompt_ids)")
@@ -319,12 +337,13 @@ def _prompt(lm: LanguageModel, prompt, prompt_ids) -> list[int]:
     return lm.check_ids(prompt_ids)
 
 
-def stream(session, prompt: str | None = None, *, prompt_ids=None, max_new_tokens: int = 32,
+def stream(session, prompt: str | None = None, *, prompt_ids=None, messages=None, max_new_tokens: int = 32,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
            stop_at_eos: bool = True) -> TokenStream:
+    """messages: a chat ([{"role": "user", "content": ...}, ...]) rendered by the bundle's chat template."""
     lm = LanguageModel(session)
     sampler = Sampler(temperature, top_k, top_p, seed)
-    return TokenStream(lm, _prompt(lm, prompt, prompt_ids), max_new_tokens, sampler, stop_at_eos)
+    return TokenStream(lm, _prompt(lm, prompt, prompt_ids, messages), max_new_tokens, sampler, stop_at_eos)
 
 
 def generate(session, prompt: str | None = None, **kw) -> GenerationResult:
