@@ -8,7 +8,10 @@ per decoded token. transformers' fp32 figures come from tools/lm_reference.py's 
 15 minutes; not rerun here). llama.cpp is built by tools/llama_cpp.py (cached).
 
     .venv/bin/python tools/bench_lm.py --bundle work_out/gemma.ndc --gguf work_out/gemma-3-270m-q4_k_m.gguf
-        [--bits 8,4] [--engines numpy,ort] [--threads 1,2] [--repeat 3] [--perplexity]
+        [--bits 8,4,4+embed8] [--engines numpy,ort,ort-int8] [--threads 1,2] [--repeat 3] [--perplexity]
+
+A weights entry B+embed8 is `--bits B --bits-for embed=8` (the embedding and the head tied to it at 8 bits,
+as the GGUF's Q4_K_M keeps them); the engine ort-int8 is `--engine ort --ort-int8` (int8 activations).
 
 Writes work_out/bench_lm.json and prints the README table. Two threads on a shared machine: llama.cpp
 runs with OMP_WAIT_POLICY=PASSIVE so its spinning threads do not steal the other jobs' core.
@@ -89,7 +92,7 @@ def nadoo_rows(bundle: str, bits: list[str], engines: list[str], threads: list[i
     rows = []
     for b in bits:
         for e in engines:
-            extra = ["--bits", b] + ([] if e == "default" else ["--engine", e])
+            extra = _weights_args(b) + _engine_args(e)
             for t in threads:
                 extra_t = extra + ["--threads", str(t)]  # ORT's intra-op threads (OMP_* set NumPy's BLAS)
                 colds = [_nadoo(["generate", bundle, "--prompt", PROMPT, "--max-new-tokens", "32", "--no-eos",
@@ -97,7 +100,7 @@ def nadoo_rows(bundle: str, bits: list[str], engines: list[str], threads: list[i
                 pre = [_nadoo(["generate", bundle, "--prompt-ids", long_prompt, "--max-new-tokens", "1", *extra_t], t)
                        for _ in range(repeat)]
                 last = colds[-1]
-                row = {"engine": f"nadoo ({last.get('engine', e)})", "weights": b, "threads": t,
+                row = {"engine": f"nadoo ({last.get('engine', e)}{', int8' if e == 'ort-int8' else ''})", "weights": b, "threads": t,
                        "prefill_tok_s": statistics.median(128 / r["ttft_s"] for r in pre),
                        "decode_tok_s": statistics.median(r["decode_tokens_per_s"] for r in colds),
                        "cold_s": statistics.median(r["wall_s"] for r in colds),
@@ -110,6 +113,17 @@ def nadoo_rows(bundle: str, bits: list[str], engines: list[str], threads: list[i
                 rows.append(row)
                 print(_line(row), flush=True)
     return rows
+
+
+def _weights_args(b: str) -> list[str]:
+    bits, _, mix = b.partition("+")
+    return ["--bits", bits] + (["--bits-for", "embed=8"] if mix == "embed8" else [])
+
+
+def _engine_args(e: str) -> list[str]:
+    if e == "default":
+        return []
+    return ["--engine", "ort", "--ort-int8"] if e == "ort-int8" else ["--engine", e]
 
 
 def _line(r: dict) -> str:
@@ -125,7 +139,7 @@ def main():
     ap.add_argument("--bundle", default=str(ROOT / "work_out" / "gemma.ndc"))
     ap.add_argument("--gguf", default=str(ROOT / "work_out" / "gemma-3-270m-q4_k_m.gguf"))
     ap.add_argument("--bits", default="8,4")
-    ap.add_argument("--engines", default="default", help="comma list of --engine values (default: the CLI's)")
+    ap.add_argument("--engines", default="default", help="comma list of --engine values or ort-int8 (default: the CLI's)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--perplexity", action="store_true", help="also score GPL-3 at context 512 (slow)")
