@@ -180,6 +180,17 @@ def _attend(q4, view, qstart, cache, out, *, g, scale, window, softcap, sparse) 
     kvh, _, n, d = q4.shape
     kpos = view.positions
     m = len(view)
+    if n == 1 and sparse is None and not cache.track_attention:
+        # One decode step, dense: the view holds exactly the keys this query may see (a linear cache
+        # only positions up to it; a ring exactly its window), so no mask is built or applied.
+        keys, values = view.take()
+        p = _scores(q4.reshape(kvh, g, d), keys, scale, softcap)
+        p -= p.max(axis=-1, keepdims=True)
+        np.exp(p, out=p)
+        p /= p.sum(axis=-1, keepdims=True)
+        out[:] = np.matmul(p, values).reshape(kvh, g, 1, d)
+        cache.bytes_read += m * kvh * cache.key_bytes
+        return
     # small row blocks also let a sliding-window layer's block read little more than its window
     rows_per = max(1, min(_ROW_BLOCK, _SCORE_ELEMS // max(1, kvh * g * m)))
     # a prefill decodes the stored keys once, not per row block; the oracle scores every key anyway
