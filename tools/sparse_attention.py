@@ -123,6 +123,8 @@ def main():
     ap.add_argument("bundle")
     ap.add_argument("--bits", default="8")
     ap.add_argument("--contexts", default="2048,4096,7424")
+    ap.add_argument("--text", default=TEXT, help="comma list of text files, joined (GPL-3's 7563 tokens end "
+                    "short of 8k: e.g. GPL-2,GPL-3 for 8192; both unseen by the bundle's calibration)")
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--policies", default="dense,window,pages,heavy,oracle")
     ap.add_argument("--kv-dtype", default="float16")
@@ -138,8 +140,9 @@ def main():
     kinds = args.policies.split(",")
     sess = nd.Session(args.bundle, policy=nd.Policy(bits=args.bits))
     lm = LanguageModel(sess)
-    ids = lm.encode(open(TEXT, encoding="utf-8").read())
-    print(f"# {TEXT}: {len(ids)} tokens; bits {args.bits}; kv {args.kv_dtype}; budget {args.budget} on global layers; "
+    files = args.text.split(",")
+    ids = lm.encode("\n\n".join(open(f, encoding="utf-8").read() for f in files))
+    print(f"# {' + '.join(files)}: {len(ids)} tokens; bits {args.bits}; kv {args.kv_dtype}; budget {args.budget} on global layers; "
           f"uptime: {os.getloadavg()}", flush=True)
     out = {"rows": [], "retrieval": {}}
     if args.merge:
