@@ -202,6 +202,18 @@ def test_generate_json_reports_expert_bytes(built):
     assert j["policy"]["bits"] == "4"
 
 
+def test_a_dense_model_reports_no_expert_bytes(tmp_path):
+    from lm_fixtures import tiny_model
+
+    from nadoo.compiler.lm_compile import compile_lm_source
+
+    bundle = tmp_path / "llama.ndc"
+    compile_lm_source(lm_source_from_model(tiny_model("llama", num_hidden_layers=1)), bundle, quiet=True)
+    with session(bundle, "8") as s:
+        st = s.generate(prompt_ids=[5, 6], max_new_tokens=2, stop_at_eos=False).stats
+    assert st["expert_bytes_per_token"] is st["expert_bytes_read_per_token"] is st["expert_bytes_total"] is None
+
+
 # ------------------------------------------------------------------ refused configurations
 def test_unsupported_moe_configs_are_one_error():
     with pytest.raises(CompileError, match="not supported yet"):
