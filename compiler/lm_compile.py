@@ -130,7 +130,7 @@ def lm_graph(src, head: str, layout=None) -> tuple[dict, dict, list[Weight]]:
         p = f"layers.{i}."
         h = norm(x, p + "attn_norm", p + "attn_norm.out")
         q, k, v = (linear(h, p + f"attn.{t}", p + f"attn.{t}.out") for t in "qkv")
-        full = c.get("qk_norm_full", False)
+        full = c["qk_norm_full"]
         if full:
             q, k = qk_full_norm(q, p + "attn.q_norm"), qk_full_norm(k, p + "attn.k_norm")
         qk_norms = [scale(p + f"attn.{t}_norm") for t in "qk"] if c["qk_norm"] and not full else []

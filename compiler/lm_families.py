@@ -107,6 +107,12 @@ def unstack_experts(config: dict, weights: dict) -> dict:
     """transformers' stacked expert tensors (gate_up_proj [E, 2F, H]: gate rows then up rows;
     down_proj [E, H, F]) -> one canonical tensor per expert and matrix."""
     out = dict(weights)
+
+    def put(name, a):
+        if name in out:
+            raise CompileError(f"the checkpoint holds {name} both stacked and as its own tensor")
+        out[name] = np.ascontiguousarray(a)
+
     for i in range(config["layers"]):
         p = f"layers.{i}.moe.experts."
         gate_up, down = out.pop(p + "gate_up", None), out.pop(p + "down", None)
@@ -116,14 +122,14 @@ def unstack_experts(config: dict, weights: dict) -> dict:
                                    "expected [experts, 2*intermediate, hidden]")
             f = gate_up.shape[1] // 2
             for e in range(gate_up.shape[0]):
-                out[f"{p}{e}.gate"] = np.ascontiguousarray(gate_up[e, :f])
-                out[f"{p}{e}.up"] = np.ascontiguousarray(gate_up[e, f:])
+                put(f"{p}{e}.gate", gate_up[e, :f])
+                put(f"{p}{e}.up", gate_up[e, f:])
         if down is not None:
             if down.ndim != 3:
                 raise CompileError(f"stacked expert tensor of layer {i} has shape {list(down.shape)}, "
                                    "expected [experts, hidden, intermediate]")
             for e in range(down.shape[0]):
-                out[f"{p}{e}.down"] = np.ascontiguousarray(down[e])
+                put(f"{p}{e}.down", down[e])
     return out
 
 
@@ -241,6 +247,8 @@ def _moe_from_hf(family: str, cfg, layers: int) -> dict | None:
         step, dense = int(cfg.decoder_sparse_step or 1), set(cfg.mlp_only_layers or [])
         moe_layers = [i not in dense and n > 0 and (i + 1) % step == 0 for i in range(layers)]
         shared = int(cfg.shared_expert_intermediate_size or 0) or None
+        if not any(moe_layers):  # no layer routes (num_experts 0, or every layer in mlp_only_layers)
+            return None
     inter = cfg.intermediate_size if family != "qwen2_moe" else cfg.moe_intermediate_size
     return {"n_experts": n, "top_k": int(cfg.num_experts_per_tok), "softmax_order": "before",
             "normalize": True if mixtral else bool(cfg.norm_topk_prob), "intermediate": int(inter),

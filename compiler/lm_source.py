@@ -119,6 +119,12 @@ def hf_weight_names(config: dict, names) -> dict:
         if canon is None:
             raise CompileError(f"checkpoint tensor {name!r} is not part of a {config['family']} decoder")
         out[name] = canon
+    # two spellings of one tensor (e.g. Mixtral's block_sparse_moe.* beside mlp.*): neither may win silently
+    seen = {}
+    for name, canon in out.items():
+        if canon in seen:
+            raise CompileError(f"checkpoint tensors {seen[canon]!r} and {name!r} are both {canon}")
+        seen[canon] = name
     return out
 
 

@@ -215,6 +215,25 @@ def test_a_dense_model_reports_no_expert_bytes(tmp_path):
 
 
 # ------------------------------------------------------------------ refused configurations
+def test_a_tensor_spelled_twice_is_refused(built, tmp_path):
+    # Mixtral's router under both of its names, or an expert both stacked and numbered: neither wins
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = built["mixtral"][1]
+    state = load_file(str(folder / "model.safetensors"))
+    router = state["model.layers.0.block_sparse_moe.gate.weight"].clone()
+    stacked = torch.zeros(EXPERTS, 96, 64)
+    for name, extra, msg in [("twice", {"model.layers.0.mlp.gate.weight": router}, "are both layers.0.moe.router"),
+                             ("stacked", {"model.layers.1.mlp.experts.gate_up_proj": stacked}, "both stacked")]:
+        d = tmp_path / name
+        shutil.copytree(folder, d)
+        save_file({**state, **extra}, str(d / "model.safetensors"))
+        with pytest.raises(CompileError, match=msg):
+            load_lm_source(d)
+
+
 def test_unsupported_moe_configs_are_one_error():
     with pytest.raises(CompileError, match="not supported yet"):
         config_from_hf(tf.Qwen3MoeConfig(num_hidden_layers=1))
@@ -229,3 +248,5 @@ def test_unsupported_moe_configs_are_one_error():
             check_config({**good, "moe": {**good["moe"], **bad}})
     with pytest.raises(CompileError, match="moe block"):
         check_config({**good, "moe": None})
+    # a Qwen2-MoE whose every layer is dense is a dense decoder
+    assert config_from_hf(tf.Qwen2MoeConfig(num_hidden_layers=2, mlp_only_layers=[0, 1]))["ffn"] == "dense"
