@@ -29,12 +29,13 @@ from nadoo.runtime.tiers import compile_layouts
 
 from .calibrate import LayerStats, dense_builders
 from .gated_ffn import GROUP_ROWS, DownStats, reorder_neurons
+from .moe import MoECalibration, write_moe
 from .pipeline import (CompileOptions, CompileReport, _bounds, _entry, _progress, _quant_kwargs, _raw, check_layout_options,
                        _write_constants, _write_weights)
 from .rewrite import Weight
 from .writer import BundleWriter
 
-__all__ = ["compile_lm", "compile_lm_source", "is_lm_source", "lm_graph", "SYNTHETIC_WINDOWS"]
+__all__ = ["compile_lm", "compile_lm_source", "is_lm_source", "lm_graph", "lm_moe_layers", "SYNTHETIC_WINDOWS"]
 
 SYNTHETIC_WINDOWS = 4  # random-token windows when no --calib-text is given
 INT64_MAX = np.iinfo(np.int64).max
@@ -99,6 +100,25 @@ def lm_graph(src, head: str, layout=None) -> tuple[dict, dict, list[Weight]]:
         return g.add("GatedFFN", [x, *biases], out, domain="nadoo", gate=p + "gate", up=p + "up", down=p + "down",
                      activation=c["activation"])
 
+    def moe_ffn(x, i):
+        # The routed experts are one nadoo.MoE node: its experts are stored as chunk groups
+        # (lm_moe_layers, write_moe), so a token reads only the experts its router picks.
+        m, p = c["moe"], f"layers.{i}.moe"
+        y = g.add("MoE", [x, g.const(p + ".router", w[p + ".router"])], p + ".out", domain="nadoo", moe=p,
+                  n_experts=m["n_experts"], gated=1, top_k=m["top_k"], activation=c["activation"],
+                  softmax_order=m["softmax_order"], normalize=int(m["normalize"]))
+        if not m.get("shared_intermediate"):
+            return y
+        # Qwen2-MoE's shared expert: a dense gated MLP on every token, scaled by sigmoid(x·g).
+        s = gated_mlp(x, p + ".shared.")
+        gate = g.add("MatMul", [x, g.const(p + ".shared_gate.t", np.ascontiguousarray(w[p + ".shared_gate"].T))],
+                     p + ".shared_gate.out")
+        s = g.add("Mul", [g.add("Sigmoid", [gate], p + ".shared_gate.sigmoid"), s], p + ".shared.scaled")
+        return g.add("Add", [y, s], p + ".sum")
+
+    def qk_full_norm(t, name):  # OLMoE: q/k normalised over the whole projection, before the heads split
+        return norm(t, name, name + ".out")
+
     tied_rows = layout is not None and c["tied_head"]  # the embedding's rows are the head's, reordered
     weights.append(Weight("embed", "gather", w["embed"][layout.order] if tied_rows else w["embed"], "embed",
                           "input_ids", "embed"))
@@ -110,7 +130,10 @@ def lm_graph(src, head: str, layout=None) -> tuple[dict, dict, list[Weight]]:
         p = f"layers.{i}."
         h = norm(x, p + "attn_norm", p + "attn_norm.out")
         q, k, v = (linear(h, p + f"attn.{t}", p + f"attn.{t}.out") for t in "qkv")
-        qk_norms = [scale(p + f"attn.{t}_norm") for t in "qk"] if c["qk_norm"] else []
+        full = c["qk_norm_full"]
+        if full:
+            q, k = qk_full_norm(q, p + "attn.q_norm"), qk_full_norm(k, p + "attn.k_norm")
+        qk_norms = [scale(p + f"attn.{t}_norm") for t in "qk"] if c["qk_norm"] and not full else []
         window = c["sliding_window"] if kind == "sliding" else 0
         a = g.add("Attention", [q, k, v, "position_ids", f"rope.{kind}.inv_freq", *qk_norms], p + "attn.out",
                   domain="nadoo", heads=c["heads"], kv_heads=c["kv_heads"], head_dim=c["head_dim"],
@@ -121,7 +144,8 @@ def lm_graph(src, head: str, layout=None) -> tuple[dict, dict, list[Weight]]:
             a = norm(a, p + "post_attn_norm", p + "post_attn_norm.out")
         x = g.add("Add", [x, a], p + "attn.residual")
         h = norm(x, p + "mlp_norm", p + "mlp_norm.out")
-        m = gated_mlp(h, p + "mlp.")
+        routed = c["ffn"] == "moe" and c["moe"]["layers"][i]
+        m = moe_ffn(h, i) if routed else gated_mlp(h, p + "mlp.")
         if c["sandwich_norm"]:
             m = norm(m, p + "post_mlp_norm", p + "post_mlp_norm.out")
         x = g.add("Add", [x, m], p + "mlp.residual")
@@ -155,6 +179,24 @@ def lm_graph(src, head: str, layout=None) -> tuple[dict, dict, list[Weight]]:
         "constants": sorted(g.consts),
     }
     return graph, g.consts, weights
+
+
+def lm_moe_layers(src) -> list:
+    """The MoE nodes' experts (compiler/moe.py MoELayer, stacked [E, F, H] / [E, H, F]), in graph order."""
+    from .moe import MoELayer
+
+    c, w = src.config, src.weights
+    if c["ffn"] != "moe":
+        return []
+    m, out = c["moe"], []
+    for i, routed in enumerate(m["layers"]):
+        if not routed:
+            continue
+        p = f"layers.{i}.moe"
+        stack = lambda t: np.stack([w[f"{p}.experts.{e}.{t}"] for e in range(m["n_experts"])])  # noqa: E731
+        out.append(MoELayer(p, p + ".out", stack("gate"), stack("up"), stack("down"), m["top_k"], c["activation"],
+                            m["softmax_order"], m["normalize"]))
+    return out
 
 
 def lm_feeds(ids, keep: int = 1, start: int = 0) -> dict:
@@ -198,12 +240,15 @@ def calibration_windows(src, opts: CompileOptions) -> tuple[list[list[int]], str
     return wins, note
 
 
-def _calibrate(graph, consts, weights, windows, quiet) -> tuple[dict, Plan]:
+def _calibrate(graph, consts, weights, windows, quiet, moe_cal=None) -> tuple[dict, Plan]:
     """Dense float run over every window: per weight its input moments (importance, GPTQ Hessian)
-    and output activity. The LM head sees every position (logits_to_keep 0). Returns the stats and
-    the float plan (for the stored sample)."""
+    and output activity (per expert, in `moe_cal`: routing counts and input moments). The LM head
+    sees every position (logits_to_keep 0). Returns the stats and the float plan (for the stored sample)."""
     stats = {w.name: DownStats(w) if w.kind == "ffn_down" else LayerStats(w, False, None) for w in weights}
-    plan = Plan(graph, consts, custom_ops=dense_builders({w.name: w for w in weights}, stats), state=SequenceState())
+    ops = dense_builders({w.name: w for w in weights}, stats)
+    if moe_cal is not None:
+        ops.update(moe_cal.builders())
+    plan = Plan(graph, consts, custom_ops=ops, state=SequenceState())
     with _progress("calibrating ", quiet)(windows) as it:
         for win in it:
             plan.run(lm_feeds(win, keep=0))
@@ -260,7 +305,9 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
     # Calibrate with the head as a linear tensor of its own name ("head"), also when it is tied: its
     # input moments are what the shared tensor's quantization should weigh.
     cal_graph, consts, cal_weights = lm_graph(src, head="head")
-    stats, plan = _calibrate(cal_graph, consts, cal_weights, windows, quiet)
+    moe_layers = lm_moe_layers(src)
+    moe_cal = MoECalibration(moe_layers) if moe_layers else None
+    stats, plan = _calibrate(cal_graph, consts, cal_weights, windows, quiet, moe_cal)
     sample_in = lm_feeds(windows[0], keep=1)
     (sample_logits,) = plan.run(sample_in)
     del plan
@@ -295,12 +342,15 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
         graph_pid = wr.add_json(graph)
         const_entry = _write_constants(wr, consts)
         profile_pid = wr.add_json({"samples": len(windows), "source": "calibration text" if opts.calib_text else "synthetic",
-                                   "layers": layers})
+                                   "layers": layers, **({"moe": moe_cal.profile()} if moe_cal else {})})
         sample = {"inputs": [_raw(wr, k, v) for k, v in sample_in.items()], "outputs": [_raw(wr, "logits", sample_logits)]}
         tok_pid = wr.add_payload(src.tokenizer_json.encode("utf-8"), compress="always") if src.tokenizer_json else None
         per_tensor = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
         _write_weights(wr, [[w] for w in weights], per_tensor, layouts, tier_bytes, quiet, quant_args)
         entries = [per_tensor[w.name] for w in weights]
+        moe_entries, moe_bytes = write_moe(wr, moe_layers, moe_cal, opts.group_size, layouts, opts.codec)
+        for t, nb in moe_bytes.items():
+            tier_bytes[t] += nb
         dense_bytes = src.nbytes
         index = {
             "format": "ndc",
@@ -317,6 +367,8 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
                    "generation": {"bos_id": c["bos_id"], "eos_ids": c["eos_ids"], "pad_id": c["pad_id"],
                                   "add_bos": c["add_bos"]}},
         }
+        if moe_entries:  # NDC 1.1 index key (§4.5)
+            index["moe"] = moe_entries
         wr.finish(index)
     if src.tokenizer_json is None:
         notes.append("note: the source has no tokenizer; generate with --prompt-ids")
@@ -325,4 +377,6 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
         chunks=sum(len(e["bounds"]) - 1 for e in entries), bundle_bytes=os.path.getsize(out_path),
         dense_fp32_weight_bytes=dense_bytes, tier_bytes=tier_bytes, kept_params_ratio=1.0, routable=[],
         calibration=calib_note, notes=[f"language model: {c['family']}, {c['layers']} layers, vocabulary {c['vocab']}"
-                                       + (", LM head tied to the embedding" if c["tied_head"] else "")] + notes)
+                                       + (", LM head tied to the embedding" if c["tied_head"] else "")
+                                       + (f", {len(moe_layers)} MoE layers x {c['moe']['n_experts']} experts "
+                                          f"(top-{c['moe']['top_k']})" if moe_layers else "")] + notes)

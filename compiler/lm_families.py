@@ -9,21 +9,26 @@ Canonical names (all float32; linear weights keep the checkpoint's [out, in] lay
   layers.{i}.attn_norm, .attn.{q,k,v,o}, .attn.{q,k,v,o}_bias, .attn.{q,k}_norm [head_dim],
   .post_attn_norm, .mlp_norm (before the FFN), .post_mlp_norm, .mlp.{gate,up,down}, .mlp.{gate,up,down}_bias.
 
-A mixture-of-experts family adds `ffn: "moe"` to the description and per-layer names
-`layers.{i}.moe.router` and `layers.{i}.moe.experts.{e}.{gate,up,down}` (plus `moe.shared.*` for a
-shared expert); `expected_shapes` is where those shapes will be declared.
+A mixture-of-experts family (Mixtral, Qwen2-MoE, OLMoE) has `ffn: "moe"` and a `moe` block in the
+description (experts, top-k, routing, which layers route); its MoE layers hold, instead of
+`mlp.*`, `layers.{i}.moe.router` [n_experts, hidden], `layers.{i}.moe.experts.{e}.{gate,up,down}`
+(gate/up [moe_intermediate, hidden], down [hidden, moe_intermediate]) and, for Qwen2-MoE's shared
+expert, `layers.{i}.moe.shared.{gate,up,down}` and its sigmoid gate `layers.{i}.moe.shared_gate`
+[1, hidden]. OLMoE normalises q and k over the whole projection (`qk_norm_full`: norms of
+[heads·head_dim] and [kv_heads·head_dim] applied before the split into heads).
 """
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
 from nadoo.runtime.errors import CompileError
 from nadoo.runtime.lm_kernels import ACTIVATIONS, NORM_STYLES, rope_inv_freq
 
-__all__ = ["HF_GLOBAL", "check_config", "config_from_hf", "describe", "expected_shapes", "hf_layer_names", "inv_freq",
-           "rope_params", "token_ids"]
+__all__ = ["HF_GLOBAL", "MOE_FAMILIES", "check_config", "config_from_hf", "describe", "expected_shapes", "hf_layer_name",
+           "hf_layer_names", "inv_freq", "rope_params", "token_ids", "unstack_experts"]
 
 # ------------------------------------------------------------------ checkpoint names
 HF_GLOBAL = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "head"}
@@ -43,14 +48,31 @@ _HF_GEMMA_LAYER = {**_HF_PROJ, "input_layernorm.weight": "attn_norm", "post_atte
                    "pre_feedforward_layernorm.weight": "mlp_norm", "post_feedforward_layernorm.weight": "post_mlp_norm",
                    "self_attn.q_norm.weight": "attn.q_norm", "self_attn.k_norm.weight": "attn.k_norm"}
 
+# MoE blocks: the router and a shared expert have fixed names; experts are numbered (EXPERT_RE) or,
+# in transformers' own state_dict, stacked over experts (unstack_experts splits them).
+_HF_ROUTER = {"mlp.gate.weight": "moe.router"}
+_HF_SHARED = {**_linear_names("mlp.shared_expert.", "moe.shared.", {"gate": "gate", "up": "up", "down": "down"}),
+              "mlp.shared_expert_gate.weight": "moe.shared_gate"}
+_HF_STACKED = {"mlp.experts.gate_up_proj": "moe.experts.gate_up", "mlp.experts.down_proj": "moe.experts.down"}
+_HF_MOE = {**_HF_LLAMA_LAYER, **_HF_ROUTER, **_HF_STACKED}
+# Hub checkpoints of Mixtral name the block `block_sparse_moe` and its expert matrices w1/w3/w2.
+_HF_MIXTRAL_LAYER = {**_HF_MOE, "block_sparse_moe.gate.weight": "moe.router"}
+_HF_OLMOE_LAYER = {**_HF_MOE, "self_attn.q_norm.weight": "attn.q_norm", "self_attn.k_norm.weight": "attn.k_norm"}
+EXPERT_RE = re.compile(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+_EXPERT_MATS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+
 # transformers model_type -> (family, per-layer HF names)
 _HF_FAMILIES = {
     "gemma3_text": ("gemma3", _HF_GEMMA_LAYER),
     "llama": ("llama", _HF_LLAMA_LAYER),
     "qwen2": ("qwen2", _HF_LLAMA_LAYER),
     "mistral": ("mistral", _HF_LLAMA_LAYER),
+    "mixtral": ("mixtral", _HF_MIXTRAL_LAYER),
+    "qwen2_moe": ("qwen2_moe", {**_HF_MOE, **_HF_SHARED}),
+    "olmoe": ("olmoe", _HF_OLMOE_LAYER),
 }
-_MOE_LATER = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "olmoe")
+_MOE_LATER = {"qwen3_moe"}
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "gelu": "gelu"}
@@ -69,6 +91,46 @@ def family_of(model_type: str) -> str:
 
 def hf_layer_names(family: str) -> dict:
     return next(names for fam, names in _HF_FAMILIES.values() if fam == family)
+
+
+def hf_layer_name(family: str, suffix: str) -> str | None:
+    """The canonical per-layer name of an HF name's part after `model.layers.{i}.` (None: not one
+    of this family's)."""
+    names = hf_layer_names(family)
+    if suffix in names:
+        return names[suffix]
+    m = EXPERT_RE.fullmatch(suffix) if family in MOE_FAMILIES else None
+    return f"moe.experts.{int(m.group(1))}.{_EXPERT_MATS[m.group(2)]}" if m else None
+
+
+def unstack_experts(config: dict, weights: dict) -> dict:
+    """transformers' stacked expert tensors (gate_up_proj [E, 2F, H]: gate rows then up rows;
+    down_proj [E, H, F]) -> one canonical tensor per expert and matrix."""
+    out = dict(weights)
+
+    def put(name, a):
+        if name in out:
+            raise CompileError(f"the checkpoint holds {name} both stacked and as its own tensor")
+        out[name] = np.ascontiguousarray(a)
+
+    for i in range(config["layers"]):
+        p = f"layers.{i}.moe.experts."
+        gate_up, down = out.pop(p + "gate_up", None), out.pop(p + "down", None)
+        if gate_up is not None:
+            if gate_up.ndim != 3 or gate_up.shape[1] % 2:
+                raise CompileError(f"stacked expert tensor of layer {i} has shape {list(gate_up.shape)}, "
+                                   "expected [experts, 2*intermediate, hidden]")
+            f = gate_up.shape[1] // 2
+            for e in range(gate_up.shape[0]):
+                put(f"{p}{e}.gate", gate_up[e, :f])
+                put(f"{p}{e}.up", gate_up[e, f:])
+        if down is not None:
+            if down.ndim != 3:
+                raise CompileError(f"stacked expert tensor of layer {i} has shape {list(down.shape)}, "
+                                   "expected [experts, hidden, intermediate]")
+            for e in range(down.shape[0]):
+                put(f"{p}{e}.down", down[e])
+    return out
 
 
 # ------------------------------------------------------------------ rotary frequencies
@@ -153,6 +215,7 @@ def config_from_hf(cfg) -> dict:
 
     act_name = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
     attn_bias = bool(getattr(cfg, "attention_bias", False))
+    qkv_bias = True if family == "qwen2" else bool(getattr(cfg, "qkv_bias", attn_bias))
     return describe(
         family, vocab=int(cfg.vocab_size), hidden=int(cfg.hidden_size), layers=layers, heads=heads,
         kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads), head_dim=head_dim,
@@ -161,15 +224,39 @@ def config_from_hf(cfg) -> dict:
         tied_head=bool(getattr(cfg, "tie_word_embeddings", False)),
         query_pre_attn_scalar=getattr(cfg, "query_pre_attn_scalar", None),
         final_softcap=getattr(cfg, "final_logit_softcapping", None),
-        qkv_bias=True if family == "qwen2" else attn_bias, o_bias=attn_bias and family != "qwen2",
+        qkv_bias=qkv_bias, o_bias=attn_bias and family not in ("qwen2", "qwen2_moe"),
         mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
         layer_types=layer_types, sliding_window=getattr(cfg, "sliding_window", None), rope=rope,
         bos_id=getattr(cfg, "bos_token_id", None), eos_ids=token_ids(getattr(cfg, "eos_token_id", None)),
-        pad_id=getattr(cfg, "pad_token_id", None))
+        pad_id=getattr(cfg, "pad_token_id", None), moe=_moe_from_hf(family, cfg, layers))
+
+
+def _moe_from_hf(family: str, cfg, layers: int) -> dict | None:
+    """The `moe` block of a description: what transformers' router of the family computes
+    (softmax over all experts, then top-k; Mixtral always renormalises the k weights, Qwen2-MoE and
+    OLMoE when norm_topk_prob) and which layers route."""
+    if family not in MOE_FAMILIES:
+        return None
+    if getattr(cfg, "clip_qkv", None) is not None:
+        raise CompileError("clip_qkv (clamped q/k/v projections) is not supported yet")
+    mixtral = family == "mixtral"
+    n = int(cfg.num_local_experts if mixtral else cfg.num_experts)
+    moe_layers = [True] * layers
+    shared = None
+    if family == "qwen2_moe":
+        step, dense = int(cfg.decoder_sparse_step or 1), set(cfg.mlp_only_layers or [])
+        moe_layers = [i not in dense and n > 0 and (i + 1) % step == 0 for i in range(layers)]
+        shared = int(cfg.shared_expert_intermediate_size or 0) or None
+        if not any(moe_layers):  # no layer routes (num_experts 0, or every layer in mlp_only_layers)
+            return None
+    inter = cfg.intermediate_size if family != "qwen2_moe" else cfg.moe_intermediate_size
+    return {"n_experts": n, "top_k": int(cfg.num_experts_per_tok), "softmax_order": "before",
+            "normalize": True if mixtral else bool(cfg.norm_topk_prob), "intermediate": int(inter),
+            "shared_intermediate": shared, "layers": moe_layers}
 
 
 def describe(family: str, *, hidden: int, head_dim: int, activation: str, layer_types: list,
-             sliding_window, query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None,
+             sliding_window, query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None, moe=None,
              **fields) -> dict:
     """The description from source-independent facts; what follows from the family alone (Gemma's
     (1+w) norms, sqrt(hidden) embedding scale, q/k and sandwich norms, query_pre_attn_scalar) is
@@ -181,7 +268,8 @@ def describe(family: str, *, hidden: int, head_dim: int, activation: str, layer_
         raise CompileError("Gemma config lacks query_pre_attn_scalar")
     return dict(
         family=family, hidden=int(hidden), head_dim=int(head_dim), **fields,
-        norm_style="gemma" if gemma else "plain", activation=_ACTIVATIONS[activation], ffn="dense",
+        norm_style="gemma" if gemma else "plain", activation=_ACTIVATIONS[activation],
+        ffn="dense" if moe is None else "moe", moe=moe,
         # Gemma multiplies the embedding by sqrt(hidden) held as a float32 tensor.
         embed_scale=float(np.float32(hidden ** 0.5)) if gemma else 1.0,
         attn_scale=float((query_pre_attn_scalar if gemma else head_dim) ** -0.5),
@@ -189,7 +277,8 @@ def describe(family: str, *, hidden: int, head_dim: int, activation: str, layer_
         # llama.cpp's applies it (q/k norms replaced it); only a family that does passes attn_softcap.
         attn_softcap=_opt_float(attn_softcap),
         final_softcap=_opt_float(final_softcap) if gemma else None,
-        qk_norm=gemma, sandwich_norm=gemma, layer_types=list(layer_types),
+        qk_norm=gemma or family == "olmoe", qk_norm_full=family == "olmoe", sandwich_norm=gemma,
+        layer_types=list(layer_types),
         sliding_window=int(sliding_window) if "sliding" in layer_types and sliding_window is not None else None,
         add_bos=False,
     )
@@ -197,7 +286,8 @@ def describe(family: str, *, hidden: int, head_dim: int, activation: str, layer_
 
 # ------------------------------------------------------------------ the one check
 _INT_KEYS = ("vocab", "hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "max_positions")
-_BOOL_KEYS = ("tied_head", "qk_norm", "sandwich_norm", "qkv_bias", "o_bias", "mlp_bias", "add_bos")
+_BOOL_KEYS = ("tied_head", "qk_norm", "qk_norm_full", "sandwich_norm", "qkv_bias", "o_bias", "mlp_bias", "add_bos")
+_MOE_INT_KEYS = ("n_experts", "top_k", "intermediate")
 
 
 def check_config(c: dict) -> None:
@@ -216,8 +306,12 @@ def check_config(c: dict) -> None:
         bad(f"{c['heads']} attention heads are not a multiple of {c['kv_heads']} kv heads")
     if c["head_dim"] % 2:
         bad(f"head_dim {c['head_dim']} must be even for rotary embedding")
-    if c.get("ffn") != "dense":
-        bad(f"ffn {c.get('ffn')!r} is not supported yet (dense)")
+    if c.get("ffn") not in ("dense", "moe") or (c["ffn"] == "moe") != isinstance(c.get("moe"), dict):
+        bad(f"ffn {c.get('ffn')!r} must be 'dense', or 'moe' with a moe block")
+    if c["ffn"] == "moe":
+        _check_moe(c["moe"], c["layers"], bad)
+    if c["qk_norm_full"] and not c["qk_norm"]:
+        bad("qk_norm_full needs qk_norm")
     if c.get("norm_style") not in NORM_STYLES:
         bad(f"norm_style {c.get('norm_style')!r} not in {NORM_STYLES}")
     if c.get("activation") not in ACTIVATIONS:
@@ -255,6 +349,23 @@ def check_config(c: dict) -> None:
         bad("add_bos is set but bos_id is missing")
 
 
+def _check_moe(m: dict, layers: int, bad) -> None:
+    for k in _MOE_INT_KEYS:
+        v = m.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            bad(f"moe.{k} must be a positive integer, got {v!r}")
+    if m["top_k"] > m["n_experts"]:
+        bad(f"moe.top_k {m['top_k']} exceeds the {m['n_experts']} experts")
+    if m.get("softmax_order") not in ("before", "after") or not isinstance(m.get("normalize"), bool):
+        bad("moe.softmax_order must be 'before' or 'after' and moe.normalize true or false")
+    sh = m.get("shared_intermediate")
+    if sh is not None and (not isinstance(sh, int) or isinstance(sh, bool) or sh <= 0):
+        bad(f"moe.shared_intermediate must be a positive integer or null, got {sh!r}")
+    lay = m.get("layers")
+    if not isinstance(lay, list) or len(lay) != layers or any(not isinstance(x, bool) for x in lay):
+        bad(f"moe.layers must say true/false for each of the {layers} layers")
+
+
 def expected_shapes(c: dict) -> dict:
     """Every tensor a (checked) description needs, with its shape."""
     H, D, hd = c["hidden"], c["head_dim"], c["head_dim"]
@@ -267,17 +378,31 @@ def expected_shapes(c: dict) -> dict:
     for i in range(c["layers"]):
         p = f"layers.{i}."
         layer = {"attn_norm": (H,), "mlp_norm": (H,), "attn.q": (q_out, H), "attn.k": (kv_out, H),
-                 "attn.v": (kv_out, H), "attn.o": (H, q_out),
-                 "mlp.gate": (inter, H), "mlp.up": (inter, H), "mlp.down": (H, inter)}
+                 "attn.v": (kv_out, H), "attn.o": (H, q_out)}
+        routed = c["ffn"] == "moe" and c["moe"]["layers"][i]
+        layer.update(_moe_shapes(c["moe"], H) if routed else
+                     {"mlp.gate": (inter, H), "mlp.up": (inter, H), "mlp.down": (H, inter)})
         if c["qkv_bias"]:
             layer.update({"attn.q_bias": (q_out,), "attn.k_bias": (kv_out,), "attn.v_bias": (kv_out,)})
         if c["o_bias"]:
             layer["attn.o_bias"] = (H,)
-        if c["mlp_bias"]:
+        if c["mlp_bias"] and not routed:
             layer.update({"mlp.gate_bias": (inter,), "mlp.up_bias": (inter,), "mlp.down_bias": (H,)})
         if c["qk_norm"]:
-            layer.update({"attn.q_norm": (hd,), "attn.k_norm": (hd,)})
+            full = c["qk_norm_full"]
+            layer.update({"attn.q_norm": (q_out if full else hd,), "attn.k_norm": (kv_out if full else hd,)})
         if c["sandwich_norm"]:
             layer.update({"post_attn_norm": (H,), "post_mlp_norm": (H,)})
         shapes.update({p + k: v for k, v in layer.items()})
     return shapes
+
+
+def _moe_shapes(m: dict, H: int) -> dict:
+    F, out = m["intermediate"], {"moe.router": (m["n_experts"], H)}
+    for e in range(m["n_experts"]):
+        out.update({f"moe.experts.{e}.gate": (F, H), f"moe.experts.{e}.up": (F, H), f"moe.experts.{e}.down": (H, F)})
+    S = m.get("shared_intermediate")
+    if S:
+        out.update({"moe.shared.gate": (S, H), "moe.shared.up": (S, H), "moe.shared.down": (H, S),
+                    "moe.shared_gate": (1, H)})
+    return out

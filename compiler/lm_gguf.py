@@ -108,7 +108,8 @@ def _tokenizer_facts(path: Path, reader, with_tokenizer: bool):
 def _config(reader, path: Path, shapes: dict) -> tuple[str, dict]:
     arch = _meta(reader, "general.architecture")
     if arch in _MOE_ARCHES or _meta(reader, f"{arch}.expert_count", 0):
-        raise CompileError(f"mixture-of-experts GGUF ({arch}) is not supported yet (dense decoders only)")
+        raise CompileError(f"mixture-of-experts GGUF ({arch}) is not supported yet: compile the model's "
+                           "Hugging Face folder (config.json + safetensors)")
     if arch not in _ARCHES:
         raise CompileError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(sorted(_ARCHES))})")
     family = _ARCHES[arch][0]

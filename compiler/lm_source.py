@@ -25,8 +25,8 @@ import numpy as np
 
 from nadoo.runtime.errors import CompileError, NadooError, one_line
 
-from .lm_families import (HF_GLOBAL, check_config, config_from_hf, expected_shapes, hf_layer_names, inv_freq,
-                          token_ids)
+from .lm_families import (HF_GLOBAL, check_config, config_from_hf, expected_shapes, hf_layer_name, inv_freq,
+                          token_ids, unstack_experts)
 
 __all__ = ["LMSource", "load_lm_source", "lm_source_from_model"]
 
@@ -95,6 +95,8 @@ def finish(config: dict, weights: dict, tokenizer_json, chat_template, add_bos, 
     config = dict(config)
     config["eos_ids"] = sorted(set(config["eos_ids"]) | {int(i) for i in extra_eos})
     config["add_bos"] = bool(add_bos) if add_bos is not None else probe_add_bos(tokenizer_json, config["bos_id"])
+    if config["ffn"] == "moe":
+        weights = unstack_experts(config, weights)
     return LMSource(config, add_rope(config, weights), tokenizer_json, chat_template)
 
 
@@ -103,20 +105,26 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 def hf_weight_names(config: dict, names) -> dict:
     """HF checkpoint names -> canonical names; the tied head's copy of the embedding is dropped."""
-    per_layer = hf_layer_names(config["family"])
     out = {}
     for name in names:
         if name == "lm_head.weight" and config["tied_head"]:
             continue
         m = _LAYER_RE.fullmatch(name)
         canon = None
-        if m and m.group(2) in per_layer and int(m.group(1)) < config["layers"]:
-            canon = f"layers.{int(m.group(1))}.{per_layer[m.group(2)]}"
+        part = hf_layer_name(config["family"], m.group(2)) if m else None
+        if part is not None and int(m.group(1)) < config["layers"]:
+            canon = f"layers.{int(m.group(1))}.{part}"
         elif name in HF_GLOBAL:
             canon = HF_GLOBAL[name]
         if canon is None:
             raise CompileError(f"checkpoint tensor {name!r} is not part of a {config['family']} decoder")
         out[name] = canon
+    # two spellings of one tensor (e.g. Mixtral's block_sparse_moe.* beside mlp.*): neither may win silently
+    seen = {}
+    for name, canon in out.items():
+        if canon in seen:
+            raise CompileError(f"checkpoint tensors {seen[canon]!r} and {name!r} are both {canon}")
+        seen[canon] = name
     return out
 
 

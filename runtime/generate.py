@@ -148,6 +148,9 @@ class _Totals:
         self.calls = 0
         self.ffn_counts: dict | None = None
         self.lm_head: dict | None = None  # the routed head's counts (runtime/chunked/lm_head.py), summed
+        # MoE (runtime/chunked/moe.py), summed: bytes of the experts tokens were routed to, expert
+        # bytes read from the file (cache misses, prefetch), and all experts' bytes at the tiers used
+        self.moe = {"used": 0.0, "read": 0, "total": None}
 
     def add(self, st: dict) -> None:
         self.calls += 1
@@ -162,6 +165,11 @@ class _Totals:
             acc = self.ffn_counts = self.ffn_counts or dict.fromkeys(st["ffn_counts"], 0)
             for k, v in st["ffn_counts"].items():
                 acc[k] += v
+        moe = st.get("moe")
+        if moe is not None:
+            self.moe["used"] += moe["expert_bytes_per_token"] * moe["tokens"]
+            self.moe["read"] += moe["expert_bytes_read"]
+            self.moe["total"] = moe["all_expert_bytes"]
         head = st.get("lm_head")
         if head is not None:
             if self.lm_head is None:
@@ -186,6 +194,15 @@ class _Totals:
                                            if h and h["routed_calls"] and temperature == 0 else None),
                 "lm_head_tail_mass_max": h["tail_mass_max"] if h and h["routed_calls"] and temperature > 0 else None,
                 "lm_head_macs_per_token": per("macs"), "lm_head_dense_macs_per_token": per("dense_macs")}
+
+    def moe_stats(self, prefill: dict, steps: int) -> dict:
+        """Expert bytes per decoded token (after the `prefill` snapshot of self.moe): those of the
+        experts each token was routed to, and those read from the file; None without MoE layers."""
+        m, per = self.moe, (lambda k: (self.moe[k] - prefill[k]) / steps if steps else None)
+        on = m["total"] is not None
+        return {"expert_bytes_per_token": per("used") if on else None,
+                "expert_bytes_read_per_token": per("read") if on else None,
+                "expert_bytes_total": m["total"]}
 
     def as_dict(self, session) -> dict:
         from .session import peak_rss_bytes
@@ -288,6 +305,7 @@ class TokenStream:
         kv_mark = _kv_mark(self.lm.session)  # decode steps only: what each generated token costs
         prefill_macs = totals.sums["macs"], totals.sums["dense_macs"]
         prefill_head = dict(totals.lm_head) if totals.lm_head else None
+        prefill_moe = dict(totals.moe)
         t_first = None
         stop = "length"
         while True:
@@ -316,7 +334,8 @@ class TokenStream:
                          **totals.as_dict(self.lm.session),
                          "macs_per_token": (totals.sums["macs"] - prefill_macs[0]) / steps if steps else None,
                          "dense_macs_per_token": (totals.sums["dense_macs"] - prefill_macs[1]) / steps if steps else None,
-                         **totals.head_stats(self.sampler.temperature, prefill_head)}
+                         **totals.head_stats(self.sampler.temperature, prefill_head),
+                         **totals.moe_stats(prefill_moe, steps)}
                 self.result = GenerationResult("".join(texts) if decoder is not None else None, ids,
                                                list(self.prompt_ids), stop, stats)
                 yield GeneratedToken(t, text)

@@ -169,7 +169,7 @@ def test_bad_folders_are_one_compile_error(tmp_path):
         (folder("missing", {k: v for k, v in state.items() if "layers.2.mlp.up" not in k}), "lacks tensor"),
         (folder("shape", state, {"intermediate_size": 128}), "has shape"),
         (folder("nan", {**state, "model.norm.weight": torch.full((64,), float("nan"))}), "NaN"),
-        (folder("moe", state, {"model_type": "mixtral", "num_local_experts": 2}), "mixture-of-experts"),
+        (folder("moe", state, {"model_type": "qwen3_moe", "num_experts": 2}), "mixture-of-experts"),
         (tmp_path / "empty", "no config.json"),
     ]
     (tmp_path / "empty").mkdir()
