@@ -79,6 +79,10 @@ class Exporter:
         """out = x·Wᵀ (+ bias) for chunked tensor `name` stored [R, K] (rows = outputs)."""
         self.matmul(x, name, self.weight(name, transposed=True), bias, out)
 
+    def linear_transposed(self, x: str, name: str, bias: str, out: str) -> None:
+        """out = x·W (+ bias) for chunked tensor `name` stored transposed, [K, N] (rows = inputs)."""
+        self.matmul(x, name, self.weight(name), bias, out)
+
     def activation(self, name: str, z: str, out: str) -> None:
         """out = act(z) for an activation name of runtime/activations.py (any case)."""
         name = name.lower()

@@ -100,6 +100,17 @@ class SegmentExporter(Exporter):
         return np.ascontiguousarray(w.reshape(e.rows, e.row_len).T if transposed else w)
 
     def linear(self, x: str, name: str, bias: str, out: str) -> None:
+        if not self._nbits(x, name, bias, out, of_transpose=False):
+            super().linear(x, name, bias, out)
+
+    def linear_transposed(self, x: str, name: str, bias: str, out: str) -> None:
+        if not self._nbits(x, name, bias, out, of_transpose=True):
+            super().linear_transposed(x, name, bias, out)
+
+    def _nbits(self, x: str, name: str, bias: str, out: str, of_transpose: bool) -> bool:
+        """out = the product as MatMulNBits over the stored codes, if the bundle stores them in the layout
+        this product takes (x·Wᵀ: groups along W's rows' length; x·W: along its rows) and the product is
+        fast; False when the caller must hand the weight over as float32."""
         read = getattr(self.bundle, "read_packed", None)
         tier = self.tiers[name]
         # ONNX shape inference knows no com.microsoft op: the shape graph keeps the plain MatMul. MatMulNBits'
@@ -107,8 +118,8 @@ class SegmentExporter(Exporter):
         # float MatMul, ORT 1.32): exact 8- and 2-bit layers are handed over dequantized.
         packs = read is not None and not self.shapes_only and (self.int8 or TIER_BITS.get(tier) == 4)
         p = read(name, tier) if packs else None
-        if p is None:
-            return super().linear(x, name, bias, out)
+        if p is None or p.of_transpose != of_transpose:
+            return False
         codes, scales, zps = (self.fresh(f"{name}_{s}") for s in ("codes", "scales", "zero_points"))
         self.inits[codes] = np.ascontiguousarray(p.codes, np.uint8)
         self.inits[scales] = np.ascontiguousarray(p.scales, np.float32).reshape(-1)
@@ -121,6 +132,7 @@ class SegmentExporter(Exporter):
         self.uses_ms = True
         if bias:
             self.add("Add", [mid, bias], [out])
+        return True
 
 
 def _np_type(onnx, elem: int):
