@@ -108,6 +108,13 @@ def test_quantizer_errors_are_those_of_the_decode():
     assert out_err(method="search", hessian=H) < out_err(method="rtn")
 
 
+def test_writer_records_minor_3_for_zp_t():
+    from nadoo.compiler.writer import minor_version
+
+    assert minor_version({"format": "ndc", "tensors": [{"name": "w", "tiers": {}, "zp_t": {}}]}) == 3
+    assert minor_version({"format": "ndc", "tensors": [{"name": "w", "tiers": {}, "zp": {}}]}) == 2
+
+
 @pytest.mark.parametrize("mutate,msg", [
     (lambda e: e.update(bounds=[0, 30, 64, 80]), "multiple of group_size"),
     (lambda e: e.update(group_size=24), "group_size"),
