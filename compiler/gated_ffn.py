@@ -1,7 +1,8 @@
 """Calibration of a language model's gated MLP (`nadoo.GatedFFN`): what its down projection needs.
 
 The down projection is stored transposed ([neurons, outputs], kind `ffn_down`) and chunked by groups
-of input neurons, so activation sparsity reads only the groups a token uses. Its calibration records
+of input neurons, so activation sparsity reads only the groups a token uses; its quantized tiers are
+grouped along the same axis (down's input), one group of GROUP_ROWS neurons per output per chunk. Its calibration records
 the second moment of its input a = act(gate·x) ⊙ up·x (for GPTQ of the transposed weight), per-neuron
 activity, and a subsample of a-rows from which the layer's sparsity curve (runtime/ffn_sparsity.py)
 is measured at summary time.
@@ -12,12 +13,31 @@ from __future__ import annotations
 import numpy as np
 
 from nadoo.runtime.ffn_sparsity import PROFILE_KEY, calibration_curve
+from nadoo.runtime.tiers import ZERO_POINT_T, TierLayout, ZeroPointTier
 
 from .calibrate import OutputActivity
 from .ffn import coactivation_order
 from .rewrite import Weight
 
 GROUP_ROWS = 32  # neurons per chunk of down: small enough that whole groups fall below the threshold
+
+
+def down_bounds(rows: int) -> list[int]:
+    """Chunk bounds of a down projection: GROUP_ROWS neurons each (the last may be shorter), so with the
+    quantization groups of the same width along its input axis every chunk holds whole groups."""
+    return list(range(0, rows, GROUP_ROWS)) + [rows]
+
+
+def down_layout(layout: TierLayout) -> TierLayout:
+    """The layout down is written in where a compile writes `layout`: zp tiers over chunk transposes
+    (NDC 1.3, groups of GROUP_ROWS neurons along down's input axis, as GPTQ and MatMulNBits take them);
+    float32, scale+min and nested tiers as for every tensor."""
+    return ZERO_POINT_T[layout.key] if type(layout) is ZeroPointTier else layout
+
+
+def down_group(layouts: list[TierLayout], group_size: int) -> int:
+    """The index group_size of a down projection under a compile's layouts."""
+    return GROUP_ROWS if any(down_layout(layout) is not layout for layout in layouts) else group_size
 
 
 class DownStats:

@@ -28,7 +28,7 @@ from nadoo.runtime.kv_cache import SequenceState
 from nadoo.runtime.tiers import compile_layouts
 
 from .calibrate import LayerStats, dense_builders
-from .gated_ffn import GROUP_ROWS, DownStats, reorder_neurons
+from .gated_ffn import DownStats, down_bounds, down_group, down_layout, reorder_neurons
 from .moe import MoECalibration, write_moe
 from .pipeline import (CompileOptions, CompileReport, _bounds, _entry, _progress, _quant_kwargs, _raw, check_layout_options,
                        _write_constants, _write_weights)
@@ -313,13 +313,14 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
     del plan
     layout = _head_layout(src, stats, opts)
     graph, consts, weights = lm_graph(src, head="embed" if c["tied_head"] else "head", layout=layout)
-    rows_per = {"gather": opts.embedding_rows, "ffn_down": GROUP_ROWS}
+    rows_per = {"gather": opts.embedding_rows}
 
     def n_chunks(wt):  # an untied head is chunked like an embedding (vocabulary rows), so it can be routed
         per = opts.embedding_rows if wt.name == "head" else rows_per.get(wt.kind)
         return opts.chunks if per is None else -(-wt.rows // per)
 
-    bounds = {wt.name: _bounds(wt.rows, n_chunks(wt)) for wt in weights}
+    bounds = {wt.name: down_bounds(wt.rows) if wt.kind == "ffn_down" else _bounds(wt.rows, n_chunks(wt))
+              for wt in weights}
     reorder_neurons(weights, stats, consts, bounds)
     # LM layers are not routed yet (activation None in the stats): no layer is marked routable.
     layers = {w.name: stats[w.name].summary(np.asarray(bounds[w.name])) for w in weights}
@@ -346,7 +347,11 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
         sample = {"inputs": [_raw(wr, k, v) for k, v in sample_in.items()], "outputs": [_raw(wr, "logits", sample_logits)]}
         tok_pid = wr.add_payload(src.tokenizer_json.encode("utf-8"), compress="always") if src.tokenizer_json else None
         per_tensor = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
-        _write_weights(wr, [[w] for w in weights], per_tensor, layouts, tier_bytes, quiet, quant_args)
+        for w in weights:
+            if w.kind == "ffn_down":
+                per_tensor[w.name]["group_size"] = down_group(layouts, opts.group_size)
+        _write_weights(wr, [[w] for w in weights], per_tensor, layouts, tier_bytes, quiet, quant_args,
+                       lambda g, layout: down_layout(layout) if g[0].kind == "ffn_down" else layout)
         entries = [per_tensor[w.name] for w in weights]
         moe_entries, moe_bytes = write_moe(wr, moe_layers, moe_cal, opts.group_size, layouts, opts.codec)
         for t, nb in moe_bytes.items():

@@ -17,8 +17,8 @@ from nadoo.runtime import __version__
 from nadoo.runtime.errors import CompileError
 from nadoo.runtime.format import MAX_GROUP_SIZE
 from nadoo.runtime.qcodec import ZP_GROUPS
-from nadoo.runtime.tiers import (CODECS, DEFAULT_CODEC, NestedTiers, SeparateTier, TierLayout, ZeroPointTier,
-                                 compile_layouts)
+from nadoo.runtime.tiers import (CODECS, DEFAULT_CODEC, NestedTiers, SeparateTier, TierLayout,
+                                 TransposedZeroPointTier, ZeroPointTier, compile_layouts)
 
 from .calib_data import load_calibration, synthetic_calibration
 from .calibrate import IMPORTANCE_KINDS, calibrate, dense_builders
@@ -272,11 +272,11 @@ def _quant_kwargs(w: Weight, stats: dict, downs: dict, opts: CompileOptions) -> 
 
 
 def _write_weights(wr: BundleWriter, groups: list[list[Weight]], per_tensor: dict, layouts: list[TierLayout],
-                   tier_bytes: dict, quiet: bool, quant_args) -> None:
+                   tier_bytes: dict, quiet: bool, quant_args, layout_of=None) -> None:
     """Every layout of every chunk group, recorded in the tensors' index entries `per_tensor`; the
     stored bytes are added up in `tier_bytes[layout.key]`. quant_args(w) -> (importance, quantizer
-    kwargs) of weight w."""
-    work = [(g, layout) for g in groups for layout in layouts]
+    kwargs) of weight w; layout_of(group, layout) -> the layout that group is written in instead (same tier)."""
+    work = [(g, layout if layout_of is None else layout_of(g, layout)) for g in groups for layout in layouts]
     with _progress("quantizing  ", quiet)(work) as it:
         for group, layout in it:
             imps, qkw = zip(*[quant_args(w) for w in group])
@@ -302,8 +302,21 @@ def _encode_nested(layout: NestedTiers, m: np.ndarray, bounds: list[int], group_
     return quantize_nested(m, bounds, group_size, imp, **kw).__getitem__
 
 
+def _encode_transposed(layout: TransposedZeroPointTier, m: np.ndarray, bounds: list[int], group_size: int, imp,
+                       kw: dict):
+    from .quantize import quantize_chunks_transposed
+
+    # groups along the input axis: the textbook GPTQ with the input's second moment (not at 8 bits, as
+    # _encode_separate: no error feedback needed there)
+    down_h = kw.get("down_hessian")
+    kw = {"method": kw.get("method", "search"), **({"hessian": down_h} if down_h is not None and layout.bits < 8 else {})}
+    out = [([p], {layout.key: err}) for p, err in quantize_chunks_transposed(m, bounds, layout.bits, group_size, **kw)]
+    return out.__getitem__
+
+
 # The quantizer of each layout kind: chunk c -> ([its payloads], {tier: errors}) of a matrix.
-_ENCODERS = {SeparateTier: _encode_separate, ZeroPointTier: _encode_separate, NestedTiers: _encode_nested}
+_ENCODERS = {SeparateTier: _encode_separate, ZeroPointTier: _encode_separate, NestedTiers: _encode_nested,
+             TransposedZeroPointTier: _encode_transposed}
 
 
 def _write_layout(wr: BundleWriter, group: list[Weight], entries: list[dict], layout: TierLayout, imps: list,

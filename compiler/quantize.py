@@ -515,6 +515,25 @@ def quantize_chunks(w: np.ndarray, bounds, bits: int, group_size: int, importanc
     return out
 
 
+def quantize_chunks_transposed(w: np.ndarray, bounds, bits: int, group_size: int, **kw) -> list[tuple[bytes, dict]]:
+    """A weight stored transposed, w [R inputs, N outputs] (a gated MLP's down projection), quantized as the
+    real weight wᵀ [N, R] with groups along its input axis (:func:`quantize`, GPTQ when ``hessian`` [R, R]
+    = the input's second moment is given) and packed per chunk of rows ``bounds[c]:bounds[c+1]`` (whole
+    groups) in the zp codec over chunk transposes (NDC 1.3). Returns [(payload, errors)] as
+    :func:`quantize_chunks`, errors of the decoded chunk in its stored orientation."""
+    from nadoo.runtime.tiers import ZERO_POINT_T
+
+    layout = ZERO_POINT_T[_layout(bits, "zp").key]
+    w = np.asarray(w, np.float32)
+    codes, scales, zps = quantize(np.ascontiguousarray(w.T), bits, group_size, None, codec="zp", **kw)
+    out = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        g0, g1 = lo // group_size, -(-hi // group_size)
+        p = layout.pack(codes[:, lo:hi], scales[:, g0:g1], zps[:, g0:g1], group_size)[0]
+        out.append((p, _errors(w[lo:hi], p, layout, group_size, None)))
+    return out
+
+
 def _rows(importance, lo: int, hi: int):
     """The importance of rows lo:hi ([K] is shared by every row)."""
     return importance if importance is None or np.ndim(importance) == 1 else np.asarray(importance)[lo:hi]

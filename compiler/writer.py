@@ -34,8 +34,8 @@ KINDS_1_1 = ("conv_transpose", "recurrent_input", "recurrent")  # tensors read b
 
 
 def minor_version(index: dict) -> int:
-    """The lowest minor version that describes a bundle: 2 once it uses the 1.2 addition (`zp`-coded tiers
-    of a tensor or MoE expert matrix); else 1 once it uses a 1.1 addition (moe, alloc, nested planes, lm,
+    """The lowest minor version that describes a bundle: 3 once a tensor has `zp_t`-coded tiers (1.3); 2 once
+    it uses the 1.2 addition (`zp`-coded tiers of a tensor or MoE expert matrix); else 1 once it uses a 1.1 addition (moe, alloc, nested planes, lm,
     tensors of KINDS_1_1, inline_reason on constants); else 0, so files without them stay readable as 1.0."""
     # tests write crafted indexes through this writer too: look only at what has the expected form
     objects = lambda xs: [x for x in xs if isinstance(x, dict)] if isinstance(xs, list) else []  # noqa: E731
@@ -44,6 +44,8 @@ def minor_version(index: dict) -> int:
     consts = objects(consts.get("tensors")) if isinstance(consts, dict) else []
     mats = [m for layer in objects(index.get("moe")) for ex in objects(layer.get("experts"))
             for m in (ex["tensors"].values() if isinstance(ex.get("tensors"), dict) else []) if isinstance(m, dict)]
+    if any("zp_t" in t for t in tensors):
+        return 3
     if any("zp" in t for t in tensors + mats):
         return 2
     uses_1_1 = (bool(index.get("moe") or index.get("alloc") or index.get("lm")) or any("nested" in t for t in tensors)

@@ -82,6 +82,10 @@ class Exporter:
         w = self.weight(name, transposed=True)
         self.matmul(x, name, w if rows is None else np.ascontiguousarray(w[:, rows]), bias, out)
 
+    def linear_transposed(self, x: str, name: str, bias: str, out: str) -> None:
+        """out = x·W (+ bias) for chunked tensor `name` stored transposed, [K, N] (rows = inputs)."""
+        self.matmul(x, name, self.weight(name), bias, out)
+
     def activation(self, name: str, z: str, out: str) -> None:
         """out = act(z) for an activation name of runtime/activations.py (any case)."""
         name = name.lower()

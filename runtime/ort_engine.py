@@ -101,6 +101,18 @@ class SegmentExporter(Exporter):
         return np.ascontiguousarray(w.reshape(e.rows, e.row_len).T if transposed else w)
 
     def linear(self, x: str, name: str, bias: str, out: str, rows: np.ndarray | None = None) -> None:
+        if not self._nbits(x, name, bias, out, of_transpose=False, rows=rows):
+            super().linear(x, name, bias, out, rows)
+
+    def linear_transposed(self, x: str, name: str, bias: str, out: str) -> None:
+        if not self._nbits(x, name, bias, out, of_transpose=True):
+            super().linear_transposed(x, name, bias, out)
+
+    def _nbits(self, x: str, name: str, bias: str, out: str, of_transpose: bool, rows=None) -> bool:
+        """out = the product as MatMulNBits over the stored codes, if the bundle stores them in the layout
+        this product takes (x·Wᵀ: groups along W's rows' length; x·W: along its rows) and the product is
+        fast; False when the caller must hand the weight over as float32. `rows`: output j is stored row
+        rows[j] (x·Wᵀ only)."""
         read = getattr(self.bundle, "read_packed", None)
         tier = self.tiers[name]
         if self.shapes_only:  # a row permutation leaves every shape as it is
@@ -110,8 +122,8 @@ class SegmentExporter(Exporter):
         # float MatMul, ORT 1.32): exact 8- and 2-bit layers are handed over dequantized.
         packs = read is not None and not self.shapes_only and (self.int8 or TIER_BITS.get(tier) == 4)
         p = read(name, tier) if packs else None
-        if p is None:
-            return super().linear(x, name, bias, out, rows)
+        if p is None or p.of_transpose != of_transpose:
+            return False
         pick = (lambda a: a) if rows is None else (lambda a: a[rows])  # codes, scales, zero points are per row
         codes, scales, zps = (self.fresh(f"{name}_{s}") for s in ("codes", "scales", "zero_points"))
         self.inits[codes] = np.ascontiguousarray(pick(p.codes), np.uint8)
@@ -125,6 +137,7 @@ class SegmentExporter(Exporter):
         self.uses_ms = True
         if bias:
             self.add("Add", [mid, bias], [out])
+        return True
 
 
 def _np_type(onnx, elem: int):

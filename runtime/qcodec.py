@@ -28,7 +28,7 @@ from .errors import BundleError
 
 __all__ = ["SUPPORTED_BITS", "payload_nbytes", "pack", "unpack", "dequantize", "NESTED_PLANES", "NESTED_TIER_PLANES",
            "nested_plane_nbytes", "pack_nested", "nested_codes", "dequantize_nested", "ZP_GROUPS", "zp_group",
-           "zp_payload_nbytes", "pack_zp", "split_zp", "unpack_zp", "unpack_zero_points", "dequantize_zp"]
+           "zp_payload_nbytes", "pack_zp", "pack_zero_points", "split_zp", "unpack_zp", "unpack_zero_points", "dequantize_zp"]
 
 SUPPORTED_BITS = (8, 4, 2)
 _F16LE = np.dtype("<f2")
@@ -321,7 +321,7 @@ def pack_zp(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits
     codes = np.asarray(codes)
     if codes.ndim != 2:
         raise ValueError(f"pack_zp: codes must be 2-D [rows, row_len], got shape {codes.shape}")
-    rows, row_len, group_size, bits, ng, _, zb = _check_zp(*codes.shape, group_size, bits, ValueError)
+    rows, row_len, group_size, bits, ng, _, _ = _check_zp(*codes.shape, group_size, bits, ValueError)
     qmax = (1 << bits) - 1
     zero_points = np.asarray(zero_points)
     scales = np.asarray(scales)
@@ -337,10 +337,18 @@ def pack_zp(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits
         raise ValueError("pack_zp: scales must be finite float16")
     c = np.zeros((rows, ng * group_size), np.uint8)
     c[:, :row_len] = codes
+    return (_pack_stream(c.reshape(-1), bits) + scales.astype(_F16LE).tobytes()
+            + pack_zero_points(zero_points, bits).tobytes())
+
+
+def pack_zero_points(zero_points: np.ndarray, bits: int) -> np.ndarray:
+    """Zero points (integers in [0, 2^bits - 1]) [R, ng] -> uint8 [R, ceil(ng*bits/8)], each row's packed
+    LSB-first with spare bits 0 (inverse of :func:`unpack_zero_points`)."""
+    rows, ng = zero_points.shape
+    zb = -(-(ng * bits) // 8)
     z = np.zeros((rows, zb * 8 // bits), np.uint8)
     z[:, :ng] = zero_points
-    return (_pack_stream(c.reshape(-1), bits) + scales.astype(_F16LE).tobytes()
-            + _pack_stream(z.reshape(-1), bits))
+    return np.frombuffer(_pack_stream(z.reshape(-1), bits), np.uint8).reshape(rows, zb)
 
 
 def split_zp(buf, rows: int, row_len: int, group_size: int, bits: int):

@@ -26,7 +26,9 @@ from .schema import (
     ConstantsTable, Graph, Profile, Stats, check_dtype, check_index_info, check_name, check_shape, check_tensor_facts,
     check_zp_tiers, load_json,
 )
-from .tiers import NESTED, SEPARATE, ZERO_POINT, PackedWeight, TierLayout, ZeroPointTier
+from .tiers import (
+    NESTED, SEPARATE, ZERO_POINT, ZERO_POINT_T, PackedWeight, TierLayout, TransposedZeroPointTier, ZeroPointTier,
+)
 
 # Index and table are read in one positioned read when at most this many bytes lie between them (the
 # writer pads to 8); a larger gap is legal but never read.
@@ -71,6 +73,8 @@ class TensorEntry:
             self.add_layout(SEPARATE[t], [pids])
         for t, pids in d.get(ZeroPointTier.index_key, {}).items():  # (1.2) integer-zero-point tiers
             self.add_layout(ZERO_POINT[t], [pids])
+        for t, pids in d.get(TransposedZeroPointTier.index_key, {}).items():  # (1.3) the same over transposes
+            self.add_layout(ZERO_POINT_T[t], [pids])
 
     def add_layout(self, layout: TierLayout, ids: list) -> None:
         ids = [np.asarray(p, dtype=np.int64) for p in ids]
@@ -289,18 +293,22 @@ class Bundle:
             tiers = d.get("tiers")
             nested = d.get("nested")
             zp = check_zp_tiers(d, f"tensor {name}")
-            if (not isinstance(tiers, dict) or not (tiers or zp or nested is not None)
+            zp_t = check_zp_tiers(d, f"tensor {name}", key=TransposedZeroPointTier.index_key)  # (1.3)
+            if (not isinstance(tiers, dict) or not (tiers or zp or zp_t or nested is not None)
                     or any(t not in TIERS for t in tiers)):
                 _fail(f"tensor {name}: tiers must be a non-empty subset of {TIERS}")
             if set(tiers) & set(zp):
                 _fail(f"tensor {name}: tier stored both in tiers and in zp")
-            for t, pids in [*tiers.items(), *zp.items()]:
+            if set(zp_t) & (set(tiers) | set(zp)):
+                _fail(f"tensor {name}: tier stored both in zp_t and in tiers or zp")
+            separate = [*tiers.items(), *zp.items(), *zp_t.items()]
+            for t, pids in separate:
                 if not isinstance(pids, list) or len(pids) != len(b) - 1:
                     _fail(f"tensor {name}: tier {t} must list one payload per chunk")
                 for pid in pids:  # ids are checked before TensorEntry turns them into int64 arrays
                     self._pid(pid, f"tensor {name} tier {t}", used, allow_empty=True)
             e = TensorEntry(d)
-            for t, pids in [*tiers.items(), *zp.items()]:
+            for t, pids in separate:
                 for i, pid in enumerate(pids):
                     if pid >= 0 and int(self.table["raw"][pid]) != e.payload_nbytes(t, i):
                         _fail(f"tensor {name} tier {t} chunk {i}: payload length does not match the layout")
@@ -457,7 +465,8 @@ class Bundle:
     def read_packed(self, name: str, tier: str) -> PackedWeight | None:
         """A zp-coded tensor at one tier as stored (every chunk read and counted, like `read_weight`), in
         the inputs of ONNX Runtime's MatMulNBits; None when the tensor is not zp-coded at that tier
-        (legacy scale+min, nested planes, float32, or the tier is not stored)."""
+        (legacy scale+min, nested planes, float32, or the tier is not stored). A `zp_t` tensor gives the
+        PackedWeight of its transpose (`of_transpose`: MatMulNBits computes x·W of the stored W)."""
         e = self.tensors.get(name)
         if e is None:
             raise BundleError(f"no chunked tensor {name!r} in the bundle")

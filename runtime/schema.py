@@ -549,17 +549,22 @@ def check_tensor_facts(d: dict, n_chunks: int, tiers: Collection[str], what: str
         w.fail(f"{what}: alloc must list one stored tier per chunk")
 
 
-def check_zp_tiers(d: dict, what: str, w: Where = _INDEX) -> dict:
+def check_zp_tiers(d: dict, what: str, w: Where = _INDEX, key: str = "zp") -> dict:
     """(1.2) `zp` of a chunked tensor or MoE expert matrix: {tier: payload ids} of its quantized tiers in the
     integer-zero-point codec (§4.2c), which needs a `group_size` in ZP_GROUPS. {} when absent; the ids
-    themselves are the reader's to check."""
-    zp = d.get("zp")
+    themselves are the reader's to check. key="zp_t" (1.3, §4.2d, chunked tensors only): the same codec over
+    each chunk's transpose, which also needs every chunk boundary but the last on a multiple of group_size."""
+    zp = d.get(key)
     if zp is None:
         return {}
     if not isinstance(zp, dict) or not zp or any(t not in QUANT_TIERS for t in zp):
-        w.fail(f"{what}: zp must map some of the tiers {', '.join(QUANT_TIERS)} to payload ids")
-    if d.get("group_size") not in ZP_GROUPS:
-        w.fail(f"{what}: a zp-coded tensor needs group_size in {ZP_GROUPS}, got {_short(d.get('group_size'))}")
+        w.fail(f"{what}: {key} must map some of the tiers {', '.join(QUANT_TIERS)} to payload ids")
+    g = d.get("group_size")
+    if g not in ZP_GROUPS:
+        w.fail(f"{what}: a {key}-coded tensor needs group_size in {ZP_GROUPS}, got {_short(g)}")
+    if key == "zp_t" and any(type(x) is not int or x % g for x in (d.get("bounds") or [])[1:-1]):
+        w.fail(f"{what}: a zp_t-coded tensor needs every chunk boundary but the last on a multiple of "
+               f"group_size {g}")
     return zp
 
 

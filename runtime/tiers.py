@@ -6,10 +6,13 @@ and the order in which a missing tier is replaced by the nearest stored one.
 A layout (`TierLayout`) is a codec for one way of storing tiers; it knows both directions:
 - which payloads a read of chunk i at a tier needs and how many bytes each has,
 - `pack` (the compiler's writer: codes -> payload bytes) and `decode` (the reader: payloads -> float32).
-Three implementations (format_spec/NDC-v1.md §4.2, §4.2b, §4.2c):
+Four implementations (format_spec/NDC-v1.md §4.2, §4.2b, §4.2c, §4.2d):
 - `SeparateTier`: one payload per chunk for one tier (float32, or the scale+min grouped codec);
 - `ZeroPointTier`: one payload per chunk for one quantized tier in the integer-zero-point codec (1.2),
   laid out as ONNX Runtime's MatMulNBits takes it (`PackedWeight`), the default of new compiles;
+- `TransposedZeroPointTier` (1.3): the same codec over each chunk's transpose, so the groups run along
+  the rows: for a weight stored [inputs, outputs] (a gated MLP's down projection) the groups are along
+  its input axis, as MatMulNBits and GPTQ want them;
 - `NestedTiers`: one 8-bit quantization stored as bit-planes A, B, C; q2 reads A, q4 A+B, q8 A+B+C.
 The byte-level work stays in runtime/qcodec.py; a layout only decides which of its functions apply.
 """
@@ -149,6 +152,7 @@ class PackedWeight:
     block_size: int
     rows: int
     row_len: int
+    of_transpose: bool = False  # the matrix packed is the stored tensor's transpose (x·W, not x·Wᵀ)
 
 
 class ZeroPointTier(SeparateTier):
@@ -201,6 +205,57 @@ class ZeroPointTier(SeparateTier):
                             len(s32), row_len)
 
 
+class TransposedZeroPointTier(ZeroPointTier):
+    """One quantized tier in the zp codec over the transpose of each chunk (NDC 1.3, §4.2d): chunk i of
+    r rows x K columns is stored as the zp payload of its transpose [K, r] with group G = the entry's
+    group_size, so each of the K columns has ceil(r/G) groups of G consecutive rows. With every chunk
+    boundary but the last on a multiple of G, the chunks' blocks side by side are the tensor's transpose
+    in MatMulNBits' layout (K = the tensor's rows). Listed under `zp_t`: a 1.2 reader does not know the
+    key and so never decodes these payloads as row-grouped ones."""
+
+    index_key = "zp_t"
+
+    def __repr__(self) -> str:
+        return f"TransposedZeroPointTier({self.key!r})"
+
+    def group(self, row_len, group_size):
+        return group_size  # groups run along the rows, which chunk bounds on multiples of G keep whole
+
+    def payload_sizes(self, rows, row_len, group_size):
+        return [qcodec.zp_payload_nbytes(row_len, rows, group_size, self.bits)]
+
+    def decode(self, tier, bufs, rows, row_len, group_size):
+        return np.ascontiguousarray(qcodec.dequantize_zp(bufs[0], row_len, rows, group_size, self.bits).T)
+
+    # pack (inherited): the chunk's transpose, codes [K, r], scales and zero points [K, ceil(r/G)]
+
+    def packed(self, chunks: list, row_len: int, group_size: int) -> PackedWeight:
+        """[(rows, payload or None)] of a whole tensor [R, K], in row order -> the PackedWeight of its
+        transpose (MatMulNBits N = K, K = R): every chunk's blocks concatenated along the block axis, the
+        zero points re-packed per output (they are bit-packed across blocks). Empty chunks are zeros."""
+        if any(rows % group_size for rows, _ in chunks[:-1]):
+            raise BundleError("zp_t tensor: a chunk boundary is not on a multiple of the group size")
+        codes, scales, zps = [], [], []
+        for rows, buf in chunks:
+            ng = -(-rows // group_size)
+            if buf is None:
+                c, s, z = (np.zeros((row_len, ng, group_size * self.bits // 8), np.uint8),
+                           np.zeros((row_len, ng), np.float16), np.zeros((row_len, ng), np.uint8))
+            else:
+                c, s, zb = qcodec.split_zp(buf, row_len, rows, group_size, self.bits)
+                z = qcodec.unpack_zero_points(zb, ng, self.bits)
+            codes.append(c)
+            scales.append(s)
+            zps.append(z)
+        s32 = np.concatenate(scales, axis=1).astype(np.float32)
+        if not np.isfinite(s32).all():
+            raise BundleError("zp chunk: scales contain non-finite values (corrupt payload)")
+        total = sum(rows for rows, _ in chunks)
+        return PackedWeight(np.concatenate(codes, axis=1), s32,
+                            qcodec.pack_zero_points(np.concatenate(zps, axis=1), self.bits), self.bits, group_size,
+                            row_len, total, of_transpose=True)
+
+
 class NestedTiers(TierLayout):
     """q8, q4 and q2 from one 8-bit quantization stored as bit-planes (runtime/qcodec.py, NDC 1.1)."""
 
@@ -235,6 +290,7 @@ class NestedTiers(TierLayout):
 
 SEPARATE = {t: SeparateTier(t) for t in TIERS}
 ZERO_POINT = {t: ZeroPointTier(t) for t in QUANT_TIERS}
+ZERO_POINT_T = {t: TransposedZeroPointTier(t) for t in QUANT_TIERS}
 NESTED = NestedTiers()
 # The codecs of separate quantized tiers: "zp" (1.2, the default of compiles) and the scale+min "minmax".
 CODECS = {"zp": ZERO_POINT, "minmax": {t: SEPARATE[t] for t in QUANT_TIERS}}
@@ -243,12 +299,11 @@ DEFAULT_CODEC = "zp"
 
 def layouts_of(entry: dict) -> dict[str, tuple[TierLayout, list]]:
     """tier -> (layout, payload-id lists) of one tensor (or MoE expert matrix) index entry: its separate
-    tiers (`tiers`, `zp`), then nested ones."""
+    tiers (`tiers`, `zp`, `zp_t`), then nested ones."""
     found = {}
-    for t, ids in entry.get("tiers", {}).items():
-        found[t] = (SEPARATE[t], [ids])
-    for t, ids in entry.get(ZeroPointTier.index_key, {}).items():
-        found[t] = (ZERO_POINT[t], [ids])
+    for table in (SEPARATE, ZERO_POINT, ZERO_POINT_T):
+        for t, ids in entry.get(table[QUANT_TIERS[0]].index_key, {}).items():
+            found[t] = (table[t], [ids])
     planes = NESTED.ids_of(entry)
     if planes:
         for t in NESTED.tiers_of(planes):

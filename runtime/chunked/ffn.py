@@ -163,4 +163,4 @@ class ChunkedFFN(WeightOp):
         z, h = ex.fresh("z"), ex.fresh("h")
         ex.linear(ins[0], up, ins[1] if len(ins) > 1 else "", z)
         ex.activation(attrs["activation"], z, h)
-        ex.matmul(h, down, ex.weight(down), ins[2] if len(ins) > 2 else "", node["outputs"][0])
+        ex.linear_transposed(h, down, ins[2] if len(ins) > 2 else "", node["outputs"][0])

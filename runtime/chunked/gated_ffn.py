@@ -95,7 +95,7 @@ class GatedFFN(WeightOp):
         ex.linear(ins[0], a["up"], bias[1], u)
         ex.activation(a["activation"], g, act)
         ex.add("Mul", [act, u], [h])
-        ex.matmul(h, a["down"], ex.weight(a["down"]), bias[2], node["outputs"][0])
+        ex.linear_transposed(h, a["down"], bias[2], node["outputs"][0])
 
     def _rows(self, x, e, tiers, bias):
         """x·Eᵀ (+ bias) over every chunk of a linear tensor (streamed under a small budget)."""
