@@ -38,6 +38,13 @@ class _Match:
         self.scale = 1.0
         self.zero_rows = 0
         self.q = self.k = self.v = self.mask = self.out = self.heads_value = ""
+        self.merge: list[dict] = []  # layout nodes after the weighted sum, in order (the head merge)
+
+    def settle(self, out: str) -> None:
+        """The head merge ends at value `out`: its nodes up to there join the match."""
+        k = [n["outputs"][0] for n in self.merge].index(out)
+        self.nodes += self.merge[: k + 1]
+        self.out = out
 
 
 def _factor(n: dict, x: str, consts: dict) -> float | None:
@@ -74,7 +81,9 @@ def _back(m: _Match, x: str, producer: dict, consts: dict, scalars: bool) -> str
 
 
 def _only(cons: dict, x: str, op: str) -> dict | None:
-    c = cons.get(x, [])
+    """x's one reader of type `op`, beside Shape nodes (which read only its shape: they feed the head
+    merge's shape arithmetic, removed with it, or the fusion is refused as not closed)."""
+    c = [n for n in cons.get(x, []) if n["op"] != "Shape"]
     return c[0] if len(c) == 1 and c[0]["op"] == op and not c[0].get("domain") else None
 
 
@@ -99,14 +108,17 @@ def _candidate(sm: dict, cons: dict, producer: dict, consts: dict, opset: int) -
     pv = _only(cons, p, "MatMul")
     if pv is None or pv["inputs"][0] != p:
         return None
-    tr = _only(cons, pv["outputs"][0], "Transpose")
-    if tr is None or (tr.get("attrs") or {}).get("perm") != [0, 2, 1, 3]:
+    # the head merge: layout nodes after the weighted sum; where it ends is settled on the sample
+    m.nodes.append(pv)
+    x = m.heads_value = pv["outputs"][0]
+    while True:
+        nxt = next((r for r in (_only(cons, x, op) for op in _LAYOUT) if r is not None and r["inputs"][0] == x), None)
+        if nxt is None:
+            break
+        m.merge.append(nxt)
+        x = nxt["outputs"][0]
+    if not m.merge:
         return None
-    rs = _only(cons, tr["outputs"][0], "Reshape")
-    if rs is None or rs["inputs"][0] != tr["outputs"][0]:
-        return None
-    m.nodes += [pv, tr, rs]
-    m.out, m.heads_value = rs["outputs"][0], pv["outputs"][0]
     m.v = _back(m, pv["inputs"][1], producer, consts, scalars=False)
     # scores: [scalar factors] (Add mask) [scalar factors] MatMul(q-chain, k-chain)
     x = _back(m, sm["inputs"][0], producer, consts, scalars=True)
@@ -148,10 +160,16 @@ def _verified(m: _Match, vals: dict) -> dict | None:
     """The fused node's attributes when the op reproduces the subgraph's output on the sample."""
     from nadoo.runtime.ops.encoder_attention import dense_attention
 
-    q, k, v, out, pv = (np.asarray(vals[n]) for n in (m.q, m.k, m.v, m.out, m.heads_value))
+    q, k, v, pv = (np.asarray(vals[n]) for n in (m.q, m.k, m.v, m.heads_value))
     mask = np.asarray(vals[m.mask]) if m.mask else None
-    if pv.ndim != 4 or q.ndim != 3 or out.shape != q.shape[:2] + (pv.shape[1] * pv.shape[3],):
+    if pv.ndim != 4 or q.ndim != 3:
         return None
+    merged = q.shape[:2] + (pv.shape[1] * pv.shape[3],)
+    # the last value of the head merge shaped [B, S, heads·D] is the attention's output
+    out_name = next((n["outputs"][0] for n in reversed(m.merge) if np.shape(vals[n["outputs"][0]]) == merged), None)
+    if out_name is None:
+        return None
+    out = np.asarray(vals[out_name])
     heads = int(pv.shape[1])
     if (q.dtype != np.float32 or k.shape != v.shape or k.ndim != 3 or q.shape[2] != heads * pv.shape[3]
             or k.shape[2] != q.shape[2] or (mask is not None and mask.dtype.kind != "f")):
@@ -164,6 +182,7 @@ def _verified(m: _Match, vals: dict) -> dict | None:
     tol = 1e-4 * max(float(np.abs(out[np.isfinite(out)]).max(initial=0.0)), 1.0)
     if got.shape != out.shape or not np.allclose(got, out, rtol=1e-4, atol=tol, equal_nan=True):
         return None
+    m.settle(out_name)
     return {"heads": heads, "scale": float(m.scale), "zero_masked_rows": int(m.zero_rows)}
 
 
@@ -197,7 +216,8 @@ def fuse_encoder_attention(graph: dict, consts: dict, feeds: dict) -> tuple[dict
     found = [m for m in (_candidate(n, cons, producer, consts, opset) for n in nodes if n["op"] == "Softmax") if m]
     if not found:
         return graph, consts, 0
-    names = sorted({x for m in found for x in (m.q, m.k, m.v, m.mask, m.out, m.heads_value) if x})
+    names = sorted({x for m in found for x in (m.q, m.k, m.v, m.mask, m.heads_value, *(n["outputs"][0] for n in m.merge))
+                    if x})
     vals = _capture(graph, consts, names, feeds)
     if vals is None:
         return graph, consts, 0

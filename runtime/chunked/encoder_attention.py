@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from .. import callstats
+from ..errors import InputError
 from ..block_attention import block_sparse_attention
 from ..ops.encoder_attention import attention_attrs, check_inputs, dense_attention
 from .base import ChunkedOp, register
@@ -72,6 +73,13 @@ class EncoderAttention(ChunkedOp):
         n = self._blocks(x_shape[0], x_shape[1], x_shape[1]) if len(x_shape) == 3 else 0
         ac.blocks_read += n
         ac.blocks_total += n
+
+    @classmethod
+    def check_policy(cls, policy, bundle) -> None:
+        if policy.encoder_attention.active and not any(n.get("op") == cls.op_type and n.get("domain") == cls.domain
+                                                       for n in bundle.read_graph().get("nodes", [])):
+            raise InputError("--attention blocks needs a bundle with fused encoder attention (EncoderAttention "
+                             "nodes: an encoder compiled by this nadoo version); this one has none")
 
     @classmethod
     def extra_stats(cls, ops, call) -> dict | None:
