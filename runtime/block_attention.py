@@ -79,6 +79,18 @@ def _row_uniform(mask: np.ndarray) -> np.ndarray | None:
     return first if np.array_equal(np.broadcast_to(first, mask.shape), mask) else None
 
 
+def block_scores(qh: np.ndarray, kb: np.ndarray, sk: int, mask_max: np.ndarray, nq: int) -> np.ndarray:
+    """[b, h, nq, nk]: how much each query block may attend to each key block. qh [b, h, Sq, D]
+    (scaled queries), kb [b, h, nk, size, D] (keys in blocks, zero padded past sk), mask_max
+    [.., Sq|1, nk] the largest mask value per query and key block."""
+    nk, size = kb.shape[2], kb.shape[3]
+    valid = _blocks(np.ones((sk, 1), bool), nk, size, False)[..., 0]  # [nk, size]: padding keys excluded
+    lo = np.where(valid[..., None], kb, np.inf).min(axis=-2)
+    hi = np.where(valid[..., None], kb, -np.inf).max(axis=-2)
+    bound = np.matmul(np.maximum(qh, 0), hi.transpose(0, 1, 3, 2)) + np.matmul(np.minimum(qh, 0), lo.transpose(0, 1, 3, 2))
+    return _blocks(bound + mask_max, nq, size, -np.inf).max(axis=-2)  # the best query of each block
+
+
 def block_sparse_attention(q, k, v, mask, heads: int, scale: float, zero_masked_rows: bool,
                            policy: BlockAttentionPolicy) -> tuple[np.ndarray, int, int]:
     """(output [B, Sq, heads·D], key blocks read, key blocks in all) over the query blocks and heads."""
@@ -96,21 +108,16 @@ def block_sparse_attention(q, k, v, mask, heads: int, scale: float, zero_masked_
     mask = np.broadcast_to(mask, mask.shape[:3] + (sk,))  # [b|1, h|1, sq|1, sk]
     key_mask = _row_uniform(mask)  # [b|1, h|1, 1, sk], or None when rows differ
 
-    # block summaries: element-wise min / max key per block (padding keys excluded)
     kb = _blocks(kh, nk, size)
-    valid = _blocks(np.ones((sk, 1), bool), nk, size, False)[..., 0]  # [nk, size]
-    lo = np.where(valid[..., None], kb, np.inf).min(axis=-2)
-    hi = np.where(valid[..., None], kb, -np.inf).max(axis=-2)
-    bound = np.matmul(np.maximum(qh, 0), hi.transpose(0, 1, 3, 2)) + np.matmul(np.minimum(qh, 0), lo.transpose(0, 1, 3, 2))
     # the largest mask value a query meets in a key block bounds what the mask adds there
     pad_keys = lambda m: np.concatenate([m, np.full(m.shape[:-1] + (nk * size - sk,), -np.inf, np.float32)], axis=-1)  # noqa: E731
     if key_mask is not None:
         km = pad_keys(key_mask).reshape(key_mask.shape[:2] + (nk, size))  # [b|1, h|1, nk, size]
-        bound = bound + km.max(axis=-1)[:, :, None, :]
+        mask_max = km.max(axis=-1)[:, :, None, :]
     else:
         mp = pad_keys(mask)
-        bound = bound + mp.reshape(mp.shape[:-1] + (nk, size)).max(axis=-1)
-    score = _blocks(bound, nq, size, -np.inf).max(axis=-2)  # [b, h, nq, nk]: the best query of each block
+        mask_max = mp.reshape(mp.shape[:-1] + (nk, size)).max(axis=-1)
+    score = block_scores(qh, kb, sk, mask_max, nq)
     if keep < nk:
         # the local block, then the sink block, are read first (when they hold a key the block may see)
         rows = np.arange(nq)
