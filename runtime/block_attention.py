@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
-from .ops.encoder_attention import merge_heads, softmax_rows, split_heads
+from .ops.encoder_attention import dense_attention, merge_heads, softmax_rows, split_heads
 
 __all__ = ["BLOCK_KINDS", "BlockAttentionPolicy", "block_sparse_attention"]
 
@@ -94,14 +94,17 @@ def block_scores(qh: np.ndarray, kb: np.ndarray, sk: int, mask_max: np.ndarray, 
 def block_sparse_attention(q, k, v, mask, heads: int, scale: float, zero_masked_rows: bool,
                            policy: BlockAttentionPolicy) -> tuple[np.ndarray, int, int]:
     """(output [B, Sq, heads·D], key blocks read, key blocks in all) over the query blocks and heads."""
-    size = policy.block
+    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    # a block longer than the input is the input: padding never outgrows the sequence
+    size = max(1, min(policy.block, max(sq, sk)))
+    nq, nk = -(-sq // size), -(-sk // size)
+    keep = policy.keep(nk)
+    if keep >= nk:  # every block read: dense attention itself
+        return dense_attention(q, k, v, mask, heads, scale, zero_masked_rows), b * heads * nq * nk, b * heads * nq * nk
     qh = split_heads(q.astype(np.float32, copy=False), heads) * np.float32(scale)
     kh = split_heads(k.astype(np.float32, copy=False), heads)
     vh = split_heads(v.astype(np.float32, copy=False), heads)
-    b, h, sq, d = qh.shape
-    sk = kh.shape[2]
-    nq, nk = -(-sq // size), -(-sk // size)
-    keep = policy.keep(nk)
+    h, d = qh.shape[1], qh.shape[3]
     if mask is None:
         mask = np.zeros((1, 1, 1, sk), np.float32)
     mask = mask.astype(np.float32, copy=False).reshape((1,) * (4 - mask.ndim) + mask.shape)
@@ -118,16 +121,13 @@ def block_sparse_attention(q, k, v, mask, heads: int, scale: float, zero_masked_
         mp = pad_keys(mask)
         mask_max = mp.reshape(mp.shape[:-1] + (nk, size)).max(axis=-1)
     score = block_scores(qh, kb, sk, mask_max, nq)
-    if keep < nk:
-        # the local block, then the sink block, are read first (when they hold a key the block may see)
-        rows = np.arange(nq)
-        local = np.minimum(rows, nk - 1)
-        live = np.isfinite(score)
-        score[:, :, rows, 0] = np.where(live[:, :, rows, 0], np.finfo(np.float32).max, score[:, :, rows, 0])
-        score[:, :, rows, local] = np.where(live[:, :, rows, local], np.inf, score[:, :, rows, local])
-        idx = np.argpartition(-score, keep - 1, axis=-1)[..., :keep]  # [b, h, nq, keep]
-    else:
-        idx = np.broadcast_to(np.arange(nk), (b, h, nq, nk))
+    # the local block, then the sink block, are read first (when they hold a key the block may see)
+    rows = np.arange(nq)
+    local = np.minimum(rows, nk - 1)
+    live = np.isfinite(score)
+    score[:, :, rows, 0] = np.where(live[:, :, rows, 0], np.finfo(np.float32).max, score[:, :, rows, 0])
+    score[:, :, rows, local] = np.where(live[:, :, rows, local], np.inf, score[:, :, rows, local])
+    idx = np.argpartition(-score, keep - 1, axis=-1)[..., :keep]  # [b, h, nq, keep]
     bi, hi_ = np.arange(b)[:, None, None, None], np.arange(h)[None, :, None, None]
     ksel = kb[bi, hi_, idx].reshape(b, h, nq, keep * size, d)
     vsel = _blocks(vh, nk, size)[bi, hi_, idx].reshape(b, h, nq, keep * size, d)

@@ -55,7 +55,17 @@ def test_blocks_covering_every_block_equal_dense(b, s, heads, d, block, rows):
         dense = dense_attention(q, k, v, mask, heads, 0.3, True)
         out, read, total = block_sparse_attention(q, k, v, mask, heads, 0.3, True, BlockAttentionPolicy("blocks", 1.0, block))
         np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-6)
-        assert read == total == b * heads * (-(-s // block)) ** 2
+        n = -(-s // min(block, s))
+        assert read == total == b * heads * n * n
+
+
+def test_a_block_longer_than_the_input_is_the_input():
+    """A --block longer than the input is capped to it: one block, read whole (dense), nothing padded."""
+    rng = np.random.default_rng(3)
+    q, k, v = _qkv(rng, 1, 10, 8)
+    out, read, total = block_sparse_attention(q, k, v, None, 2, 0.5, True, BlockAttentionPolicy("blocks", 0.5, 10**9))
+    assert read == total == 2  # one block of 10: dense
+    np.testing.assert_allclose(out, dense_attention(q, k, v, None, 2, 0.5, True), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("rows", [False, True])
@@ -90,6 +100,19 @@ def test_policy_checks():
                     (dict(kind="sparse"), "unknown")):
         with pytest.raises(InputError, match=msg):
             BlockAttentionPolicy(**kw)
+
+
+def test_blocks_need_a_bundle_with_encoder_attention():
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from nadoo.runtime.cli import main
+
+    golden = Path(__file__).resolve().parents[1] / "format_spec" / "golden" / "tiny.ndc"
+    r = CliRunner().invoke(main, ["run", str(golden), "--attention", "blocks", "--attention-blocks", "0.5"])
+    assert r.exit_code == 2 and "no" in r.output and "EncoderAttention" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
 
 
 def test_corrupt_attributes_are_one_error():
