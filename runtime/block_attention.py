@@ -84,9 +84,12 @@ def block_scores(qh: np.ndarray, kb: np.ndarray, sk: int, mask_max: np.ndarray, 
     (scaled queries), kb [b, h, nk, size, D] (keys in blocks, zero padded past sk), mask_max
     [.., Sq|1, nk] the largest mask value per query and key block."""
     nk, size = kb.shape[2], kb.shape[3]
-    valid = _blocks(np.ones((sk, 1), bool), nk, size, False)[..., 0]  # [nk, size]: padding keys excluded
-    lo = np.where(valid[..., None], kb, np.inf).min(axis=-2)
-    hi = np.where(valid[..., None], kb, -np.inf).max(axis=-2)
+    if sk == nk * size:
+        lo, hi = kb.min(axis=-2), kb.max(axis=-2)
+    else:  # padding keys excluded
+        valid = _blocks(np.ones((sk, 1), bool), nk, size, False)[..., 0]  # [nk, size]
+        lo = np.where(valid[..., None], kb, np.inf).min(axis=-2)
+        hi = np.where(valid[..., None], kb, -np.inf).max(axis=-2)
     bound = np.matmul(np.maximum(qh, 0), hi.transpose(0, 1, 3, 2)) + np.matmul(np.minimum(qh, 0), lo.transpose(0, 1, 3, 2))
     return _blocks(bound + mask_max, nq, size, -np.inf).max(axis=-2)  # the best query of each block
 

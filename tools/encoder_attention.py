@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     shares = [float(s) for s in args.shares.split(",")]
     print(f"MiniLM, {args.bits}-bit, NumPy engine, block {args.block}; cosine of the mean-pooled embedding vs dense "
           f"attention; attention CPU ms per input (median of {args.inputs})")
-    print(f"| tokens | key blocks read | cosine mean | cosine min | attention ms | vs dense |")
+    print("| tokens | key blocks read | cosine mean | cosine min | attention ms | vs dense |")
     print("|---:|---:|---:|---:|---:|---:|")
     for length in (int(x) for x in args.lengths.split(",")):
         inputs = long_inputs(tok, length, args.inputs)
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
             run_all(s, inputs[:1])  # warm: weights decoded
             dense, t_dense, _ = run_all(s, inputs)
         ms = float(np.median(t_dense)) * 1e3
-        print(f"| {length} | 100 % (dense) | 1 | 1 | {ms:.1f} | 1.00x |")
+        print(f"| {length} | 100% (dense) | 1 | 1 | {ms:.1f} | 1.00x |")
         for share in shares:
             pol = Policy(bits=args.bits, encoder_attention=dict(kind="blocks", share=share, block=args.block))
             with Session(args.bundle, pol, engine="numpy") as s:
