@@ -22,6 +22,7 @@ from nadoo.runtime.tiers import (CODECS, DEFAULT_CODEC, NestedTiers, SeparateTie
 
 from .calib_data import load_calibration, synthetic_calibration
 from .calibrate import IMPORTANCE_KINDS, calibrate, dense_builders
+from .encoder_attention import fuse_encoder_attention
 from .ffn import coactivation_order, fit_sketch, fuse_ffn
 from .moe import MoECalibration, extract_moe, verify_moe_graph, write_moe
 from .rewrite import Weight, inline_reasons, rewrite_weight_ops
@@ -43,6 +44,7 @@ class CompileOptions:
     synthetic_samples: int = 32
     route_threshold: float = 0.95  # routable if this share of per-sample energy sits in the top half of chunks
     fuse_ffn: bool = True  # Linear → activation → Linear becomes one neuron-group op
+    fuse_attention: bool = True  # an encoder's self-attention subgraph becomes one EncoderAttention op
     reorder: bool = True  # co-activation reordering of FFN neurons before chunking
     sketch_rank: int = 32  # rank of the FFN top-k predictor
     calib_batch: int = 16
@@ -139,6 +141,10 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
     ref_graph, ref_consts = graph, consts
     # Every float constant of the source graph is a weight (chunked or inline): the dense reference.
     dense_bytes = 4 * sum(int(a.size) for a in consts.values() if a.dtype.kind == "f")
+    if opts.fuse_attention:
+        graph, consts, n_fused = fuse_encoder_attention(graph, consts, {k: v[:2] for k, v in calib.items()})
+        if n_fused:
+            notes.append(f"encoder attention: {n_fused} layers fused into EncoderAttention (verified on the sample)")
     graph, consts, weights = rewrite_weight_ops(graph, consts, opts.min_elements)
     # expert weights leave the constants; each expert becomes a chunk group (compiler/moe.py)
     graph, consts, moe_layers = extract_moe(graph, consts)

@@ -209,6 +209,24 @@ def _ffn_sparsity(fn):
     return wrapper
 
 
+def _encoder_attention(fn):
+    """--attention / --attention-blocks / --block of `run`, passed as one `encoder_attention` dict of
+    block_attention.BlockAttentionPolicy fields."""
+    import functools
+
+    @click.option("--attention", "enc_attention", type=click.Choice(["dense", "blocks"]), default="dense",
+                  show_default=True, help="Encoders (EncoderAttention layers): dense reads every key; blocks reads, "
+                  "per query block, its own block, the first block and the best-scored key blocks (min/max key "
+                  "bounds), --attention-blocks of them in all.")
+    @click.option("--attention-blocks", type=float, help="With --attention blocks: share of the key blocks each "
+                  "query block reads, in (0, 1] (1 = dense).")
+    @click.option("--block", type=int, help="With --attention blocks: positions per block (default 32).")
+    @functools.wraps(fn)
+    def wrapper(*args, enc_attention, attention_blocks, block, **kw):
+        return fn(*args, encoder_attention={"kind": enc_attention, "share": attention_blocks, "block": block}, **kw)
+    return wrapper
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(dir_okay=True))
 @click.option("--input", "input_path", type=click.Path(), help="Inputs: .npz keyed by graph input name, or .npy for a single-input model. Without it, the sample stored at compile time is run and checked against the source model's output.")
@@ -228,10 +246,11 @@ def _ffn_sparsity(fn):
 @click.option("--prefetch", is_flag=True, help="MoE: load the next layer's likely experts (its router on this layer's input) ahead of use.")
 @_BITS_FOR
 @_ffn_sparsity
+@_encoder_attention
 @_engine_options
 @_friendly
 def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fallback, memory_budget, repeat, as_json, stats,
-        disable_experts, only_experts, prefetch, bits_for, ffn, engine, threads, ort_int8):
+        disable_experts, only_experts, prefetch, bits_for, ffn, engine, threads, ort_int8, encoder_attention):
     """Run BUNDLE (NumPy, dense parts in ONNX Runtime with --engine ort), reading only the chunks the policy selects."""
     import time
 
@@ -245,7 +264,7 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
     t0 = time.perf_counter()
     pol = Policy(kind=policy, bits=bits, topk=_parse_topk(topk), predictor=predictor, tau=tau, fallback=fallback,
                  disable_experts=disable_experts, only_experts=only_experts, prefetch=prefetch, bits_for=list(bits_for),
-                 **ffn)
+                 encoder_attention=encoder_attention, **ffn)
     with Session(bundle, policy=pol, memory_budget=memory_budget, engine=engine, threads=threads,
                  ort_int8=ort_int8) as sess:
         ref = None

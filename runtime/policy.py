@@ -77,6 +77,8 @@ class Policy:
     bits_for: str | list | dict = field(default_factory=list)
     # which cached keys a language model's attention reads (sparse_attention.AttentionPolicy, or its fields as a dict)
     attention: object = None
+    # which key blocks an encoder's attention reads (block_attention.BlockAttentionPolicy, or its fields as a dict)
+    encoder_attention: object = None
     # FFN activation sparsity (runtime/ffn_sparsity.py): model-wide share of down-projection neurons
     # skipped per token (0 = dense), and the share below which a position's layer computes dense
     ffn_sparsity: float = 0.0
@@ -94,6 +96,13 @@ class Policy:
             self.attention = AttentionPolicy(**(self.attention or {}))
         elif not isinstance(self.attention, AttentionPolicy):
             raise InputError(f"attention must be an AttentionPolicy, got {type(self.attention).__name__}")
+        from .block_attention import BlockAttentionPolicy
+
+        if self.encoder_attention is None or isinstance(self.encoder_attention, dict):
+            self.encoder_attention = BlockAttentionPolicy(**(self.encoder_attention or {}))
+        elif not isinstance(self.encoder_attention, BlockAttentionPolicy):
+            raise InputError("encoder_attention must be a BlockAttentionPolicy, "
+                             f"got {type(self.encoder_attention).__name__}")
         self.bits = str(self.bits)
         self.bits_for = _overrides(self.bits_for)
         self.disable_experts = _pairs(self.disable_experts)

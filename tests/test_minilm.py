@@ -85,3 +85,17 @@ def test_numpy_and_ort_engines_agree(minilm):
                 out[engine + "_nodes"] = s.ort_nodes
         np.testing.assert_allclose(out["ort"], out["numpy"], rtol=1e-4, atol=1e-4)
         assert out["ort_nodes"] > 0 and out["numpy_nodes"] == 0
+
+
+def test_attention_is_fused_and_runs_in_ort(minilm):
+    d, rep, feeds, _ = minilm
+    with Bundle.open(d / "m.ndc") as b:
+        ops = [n["op"] for n in b.read_graph()["nodes"]]
+    assert ops.count("EncoderAttention") == 6 and "Softmax" not in ops and len(ops) < 150  # 285 before
+    assert any("6 layers fused" in n for n in rep.notes)
+    pytest.importorskip("onnxruntime")
+    with Session(d / "m.ndc", Policy(bits="4"), engine="ort") as s:
+        s.run(None, feeds)
+        ea = s.last_stats["encoder_attention"]
+        assert len(s.segments) <= 6  # the encoder stack is one segment; embeddings and mask set-up around it
+    assert ea["calls"] == 6 and ea["numpy_calls"] == 0

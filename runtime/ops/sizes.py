@@ -439,3 +439,19 @@ def _attention(node, ctx):
         keys = min(max(int(pos[0]), 0), limit) + n if n and pos.size else n
         return heads * n * keys, 2 * heads * n * keys * d
     return need
+
+
+@size_rule("EncoderAttention", domain="nadoo")
+def _encoder_attention(node, ctx):
+    # scores [B, heads, Sq, Sk]; q·Kᵀ and the weighted sum each one multiply-add per score and channel
+    heads = ctx.attrs.get("heads")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        return None  # the builder reports the corrupt attribute
+
+    def need(q, k, v, *rest):
+        sq, sk = _shape(q), _shape(k)
+        if len(sq) != 3 or len(sk) != 3:
+            return 0, 0
+        scores = sq[0] * heads * sq[1] * sk[1]
+        return scores, 2 * scores * (sq[2] // heads)
+    return need
