@@ -214,8 +214,9 @@ def test_a_decoded_token_reads_exactly_its_experts(built, family):
     assert tight.stats["expert_bytes_read_per_token"] > free.stats["expert_bytes_read_per_token"]
 
 
-def test_ort_engine_agrees_with_numpy(built):
-    bundle = built["olmoe"][2]
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_ort_engine_agrees_with_numpy(built, family):
+    bundle = built[family][2]
     prompt = prompt_ids(3)
     runs = {}
     for engine in ("numpy", "ort"):
