@@ -32,6 +32,7 @@ from .tiers import NESTED, SEPARATE, ZERO_POINT, PackedWeight, TierLayout, ZeroP
 # writer pads to 8); a larger gap is legal but never read.
 _MAX_READ_GAP = 4096
 _TABLE_BLOCK = 1 << 16  # records checked per vectorised step
+_PACK_BATCH = 8 << 20  # payload bytes read at a time by read_packed
 
 _zstd = None
 
@@ -464,9 +465,22 @@ class Bundle:
         layout, ids = e.layouts.get(tier, (None, None))
         if not isinstance(layout, ZeroPointTier):
             return None
-        data = self.read_payloads(int(p) for p in ids[0] if p >= 0)
-        chunks = [(e.chunk_rows(i), data.get(int(p))) for i, p in enumerate(ids[0])]
-        return layout.packed(chunks, e.row_len, e.effective_group(layout))
+        pids = [int(p) for p in ids[0]]
+        sizes = [int(self.table["stored"][p]) if p >= 0 else 0 for p in pids]
+
+        def chunks():  # read in batches of about _PACK_BATCH bytes: the tensor's payloads are never all held
+            i = 0
+            while i < len(pids):
+                j, size = i, 0
+                while j < len(pids) and (j == i or size + sizes[j] <= _PACK_BATCH):
+                    size += sizes[j]
+                    j += 1
+                data = self.read_payloads(p for p in pids[i:j] if p >= 0)
+                for c in range(i, j):
+                    yield e.chunk_rows(c), data.pop(pids[c], None)
+                i = j
+
+        return layout.packed(chunks(), e.rows, e.row_len, e.effective_group(layout))
 
     def read_weight(self, name: str, tier: str) -> np.ndarray:
         """The whole tensor at one tier, in its stored shape (rows first)."""

@@ -179,26 +179,24 @@ class ZeroPointTier(SeparateTier):
         """codes uint8 [R, K], scales float16 [R, ng], zero points [R, ng] (integers in [0, 2^bits - 1])."""
         return [qcodec.pack_zp(codes, scales, zero_points, self.bits, group_size)]
 
-    def packed(self, chunks: list, row_len: int, group_size: int) -> PackedWeight:
-        """[(rows, payload or None for an empty chunk)] of a whole tensor, in row order -> its PackedWeight.
+    def packed(self, chunks, rows: int, row_len: int, group_size: int) -> PackedWeight:
+        """[(rows, payload or None for an empty chunk)] of a whole tensor of `rows` rows, in row order (any
+        iterable: each chunk is copied into the result and may then be dropped) -> its PackedWeight.
         An empty chunk is all codes, zero points and scales 0 (it decodes to zeros)."""
         ng = -(-row_len // group_size)
         blob, zb = group_size * self.bits // 8, -(-(ng * self.bits) // 8)
-        codes, scales, zps = [], [], []
-        for rows, buf in chunks:
-            if buf is None:
-                c, s, z = (np.zeros((rows, ng, blob), np.uint8), np.zeros((rows, ng), np.float16),
-                           np.zeros((rows, zb), np.uint8))
-            else:
-                c, s, z = qcodec.split_zp(buf, rows, row_len, group_size, self.bits)
-            codes.append(c)
-            scales.append(s)
-            zps.append(z)
-        s32 = np.concatenate(scales).astype(np.float32)
+        codes, s32, zps = np.zeros((rows, ng, blob), np.uint8), np.zeros((rows, ng), np.float32), np.zeros((rows, zb), np.uint8)
+        at = 0
+        for r, buf in chunks:
+            if buf is not None:
+                c, s, z = qcodec.split_zp(buf, r, row_len, group_size, self.bits)
+                codes[at : at + r], s32[at : at + r], zps[at : at + r] = c, s, z
+            at += r
+        if at != rows:
+            raise BundleError(f"zp tensor: chunks hold {at} rows, expected {rows}")
         if not np.isfinite(s32).all():
             raise BundleError("zp chunk: scales contain non-finite values (corrupt payload)")
-        return PackedWeight(np.concatenate(codes), s32, np.concatenate(zps), self.bits, group_size,
-                            len(s32), row_len)
+        return PackedWeight(codes, s32, zps, self.bits, group_size, rows, row_len)
 
 
 class NestedTiers(TierLayout):
