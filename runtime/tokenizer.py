@@ -21,11 +21,11 @@ _REPLACEMENT = "\ufffd"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # The value of a "merges" key that is an array. In JSON text `"merges"` can only be a whole string token
 # (an escaped quote inside a string carries a backslash), and only a BPE model has such a key.
-_MERGES_KEY = re.compile(r'"merges"\s*:\s*\[')
-_TAIL = re.compile(r'\]\s*\}\s*\}\s*$')
+_MERGES_KEY = re.compile(rb'"merges"\s*:\s*\[')
+_TAIL = re.compile(rb'\]\s*\}\s*\}\s*$')
 # A quote before a colon: the end of an object key, unless it opens a string (after `[`, `,` or a space)
 # or is escaped.
-_KEY_END = re.compile(r'"\s*:')
+_KEY_END = re.compile(rb'"\s*:')
 
 
 def _tokenizers():
@@ -36,14 +36,14 @@ def _tokenizers():
     return tokenizers
 
 
-def _build(tokenizer_json: str):
+def _build(tokenizer_json: bytes):
     try:
-        return _tokenizers().Tokenizer.from_str(tokenizer_json)
+        return _tokenizers().Tokenizer.from_str(tokenizer_json.decode("utf-8"))
     except Exception as e:  # the Rust side raises its own Exception type
         raise InputError(f"invalid tokenizer.json: {' '.join(str(e).split())[:200]}") from None
 
 
-def _without_merges(tokenizer_json: str) -> str | None:
+def _without_merges(tokenizer_json: bytes) -> bytes | None:
     """The tokenizer.json with its BPE merges emptied, or None when it has none to drop. The tokenizers
     package writes a BPE model's merges last in the model and the model last in the file, so they run
     from the last "merges" key to the closing `]}}`, with no object key among them; a file laid out
@@ -55,15 +55,19 @@ def _without_merges(tokenizer_json: str) -> str | None:
     if tail is None:
         return None
     lo, hi = last.end(), tail.start()
-    if lo == hi or any(tokenizer_json[m.start() - 1] not in "[, \t\r\n\\" for m in _KEY_END.finditer(tokenizer_json, lo, hi)):
+    if lo == hi or any(tokenizer_json[m.start() - 1] not in b"[, \t\r\n\\" for m in _KEY_END.finditer(tokenizer_json, lo, hi)):
         return None
     return tokenizer_json[:lo] + tokenizer_json[hi:]
 
 
 class Tokenizer:
-    def __init__(self, tokenizer_json: str, *, bos_id: int | None = None, add_bos: bool = False):
-        if not isinstance(tokenizer_json, str) or not tokenizer_json:
+    def __init__(self, tokenizer_json: str | bytes, *, bos_id: int | None = None, add_bos: bool = False):
+        """`tokenizer_json`: its text, or that text in UTF-8 (what a bundle stores: a third of the memory of a
+        str holding non-Latin-1 characters; held until the first `encode`)."""
+        if not isinstance(tokenizer_json, (str, bytes)) or not tokenizer_json:
             raise InputError("tokenizer.json must be a non-empty string")
+        if isinstance(tokenizer_json, str):
+            tokenizer_json = tokenizer_json.encode("utf-8", "surrogatepass")
         _tokenizers()
         decoding = _without_merges(tokenizer_json)
         self._tok = _build(decoding or tokenizer_json)  # ids -> text (and the vocabulary)
