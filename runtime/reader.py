@@ -104,6 +104,13 @@ class TensorEntry:
         layout = self.layouts[tier][0]
         return layout.nbytes(tier, self.chunk_rows(i), self.row_len, self.effective_group(layout))
 
+    def chunk_nbytes(self, tier: str) -> np.ndarray:
+        """`payload_nbytes` of every chunk at `tier` (one computation per distinct chunk height)."""
+        layout = self.layouts[tier][0]
+        heights, where = np.unique(np.diff(self.bounds), return_inverse=True)
+        g = self.effective_group(layout)
+        return np.array([layout.nbytes(tier, int(r), self.row_len, g) for r in heights], np.int64)[where]
+
     def payload_sizes(self, layout: TierLayout, i: int) -> list[int]:
         """Raw length of each of chunk i's payloads in `layout`."""
         return layout.payload_sizes(self.chunk_rows(i), self.row_len, self.effective_group(layout))
@@ -302,9 +309,10 @@ class Bundle:
                     self._pid(pid, f"tensor {name} tier {t}", used, allow_empty=True)
             e = TensorEntry(d)
             for t, pids in [*tiers.items(), *zp.items()]:
-                for i, pid in enumerate(pids):
-                    if pid >= 0 and int(self.table["raw"][pid]) != e.payload_nbytes(t, i):
-                        _fail(f"tensor {name} tier {t} chunk {i}: payload length does not match the layout")
+                p = e.tiers[t]
+                bad = np.flatnonzero((p >= 0) & (self.table["raw"][np.maximum(p, 0)].astype(np.int64) != e.chunk_nbytes(t)))
+                if bad.size:
+                    _fail(f"tensor {name} tier {t} chunk {int(bad[0])}: payload length does not match the layout")
             if nested is not None:
                 self._check_nested(e, nested, used)
             check_tensor_facts(d, e.n_chunks, set(e.tiers), f"tensor {name}")
