@@ -14,9 +14,9 @@ Weights are read once, when the session opens, and handed to ORT as initializers
 ORT prepacks only initializers): a linear layer as com.microsoft MatMulNBits over its stored codes
 with integer zero points where the bundle stores that layout (`Bundle.read_packed`) and the product
 is fast (4 bits exact; every width with int8 activations), else dequantized float32 (MatMul).
-Segments are built one at a time, and a weight reaches ORT without copies of its own (no TensorProto,
-no serialized model holding it: `_session`); the packed MatMulNBits inputs ORT has prepacked are then
-dropped, so a weight is resident once. `resident_bytes` counts what the sessions hold.
+Segments are built one at a time, largest first, and a weight reaches ORT without copies of its own
+(no TensorProto, no serialized model holding it: `_session`); the MatMulNBits and float MatMul
+weights ORT has prepacked are then dropped, so a weight is resident once. `resident_bytes` counts what the sessions hold.
 
 Run-time caps hold in segments as in the plan: for each new combination of input shapes, ONNX shape
 inference gives every value of the segment its shape, and the plan's size rules and element cap are
@@ -254,24 +254,24 @@ def _shape_value(a: np.ndarray) -> bool:
     return a.dtype.kind in "iu" and a.size <= 8
 
 
-_EMBED_BYTES = 4096  # initializers up to this size go into the model bytes, larger ones by reference
+_EMBED_BYTES = 4096  # initializers up to this size go into the model bytes, larger ones as external initializers
 
 
-def _session(ort, options: OrtOptions, m, inits: dict, nodes, constants: dict):
+def _session(ort, options: OrtOptions, m, inits: dict, nodes, constants, embed_bytes: int = _EMBED_BYTES):
     """An InferenceSession over model `m` and its initializers `inits`, and the arrays it needs kept.
 
     Large initializers are not copied into the model: the model names them as external data and the
-    session takes the arrays' memory as they are (SessionOptions.add_external_initializers), as
-    initializers, so ORT still prepacks them. A MatMulNBits input that the installed ORT is seen to
-    prepack and never read again (`_prepacks`) is dropped once the session exists; every other array
-    is kept for the session's lifetime, as ORT requires."""
+    session is given the arrays (SessionOptions.add_external_initializers), as initializers, so ORT
+    still prepacks them. ORT may use such memory for the session's lifetime, so every array is kept,
+    except a weight the installed ORT is seen to prepack (or copy) and never read again (`_prepacked`):
+    dropped once the session exists (ORT 1.32 copies external initializers, then prepacks)."""
     from onnx import TensorProto, helper, numpy_helper
 
     so = options.session_options(ort)  # one per session: it holds that session's initializers
     names, values, held = [], [], {}
     for k in list(inits):
         a = np.ascontiguousarray(inits.pop(k))
-        if a.nbytes <= _EMBED_BYTES or a.dtype.hasobject:
+        if a.nbytes <= embed_bytes or a.dtype.hasobject:
             m.graph.initializer.append(numpy_helper.from_array(a, k))
             continue
         t = m.graph.initializer.add(name=k, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape,
@@ -284,25 +284,34 @@ def _session(ort, options: OrtOptions, m, inits: dict, nodes, constants: dict):
         so.add_external_initializers(names, values)
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     del so, values
-    for k in _prepacked(ort, options, nodes, set(held) - set(constants)):
+    for k in _prepacked(ort, options, nodes, {k: a for k, a in held.items() if k not in constants}):
         del held[k]
     return sess, held
 
 
-def _prepacked(ort, options: OrtOptions, nodes, names: set) -> set:
-    """The initializers among `names` whose only consumer is one MatMulNBits node of a configuration
-    the installed ORT prepacks into a buffer of its own (never reading the initializers again)."""
+def _prepacked(ort, options: OrtOptions, nodes, held: dict) -> set:
+    """The arrays of `held` whose only consumer is one node the installed ORT prepacks them for into a
+    buffer of its own, never reading them again (`_prepacks`): a MatMulNBits' weight, scales and zero
+    points, a float MatMul's 2-D weight."""
     users: dict[str, list] = {}
     for nd in nodes:
         for i in nd.input:
             users.setdefault(i, []).append(nd)
     out = set()
-    for k in names:
+    for k, a in held.items():
         nd = users.get(k, [])
-        if len(nd) == 1 and nd[0].op_type == "MatMulNBits" and list(nd[0].input).count(k) == 1:
-            a = {at.name: at.i for at in nd[0].attribute}
-            if _prepacks(ort, options, a.get("bits", 4), a.get("block_size", 0), a.get("accuracy_level", 0)):
-                out.add(k)
+        if len(nd) != 1 or list(nd[0].input).count(k) != 1:
+            continue
+        n, at = nd[0], list(nd[0].input).index(k)
+        if n.op_type == "MatMulNBits" and n.domain == "com.microsoft" and at in (1, 2, 3):
+            attrs = {x.name: x.i for x in n.attribute}
+            kind = ("MatMulNBits", attrs.get("bits", 4), attrs.get("block_size", 0), attrs.get("accuracy_level", 0))
+        elif n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and at == 1 and a.ndim == 2 and a.dtype == np.float32:
+            kind = ("MatMul",)
+        else:
+            continue
+        if _prepacks(ort, options, kind):
+            out.add(k)
     return out
 
 
@@ -310,35 +319,44 @@ _PREPACKS: dict[tuple, bool] = {}
 _PREPACKS_LOCK = threading.Lock()
 
 
-def _prepacks(ort, options: OrtOptions, bits: int, block: int, level: int) -> bool:
-    """Whether this ORT's MatMulNBits at (bits, block_size, accuracy_level) reads its weight, scale and
-    zero-point initializers only while the session is built: a small session over arrays handed over as
-    external initializers must give the same product after the arrays are overwritten. Seen once per
-    process and configuration; whatever fails to show it keeps the arrays."""
-    key = (bits, block, level)
+def _prepacks(ort, options: OrtOptions, kind: tuple) -> bool:
+    """Whether this ORT's node of `kind` (("MatMulNBits", bits, block_size, accuracy_level) or
+    ("MatMul",)) reads its weight initializers only while the session is built: a small session over
+    arrays handed over as external initializers must give the same product after the arrays are
+    overwritten. Seen once per process and kind; whatever fails to show it keeps the arrays."""
     with _PREPACKS_LOCK:
-        if key not in _PREPACKS:
-            _PREPACKS[key] = _probe_prepack(ort, options, bits, block, level)
-        return _PREPACKS[key]
+        if kind not in _PREPACKS:
+            _PREPACKS[kind] = _probe_prepack(ort, options, kind)
+        return _PREPACKS[kind]
 
 
-def _probe_prepack(ort, options: OrtOptions, bits: int, block: int, level: int) -> bool:
+def _probe_prepack(ort, options: OrtOptions, kind: tuple) -> bool:
     from onnx import TensorProto, helper
 
     try:
-        n, k = 16, 2 * block
         rng = np.random.default_rng(0)
-        ng = k // block
-        arrays = {"b": rng.integers(0, 256, (n, ng, block * bits // 8), dtype=np.uint8),
-                  "s": rng.uniform(0.5, 1.0, n * ng).astype(np.float32),
-                  "z": rng.integers(0, 256, n * -(-(ng * bits) // 8), dtype=np.uint8)}
-        node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                                block_size=block, accuracy_level=level)
+        if kind[0] == "MatMul":
+            k, n = 64, 32
+            arrays = {"b": rng.standard_normal((k, n)).astype(np.float32)}
+            node, extra = helper.make_node("MatMul", ["x", "b"], ["y"]), []
+        else:
+            bits, block, level = kind[1:]
+            n, k = 16, 2 * block
+            ng = k // block
+            arrays = {"b": rng.integers(0, 256, (n, ng, block * bits // 8), dtype=np.uint8),
+                      "s": rng.uniform(0.5, 1.0, n * ng).astype(np.float32),
+                      "z": rng.integers(0, 256, n * -(-(ng * bits) // 8), dtype=np.uint8)}
+            node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n,
+                                    bits=bits, block_size=block, accuracy_level=level)
+            extra = [helper.make_opsetid("com.microsoft", 1)]
         g = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), *extra])
         m.ir_version = min(m.ir_version, 10)
-        sess, held = _session(ort, options, m, dict(arrays), [], set(arrays))  # _session keeps them all here
+        # every array as an external initializer (none embedded), none dropped (all named as constants)
+        sess, held = _session(ort, options, m, dict(arrays), [], set(arrays), embed_bytes=0)
+        if set(held) != set(arrays):
+            return False
         x = {"x": rng.standard_normal((1, k)).astype(np.float32)}
         before = sess.run(None, x)[0]
         for a in held.values():
