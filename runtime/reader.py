@@ -493,8 +493,10 @@ class Bundle:
     def read_weight(self, name: str, tier: str) -> np.ndarray:
         """The whole tensor at one tier, in its stored shape (rows first)."""
         e = self.tensors[name]
-        parts = [self.decode_chunk(e, i, tier) for i in range(e.n_chunks)]
-        return np.concatenate(parts, axis=0).reshape(e.shape)
+        out = np.empty((e.rows, e.row_len), np.float32)  # filled chunk by chunk: one copy of the tensor is held
+        for i in range(e.n_chunks):
+            out[e.bounds[i] : e.bounds[i + 1]] = self.decode_chunk(e, i, tier)
+        return out.reshape(e.shape)
 
     def reset_counters(self) -> None:
         self.bytes_read = 0
