@@ -16,7 +16,8 @@ with integer zero points where the bundle stores that layout (`Bundle.read_packe
 is fast (4 bits exact; every width with int8 activations), else dequantized float32 (MatMul).
 Segments are built one at a time, largest first, and a weight reaches ORT without copies of its own
 (no TensorProto, no serialized model holding it: `_session`); the MatMulNBits and float MatMul
-weights ORT has prepacked are then dropped, so a weight is resident once. `resident_bytes` counts what the sessions hold.
+weights ORT has prepacked are then dropped, so a weight is resident once. `resident_bytes` counts
+what the sessions hold.
 
 Run-time caps hold in segments as in the plan: for each new combination of input shapes, ONNX shape
 inference gives every value of the segment its shape, and the plan's size rules and element cap are

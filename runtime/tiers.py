@@ -185,7 +185,8 @@ class ZeroPointTier(SeparateTier):
         An empty chunk is all codes, zero points and scales 0 (it decodes to zeros)."""
         ng = -(-row_len // group_size)
         blob, zb = group_size * self.bits // 8, -(-(ng * self.bits) // 8)
-        codes, s32, zps = np.zeros((rows, ng, blob), np.uint8), np.zeros((rows, ng), np.float32), np.zeros((rows, zb), np.uint8)
+        codes, s32 = np.zeros((rows, ng, blob), np.uint8), np.zeros((rows, ng), np.float32)
+        zps = np.zeros((rows, zb), np.uint8)
         at = 0
         for r, buf in chunks:
             if buf is not None:

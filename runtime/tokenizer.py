@@ -55,7 +55,8 @@ def _without_merges(tokenizer_json: bytes) -> bytes | None:
     if tail is None:
         return None
     lo, hi = last.end(), tail.start()
-    if lo == hi or any(tokenizer_json[m.start() - 1] not in b"[, \t\r\n\\" for m in _KEY_END.finditer(tokenizer_json, lo, hi)):
+    keys = (m for m in _KEY_END.finditer(tokenizer_json, lo, hi) if tokenizer_json[m.start() - 1] not in b"[, \t\r\n\\")
+    if lo == hi or next(keys, None) is not None:
         return None
     return tokenizer_json[:lo] + tokenizer_json[hi:]
 
