@@ -83,7 +83,7 @@ class LanguageModel:
     def tokenizer(self, needed_for: str | None = None):
         """The bundle's tokenizer; None when it has none (an InputError naming `needed_for` if given)."""
         if self._tokenizer is None:
-            text = self.info.tokenizer_json(self.session.bundle)
+            text = self.info.tokenizer_bytes(self.session.bundle)
             if text is None:
                 if needed_for:
                     raise InputError(f"this bundle stores no tokenizer, so {needed_for} is not possible; pass token ids")

@@ -41,12 +41,15 @@ class LMInfo:
     chat_template: str | None
 
     def tokenizer_json(self, bundle) -> str | None:
-        if self.tokenizer_payload is None:
-            return None
+        data = self.tokenizer_bytes(bundle)
         try:
-            return bundle.read_payload(self.tokenizer_payload).decode("utf-8")
+            return None if data is None else data.decode("utf-8")
         except UnicodeDecodeError:
             _fail("the tokenizer payload is not UTF-8 text")
+
+    def tokenizer_bytes(self, bundle) -> bytes | None:
+        """The tokenizer.json payload as stored (UTF-8; runtime/tokenizer.py decodes what it parses)."""
+        return None if self.tokenizer_payload is None else bundle.read_payload(self.tokenizer_payload)
 
 
 def validate_lm(bundle, lm, used: set) -> LMInfo | None:

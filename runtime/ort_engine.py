@@ -14,7 +14,10 @@ Weights are read once, when the session opens, and handed to ORT as initializers
 ORT prepacks only initializers): a linear layer as com.microsoft MatMulNBits over its stored codes
 with integer zero points where the bundle stores that layout (`Bundle.read_packed`) and the product
 is fast (4 bits exact; every width with int8 activations), else dequantized float32 (MatMul).
-`resident_bytes` counts what the sessions hold.
+Segments are built one at a time, largest first, and a weight reaches ORT without copies of its own
+(no TensorProto, no serialized model holding it: `_session`); the MatMulNBits and float MatMul
+weights ORT has prepacked are then dropped, so a weight is resident once. `resident_bytes` counts
+what the sessions hold.
 
 Run-time caps hold in segments as in the plan: for each new combination of input shapes, ONNX shape
 inference gives every value of the segment its shape, and the plan's size rules and element cap are
@@ -227,9 +230,15 @@ def hybridize(plan, session, options: OrtOptions) -> list["OrtSegment"]:
         for i in n["inputs"]:
             if i:
                 last_use[i] = k
-    so = options.session_options(ort)
-    fused, segments = [], []
-    for first, end in runs_of(flags):
+
+    def weights(span) -> int:
+        return sum(int(np.prod(bundle.tensors[k].shape)) for op in op_of[span[0]:span[1]] if op is not None
+                   for k in op.whole_tiers() or {} if k in bundle.tensors)
+
+    # Largest first: building a segment takes transient memory (ORT prepacks beside our arrays), and the
+    # open's peak is that transient on top of the segments already built.
+    fused = []
+    for first, end in sorted(runs_of(flags), key=lambda span: -weights(span)):
         run = nodes[first:end]
         produced = {o for n in run for o in n["outputs"] if o}
         inputs = list(dict.fromkeys(i for n in run for i in n["inputs"] if i and i not in produced and i not in const))
@@ -237,7 +246,7 @@ def hybridize(plan, session, options: OrtOptions) -> list["OrtSegment"]:
         if not outputs or any(i not in types for i in inputs):
             continue
         try:
-            seg = OrtSegment(run, op_of[first:end], inputs, outputs, types, bundle, constants, graph, options, so, ort,
+            seg = OrtSegment(run, op_of[first:end], inputs, outputs, types, bundle, constants, graph, options, ort,
                              (first, end))
         except NadooError:
             raise
@@ -245,9 +254,9 @@ def hybridize(plan, session, options: OrtOptions) -> list["OrtSegment"]:
             continue
         seg.plan = plan
         fused.append((first, end, seg))
-        segments.append(seg)
+    fused.sort(key=lambda f: f[0])
     plan.fuse(fused)
-    return segments
+    return [seg for _, _, seg in fused]
 
 
 def _chunked_types():
@@ -263,11 +272,124 @@ def _shape_value(a: np.ndarray) -> bool:
     return a.dtype.kind in "iu" and a.size <= 8
 
 
+_EMBED_BYTES = 4096  # initializers up to this size go into the model bytes, larger ones as external initializers
+
+
+def _session(ort, options: OrtOptions, m, inits: dict, nodes, constants, embed_bytes: int = _EMBED_BYTES):
+    """An InferenceSession over model `m` and its initializers `inits`, and the arrays it needs kept.
+
+    Large initializers are not copied into the model: the model names them as external data and the
+    session is given the arrays (SessionOptions.add_external_initializers), as initializers, so ORT
+    still prepacks them. ORT may use such memory for the session's lifetime, so every array is kept,
+    except a weight the installed ORT is seen to prepack (or copy) and never read again (`_prepacked`):
+    dropped once the session exists (ORT 1.32 copies external initializers, then prepacks)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    so = options.session_options(ort)  # one per session: it holds that session's initializers
+    names, values, held = [], [], {}
+    for k in list(inits):
+        a = np.ascontiguousarray(inits.pop(k))
+        if a.nbytes <= embed_bytes or a.dtype.hasobject:
+            m.graph.initializer.append(numpy_helper.from_array(a, k))
+            continue
+        t = m.graph.initializer.add(name=k, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape,
+                                    data_location=TensorProto.EXTERNAL)
+        t.external_data.add(key="location", value="nadoo-memory")
+        names.append(k)
+        values.append(ort.OrtValue.ortvalue_from_numpy(a))
+        held[k] = a
+    if names:
+        so.add_external_initializers(names, values)
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del so, values
+    for k in _prepacked(ort, options, nodes, {k: a for k, a in held.items() if k not in constants}):
+        del held[k]
+    return sess, held
+
+
+def _prepacked(ort, options: OrtOptions, nodes, held: dict) -> set:
+    """The arrays of `held` whose only consumer is one node the installed ORT prepacks them for into a
+    buffer of its own, never reading them again (`_prepacks`): a MatMulNBits' weight, scales and zero
+    points, a float MatMul's 2-D weight."""
+    users: dict[str, list] = {}
+    for nd in nodes:
+        for i in nd.input:
+            users.setdefault(i, []).append(nd)
+    out = set()
+    for k, a in held.items():
+        nd = users.get(k, [])
+        if len(nd) != 1 or list(nd[0].input).count(k) != 1:
+            continue
+        n, at = nd[0], list(nd[0].input).index(k)
+        if n.op_type == "MatMulNBits" and n.domain == "com.microsoft" and at in (1, 2, 3):
+            attrs = {x.name: x.i for x in n.attribute}
+            kind = ("MatMulNBits", attrs.get("bits", 4), attrs.get("block_size", 0), attrs.get("accuracy_level", 0))
+        elif n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and at == 1 and a.ndim == 2 and a.dtype == np.float32:
+            kind = ("MatMul",)
+        else:
+            continue
+        if _prepacks(ort, options, kind):
+            out.add(k)
+    return out
+
+
+_PREPACKS: dict[tuple, bool] = {}
+_PREPACKS_LOCK = threading.Lock()
+
+
+def _prepacks(ort, options: OrtOptions, kind: tuple) -> bool:
+    """Whether this ORT's node of `kind` (("MatMulNBits", bits, block_size, accuracy_level) or
+    ("MatMul",)) reads its weight initializers only while the session is built: a small session over
+    arrays handed over as external initializers must give the same product after the arrays are
+    overwritten. Seen once per process and kind; whatever fails to show it keeps the arrays."""
+    with _PREPACKS_LOCK:
+        if kind not in _PREPACKS:
+            _PREPACKS[kind] = _probe_prepack(ort, options, kind)
+        return _PREPACKS[kind]
+
+
+def _probe_prepack(ort, options: OrtOptions, kind: tuple) -> bool:
+    from onnx import TensorProto, helper
+
+    try:
+        rng = np.random.default_rng(0)
+        if kind[0] == "MatMul":
+            k, n = 64, 32
+            arrays = {"b": rng.standard_normal((k, n)).astype(np.float32)}
+            node, extra = helper.make_node("MatMul", ["x", "b"], ["y"]), []
+        else:
+            bits, block, level = kind[1:]
+            n, k = 16, 2 * block
+            ng = k // block
+            arrays = {"b": rng.integers(0, 256, (n, ng, block * bits // 8), dtype=np.uint8),
+                      "s": rng.uniform(0.5, 1.0, n * ng).astype(np.float32),
+                      "z": rng.integers(0, 256, n * -(-(ng * bits) // 8), dtype=np.uint8)}
+            node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n,
+                                    bits=bits, block_size=block, accuracy_level=level)
+            extra = [helper.make_opsetid("com.microsoft", 1)]
+        g = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), *extra])
+        m.ir_version = min(m.ir_version, 10)
+        # every array as an external initializer (none embedded), none dropped (all named as constants)
+        sess, held = _session(ort, options, m, dict(arrays), [], set(arrays), embed_bytes=0)
+        if set(held) != set(arrays):
+            return False
+        x = {"x": rng.standard_normal((1, k)).astype(np.float32)}
+        before = sess.run(None, x)[0]
+        for a in held.values():
+            a[...] = rng.integers(0, 256, a.shape).astype(a.dtype) if a.dtype == np.uint8 else 7.0
+        after = sess.run(None, x)[0]
+        return bool(np.any(before != 0) and np.array_equal(before, after))
+    except Exception:
+        return False
+
+
 class OrtSegment:
     """One run of consecutive nodes computed by one onnxruntime.InferenceSession (a fused plan step)."""
 
     def __init__(self, run: list[dict], ops: list, inputs: list[str], outputs: list[str], types: dict, bundle,
-                 constants: dict, graph: dict, options: OrtOptions, so, ort, span: tuple[int, int]):
+                 constants: dict, graph: dict, options: OrtOptions, ort, span: tuple[int, int]):
         from onnx import helper, numpy_helper
 
         self.inputs, self.outputs, self.nodes = inputs, outputs, run
@@ -302,20 +424,18 @@ class OrtSegment:
             m.ir_version = min(m.ir_version, 10)
             return m
 
-        # Each weight is converted to its TensorProto and dropped at once, and the model is dropped once
-        # serialized: the open's peak is two copies of a segment's weights beside ORT's, not four.
-        m = model(ex, {}, {}, out_vi)
-        for k in list(ex.inits):
-            m.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.asarray(ex.inits.pop(k)), k))
-        data = m.SerializeToString()
-        del ex, m
-        # Shape inference needs the shape values (small constants), not the weights: they are typed inputs
-        # there; it has no outputs (inference leaves a declared output's shape as declared).
-        sx = export(True)
-        big = {k: np.asarray(a) for k, a in sx.inits.items() if np.asarray(a).size > _SMALL_CONST}
-        self._shape_model = model(sx, {k: a for k, a in sx.inits.items() if k not in big},
-                                  {k: np.broadcast_to(np.zeros((), a.dtype), a.shape) for k, a in big.items()}, [])
-        self.sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        self.sess, self._held = _session(ort, options, model(ex, {}, {}, out_vi), ex.inits, ex.nodes, constants)
+        del ex
+
+        def shape_model():
+            # Shape inference needs the shape values (small constants), not the weights: they are typed
+            # inputs there; it has no outputs (inference leaves a declared output's shape as declared).
+            sx = export(True)
+            big = {k: np.asarray(a) for k, a in sx.inits.items() if np.asarray(a).size > _SMALL_CONST}
+            return model(sx, {k: a for k, a in sx.inits.items() if k not in big},
+                         {k: np.broadcast_to(np.zeros((), a.dtype), a.shape) for k, a in big.items()}, [])
+
+        self._build_shape_model, self._shape_model = shape_model, None  # built by the first shape check
         self._checked: dict = {}
         self._lock = threading.Lock()
 
@@ -338,6 +458,9 @@ class OrtSegment:
         import onnx
         from onnx import numpy_helper
 
+        with self._lock:
+            if self._shape_model is None:
+                self._shape_model = self._build_shape_model()
         m = onnx.ModelProto()
         m.CopyFrom(self._shape_model)
         folded = self._fold(args)

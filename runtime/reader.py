@@ -34,6 +34,7 @@ from .tiers import (
 # writer pads to 8); a larger gap is legal but never read.
 _MAX_READ_GAP = 4096
 _TABLE_BLOCK = 1 << 16  # records checked per vectorised step
+_PACK_BATCH = 8 << 20  # payload bytes read at a time by read_packed
 
 _zstd = None
 
@@ -106,6 +107,13 @@ class TensorEntry:
         """Raw bytes a read of chunk i at `tier` takes (every payload it needs)."""
         layout = self.layouts[tier][0]
         return layout.nbytes(tier, self.chunk_rows(i), self.row_len, self.effective_group(layout))
+
+    def chunk_nbytes(self, tier: str) -> np.ndarray:
+        """`payload_nbytes` of every chunk at `tier` (one computation per distinct chunk height)."""
+        layout = self.layouts[tier][0]
+        heights, where = np.unique(np.diff(self.bounds), return_inverse=True)
+        g = self.effective_group(layout)
+        return np.array([layout.nbytes(tier, int(r), self.row_len, g) for r in heights], np.int64)[where]
 
     def payload_sizes(self, layout: TierLayout, i: int) -> list[int]:
         """Raw length of each of chunk i's payloads in `layout`."""
@@ -308,10 +316,11 @@ class Bundle:
                 for pid in pids:  # ids are checked before TensorEntry turns them into int64 arrays
                     self._pid(pid, f"tensor {name} tier {t}", used, allow_empty=True)
             e = TensorEntry(d)
-            for t, pids in separate:
-                for i, pid in enumerate(pids):
-                    if pid >= 0 and int(self.table["raw"][pid]) != e.payload_nbytes(t, i):
-                        _fail(f"tensor {name} tier {t} chunk {i}: payload length does not match the layout")
+            for t, _ in separate:
+                p = e.tiers[t]
+                bad = np.flatnonzero((p >= 0) & (self.table["raw"][np.maximum(p, 0)].astype(np.int64) != e.chunk_nbytes(t)))
+                if bad.size:
+                    _fail(f"tensor {name} tier {t} chunk {int(bad[0])}: payload length does not match the layout")
             if nested is not None:
                 self._check_nested(e, nested, used)
             check_tensor_facts(d, e.n_chunks, set(e.tiers), f"tensor {name}")
@@ -473,15 +482,30 @@ class Bundle:
         layout, ids = e.layouts.get(tier, (None, None))
         if not isinstance(layout, ZeroPointTier):
             return None
-        data = self.read_payloads(int(p) for p in ids[0] if p >= 0)
-        chunks = [(e.chunk_rows(i), data.get(int(p))) for i, p in enumerate(ids[0])]
-        return layout.packed(chunks, e.row_len, e.effective_group(layout))
+        pids = [int(p) for p in ids[0]]
+        sizes = [int(self.table["stored"][p]) if p >= 0 else 0 for p in pids]
+
+        def chunks():  # read in batches of about _PACK_BATCH bytes: the tensor's payloads are never all held
+            i = 0
+            while i < len(pids):
+                j, size = i, 0
+                while j < len(pids) and (j == i or size + sizes[j] <= _PACK_BATCH):
+                    size += sizes[j]
+                    j += 1
+                data = self.read_payloads(p for p in pids[i:j] if p >= 0)
+                for c in range(i, j):
+                    yield e.chunk_rows(c), data.pop(pids[c], None)
+                i = j
+
+        return layout.packed(chunks(), e.rows, e.row_len, e.effective_group(layout))
 
     def read_weight(self, name: str, tier: str) -> np.ndarray:
         """The whole tensor at one tier, in its stored shape (rows first)."""
         e = self.tensors[name]
-        parts = [self.decode_chunk(e, i, tier) for i in range(e.n_chunks)]
-        return np.concatenate(parts, axis=0).reshape(e.shape)
+        out = np.empty((e.rows, e.row_len), np.float32)  # filled chunk by chunk: one copy of the tensor is held
+        for i in range(e.n_chunks):
+            out[e.bounds[i] : e.bounds[i + 1]] = self.decode_chunk(e, i, tier)
+        return out.reshape(e.shape)
 
     def reset_counters(self) -> None:
         self.bytes_read = 0

@@ -183,26 +183,25 @@ class ZeroPointTier(SeparateTier):
         """codes uint8 [R, K], scales float16 [R, ng], zero points [R, ng] (integers in [0, 2^bits - 1])."""
         return [qcodec.pack_zp(codes, scales, zero_points, self.bits, group_size)]
 
-    def packed(self, chunks: list, row_len: int, group_size: int) -> PackedWeight:
-        """[(rows, payload or None for an empty chunk)] of a whole tensor, in row order -> its PackedWeight.
+    def packed(self, chunks, rows: int, row_len: int, group_size: int) -> PackedWeight:
+        """[(rows, payload or None for an empty chunk)] of a whole tensor of `rows` rows, in row order (any
+        iterable: each chunk is copied into the result and may then be dropped) -> its PackedWeight.
         An empty chunk is all codes, zero points and scales 0 (it decodes to zeros)."""
         ng = -(-row_len // group_size)
         blob, zb = group_size * self.bits // 8, -(-(ng * self.bits) // 8)
-        codes, scales, zps = [], [], []
-        for rows, buf in chunks:
-            if buf is None:
-                c, s, z = (np.zeros((rows, ng, blob), np.uint8), np.zeros((rows, ng), np.float16),
-                           np.zeros((rows, zb), np.uint8))
-            else:
-                c, s, z = qcodec.split_zp(buf, rows, row_len, group_size, self.bits)
-            codes.append(c)
-            scales.append(s)
-            zps.append(z)
-        s32 = np.concatenate(scales).astype(np.float32)
+        codes, s32 = np.zeros((rows, ng, blob), np.uint8), np.zeros((rows, ng), np.float32)
+        zps = np.zeros((rows, zb), np.uint8)
+        at = 0
+        for r, buf in chunks:
+            if buf is not None:
+                c, s, z = qcodec.split_zp(buf, r, row_len, group_size, self.bits)
+                codes[at : at + r], s32[at : at + r], zps[at : at + r] = c, s, z
+            at += r
+        if at != rows:
+            raise BundleError(f"zp tensor: chunks hold {at} rows, expected {rows}")
         if not np.isfinite(s32).all():
             raise BundleError("zp chunk: scales contain non-finite values (corrupt payload)")
-        return PackedWeight(np.concatenate(codes), s32, np.concatenate(zps), self.bits, group_size,
-                            len(s32), row_len)
+        return PackedWeight(codes, s32, zps, self.bits, group_size, rows, row_len)
 
 
 class TransposedZeroPointTier(ZeroPointTier):
@@ -229,20 +228,23 @@ class TransposedZeroPointTier(ZeroPointTier):
 
     # pack (inherited): the chunk's transpose, codes [K, r], scales and zero points [K, ceil(r/G)]
 
-    def packed(self, chunks: list, row_len: int, group_size: int) -> PackedWeight:
-        """[(rows, payload or None)] of a whole tensor [R, K], in row order -> the PackedWeight of its
+    def packed(self, chunks, rows: int, row_len: int, group_size: int) -> PackedWeight:
+        """[(rows, payload or None)] of a whole tensor [R = rows, K], in row order -> the PackedWeight of its
         transpose (MatMulNBits N = K, K = R): every chunk's blocks concatenated along the block axis, the
         zero points re-packed per output (they are bit-packed across blocks). Empty chunks are zeros."""
-        if any(rows % group_size for rows, _ in chunks[:-1]):
+        chunks = list(chunks)
+        if sum(r for r, _ in chunks) != rows:
+            raise BundleError(f"zp_t tensor: chunks hold {sum(r for r, _ in chunks)} rows, expected {rows}")
+        if any(r % group_size for r, _ in chunks[:-1]):
             raise BundleError("zp_t tensor: a chunk boundary is not on a multiple of the group size")
         codes, scales, zps = [], [], []
-        for rows, buf in chunks:
-            ng = -(-rows // group_size)
+        for r, buf in chunks:
+            ng = -(-r // group_size)
             if buf is None:
                 c, s, z = (np.zeros((row_len, ng, group_size * self.bits // 8), np.uint8),
                            np.zeros((row_len, ng), np.float16), np.zeros((row_len, ng), np.uint8))
             else:
-                c, s, zb = qcodec.split_zp(buf, row_len, rows, group_size, self.bits)
+                c, s, zb = qcodec.split_zp(buf, row_len, r, group_size, self.bits)
                 z = qcodec.unpack_zero_points(zb, ng, self.bits)
             codes.append(c)
             scales.append(s)
@@ -250,10 +252,9 @@ class TransposedZeroPointTier(ZeroPointTier):
         s32 = np.concatenate(scales, axis=1).astype(np.float32)
         if not np.isfinite(s32).all():
             raise BundleError("zp chunk: scales contain non-finite values (corrupt payload)")
-        total = sum(rows for rows, _ in chunks)
         return PackedWeight(np.concatenate(codes, axis=1), s32,
                             qcodec.pack_zero_points(np.concatenate(zps, axis=1), self.bits), self.bits, group_size,
-                            row_len, total, of_transpose=True)
+                            row_len, rows, of_transpose=True)
 
 
 class NestedTiers(TierLayout):

@@ -95,6 +95,8 @@ def test_stream_of_a_cut_character_flushes_a_replacement(tok):
 def test_bad_input_is_one_input_error(tok, monkeypatch):
     with pytest.raises(InputError, match="invalid tokenizer.json"):
         Tokenizer('{"not": "a tokenizer"}')
+    with pytest.raises(InputError, match="invalid tokenizer.json"):
+        Tokenizer(JSON.encode()[:-1] + b"\xff}")
     with pytest.raises(InputError, match="outside"):
         tok.decode([5, 10 ** 6])
     with pytest.raises(InputError, match="outside"):
@@ -113,3 +115,50 @@ def test_bad_input_is_one_input_error(tok, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tokenizers)
     with pytest.raises(InputError, match="pip install tokenizers"):
         Tokenizer(JSON)
+
+
+def test_decoding_needs_no_merges_and_agrees_with_the_complete_tokenizer():
+    """ids -> text goes through a tokenizer built without the BPE merges (most of a large tokenizer's
+    memory and build time); every id, special or not, decodes as the complete tokenizer decodes it."""
+    import json
+
+    from tokenizers import Tokenizer as HF
+
+    from nadoo.runtime.tokenizer import _without_merges
+
+    stripped = _without_merges(JSON.encode())
+    assert json.loads(stripped)["model"]["merges"] == [] and json.loads(JSON)["model"]["merges"]
+    full, t = HF.from_str(JSON), Tokenizer(JSON.encode(), bos_id=2, add_bos=True)  # as a bundle stores it
+    assert t._encoder is None  # nothing encoded yet: the complete tokenizer is not built
+    ids = list(range(t.vocab_size))
+    for skip in (True, False):
+        assert t.decode(ids, skip_special_tokens=skip) == full.decode(ids, skip_special_tokens=skip)
+    assert [t.token_text(i) for i in ids] == [full.id_to_token(i) for i in ids]
+    assert t.decode(t.encode("the quick brown fox")) == "the quick brown fox"  # built on first encode
+
+
+def _utf8(*a, **k) -> bytes:
+    import json
+
+    return json.dumps(*a, **k).encode()
+
+
+def test_merges_are_kept_unless_they_end_the_file():
+    import json
+
+    from nadoo.runtime.tokenizer import _without_merges
+
+    d = json.loads(JSON)
+    odd = dict(d, model=dict(d["model"], merges=[["▁", ":"], ["a\":", "b"], ["\\", ":"]]))  # quotes before colons
+    assert json.loads(_without_merges(_utf8(odd)))["model"]["merges"] == []
+    d["model"]["after"] = [1]  # a key after the merges: the cut would drop it
+    assert _without_merges(_utf8(d)) is None
+    assert _without_merges(_utf8(d, indent=1)) is None
+    d["model"].pop("after")
+    d["extra"] = {"merges": []}
+    assert _without_merges(_utf8(d)) is None  # the model is not last
+    d = json.loads(JSON)
+    d["model"] = {k: d["model"][k] for k in ["merges", *(k for k in d["model"] if k != "merges")]}
+    assert _without_merges(_utf8(d)) is None  # the merges are not last in the model
+    t = Tokenizer(json.dumps(d))  # such a file is built whole
+    assert t._encoder is t._tok and t.decode(t.encode("the dog")) == "the dog"

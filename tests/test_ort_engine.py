@@ -234,3 +234,78 @@ def test_zp_weights_are_handed_over_as_stored(tmp_path):
         assert fast[1] < fp32 / 3  # int8 activations: every width on its codes
         err = np.abs(fast[0] - ref[0]).max() / np.abs(ref[0]).max()
         assert 0 < err < 0.05  # activations rounded to int8 per block: close, not equal
+
+
+# ------------------------------------------------------------------ how weights reach ORT
+def test_segment_runs_after_its_handed_over_arrays_are_gone(tmp_path):
+    """Weights reach ORT as external initializers (no copy in the model bytes); the MatMulNBits inputs
+    ORT has prepacked are dropped once the session exists. Their memory is reused by other arrays afterwards,
+    and the segment still computes what the NumPy engine computes."""
+    import gc
+
+    from nadoo.runtime import ort_engine
+
+    path = zp_linear_bundle(tmp_path / "zp.ndc", R=256, K=256, G=32, bounds=(0, 96, 256))
+    x = np.random.default_rng(2).standard_normal((3, 256)).astype(np.float32)
+    with Session(path, Policy(bits="4"), engine="numpy") as s:
+        ref = s.run(None, {"x": x})[0]
+    with Session(path, Policy(bits="4"), engine="ort") as s:
+        (seg,) = s.segments
+        assert ort_engine._prepacks(__import__("onnxruntime"), ort_engine.OrtOptions(), ("MatMulNBits", 4, 32, 0))
+        assert seg._held == {} and s.resident_weight_bytes < 256 * 256  # dropped; counted as what ORT holds
+        gc.collect()
+        churn = [np.full(1 << 16, 255, np.uint8) for _ in range(64)]  # reuse the freed memory
+        np.testing.assert_allclose(s.run(None, {"x": x})[0], ref, rtol=1e-5, atol=1e-4)
+        del churn
+
+
+def test_session_keeps_what_ort_may_read_and_shares_an_initializer():
+    """`_session`: a big plan constant and an array two nodes consume are kept for the session's
+    lifetime; only an array whose one consumer is a prepacked MatMulNBits is dropped."""
+    from onnx import TensorProto, helper
+
+    from nadoo.runtime import ort_engine
+
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    n, k, g = 4096, 128, 32  # every array over the size that goes into the model bytes
+    b = rng.integers(0, 256, (n, k // g, g // 2), dtype=np.uint8)
+    s1, s2 = (rng.uniform(0.01, 0.1, n * (k // g)).astype(np.float32) for _ in range(2))
+    z = np.full(n * 2, 0x88, np.uint8)  # zero point 8 in both nibbles
+    c = rng.standard_normal((k, 32)).astype(np.float32)  # a plan constant
+    d = rng.standard_normal((k, 32)).astype(np.float32)  # a float weight
+    nbits = dict(domain="com.microsoft", K=k, N=n, bits=4, block_size=g, accuracy_level=0)
+    nodes = [helper.make_node("MatMulNBits", ["x", "b", "s1", "z"], ["y1"], **nbits),
+             helper.make_node("MatMulNBits", ["x", "b", "s2", "z"], ["y2"], **nbits),  # b, z shared
+             helper.make_node("MatMul", ["x", "c"], ["y3"]), helper.make_node("MatMul", ["x", "d"], ["y4"])]
+    gr = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                           [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y1", "y2", "y3", "y4")])
+    m = helper.make_model(gr, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 10
+    inits = {"b": b, "s1": s1, "s2": s2, "z": z, "c": c, "d": d}
+    sess, held = ort_engine._session(ort, ort_engine.OrtOptions(threads=1), m, dict(inits), m.graph.node, {"c": c})
+    assert set(held) == {"b", "z", "c"}  # s1, s2, d: one prepacked consumer each
+    assert all(len(t.external_data) == 1 for t in m.graph.initializer)  # none copied into the model
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    codes = np.stack([b.reshape(n, -1) & 15, b.reshape(n, -1) >> 4], -1).reshape(n, k).astype(np.float32)
+    del d
+    y1, y2, y3, y4 = sess.run(None, {"x": x})
+    for y, s in ((y1, s1), (y2, s2)):
+        w = (codes - 8) * np.repeat(s.reshape(n, -1), g, axis=1)
+        np.testing.assert_allclose(y, x @ w.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y3, x @ c, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y4, x @ inits["d"], rtol=1e-5, atol=1e-5)
+
+
+def test_prepack_probe():
+    """`_prepacks`: the kinds this ORT prepacks (or copies) are seen as such; a kind it cannot build
+    keeps its arrays."""
+    import onnxruntime as ort
+
+    from nadoo.runtime import ort_engine
+
+    opts = ort_engine.OrtOptions()
+    assert ort_engine._prepacks(ort, opts, ("MatMul",)) and ort_engine._prepacks(ort, opts, ("MatMulNBits", 4, 32, 0))
+    assert ort_engine._prepacks(ort, opts, ("MatMulNBits", 4, 32, 4))
+    assert not ort_engine._prepacks(ort, opts, ("MatMulNBits", 3, 32, 0))  # no such kernel: arrays kept

@@ -258,3 +258,38 @@ def test_compile_options_need_a_zp_group_size():
                 CompileOptions(codec="nf4")):
         with pytest.raises(CompileError):
             check_layout_options(bad)
+
+
+def test_a_chunk_of_the_wrong_length_is_named(tmp_path):
+    """Every chunk's payload length is checked at open against its layout (chunks of unequal height)."""
+    rng = np.random.default_rng(5)
+    R, K, G, bounds = 12, 40, 16, (0, 5, 9, 12)
+    layout = ZERO_POINT["q4"]
+    g = layout.group(K, G)
+    codes, scales, zps = _grid(rng, R, K, g, layout.bits)
+    for bad in range(3):
+        p = tmp_path / f"bad{bad}.ndc"
+        entry = {"name": "w", "kind": "linear", "shape": [R, K], "group_size": G, "bounds": list(bounds), "tiers": {}}
+        with BundleWriter(p) as wr:
+            ids = [wr.add_payload(layout.pack(codes[lo:hi], scales[lo:hi], zps[lo:hi], g)[0] + b"\0" * (c == bad),
+                                  compress="never") for c, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+            layout.record(entry, [ids])
+            wr.finish({"format": "ndc", "graph": None, "constants": None, "profile": None, "sample": None,
+                       "tensors": [entry]})
+        with pytest.raises(BundleError, match=f"tensor w tier q4 chunk {bad}: payload length"):
+            Bundle.open(p)
+
+
+def test_read_packed_in_small_batches_is_the_same(tmp_path, monkeypatch):
+    from nadoo.runtime import reader
+
+    p = tmp_path / "z.ndc"
+    _zp_bundle(p, tiers=("q4",), R=40, bounds=(0, 5, 12, 20, 33, 40), empty=(2,))
+    with Bundle.open(p) as b:
+        whole = b.read_packed("w", "q4")
+        monkeypatch.setattr(reader, "_PACK_BATCH", 1)  # one chunk per read
+        b.reset_counters()
+        one = b.read_packed("w", "q4")
+        assert b.payloads_read == 4
+    for k in ("codes", "scales", "zero_points"):
+        np.testing.assert_array_equal(getattr(one, k), getattr(whole, k))
