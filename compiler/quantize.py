@@ -106,7 +106,10 @@ def _layout(bits: int, codec: str):
         raise CompileError(f"quantize: unknown codec {codec!r} (one of {', '.join(CODECS)})")
     if bits not in qcodec.SUPPORTED_BITS:
         raise CompileError(f"quantize: bits must be one of {qcodec.SUPPORTED_BITS}, got {bits!r}")
-    return CODECS[codec][next(t for t, b in TIER_BITS.items() if b == bits)]
+    tier = next(t for t, b in TIER_BITS.items() if b == bits)
+    if tier not in CODECS[codec]:
+        raise CompileError(f"quantize: the {codec} codec has no {bits}-bit tier")
+    return CODECS[codec][tier]
 
 
 def _stored(s, p, zp: bool):

@@ -14,13 +14,13 @@ def test_table_covers_every_index_tier_once():
     assert TIERS == INDEX_TIERS
     assert set(TIER_BITS) == set(TIERS) and set(SEPARATE) == set(TIERS)
     assert [TIER_BITS[t] for t in TIERS] == sorted(TIER_BITS.values(), reverse=True)
-    assert set(QUANT_TIERS) == set(TIERS) - {"f32"} and set(NESTED.serves) == set(QUANT_TIERS)
+    assert set(QUANT_TIERS) == set(TIERS) - {"f32"} and set(NESTED.serves) == {"q8", "q4", "q2"}
     assert set(BITS_TO_TIER.values()) == set(TIERS)
     for t, order in NEAREST.items():  # itself first, every tier once, float32 only as the last resort
         assert order[0] == t and sorted(order) == sorted(TIERS) and order[-1] == "f32"
 
 
-@pytest.mark.parametrize("budget,want", [(16, "q8"), (8, "q8"), (7.9, "q4"), (4, "q4"), (3, "q2"), (1, "q2")])
+@pytest.mark.parametrize("budget,want", [(16, "q8"), (8, "q8"), (7.9, "q4"), (4, "q4"), (3, "q3"), (2.9, "q2"), (1, "q2")])
 def test_tier_within_budget(budget, want):
     assert tier_within(budget) == want
 
