@@ -10,7 +10,7 @@ Three implementations (format_spec/NDC-v1.md §4.2, §4.2b, §4.2c):
 - `SeparateTier`: one payload per chunk for one tier (float32, or the scale+min grouped codec);
 - `ZeroPointTier`: one payload per chunk for one quantized tier in the integer-zero-point codec (1.2),
   laid out as ONNX Runtime's MatMulNBits takes it (`PackedWeight`), the default of new compiles;
-- `NestedTiers`: one 8-bit quantization stored as bit-planes A, B, C; q2 reads A, q4 A+B, q8 A+B+C.
+- `NestedTiers`: one 8-bit quantization stored as bit-planes A, B, C; q4 reads A+B, q8 A+B+C.
 The byte-level work stays in runtime/qcodec.py; a layout only decides which of its functions apply.
 """
 
@@ -205,10 +205,13 @@ class ZeroPointTier(SeparateTier):
 
 
 class NestedTiers(TierLayout):
-    """q8, q4 and q2 from one 8-bit quantization stored as bit-planes (runtime/qcodec.py, NDC 1.1)."""
+    """q8 and q4 from one 8-bit quantization stored as bit-planes (runtime/qcodec.py, NDC 1.1)."""
 
     key = "nested"
-    serves = ("q8", "q4", "q2")  # the widths whose codes are a prefix of the 8-bit code's bits
+    # Not q2: plane A alone is the top 2 bits of a code chosen for 4 bits, which decodes far worse than
+    # a 2-bit quantization of its own (MiniLM cosine 0.25 vs 0.74); a nested bundle offers no tier
+    # worse than the separate one, so a 2-bit request falls back to q4 (NEAREST).
+    serves = ("q8", "q4")
     n_payloads = len(qcodec.NESTED_PLANES)
     bits = 8
     quantized = True
