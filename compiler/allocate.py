@@ -68,7 +68,8 @@ def bundle_allocation(entries: list[dict], payload_bytes, bits_per_weight: float
     (relative output-error energy of its layer) × its share of the layer's rows, so every layer
     counts equally; with `measured` ({name: {tier: end-to-end output error of that tensor alone at
     that tier}}, compiler/sensitivity.py) a tensor's measured error is split over its chunks in
-    proportion to those proxies instead, so layers count by what their error does at the output.
+    proportion to those proxies instead, and a tier not measured gets its proxies times the tensor's
+    gain (measured / proxy at a measured tier), so layers count by what their error does at the output.
     bytes = the chunk's payload bytes (codes + scales + mins). Budget = bits_per_weight/8
     bytes per weight over all chunked weights. Returns {"bits_per_weight", "tiers": {name: [tier]}}."""
     costs, errs, owner = [], [], []
@@ -85,9 +86,11 @@ def bundle_allocation(entries: list[dict], payload_bytes, bits_per_weight: float
         n_weights += rows * k
         b = e["bounds"]
         proxy = {t: [e["errors"][t]["out_err"][c] * (b[c + 1] - b[c]) / rows for c in range(len(b) - 1)] for t in qt}
+        meas = {t: v for t, v in (measured or {}).get(e["name"], {}).items() if t in proxy}
+        gain = next((v / sum(proxy[t]) for t, v in meas.items() if sum(proxy[t]) > 0), None)
         for c in range(len(b) - 1):
             costs.append({t: sum(payload_bytes(p) for p in layouts[t][0].chunk_pids(layouts[t][1], t, c)) for t in qt})
-            errs.append({t: _chunk_error(proxy[t], c, b, (measured or {}).get(e["name"], {}).get(t)) for t in qt})
+            errs.append({t: _chunk_error(proxy[t], c, b, meas.get(t), gain) for t in qt})
             owner.append((e["name"], c))
     tiers = allocate(costs, errs, bits_per_weight / 8 * n_weights)
     if tiers is None:
@@ -102,11 +105,12 @@ def bundle_allocation(entries: list[dict], payload_bytes, bits_per_weight: float
             "tiers": out}
 
 
-def _chunk_error(proxy: list[float], c: int, bounds: list[int], measured: float | None) -> float:
-    """Chunk c's error: its proxy, or the tensor's measured error split by the proxies (by rows when
-    they are all 0)."""
+def _chunk_error(proxy: list[float], c: int, bounds: list[int], measured: float | None,
+                 gain: float | None = None) -> float:
+    """Chunk c's error: the tensor's measured error at this tier split by the proxies (by rows when
+    they are all 0); unmeasured: its proxy times the tensor's gain, or the bare proxy."""
     if measured is None:
-        return proxy[c]
+        return proxy[c] * gain if gain is not None else proxy[c]
     total = sum(proxy)
     if total > 0:
         return measured * proxy[c] / total

@@ -9,8 +9,11 @@ that counts every layer equally spends its bits in the wrong places. To first or
 independently quantized tensors add up, so the summed per-tensor measurement is what the allocator
 minimises (compiler/allocate.py).
 
-Cost: one float forward pass of the samples per (tensor, tier); the compiler runs it only when an
-allocation is asked for (`--bits-per-weight`).
+Cost: one float forward pass of the samples per tensor: each tensor is measured at one tier
+(REFERENCE_TIER); its measured error over its own proxy error there is the tensor's gain, which
+the allocator applies to its other tiers' proxies (measuring every tier cost 4x as many passes,
+~10 min of CPU for MiniLM). The compiler runs it only when an allocation is asked for
+(`--bits-per-weight`).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from nadoo.runtime.engine import Plan
 from .calibrate import dense_builders
 from .rewrite import Weight
 
-SAMPLES = 16  # calibration samples per measurement: enough to rank tensors, a fraction of a second each
+SAMPLES = 8  # calibration samples per measurement: enough to rank tensors
+REFERENCE_TIER = "q4"  # the tier each tensor is measured at (others scale by the quantizer's own error ratio)
 
 
 class Sensitivity:
@@ -60,10 +64,12 @@ class Sensitivity:
         return err
 
     def probe(self, w: Weight, layout, encoded, bounds: list[int], group_size: int) -> None:
-        """Measure every tier `layout` serves from one tensor's encoded chunks (chunk c ->
-        ([payloads], errors), as the compiler writes them)."""
+        """Measure the reference tier (if `layout` serves it) from one tensor's encoded chunks
+        (chunk c -> ([payloads], errors), as the compiler writes them)."""
+        if REFERENCE_TIER not in layout.serves:
+            return
         chunks = [encoded(c)[0] for c in range(len(bounds) - 1)]
-        for tier in layout.serves:
+        for tier in (REFERENCE_TIER,):
             n = layout.read_count(tier)
             decoded = np.concatenate([layout.decode(tier, p[:n], hi - lo, w.row_len, group_size)
                                       for p, lo, hi in zip(chunks, bounds, bounds[1:])])

@@ -108,7 +108,7 @@ def info(bundle, as_json, plot):
 @click.option("--min-elements", default=1024, show_default=True, help="Weights smaller than this stay inline (not chunked).")
 @click.option("--bits-per-weight", type=float, default=None, callback=lambda c, p, v: _bits_per_weight(v), help="Also store a mixed-precision allocation (one tier per chunk) within this average bits/weight budget (scales included); run it with --bits alloc.")
 @click.option("--quant-method", type=click.Choice(["gptq", "search", "rtn"]), default="gptq", show_default=True, help="gptq: error feedback through the calibration inputs' second moments + clipping search; search: clipping search only; rtn: plain min/max.")
-@click.option("--nested", is_flag=True, help="Store 8/4/2 bits as nested bit-planes of one 8-bit quantization (~8.5 bits/weight for all three; a b-bit read reads b bits per weight).")
+@click.option("--nested", is_flag=True, help="Store 8/4 bits as nested bit-planes of one 8-bit quantization (~8.5 bits/weight for both; a b-bit read reads b bits per weight).")
 @click.option("--calib-text", type=click.Path(dir_okay=False), help="Language models: calibration text (UTF-8), tokenized with the model's tokenizer.")
 @click.option("--calib-len", default=128, show_default=True, type=click.IntRange(2), help="Language models: tokens per calibration window.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -146,7 +146,7 @@ def compile_cmd(model, out, calib, chunks, embedding_rows, group_size, keep_floa
 
 
 def _bits_per_weight(value):
-    # the allocation picks among the 8/4/2-bit tiers (with their scales): below 2 nothing fits, and
+    # the allocation picks among the 8/4/3/2-bit tiers (with their scales): below 2 nothing fits, and
     # 0 or nan would silently mean "no allocation"
     if value is not None and not (math.isfinite(value) and 2 <= value <= 32):
         raise click.BadParameter(f"{value} is not a number of bits per weight in [2, 32]")

@@ -60,3 +60,12 @@ def test_allocation_follows_measured_sensitivity():
     assert got == {"a": ["q2", "q2"], "b": ["q4", "q4"]}
     swapped = bundle_allocation(entries, size, budget, {"a": measured["b"], "b": measured["a"]})["tiers"]
     assert swapped == {"a": ["q4", "q4"], "b": ["q2", "q2"]}
+
+
+def test_one_measured_tier_scales_the_others_by_the_tensors_gain():
+    proxy = {"q8": 1e-4, "q4": 1e-2, "q2": 1e-1}
+    entries = [_entry("a", proxy), _entry("b", proxy)]
+    sizes = {0: 256, 1: 256, 3: 128, 4: 128, 6: 64, 7: 64}
+    budget = 8 * (2 * 128 + 2 * 64) / (2 * 4 * 64)
+    got = bundle_allocation(entries, lambda p: sizes.get(p, 64), budget, {"a": {"q4": 1e-5}, "b": {"q4": 1e-1}})
+    assert got["tiers"] == {"a": ["q2", "q2"], "b": ["q4", "q4"]}
