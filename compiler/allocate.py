@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 
+from nadoo.runtime.errors import CompileError
 from nadoo.runtime.tiers import QUANT_TIERS, layouts_of
 
 
@@ -61,10 +62,15 @@ def allocate(costs: list[dict], errors: list[dict], budget_bytes: float) -> list
     return [h[i] for h, i in zip(hulls, pick)]
 
 
-def bundle_allocation(entries: list[dict], payload_bytes, bits_per_weight: float) -> dict:
+def bundle_allocation(entries: list[dict], payload_bytes, bits_per_weight: float,
+                      measured: dict | None = None) -> dict:
     """Allocation over a compiled index's tensor entries. error of a chunk = its stored out_err
     (relative output-error energy of its layer) × its share of the layer's rows, so every layer
-    counts equally; bytes = the chunk's payload bytes (codes + scales + mins). Budget = bits_per_weight/8
+    counts equally; with `measured` ({name: {tier: end-to-end output error of that tensor alone at
+    that tier}}, compiler/sensitivity.py) a tensor's measured error is split over its chunks in
+    proportion to those proxies instead, and a tier not measured gets its proxies times the tensor's
+    gain (measured / proxy at a measured tier), so layers count by what their error does at the output.
+    bytes = the chunk's payload bytes (codes + scales + mins). Budget = bits_per_weight/8
     bytes per weight over all chunked weights. Returns {"bits_per_weight", "tiers": {name: [tier]}}."""
     costs, errs, owner = [], [], []
     n_weights = 0
@@ -79,17 +85,33 @@ def bundle_allocation(entries: list[dict], payload_bytes, bits_per_weight: float
             k *= d
         n_weights += rows * k
         b = e["bounds"]
+        proxy = {t: [e["errors"][t]["out_err"][c] * (b[c + 1] - b[c]) / rows for c in range(len(b) - 1)] for t in qt}
+        meas = {t: v for t, v in (measured or {}).get(e["name"], {}).items() if t in proxy}
+        gain = next((v / sum(proxy[t]) for t, v in meas.items() if sum(proxy[t]) > 0), None)
         for c in range(len(b) - 1):
-            share = (b[c + 1] - b[c]) / rows
             costs.append({t: sum(payload_bytes(p) for p in layouts[t][0].chunk_pids(layouts[t][1], t, c)) for t in qt})
-            errs.append({t: e["errors"][t]["out_err"][c] * share for t in qt})
+            errs.append({t: _chunk_error(proxy[t], c, b, meas.get(t), gain) for t in qt})
             owner.append((e["name"], c))
     tiers = allocate(costs, errs, bits_per_weight / 8 * n_weights)
     if tiers is None:
-        raise ValueError(f"--bits-per-weight {bits_per_weight}: even the 2-bit tier does not fit")
+        cheapest = sum(min(c.values()) for c in costs) * 8 / max(n_weights, 1)
+        raise CompileError(f"--bits-per-weight {bits_per_weight}: even the cheapest stored tiers need "
+                           f"{cheapest:.2f} bits/weight")
     out: dict = {}
     for (name, _c), t in zip(owner, tiers):
         out.setdefault(name, []).append(t)
     used = sum(cost[t] for cost, t in zip(costs, tiers))
     return {"bits_per_weight": bits_per_weight, "achieved_bits_per_weight": 8 * used / max(n_weights, 1),
             "tiers": out}
+
+
+def _chunk_error(proxy: list[float], c: int, bounds: list[int], measured: float | None,
+                 gain: float | None = None) -> float:
+    """Chunk c's error: the tensor's measured error at this tier split by the proxies (by rows when
+    they are all 0); unmeasured: its proxy times the tensor's gain, or the bare proxy."""
+    if measured is None:
+        return proxy[c] * gain if gain is not None else proxy[c]
+    total = sum(proxy)
+    if total > 0:
+        return measured * proxy[c] / total
+    return measured * (bounds[c + 1] - bounds[c]) / (bounds[-1] - bounds[0])

@@ -366,7 +366,7 @@ def dense_builders(weights: dict[str, Weight], stats: dict[str, LayerStats] | No
         up, down, act = weights[a["up"]], weights[a["down"]], activation(a["activation"])
         upt = np.ascontiguousarray(up.array.T)
 
-        def run(x, b1=None, b2=None):
+        def run(x, b1=None, b2=None, *_predictor):  # after _prepare_ffn: its predictor inputs, unused densely
             h = act(linear(x, upt, b1))
             if stats is not None:
                 stats[up.name].record(x, h)

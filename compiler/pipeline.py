@@ -26,6 +26,7 @@ from .encoder_attention import fuse_encoder_attention
 from .ffn import coactivation_order, fit_sketch, fuse_ffn
 from .moe import MoECalibration, extract_moe, verify_moe_graph, write_moe
 from .rewrite import Weight, inline_reasons, rewrite_weight_ops
+from .sensitivity import Sensitivity
 from .writer import BundleWriter
 
 
@@ -206,9 +207,11 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         downs = {f["up"].name: f["down"] for f in ffns}
         groups = [[w] + ([downs[w.name]] if w.name in downs else []) for w in weights if w.kind != "ffn_down"]
         per_tensor: dict[str, dict] = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
+        # the allocation minimises measured output error (compiler/sensitivity.py); MoE graphs keep the proxy
+        probe = Sensitivity(graph, consts, weights, calib) if opts.bits_per_weight and not moe_layers else None
         _write_weights(wr, groups, per_tensor, layouts, tier_bytes, quiet,
                        lambda w: (stats[w.name].importance() if w.kind in IMPORTANCE_KINDS else None,
-                                  _quant_kwargs(w, stats, downs, opts)))
+                                  _quant_kwargs(w, stats, downs, opts)), probe)
         entries = [per_tensor[w.name] for w in weights]
         moe_entries, moe_bytes = write_moe(wr, moe_layers, moe_cal, opts.group_size, layouts, opts.codec)
         for t, nb in moe_bytes.items():
@@ -228,7 +231,8 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         if opts.bits_per_weight:  # mixed precision under a budget (NDC 1.1 key "alloc")
             from .allocate import bundle_allocation
 
-            alloc = bundle_allocation(entries, lambda p: wr.stored_length(p) if p >= 0 else 0, opts.bits_per_weight)
+            alloc = bundle_allocation(entries, lambda p: wr.stored_length(p) if p >= 0 else 0, opts.bits_per_weight,
+                                      probe.errors if probe is not None else None)
             index["alloc"] = alloc
             for e in entries:
                 if e["name"] in alloc["tiers"]:
@@ -278,16 +282,17 @@ def _quant_kwargs(w: Weight, stats: dict, downs: dict, opts: CompileOptions) -> 
 
 
 def _write_weights(wr: BundleWriter, groups: list[list[Weight]], per_tensor: dict, layouts: list[TierLayout],
-                   tier_bytes: dict, quiet: bool, quant_args, layout_of=None) -> None:
+                   tier_bytes: dict, quiet: bool, quant_args, layout_of=None, probe=None) -> None:
     """Every layout of every chunk group, recorded in the tensors' index entries `per_tensor`; the
     stored bytes are added up in `tier_bytes[layout.key]`. quant_args(w) -> (importance, quantizer
-    kwargs) of weight w; layout_of(group, layout) -> the layout that group is written in instead (same tier)."""
+    kwargs) of weight w; layout_of(group, layout) -> the layout that group is written in instead (same
+    tier). probe: a :class:`~.sensitivity.Sensitivity` measuring each quantized tensor."""
     work = [(g, layout if layout_of is None else layout_of(g, layout)) for g in groups for layout in layouts]
     with _progress("quantizing  ", quiet)(work) as it:
         for group, layout in it:
             imps, qkw = zip(*[quant_args(w) for w in group])
             entries = [per_tensor[w.name] for w in group]
-            tier_bytes[layout.key] += _write_layout(wr, group, entries, layout, list(imps), list(qkw))
+            tier_bytes[layout.key] += _write_layout(wr, group, entries, layout, list(imps), list(qkw), probe)
 
 
 def _encode_separate(layout: SeparateTier, m: np.ndarray, bounds: list[int], group_size: int, imp, kw: dict):
@@ -326,7 +331,7 @@ _ENCODERS = {SeparateTier: _encode_separate, ZeroPointTier: _encode_separate, Ne
 
 
 def _write_layout(wr: BundleWriter, group: list[Weight], entries: list[dict], layout: TierLayout, imps: list,
-                  qkw: list) -> int:
+                  qkw: list, probe=None) -> int:
     """Write one layout of each chunk of the tensors in `group` (which share chunk bounds), interleaved:
     per chunk, payload 0 (plane A) of every tensor of the group, then payload 1, ..., so a read of a
     neuron group at any tier is one contiguous range. Each tensor is quantized whole, once (GPTQ rows
@@ -337,6 +342,10 @@ def _write_layout(wr: BundleWriter, group: list[Weight], entries: list[dict], la
         m = w.array.reshape(w.rows, -1)
         encoded.append(_ENCODERS[type(layout)](layout, m, bounds, layout.group(m.shape[1], e["group_size"]), imp, kw)
                        if m.any() else None)
+    if probe is not None and layout.quantized:
+        for w, e, enc in zip(group, entries, encoded):
+            if enc is not None:
+                probe.probe(w, layout, enc, bounds, layout.group(w.row_len, e["group_size"]))
     ids = [[[] for _ in range(layout.n_payloads)] for _ in group]
     errs = [{t: {"mse": [], "out_err": []} for t in layout.serves} if layout.quantized else {} for _ in group]
     nbytes = 0

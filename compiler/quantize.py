@@ -106,7 +106,10 @@ def _layout(bits: int, codec: str):
         raise CompileError(f"quantize: unknown codec {codec!r} (one of {', '.join(CODECS)})")
     if bits not in qcodec.SUPPORTED_BITS:
         raise CompileError(f"quantize: bits must be one of {qcodec.SUPPORTED_BITS}, got {bits!r}")
-    return CODECS[codec][next(t for t, b in TIER_BITS.items() if b == bits)]
+    tier = next(t for t, b in TIER_BITS.items() if b == bits)
+    if tier not in CODECS[codec]:
+        raise CompileError(f"quantize: the {codec} codec has no {bits}-bit tier")
+    return CODECS[codec][tier]
 
 
 def _stored(s, p, zp: bool):
@@ -591,11 +594,11 @@ def _box_gptq(w, s, m, lo, U):
 
 def quantize_nested(w: np.ndarray, bounds, group_size: int, importance: np.ndarray | None = None, *,
                     base: str = "q4", **kw) -> list[tuple[list[bytes], dict]]:
-    """Nested tiers (NDC 1.1): one 8-bit quantization whose top 2 / 4 bits are the 2- / 4-bit codes.
+    """Nested tiers (NDC 1.1): one 8-bit quantization whose top 4 bits are the 4-bit codes.
     ``base="q4"`` (default): the 4-bit tier is quantized as usual (GPTQ / search, ``kw`` as
     :func:`quantize_chunks`) and the 8-bit codes refine it (:func:`_nested_from_q4`);
     ``base="q8"``: a plain 8-bit quantization, truncated. Returns per chunk ([plane A, B, C],
-    {tier: errors as :func:`quantize_payload`}) for tiers q8, q4, q2, from the decoded planes."""
+    {tier: errors as :func:`quantize_payload`}) for the tiers NESTED serves (q8, q4), from the decoded planes."""
     w = np.ascontiguousarray(w, np.float32)
     down_h = kw.pop("down_hessian", None)
     G = group_size

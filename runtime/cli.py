@@ -108,7 +108,7 @@ def info(bundle, as_json, plot):
 @click.option("--min-elements", default=1024, show_default=True, help="Weights smaller than this stay inline (not chunked).")
 @click.option("--bits-per-weight", type=float, default=None, callback=lambda c, p, v: _bits_per_weight(v), help="Also store a mixed-precision allocation (one tier per chunk) within this average bits/weight budget (scales included); run it with --bits alloc.")
 @click.option("--quant-method", type=click.Choice(["gptq", "search", "rtn"]), default="gptq", show_default=True, help="gptq: error feedback through the calibration inputs' second moments + clipping search; search: clipping search only; rtn: plain min/max.")
-@click.option("--nested", is_flag=True, help="Store 8/4/2 bits as nested bit-planes of one 8-bit quantization (~8.5 bits/weight for all three; a b-bit read reads b bits per weight).")
+@click.option("--nested", is_flag=True, help="Store 8/4 bits as nested bit-planes of one 8-bit quantization (~8.5 bits/weight for both; a b-bit read reads b bits per weight).")
 @click.option("--calib-text", type=click.Path(dir_okay=False), help="Language models: calibration text (UTF-8), tokenized with the model's tokenizer.")
 @click.option("--calib-len", default=128, show_default=True, type=click.IntRange(2), help="Language models: tokens per calibration window.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -146,7 +146,7 @@ def compile_cmd(model, out, calib, chunks, embedding_rows, group_size, keep_floa
 
 
 def _bits_per_weight(value):
-    # the allocation picks among the 8/4/2-bit tiers (with their scales): below 2 nothing fits, and
+    # the allocation picks among the 8/4/3/2-bit tiers (with their scales): below 2 nothing fits, and
     # 0 or nan would silently mean "no allocation"
     if value is not None and not (math.isfinite(value) and 2 <= value <= 32):
         raise click.BadParameter(f"{value} is not a number of bits per weight in [2, 32]")
@@ -232,7 +232,7 @@ def _encoder_attention(fn):
 @click.option("--input", "input_path", type=click.Path(), help="Inputs: .npz keyed by graph input name, or .npy for a single-input model. Without it, the sample stored at compile time is run and checked against the source model's output.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
 @click.option("--policy", type=click.Choice(["dense", "topk"]), default="dense", show_default=True, help="dense: every chunk; topk: only the most active chunks of routable layers.")
-@click.option("--bits", type=click.Choice(["8", "4", "2", "float", "auto", "alloc"]), default="8", show_default=True, help="Weight precision; float needs a bundle compiled with --keep-float; auto: hot chunks 8, warm 4, cold 2 bits; alloc: the allocation stored by compile --bits-per-weight.")
+@click.option("--bits", type=click.Choice(["8", "4", "3", "2", "float", "auto", "alloc"]), default="8", show_default=True, help="Weight precision; float needs a bundle compiled with --keep-float; auto: hot chunks 8, warm 4, cold 2 bits; alloc: the allocation stored by compile --bits-per-weight.")
 @click.option("--topk", "topk", help="With --policy topk: chunks kept per routable layer, a count (4) or a fraction (0.5).")
 @click.option("--predictor", type=click.Choice(["auto", "sketch", "static", "oracle"]), default="auto", show_default=True, help="How topk ranks chunks: sketch = low-rank predictor stored in the bundle (per input); static = calibration profile; oracle = exact product (reads all, for measuring recall); auto = sketch where available.")
 @click.option("--tau", default=0.0, show_default=True, help="Boundary pruning at run time: |w| < tau*max|W| dropped; chunks below it never read.")
@@ -314,7 +314,7 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
         click.echo(format_stats(st))
 
 
-_BITS = click.option("--bits", type=click.Choice(["8", "4", "2", "float", "auto", "alloc"]), default="8", show_default=True,
+_BITS = click.option("--bits", type=click.Choice(["8", "4", "3", "2", "float", "auto", "alloc"]), default="8", show_default=True,
                      help="Weight precision, as for run.")
 _BUDGET = click.option("--memory-budget", help="Hard bound on cached (decoded) weight bytes, e.g. 64MB.")
 _LM_HEAD = [click.option("--lm-head", type=click.Choice(["dense", "topk"]), default="dense", show_default=True,
@@ -454,7 +454,7 @@ def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget,
 @main.command("export")
 @click.argument("bundle", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
-@click.option("--bits", type=click.Choice(["8", "4", "2", "float"]), default="8", show_default=True,
+@click.option("--bits", type=click.Choice(["8", "4", "3", "2", "float"]), default="8", show_default=True,
               help="Tier whose (dequantized) weights the ONNX model gets.")
 @_friendly
 def export_cmd(bundle, out, bits):

@@ -70,7 +70,7 @@ WORK_PER_ELEMENT = 1024
 
 # Precision tiers a chunk may be stored at, the names the index uses (their bits, layouts and --bits
 # spellings: runtime/tiers.py).
-TIERS = ("f32", "q8", "q4", "q2")
+TIERS = ("f32", "q8", "q4", "q3", "q2")
 
 DTYPES = frozenset(
     ["float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"]

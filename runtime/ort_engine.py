@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import InputError, NadooError, UnsupportedError, one_line
 from .export_onnx import Exporter, _node_with_attrs
-from .tiers import TIER_BITS
+from .tiers import MATMUL_NBITS_BITS, TIER_BITS
 
 ENGINES = ("auto", "numpy", "ort")
 
@@ -123,7 +123,8 @@ class SegmentExporter(Exporter):
         # ONNX shape inference knows no com.microsoft op: the shape graph keeps the plain MatMul. MatMulNBits'
         # exact path (accuracy level 0) is fast at 4 bits only (8 and 2 bits measured ~80x slower than a
         # float MatMul, ORT 1.32): exact 8- and 2-bit layers are handed over dequantized.
-        packs = read is not None and not self.shapes_only and (self.int8 or TIER_BITS.get(tier) == 4)
+        packs = (read is not None and not self.shapes_only and TIER_BITS.get(tier) in MATMUL_NBITS_BITS
+                 and (self.int8 or TIER_BITS.get(tier) == 4))
         p = read(name, tier) if packs else None
         if p is None or p.of_transpose != of_transpose:
             return False

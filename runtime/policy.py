@@ -40,7 +40,7 @@ from .errors import InputError
 from .ffn_sparsity import check_fallback, check_target
 from .tiers import BITS_TO_TIER, FLOAT_TIER, NEAREST, QUANT_TIERS, tier_within
 
-HI, MID, LO = QUANT_TIERS  # --bits auto: the hot, the ordinary and the cold chunks' tiers
+HI, MID, LO = "q8", "q4", "q2"  # --bits auto: the hot, the ordinary and the cold chunks' tiers
 MODES = ("dense", "subset", "predict", "oracle", "empty")
 
 
@@ -110,7 +110,7 @@ class Policy:
         if self.kind not in ("dense", "topk"):
             raise InputError(f"unknown policy {self.kind!r} (dense or topk)")
         if self.bits not in ("auto", "alloc") and self.bits not in BITS_TO_TIER:
-            raise InputError(f"unknown --bits {self.bits!r} (8, 4, 2, float, auto or alloc)")
+            raise InputError(f"unknown --bits {self.bits!r} (8, 4, 3, 2, float, auto or alloc)")
         if self.predictor not in ("auto", "sketch", "static", "oracle"):
             raise InputError(f"unknown predictor {self.predictor!r} (auto, sketch, static or oracle)")
         if self.kind == "topk":
@@ -233,7 +233,7 @@ class Policy:
     def _alloc_expert_tier(entry, alloc) -> str:
         """The compile-time allocation (--bits-per-weight B) covers the chunked tensors, not experts:
         under --bits alloc experts run at the largest quantized tier whose bits fit B (q8 from 8
-        bits/weight, q4 from 4, else q2), or the nearest one the layer stores."""
+        bits/weight, q4 from 4, q3 from 3, else q2), or the nearest one the layer stores."""
         budget = alloc.get("bits_per_weight") if isinstance(alloc, dict) else None
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise InputError("bundle stores no allocation (compile with --bits-per-weight)")

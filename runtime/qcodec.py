@@ -30,7 +30,7 @@ __all__ = ["SUPPORTED_BITS", "payload_nbytes", "pack", "unpack", "dequantize", "
            "nested_plane_nbytes", "pack_nested", "nested_codes", "dequantize_nested", "ZP_GROUPS", "zp_group",
            "zp_payload_nbytes", "pack_zp", "pack_zero_points", "split_zp", "unpack_zp", "unpack_zero_points", "dequantize_zp"]
 
-SUPPORTED_BITS = (8, 4, 2)
+SUPPORTED_BITS = (8, 4, 3, 2)
 _F16LE = np.dtype("<f2")
 
 
@@ -58,10 +58,24 @@ def payload_nbytes(rows: int, row_len: int, group_size: int, bits: int) -> int:
 
 
 # ----------------------------------------------------------------------------------- packing
+def _bit_planes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [..., n] -> their bits [..., n * bits], each code LSB first (the stream order of a
+    width that does not divide 8, where codes straddle bytes)."""
+    return ((codes[..., None] >> np.arange(bits, dtype=np.uint8)) & 1).reshape(*codes.shape[:-1], -1)
+
+
+def _from_bit_planes(bitstream: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of :func:`_bit_planes` on the last axis: bits [..., >= n * bits] -> uint8 codes [..., n]."""
+    b = bitstream[..., :n * bits].reshape(*bitstream.shape[:-1], n, bits)
+    return (b << np.arange(bits, dtype=np.uint8)).sum(-1, dtype=np.uint8)
+
+
 def _pack_stream(stream: np.ndarray, bits: int) -> bytes:
     """Bit-pack a flat uint8 code stream LSB-first."""
     if bits == 8:
         return stream.tobytes()
+    if 8 % bits:
+        return np.packbits(_bit_planes(stream, bits), bitorder="little").tobytes()
     per = 8 // bits
     n = stream.size
     pad = (-n) % per
@@ -78,6 +92,8 @@ def _unpack_stream(raw: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Inverse of :func:`_pack_stream`: uint8 bytes -> flat uint8 codes (first ``n``)."""
     if bits == 8:
         return raw[:n]
+    if 8 % bits:
+        return _from_bit_planes(np.unpackbits(raw, bitorder="little"), bits, n)
     per = 8 // bits
     mask = np.uint8((1 << bits) - 1)
     out = np.empty((raw.size, per), np.uint8)
@@ -183,6 +199,8 @@ def dequantize(buf, rows: int, row_len: int, group_size: int, bits: int) -> np.n
     n = rows * k_pad
     if bits == 8:
         q = raw.astype(np.float32)
+    elif 8 % bits:  # codes straddle bytes: no per-byte table
+        q = _unpack_stream(raw, bits, n).astype(np.float32)
     else:
         # One table lookup per byte yields its 2 or 4 codes already as float32.
         q = _code_lut(bits)[raw].view(np.float32)
@@ -346,6 +364,10 @@ def pack_zero_points(zero_points: np.ndarray, bits: int) -> np.ndarray:
     LSB-first with spare bits 0 (inverse of :func:`unpack_zero_points`)."""
     rows, ng = zero_points.shape
     zb = -(-(ng * bits) // 8)
+    if 8 % bits:  # codes cross bytes (3 bits): each row's zero points still start on a byte, row by row
+        zbits = np.zeros((rows, zb * 8), np.uint8)
+        zbits[:, :ng * bits] = _bit_planes(np.asarray(zero_points, np.uint8), bits)
+        return np.packbits(zbits, axis=1, bitorder="little")
     z = np.zeros((rows, zb * 8 // bits), np.uint8)
     z[:, :ng] = zero_points
     return np.frombuffer(_pack_stream(z.reshape(-1), bits), np.uint8).reshape(rows, zb)
@@ -371,6 +393,8 @@ def split_zp(buf, rows: int, row_len: int, group_size: int, bits: int):
 def unpack_zero_points(zps: np.ndarray, ng: int, bits: int) -> np.ndarray:
     """Zero-point bytes uint8 [R, zb] -> zero points uint8 [R, ng]."""
     rows, zb = zps.shape
+    if 8 % bits:  # packed row by row (pack_zp)
+        return _from_bit_planes(np.unpackbits(np.ascontiguousarray(zps), axis=1, bitorder="little"), bits, ng)
     return _unpack_stream(np.ascontiguousarray(zps).reshape(-1), bits, rows * zb * 8 // bits).reshape(rows, -1)[:, :ng]
 
 
@@ -393,7 +417,12 @@ def dequantize_zp(buf, rows: int, row_len: int, group_size: int, bits: int) -> n
     if not np.isfinite(s32).all():
         raise BundleError("zp chunk: scales contain non-finite values (corrupt payload)")
     raw = codes.reshape(-1)
-    q = raw.astype(np.float32) if bits == 8 else _code_lut(bits)[raw].view(np.float32)
+    if bits == 8:
+        q = raw.astype(np.float32)
+    elif 8 % bits:  # a block of G codes is whole bytes (G a multiple of 8), so the stream is the blocks'
+        q = _unpack_stream(raw, bits, rows * ng * group_size).astype(np.float32)
+    else:
+        q = _code_lut(bits)[raw].view(np.float32)
     q = q.reshape(rows, ng, group_size)
     q -= unpack_zero_points(zps, ng, bits).astype(np.float32)[:, :, None]
     q *= s32[:, :, None]

@@ -13,7 +13,7 @@ Four implementations (format_spec/NDC-v1.md §4.2, §4.2b, §4.2c, §4.2d):
 - `TransposedZeroPointTier` (1.3): the same codec over each chunk's transpose, so the groups run along
   the rows: for a weight stored [inputs, outputs] (a gated MLP's down projection) the groups are along
   its input axis, as MatMulNBits and GPTQ want them;
-- `NestedTiers`: one 8-bit quantization stored as bit-planes A, B, C; q2 reads A, q4 A+B, q8 A+B+C.
+- `NestedTiers`: one 8-bit quantization stored as bit-planes A, B, C; q4 reads A+B, q8 A+B+C.
 The byte-level work stays in runtime/qcodec.py; a layout only decides which of its functions apply.
 """
 
@@ -27,13 +27,16 @@ from . import qcodec
 from .errors import BundleError
 from .format import TIERS  # the index's tier names, highest precision first
 
-TIER_BITS = {"f32": 32, "q8": 8, "q4": 4, "q2": 2}
-QUANT_TIERS = tuple(t for t in TIERS if TIER_BITS[t] < 32)  # ("q8", "q4", "q2")
+TIER_BITS = {"f32": 32, "q8": 8, "q4": 4, "q3": 3, "q2": 2}
+QUANT_TIERS = tuple(t for t in TIERS if TIER_BITS[t] < 32)  # ("q8", "q4", "q3", "q2")
 FLOAT_TIER = "f32"
 # user-facing --bits spellings (run, export) -> tier
-BITS_TO_TIER = {"8": "q8", "4": "q4", "2": "q2", "float": "f32", "32": "f32", "f32": "f32"}
+BITS_TO_TIER = {"8": "q8", "4": "q4", "3": "q3", "2": "q2", "float": "f32", "32": "f32", "f32": "f32"}
 # a tier the bundle lacks is replaced by the nearest one it has: more bits first, never silently by float32
-NEAREST = {"q8": ("q8", "q4", "q2", "f32"), "q4": ("q4", "q8", "q2", "f32"), "q2": ("q2", "q4", "q8", "f32")}
+NEAREST = {"q8": ("q8", "q4", "q3", "q2", "f32"), "q4": ("q4", "q8", "q3", "q2", "f32"),
+           "q3": ("q3", "q4", "q8", "q2", "f32"), "q2": ("q2", "q3", "q4", "q8", "f32")}
+# the widths ONNX Runtime's MatMulNBits takes (a 3-bit tier is handed over dequantized)
+MATMUL_NBITS_BITS = (2, 4, 8)
 
 
 def tier_within(bits_per_weight: float) -> str:
@@ -258,10 +261,13 @@ class TransposedZeroPointTier(ZeroPointTier):
 
 
 class NestedTiers(TierLayout):
-    """q8, q4 and q2 from one 8-bit quantization stored as bit-planes (runtime/qcodec.py, NDC 1.1)."""
+    """q8 and q4 from one 8-bit quantization stored as bit-planes (runtime/qcodec.py, NDC 1.1)."""
 
     key = "nested"
-    serves = QUANT_TIERS
+    # Not q2: plane A alone is the top 2 bits of a code chosen for 4 bits, which decodes far worse than
+    # a 2-bit quantization of its own (MiniLM cosine 0.25 vs 0.74); a nested bundle offers no tier
+    # worse than the separate one, so a 2-bit request falls back to q4 (NEAREST).
+    serves = ("q8", "q4")
     n_payloads = len(qcodec.NESTED_PLANES)
     bits = 8
     quantized = True
@@ -294,7 +300,8 @@ ZERO_POINT = {t: ZeroPointTier(t) for t in QUANT_TIERS}
 ZERO_POINT_T = {t: TransposedZeroPointTier(t) for t in QUANT_TIERS}
 NESTED = NestedTiers()
 # The codecs of separate quantized tiers: "zp" (1.2, the default of compiles) and the scale+min "minmax".
-CODECS = {"zp": ZERO_POINT, "minmax": {t: SEPARATE[t] for t in QUANT_TIERS}}
+# The legacy scale+min codec keeps the 1.1 tiers (q3 came with 1.3), so its bundles stay readable by 1.1 readers.
+CODECS = {"zp": ZERO_POINT, "minmax": {t: SEPARATE[t] for t in QUANT_TIERS if t != "q3"}}
 DEFAULT_CODEC = "zp"
 
 
@@ -318,4 +325,4 @@ def compile_layouts(keep_float: bool, nested: bool, codec: str = DEFAULT_CODEC) 
     if codec not in CODECS:
         raise ValueError(f"unknown quantization codec {codec!r} (one of {', '.join(CODECS)})")
     out = [SEPARATE[FLOAT_TIER]] if keep_float else []
-    return out + ([NESTED] if nested else [CODECS[codec][t] for t in QUANT_TIERS])
+    return out + ([NESTED] if nested else [CODECS[codec][t] for t in QUANT_TIERS if t in CODECS[codec]])

@@ -449,7 +449,7 @@ def test_recurrent_weights_are_chunked_and_the_rest_of_the_large_constants_say_w
             assert W.n_chunks > 1
         consts = dict(b.read_constants())
         onx = bundle_to_onnx(b, "f32")
-        assert b.preamble.minor == 2  # recurrent tensors (1.1) with zp-coded tiers (1.2)
+        assert b.preamble.minor == 3  # recurrent tensors (1.1), zp-coded tiers (1.2), among them q3 (1.3)
     x = z.draw(2, 5)
     (got,) = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
     assert rel_err(got, reference(z, x)) <= 1e-5

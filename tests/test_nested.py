@@ -56,7 +56,7 @@ def test_quantize_nested_truncation_is_the_4bit_quantization():
     w4 = qcodec.dequantize_nested(planes[:2], 8, 96, 32, 4)
     ref4 = qcodec.dequantize(qcodec.pack(c4, s4, m4, 4, 32), 8, 96, 32, 4)
     assert np.abs(w4 - ref4).max() <= 1e-3 * np.abs(w).max()    # same grid up to float16 rounding of min
-    assert errs["q8"]["mse"] < errs["q4"]["mse"] / 20 < errs["q2"]["mse"] / 20
+    assert errs["q8"]["mse"] < errs["q4"]["mse"] / 20 and "q2" not in errs   # no nested 2-bit tier
 
 
 def _nested_bundle(path, chunks=((3, 10), (2, 10)), G=4, tiers=None):
@@ -80,13 +80,13 @@ def _nested_bundle(path, chunks=((3, 10), (2, 10)), G=4, tiers=None):
     return q8, s, m
 
 
-def test_reader_serves_q8_q4_q2_from_planes_reading_only_their_bytes(tmp_path):
+def test_reader_serves_q8_q4_from_planes_reading_only_their_bytes(tmp_path):
     p = tmp_path / "n.ndc"
     q8, s, m = _nested_bundle(p)
     with Bundle.open(p) as b:
         e = b.tensors["w"]
-        assert {"q8", "q4", "q2"} <= set(e.tiers)
-        for tier, bits, n in (("q2", 2, 1), ("q4", 4, 2), ("q8", 8, 3)):
+        assert {"q8", "q4"} <= set(e.tiers) and "q2" not in e.tiers  # plane A alone is no tier
+        for tier, bits, n in (("q4", 4, 2), ("q8", 8, 3)):
             b.reset_counters()
             got = b.read_weight("w", tier)
             np.testing.assert_array_equal(got, _formula(q8, s, m, 4, bits))
@@ -111,7 +111,7 @@ def test_session_dense_4bit_reads_exactly_planes_a_and_b(tmp_path):
     torch.jit.save(torch.jit.trace(mlp, torch.zeros(1, 64)), tmp_path / "m.pt")
     np.savez(tmp_path / "c.npz", input=Xtr[:128])
     compile_model(str(tmp_path / "m.pt"), str(tmp_path / "m.ndc"),
-                  CompileOptions(calib=str(tmp_path / "c.npz"), chunks=8, nested=True, bits_per_weight=3.0), quiet=True)
+                  CompileOptions(calib=str(tmp_path / "c.npz"), chunks=8, nested=True, bits_per_weight=6.0), quiet=True)
     with torch.no_grad():
         ref = float((mlp(torch.from_numpy(Xte)).argmax(1).numpy() == yte).mean())
     with Bundle.open(tmp_path / "m.ndc") as b:
@@ -119,12 +119,16 @@ def test_session_dense_4bit_reads_exactly_planes_a_and_b(tmp_path):
                  for c in range(e.n_chunks) if pl[c] >= 0)
         assert all(not e.meta["tiers"] and len(e.planes) == 3 for e in b.tensors.values())
     acc = {}
-    for bits in ("8", "4", "2", "alloc"):  # the NumPy engine reads planes per call (ORT's at open)
+    for bits in ("8", "4", "alloc"):  # the NumPy engine reads planes per call (ORT's at open)
         with Session(tmp_path / "m.ndc", Policy(bits=bits), engine="numpy") as s:
             pred = s.run(None, {"input": Xte})[0].argmax(1)
             acc[bits] = float(np.mean(pred == yte))
             if bits == "4":
                 assert s.last_stats["bytes_read"] == ab
+    from nadoo.runtime.errors import InputError
+    with pytest.raises(InputError, match="no q2 tier"):  # nested offers no 2-bit tier: one clear error
+        with Session(tmp_path / "m.ndc", Policy(bits="2"), engine="numpy") as s:
+            s.run(None, {"input": Xte})
     assert acc["8"] >= ref - 0.01 and acc["4"] >= ref - 0.01 and acc["alloc"] >= ref - 0.02, (acc, ref)
 
 
@@ -165,5 +169,5 @@ def test_nested_beside_f32_and_a_two_plane_prefix(tmp_path):
     _nested_bundle(p)
     ok = tmp_path / "ok.ndc"
     ok.write_bytes(rewrite(p.read_bytes(), index=_mut(lambda t: t["nested"]["planes"].pop())))
-    with Bundle.open(ok) as b:   # planes A+B only: serves q2 and q4, not q8
-        assert {"q2", "q4"} <= set(b.tensors["w"].tiers) and "q8" not in b.tensors["w"].tiers
+    with Bundle.open(ok) as b:   # planes A+B only: serves q4, not q8
+        assert "q4" in b.tensors["w"].tiers and not {"q8", "q2"} & set(b.tensors["w"].tiers)

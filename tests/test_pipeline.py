@@ -216,7 +216,7 @@ def test_runtime_runs_where_torch_cannot_be_imported(mlp, tmp_path):
         "        if name.split('.')[0] in ('torch', 'onnx', 'onnxruntime'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, _Block())\n")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     r = nadoo("run", d / "mlp.ndc", "--bits", "4", "--json", env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["check"]["output"]["cosine"] > 0.999

@@ -14,13 +14,13 @@ def test_table_covers_every_index_tier_once():
     assert TIERS == INDEX_TIERS
     assert set(TIER_BITS) == set(TIERS) and set(SEPARATE) == set(TIERS)
     assert [TIER_BITS[t] for t in TIERS] == sorted(TIER_BITS.values(), reverse=True)
-    assert set(QUANT_TIERS) == set(TIERS) - {"f32"} and set(NESTED.serves) == set(QUANT_TIERS)
+    assert set(QUANT_TIERS) == set(TIERS) - {"f32"} and set(NESTED.serves) == {"q8", "q4"}
     assert set(BITS_TO_TIER.values()) == set(TIERS)
     for t, order in NEAREST.items():  # itself first, every tier once, float32 only as the last resort
         assert order[0] == t and sorted(order) == sorted(TIERS) and order[-1] == "f32"
 
 
-@pytest.mark.parametrize("budget,want", [(16, "q8"), (8, "q8"), (7.9, "q4"), (4, "q4"), (3, "q2"), (1, "q2")])
+@pytest.mark.parametrize("budget,want", [(16, "q8"), (8, "q8"), (7.9, "q4"), (4, "q4"), (3, "q3"), (2.9, "q2"), (1, "q2")])
 def test_tier_within_budget(budget, want):
     assert tier_within(budget) == want
 
@@ -68,10 +68,9 @@ def test_nested_reads_a_prefix_of_planes():
 def test_layouts_of_an_index_entry():
     entry = {"tiers": {"f32": [3, -1]}, "nested": {"planes": [[0, -1], [1, -1]]}}
     lay = layouts_of(entry)
-    assert list(lay) == ["f32", "q4", "q2"]  # two planes serve q2 and q4, not q8
+    assert list(lay) == ["f32", "q4"]  # two planes serve q4, not q8; plane A alone serves nothing
     assert lay["f32"][0] is SEPARATE["f32"] and lay["q4"][0] is NESTED
     assert lay["q4"][0].chunk_pids(lay["q4"][1], "q4", 0) == [0, 1]
-    assert lay["q2"][0].chunk_pids(lay["q2"][1], "q2", 0) == [0]
     assert lay["f32"][0].chunk_pids(lay["f32"][1], "f32", 0) == [3]
     assert all(layout.chunk_pids(ids, t, 1) == [] for t, (layout, ids) in lay.items())  # empty chunk
 
@@ -82,5 +81,5 @@ def test_record_round_trips_through_layouts_of():
         layout.record(entry, ids)
     assert entry == {"tiers": {"f32": [7]}, "nested": {"planes": [[1], [2], [3]]}}
     assert {t: layout.chunk_pids(ids, t, 0) for t, (layout, ids) in layouts_of(entry).items()} == \
-        {"f32": [7], "q8": [1, 2, 3], "q4": [1, 2], "q2": [1]}
+        {"f32": [7], "q8": [1, 2, 3], "q4": [1, 2]}
     assert [lay.key for lay in compile_layouts(False, False)] == list(QUANT_TIERS)

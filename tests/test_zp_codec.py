@@ -25,13 +25,16 @@ def _naive_pack(values: np.ndarray, bits: int) -> bytes:
     """One value at a time, LSB-first, into a byte stream."""
     out = bytearray(-(-(values.size * bits) // 8))
     for i, c in enumerate(values.reshape(-1)):
-        out[(i * bits) // 8] |= int(c) << ((i * bits) % 8)
+        v = int(c) << ((i * bits) % 8)   # a 3-bit code may spill into the next byte
+        out[(i * bits) // 8] |= v & 0xFF
+        if v >> 8:
+            out[(i * bits) // 8 + 1] |= v >> 8
     return bytes(out)
 
 
 @st.composite
 def zp_chunks(draw):
-    bits = draw(st.sampled_from([8, 4, 2]))
+    bits = draw(st.sampled_from([8, 4, 3, 2]))
     rows = draw(st.integers(1, 7))
     row_len = draw(st.integers(1, 300))
     G = qcodec.zp_group(row_len, draw(st.sampled_from(qcodec.ZP_GROUPS)))
@@ -96,7 +99,7 @@ def test_corrupt_scales_and_bad_arguments():
     with pytest.raises(BundleError, match="group size"):
         qcodec.dequantize_zp(bytes(p), 3, 40, 8, 4)     # not a zp group size
     with pytest.raises(BundleError, match="bits"):
-        qcodec.zp_payload_nbytes(3, 40, 16, 3)
+        qcodec.zp_payload_nbytes(3, 40, 16, 5)
     with pytest.raises(ValueError):
         qcodec.pack_zp(codes, scales, zps + 16, 4, 16)  # zero point out of range
     with pytest.raises(ValueError):
