@@ -482,6 +482,7 @@ def fallback_share(ndc: str, feeds: dict, runs: int = 3) -> tuple[dict[str, int]
 
 
 ENGINES = ("numpy", "ort")
+PAUSE_S = 0.01  # before each timed call of the latency comparison
 
 
 def latency_vs_ort(ndc: str, onnx_path: str, feeds: dict, engines=ENGINES, budget_s: float = 3.0) -> dict:
@@ -519,6 +520,9 @@ def latency_vs_ort(ndc: str, onnx_path: str, feeds: dict, engines=ENGINES, budge
         while rounds() < 5 or (time.perf_counter() < t_end and rounds() < 50):
             for k, (f, threads) in runs.items():
                 with threadpool_limits(threads):
+                    # ORT's and BLAS's idle workers spin for a while after a call: measured right after
+                    # ORT's default-threads session, a call was ~3x slower. Each call starts after a pause.
+                    time.sleep(PAUSE_S)
                     times[k].append(timed(f))
     med = {k: float(np.median(v)) for k, v in times.items()}
     out: dict = {e: {"ratio_1": med[f"{e}_1"] / med["onnxruntime_1"],
