@@ -346,10 +346,10 @@ class OrtSegment:
         value open. Shape values computed from shapes (Shape, then arithmetic on it) are folded and
         inference rerun while that settles more of them: ONNX's data propagation stops at many ops."""
         shapes = {n: tuple(a.shape) for n, a in zip(self.inputs, args) if isinstance(a, np.ndarray)}
-        folded: dict = {}
+        folded = None
         for _ in range(_SETTLE_ROUNDS):
             more = self._fold(args, shapes)
-            if more.keys() <= folded.keys() and folded:
+            if folded is not None and more.keys() <= folded.keys():
                 break
             folded = more
             inferred = self._infer(args, folded)
