@@ -674,14 +674,14 @@ def main(argv=None) -> int:
                        engines=engines)
         results.append(res)
         print(f"{n}: {res['seconds']:.0f} s", file=sys.stderr)
+        if a.json:  # after every model: an interrupted run keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump({"load_before": load, "seconds": time.perf_counter() - t0, "results": results}, f, indent=1)
     total = time.perf_counter() - t0
     print(table(results))
     if summary(results):
         print("\n" + summary(results))
     print(f"\n{len(names)} models in {total:.0f} s", file=sys.stderr)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"load_before": load, "seconds": total, "results": results}, f, indent=1)
     return 0
 
 
