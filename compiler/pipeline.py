@@ -211,7 +211,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         probe = Sensitivity(graph, consts, weights, calib) if opts.bits_per_weight and not moe_layers else None
         _write_weights(wr, groups, per_tensor, layouts, tier_bytes, quiet,
                        lambda w: (stats[w.name].importance() if w.kind in IMPORTANCE_KINDS else None,
-                                  _quant_kwargs(w, stats, downs, opts)), probe)
+                                  _quant_kwargs(w, stats, downs, opts)), probe=probe)
         entries = [per_tensor[w.name] for w in weights]
         moe_entries, moe_bytes = write_moe(wr, moe_layers, moe_cal, opts.group_size, layouts, opts.codec)
         for t, nb in moe_bytes.items():

@@ -6,7 +6,8 @@ tier (`WeightOp.whole_tiers`: ChunkedLinear, ChunkedFFN, ChunkedConv, ChunkedCon
 ChunkedRecurrent, through their `export`). NumPy keeps what selects per input (top-k layers, MoE,
 ChunkedGather, which reads only the rows looked up), what holds state (nadoo.Attention and its KV
 cache), chunked layers under a memory budget (they stream through the bounded cache), and generators whose output size is a run-time value
-(Expand, Range, ... with a non-constant size input: the plan checks those before they allocate).
+computed from an input's data (Expand, Range, ... with such a size input: the plan checks those before
+they allocate); sized by constants or by shapes (`shape_derived`), they run in ORT.
 Each maximal run of consecutive ORT nodes becomes one onnxruntime.InferenceSession (`OrtSegment`),
 fused into the plan as one step; NumPy nodes and segments then run in graph order.
 
@@ -46,6 +47,9 @@ _VALUE_SIZED = {"Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Range": 
 _NUMPY_ONLY = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
                "If", "Loop", "Scan"}
 _SMALL_CONST = 256  # constants up to this many elements stay data in the shape-inference model (shape values)
+_SHAPE_READERS = {"Shape", "Size"}  # their output is a function of their input's shape alone
+_SETTLE_ROUNDS = 4  # fold, infer, fold what the inferred shapes settle, ...: shape chains are short
+_UNSEEN = object()
 
 
 def resolve(engine: str) -> str:
@@ -184,7 +188,9 @@ def _opsets(helper, graph: dict, extra: dict | None = None) -> list:
 
 def ort_able(node: dict, op, opsets: dict, const: set) -> bool:
     """Whether ORT may run this node: a chunked op read whole at one tier, or a standard ONNX operator
-    of the graph's opset that is not value-sized by a run-time value (see the module docstring)."""
+    of the graph's opset that is not value-sized by a run-time value: its size inputs are in `const`,
+    constants or values computed from shapes and constants alone (`shape_derived`; a segment settles
+    those per input shape before ORT runs, see the module docstring)."""
     import onnx
 
     dom = node.get("domain", "") or ""
@@ -198,6 +204,20 @@ def ort_able(node: dict, op, opsets: dict, const: set) -> bool:
         return False
     ins = node["inputs"]
     return all(i >= len(ins) or not ins[i] or ins[i] in const for i in _VALUE_SIZED.get(node["op"], ()))
+
+
+def shape_derived(nodes: list[dict], const: set) -> set:
+    """The constants and the values computed from shapes and constants alone (Shape, Size, then any
+    standard operator over such values): for one set of input shapes each has one value, so a segment
+    that settles it for a signature (`OrtSegment._settle`) has checked its size for every call with it.
+    A value computed from an input's data (a ReduceMax of token ids, say) is not among them."""
+    known = set(const)
+    for n in nodes:
+        if (n.get("domain", "") or "") not in ("", "ai.onnx") or n["op"] in _NUMPY_ONLY:
+            continue
+        if n["op"] in _SHAPE_READERS or (n["inputs"] and all(not i or i in known for i in n["inputs"])):
+            known.update(o for o in n["outputs"] if o)
+    return known
 
 
 def runs_of(flags: list[bool]) -> list[tuple[int, int]]:
@@ -221,7 +241,8 @@ def hybridize(plan, session, options: OrtOptions) -> list["OrtSegment"]:
     opsets = {("" if d == "ai.onnx" else d): v for d, v in (graph.get("opset") or {}).items()}
     ops = iter(session.ops)
     op_of = [next(ops) if n.get("domain") == "nadoo" and n["op"] in _chunked_types() else None for n in nodes]
-    flags = [ort_able(n, op, opsets, const) for n, op in zip(nodes, op_of)]
+    derived = shape_derived(nodes, const)
+    flags = [ort_able(n, op, opsets, derived) for n, op in zip(nodes, op_of)]
     init = plan.initial_values
     constants = {n: init[plan.slot_of(n)] for n in const}
     types = value_types(graph, constants)
@@ -446,8 +467,8 @@ class OrtSegment:
 
     # ------------------------------------------------------------------ per input shape
     def _check_for(self, sig, args):
-        got = self._checked.get(sig)
-        if got is None:
+        got = self._checked.get(sig, _UNSEEN)
+        if got is _UNSEEN:  # a shape inference cannot settle is remembered too: it is not retried per call
             got = self._settle(args)
             with self._lock:
                 self._checked[sig] = got
@@ -455,40 +476,20 @@ class OrtSegment:
 
     def _settle(self, args):
         """For these inputs' shapes: (largest value and its node, most multiply-adds and its node, the
-        chunked layers' (op, x shape, y shape)), or None when shape inference leaves a value open."""
-        import onnx
-        from onnx import numpy_helper
-
-        with self._lock:
-            if self._shape_model is None:
-                self._shape_model = self._build_shape_model()
-        m = onnx.ModelProto()
-        m.CopyFrom(self._shape_model)
-        folded = self._fold(args)
-        for nd in list(m.graph.node):  # nodes computing only folded values: their values instead
-            if all(o in folded for o in nd.output if o):
-                m.graph.node.remove(nd)
-        for name, a in folded.items():
-            if name not in self.inputs:
-                m.graph.initializer.append(numpy_helper.from_array(np.asarray(a), name))
-        for vi, a in zip(list(m.graph.input[: len(args)]), args):
-            if _shape_value(a):  # its value is part of the signature: a constant for inference's data propagation
-                m.graph.initializer.append(numpy_helper.from_array(a, vi.name))
-                m.graph.input.remove(vi)
-                continue
-            dims = vi.type.tensor_type.shape
-            for d in a.shape:
-                dims.dim.add().dim_value = int(d)
-        try:
-            m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
-        except Exception:
-            return None
-        shapes = {n: tuple(a.shape) for n, a in zip(self.inputs, args)}
-        shapes.update({n: tuple(np.shape(a)) for n, a in folded.items()})
-        for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
-            t = vi.type.tensor_type
-            if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
-                shapes.setdefault(vi.name, tuple(int(d.dim_value) for d in t.shape.dim))
+        chunked layers' (op, x shape, y shape, multiply-adds)), or None when shape inference leaves a
+        value open. Shape values computed from shapes (Shape, then arithmetic on it) are folded and
+        inference rerun while that settles more of them: ONNX's data propagation stops at many ops."""
+        shapes = {n: tuple(a.shape) for n, a in zip(self.inputs, args) if isinstance(a, np.ndarray)}
+        folded = None
+        for _ in range(_SETTLE_ROUNDS):
+            more = self._fold(args, shapes)
+            if folded is not None and more.keys() <= folded.keys():
+                break
+            folded = more
+            inferred = self._infer(args, folded)
+            if inferred is None:
+                return None
+            shapes.update(inferred)
         init = self.plan.initial_values
         worst_el, worst_macs, layers = (0, ""), (0, ""), []
         ops = iter(self.whole)
@@ -519,31 +520,73 @@ class OrtSegment:
                 x, y = n["inputs"][0], n["outputs"][0]
                 if x not in shapes:
                     return None
-                layers.append((next(ops), shapes[x], shapes.get(y)))
+                op = next(ops)
+                layers.append((op, shapes[x], shapes.get(y), op.macs_for(shapes[x], shapes.get(y))))
         return worst_el, worst_macs, layers
 
-    def _fold(self, args) -> dict:
-        """The small integer values (`_shape_value`) computed from the segment's small integer inputs and
-        constants alone, by the plan's own kernels: ONNX's data propagation does not follow every
-        operator (Neg of a count, say), so what it would miss is settled here."""
+    def _infer(self, args, folded: dict) -> dict | None:
+        """Every value's shape ONNX shape inference settles with the inputs' shapes and the folded
+        values as constants, or None when inference fails."""
+        import onnx
+        from onnx import numpy_helper
+
+        m = onnx.ModelProto()
+        with self._lock:
+            if self._shape_model is None:
+                self._shape_model = self._build_shape_model()
+        m.CopyFrom(self._shape_model)
+        for nd in list(m.graph.node):  # nodes computing only folded values: their values instead
+            if all(o in folded for o in nd.output if o):
+                m.graph.node.remove(nd)
+        for name, a in folded.items():
+            if name not in self.inputs:
+                m.graph.initializer.append(numpy_helper.from_array(np.asarray(a), name))
+        for vi, a in zip(list(m.graph.input[: len(args)]), args):
+            if _shape_value(a):  # its value is part of the signature: a constant for inference's data propagation
+                m.graph.initializer.append(numpy_helper.from_array(a, vi.name))
+                m.graph.input.remove(vi)
+                continue
+            dims = vi.type.tensor_type.shape
+            for d in a.shape:
+                dims.dim.add().dim_value = int(d)
+        try:
+            m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+        except Exception:
+            return None
+        shapes = {n: tuple(np.shape(a)) for n, a in folded.items()}
+        for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
+            t = vi.type.tensor_type
+            if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+                shapes.setdefault(vi.name, tuple(int(d.dim_value) for d in t.shape.dim))
+        return shapes
+
+    def _fold(self, args, shapes: dict) -> dict:
+        """The small integer values (`_shape_value`) computed from the segment's small integer inputs,
+        constants and the known `shapes` (Shape and Size read only a shape) alone, by the plan's own
+        kernels: ONNX's data propagation does not follow every operator (Neg of a count, say), so what it
+        would miss is settled here. Each is a function of the segment's signature (input shapes and
+        small integer values): what is settled for one signature holds for every call with it."""
         init = self.plan.initial_values
         known = {n: a for n, a in zip(self.inputs, args) if isinstance(a, np.ndarray) and _shape_value(a)}
         for n, (fn, in_slots, out, single, _, _) in zip(self.nodes, self.steps):
             if n.get("domain") == "nadoo" or not single:
                 continue
-            vals = []
-            for name, s in zip(n["inputs"], in_slots):
-                v = init[s] if init[s] is not None else known.get(name) if name else None
-                if name and v is None:
-                    break
-                vals.append(v)
-            else:
-                try:
-                    r = np.asarray(fn(*vals))
-                except Exception:
+            if n["op"] in _SHAPE_READERS:
+                x = n["inputs"][0] if n["inputs"] else ""
+                if x not in shapes:
                     continue
-                if _shape_value(r):
-                    known[n["outputs"][0]] = r
+                vals = [np.broadcast_to(np.zeros((), np.float32), shapes[x])]  # the kernel reads .shape only
+            else:
+                vals = [init[s] if init[s] is not None else known.get(name) if name else None
+                        for name, s in zip(n["inputs"], in_slots)]
+                if any(name and v is None for name, v in zip(n["inputs"], vals)):
+                    continue
+            try:
+                r = np.asarray(fn(*vals))
+            except Exception:
+                continue
+            if _shape_value(r):
+                known[n["outputs"][0]] = r
         return known
 
     # ------------------------------------------------------------------ running
@@ -576,6 +619,6 @@ class OrtSegment:
         if clock is not None:
             key = self.label[label]
             prof[key] = prof.get(key, 0.0) + clock() - t
-        for op, xs, ys in layers:
-            op.count_whole(xs, ys)
+        for op, xs, ys, layer_macs in layers:
+            op.count_whole(xs, ys, layer_macs)
         return outs

@@ -38,9 +38,8 @@ class NodeArg:
     type: str
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set of this process. On Linux VmHWM of /proc/self/status: getrusage's ru_maxrss
-    survives exec, so a nadoo process started from a big parent would report the parent's peak."""
+def _status_peak() -> int | None:
+    """VmHWM of /proc/self/status (Linux), None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -48,8 +47,28 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def _rusage_peak() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)  # Linux reports KiB, macOS bytes
+
+
+# getrusage's ru_maxrss is max(the peak of the image exec replaced, this process's own peak): a nadoo
+# process started from a big parent may report the parent's. Once it exceeds what it was when this module
+# loaded, it is this process's own peak (VmHWM, also after /proc/self/clear_refs resets that); until then
+# /proc/self/status says. A system call is all most runs' statistics then need (reading /proc costs more).
+_RUSAGE_AT_IMPORT = _rusage_peak()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process: VmHWM on Linux (see _RUSAGE_AT_IMPORT), else ru_maxrss."""
+    r = _rusage_peak()
+    if r > _RUSAGE_AT_IMPORT:
+        return r
+    s = _status_peak()
+    return r if s is None else s
 
 
 class Session:

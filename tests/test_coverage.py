@@ -492,3 +492,34 @@ def test_conv_transpose_output_is_bounded_before_the_kernel_runs():
     w = np.ones((2, 4, 3, 3), np.float32)
     with pytest.raises(ModelError, match="would produce"):
         _single_node("ConvTranspose", ["x", "w"], ["y"], {"strides": [100000, 100000]}, {"x": x}, {"w": w})
+
+
+# ------------------------------------------------------------------------- .pt2: reshape after a transpose
+class _WindowHeads(torch.nn.Module):
+    """Swin's and T5's attention as torch.export saves it: scaled_dot_product_attention with a bias
+    mask returns a [batch, seq, heads, dim]-strided value, so the heads' transpose back is contiguous
+    and the merge is a view in the program; torch's decompositions make the product contiguous."""
+
+    def __init__(self, d=32, h=2, n=16):
+        super().__init__()
+        self.h = h
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+        self.bias = torch.nn.Parameter(torch.randn(h, n, n))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (f(x).view(b, n, self.h, d // self.h).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, self.bias.contiguous().unsqueeze(0))
+        return self.o(a.reshape(b, -1, n, d // self.h).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_pt2_reshape_of_a_transposed_attention_output_compiles(tmp_path):
+    """The re-export of the saved program's module (dynamic batch) used to fail with "Cannot view a
+    tensor ... with strides"; now the .pt2 compiles through it, equal to the source at another batch."""
+    torch.manual_seed(0)
+    z = ZooModel("heads", _WindowHeads().eval(), {"x": ("float", (16, 32), 0)})
+    path, err, cos, _ = compile_run(z, "pt2", tmp_path)
+    assert err <= 1e-5 and cos >= COS8, (err, cos)
+    x = z.draw(3, 5)  # a batch size the program was not saved with
+    with Session(path, Policy(bits="float")) as s:
+        assert rel_err(s.run(None, x)[0], reference(z, x)) <= 1e-5

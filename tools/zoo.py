@@ -12,10 +12,10 @@ otherwise a random-init CNN's activations shrink layer by layer to ~1e-25.
 Per model: export as TorchScript (torch.jit.trace), a torch.export program (.pt2) and ONNX
 (torch.onnx dynamo exporter), `nadoo compile --keep-float` each form on a calibration set, then on
 held-out inputs: the float run's max error relative to the source's output scale, the 8-bit run's
-cosine to the source, the warm latency of an 8-bit run of the ONNX-form bundle divided by ONNX
-Runtime's on the same ONNX file (1 thread each, and default threads each; medians of interleaved
-repeated runs), and the nodes that ran through the onnx.reference fallback with their share of a
-call's time. Compile-side tool: torch, onnx, onnxruntime, transformers.
+cosine to the source, the warm latency of an 8-bit run of the ONNX-form bundle on each engine
+(`--engines numpy,ort`) divided by ONNX Runtime's fp32 on the same ONNX file (1 thread each, and
+default threads each; medians of interleaved repeated runs), and the nodes that ran through the
+NumPy engine's onnx.reference fallback with their share of a call's time. Compile-side tool: torch, onnx, onnxruntime, transformers.
 """
 from __future__ import annotations
 
@@ -467,7 +467,7 @@ def fallback_share(ndc: str, feeds: dict, runs: int = 3) -> tuple[dict[str, int]
     time of a warm 8-bit call (per-node timing, median over `runs`)."""
     from nadoo.runtime import Policy, Session
 
-    with Session(ndc, Policy(bits="8")) as s:
+    with Session(ndc, Policy(bits="8"), engine="numpy") as s:  # the ORT engine runs such nodes in ORT
         names = set(s.plan.fallback_nodes)
         op_of = {n.get("name"): n["op"] for n in s.bundle.read_graph()["nodes"]}
         s.run(None, feeds)
@@ -481,9 +481,14 @@ def fallback_share(ndc: str, feeds: dict, runs: int = 3) -> tuple[dict[str, int]
     return ops, float(np.median(shares))
 
 
-def latency_vs_ort(ndc: str, onnx_path: str, feeds: dict, budget_s: float = 3.0) -> dict:
-    """Warm latency of an 8-bit nadoo run over ONNX Runtime's on the same ONNX file, with one thread
-    each and with default threads each: medians of interleaved repeated runs."""
+ENGINES = ("numpy", "ort")
+PAUSE_S = 0.01  # before each timed call of the latency comparison
+
+
+def latency_vs_ort(ndc: str, onnx_path: str, feeds: dict, engines=ENGINES, budget_s: float = 3.0) -> dict:
+    """Warm latency of an 8-bit nadoo run on each engine over ONNX Runtime's on the same ONNX file, with
+    one thread each and with default threads each: medians of interleaved repeated runs.
+    {engine: {"ratio_1", "ratio_default"}, "median_s": {run: seconds}, "rounds": n}."""
     import onnxruntime as ort
     from threadpoolctl import threadpool_limits
 
@@ -493,32 +498,40 @@ def latency_vs_ort(ndc: str, onnx_path: str, feeds: dict, budget_s: float = 3.0)
     so.intra_op_num_threads = so.inter_op_num_threads = 1
     o1 = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
     od = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    with Session(ndc, Policy(bits="8")) as s:
+    with contextlib.ExitStack() as stack:
         def timed(f):
             t = time.perf_counter()
             f()
             return time.perf_counter() - t
 
-        def nd():
-            s.run(None, feeds)
-
-        runs = {"nadoo_1": (nd, 1), "ort_1": (lambda: o1.run(None, feeds), 1),
-                "nadoo_d": (nd, None), "ort_d": (lambda: od.run(None, feeds), None)}
+        runs = {"onnxruntime_1": (lambda: o1.run(None, feeds), 1),
+                "onnxruntime_d": (lambda: od.run(None, feeds), None)}
+        for e in engines:
+            # the ORT engine's intra-op threads are set when the session opens: one session per setting
+            for tag, threads in (("1", 1), ("d", None)):
+                s = stack.enter_context(Session(ndc, Policy(bits="8"), engine=e, threads=threads))
+                runs[f"{e}_{tag}"] = ((lambda s=s: s.run(None, feeds)), threads)
         for f, _ in runs.values():  # warm: weights decoded and cached, sessions initialised
             f()
             f()
         times = {k: [] for k in runs}
         t_end = time.perf_counter() + budget_s
-        while len(times["ort_d"]) < 5 or (time.perf_counter() < t_end and len(times["ort_d"]) < 50):
+        rounds = lambda: len(times["onnxruntime_d"])  # noqa: E731
+        while rounds() < 5 or (time.perf_counter() < t_end and rounds() < 50):
             for k, (f, threads) in runs.items():
                 with threadpool_limits(threads):
+                    # ORT's and BLAS's idle workers spin for a while after a call: measured right after
+                    # ORT's default-threads session, a call was ~3x slower. Each call starts after a pause.
+                    time.sleep(PAUSE_S)
                     times[k].append(timed(f))
     med = {k: float(np.median(v)) for k, v in times.items()}
-    return {"ratio_1": med["nadoo_1"] / med["ort_1"], "ratio_default": med["nadoo_d"] / med["ort_d"],
-            "median_s": med, "rounds": len(times["ort_d"])}
+    out: dict = {e: {"ratio_1": med[f"{e}_1"] / med["onnxruntime_1"],
+                     "ratio_default": med[f"{e}_d"] / med["onnxruntime_d"]} for e in engines}
+    out.update(median_s=med, rounds=rounds())
+    return out
 
 
-def evaluate(name: str, forms=FORMS, workdir: str | None = None, latency: bool = True) -> dict:
+def evaluate(name: str, forms=FORMS, workdir: str | None = None, latency: bool = True, engines=ENGINES) -> dict:
     """Export, compile and run one zoo model; returns every measurement (see the module docstring)."""
     from nadoo.compiler.pipeline import CompileOptions, compile_model
     from nadoo.runtime import Policy, Session
@@ -563,7 +576,7 @@ def evaluate(name: str, forms=FORMS, workdir: str | None = None, latency: bool =
                     r["q8_cosine"] = cosine(s.run(None, test)[0], ref)
                 r["fallback_ops"], r["fallback_share"] = fallback_share(ndc, one)
                 if latency and form == "onnx":
-                    res["latency"] = latency_vs_ort(ndc, src, one)
+                    res["latency"] = latency_vs_ort(ndc, src, one, engines)
             except Exception as e:
                 r.update(ok=False, stage="run", error=_one_line(e))
     res["seconds"] = time.perf_counter() - t0
@@ -579,16 +592,25 @@ def _fmt_form(r: dict) -> str:
     return "✓ legacy" if r.get("notes") else "✓"
 
 
+ENGINE_TITLES = {"numpy": "NumPy engine", "ort": "ORT engine"}
+
+
+def _engines_in(results: list[dict]) -> list[str]:
+    return [e for e in ENGINES if any(e in (r.get("latency") or {}) for r in results)]
+
+
 def table(results: list[dict]) -> str:
+    engines = _engines_in(results) or list(ENGINES)
+    lat_head = "".join(f"| {ENGINE_TITLES[e]} ×ORT 1 thread | {ENGINE_TITLES[e]} ×ORT default " for e in engines)
     head = ("| model | TorchScript | .pt2 | ONNX | float rel. err (max) | 8-bit cosine (min) | torch RTN 8-bit cosine "
-            "| ×ORT 1 thread | ×ORT default | onnx.reference fallback (share of call) |")
-    lines = [head, "|" + "---|" * 10]
+            + lat_head + "| onnx.reference fallback (share of call) |")
+    lines = [head, "|" + "---|" * (8 + 2 * len(engines))]
     for res in results:
         fr = [res["forms"].get(f, {}) for f in FORMS]
         ok = [r for r in fr if r.get("ok")]
         err = max((r["float_rel_err"] for r in ok if "float_rel_err" in r), default=None)
         cos = min((r["q8_cosine"] for r in ok if "q8_cosine" in r), default=None)
-        lat = res.get("latency")
+        lat = res.get("latency") or {}
         ops: dict[str, int] = {}
         for r in ok:
             for op, n in r.get("fallback_ops", {}).items():
@@ -598,8 +620,8 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {res['model']} | " + " | ".join(_fmt_form(r) for r in fr) + " | "
                      + (f"{err:.1e}" if err is not None else "–") + " | " + (f"{cos:.5f}" if cos is not None else "–")
                      + (f" | {res['rtn8_cosine']:.5f}" if "rtn8_cosine" in res else " | –")
-                     + " | " + (f"{lat['ratio_1']:.2f}" if lat else "–") + " | "
-                     + (f"{lat['ratio_default']:.2f}" if lat else "–") + f" | {fb} |")
+                     + "".join(f" | {lat[e]['ratio_1']:.2f} | {lat[e]['ratio_default']:.2f}" if e in lat else " | – | –"
+                               for e in engines) + f" | {fb} |")
     lines.append("")
     for res in results:
         for f, r in res["forms"].items():
@@ -610,6 +632,18 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines).rstrip()
 
 
+def summary(results: list[dict]) -> str:
+    """One line: the median and the worst warm latency × ORT per engine and thread setting."""
+    parts = []
+    for e in _engines_in(results):
+        per = []
+        for key, what in (("ratio_1", "1 thread"), ("ratio_default", "default threads")):
+            v = [r["latency"][e][key] for r in results if e in (r.get("latency") or {})]
+            per.append(f"{what} median {np.median(v):.2f}× / worst {max(v):.2f}×")
+        parts.append(f"{ENGINE_TITLES[e]}: " + ", ".join(per))
+    return ("warm latency × ORT fp32 — " + "; ".join(parts)) if parts else ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", help=f"comma-separated subset of: {', '.join(MODELS)}")
@@ -617,12 +651,18 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write every measurement to this file")
     ap.add_argument("--workdir", help="keep exported models and bundles under this folder")
     ap.add_argument("--no-latency", action="store_true", help="skip the ONNX Runtime latency comparison")
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help="engines whose latency is compared with ONNX Runtime's: comma-separated subset of "
+                         + ", ".join(ENGINES))
     a = ap.parse_args(argv)
     names = a.models.split(",") if a.models else list(MODELS)
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         ap.error(f"unknown model {unknown[0]!r}; known: {', '.join(MODELS)}")
     forms = a.forms.split(",")
+    engines = a.engines.split(",")
+    if any(e not in ENGINES for e in engines):
+        ap.error(f"--engines takes {', '.join(ENGINES)}")
     if any(f not in FORMS for f in forms):
         ap.error(f"--forms takes {', '.join(FORMS)}")
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -630,15 +670,18 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     results = []
     for n in names:
-        res = evaluate(n, forms, os.path.join(a.workdir, n) if a.workdir else None, latency=not a.no_latency)
+        res = evaluate(n, forms, os.path.join(a.workdir, n) if a.workdir else None, latency=not a.no_latency,
+                       engines=engines)
         results.append(res)
         print(f"{n}: {res['seconds']:.0f} s", file=sys.stderr)
+        if a.json:  # after every model: an interrupted run keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump({"load_before": load, "seconds": time.perf_counter() - t0, "results": results}, f, indent=1)
     total = time.perf_counter() - t0
     print(table(results))
+    if summary(results):
+        print("\n" + summary(results))
     print(f"\n{len(names)} models in {total:.0f} s", file=sys.stderr)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"load_before": load, "seconds": total, "results": results}, f, indent=1)
     return 0
 
 

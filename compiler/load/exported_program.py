@@ -31,6 +31,7 @@ def load_exported(path, example_inputs, opset, allow_pickle=False):
         module = ep.module(check_guards=False)  # guards would exec code strings from the file
     except Exception as e:
         raise CompileError(one_line(f"{path}: cannot rebuild the exported program's module: {err_text(e)}")) from None
+    _copy_before_strided_reshapes(torch, module)
     arrays = _examples(ep, module, names, example_inputs, path)
     args_t = tuple(to_torch(arrays).values())
     with torch.no_grad():
@@ -69,6 +70,33 @@ def load_exported(path, example_inputs, opset, allow_pickle=False):
                       f"only the input shapes it was saved with; export with a dynamic batch "
                       f"(torch.export.Dim) to vary it")
     return model, names, out_names, len(flat), arrays, module
+
+
+def _copy_before_strided_reshapes(torch, module) -> int:
+    """Put a contiguous copy (aten.clone) before every view/reshape of a value the saved program does
+    not know to be contiguous (a transpose's output, say); returns how many. Re-exporting the module,
+    torch decomposes such a reshape into a view under symbolic shapes, which then fails on the
+    transpose's strides ("Cannot view a tensor with shape ... and strides ..."; Swin's and T5's
+    attention). A reshape of a non-contiguous value copies anyway, so the program computes the same."""
+    aten = torch.ops.aten
+    reshapes = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+    def contiguous(node) -> bool:
+        try:
+            return bool(node.meta["val"].is_contiguous())
+        except Exception:  # no recorded value, or a symbolic answer: copy to be safe
+            return False
+
+    g, n = module.graph, 0
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target in reshapes and node.args and not contiguous(node.args[0]):
+            with g.inserting_before(node):
+                copy = g.call_function(aten.clone.default, (node.args[0],), {"memory_format": torch.contiguous_format})
+            node.args = (copy,) + tuple(node.args[1:])
+            n += 1
+    if n:
+        module.recompile()
+    return n
 
 
 def _examples(ep, module, names, example_inputs, path):

@@ -211,10 +211,14 @@ class WeightOp(ChunkedOp):
         shapes (y None when the node omits it)."""
         raise NotImplementedError
 
-    def count_whole(self, x_shape: tuple, y_shape: tuple | None) -> None:
-        """Account one dense execution computed elsewhere (weights held there: nothing read now)."""
-        macs = self.macs_for(x_shape, y_shape)
-        self.count(callstats.bytes_read(), self.entry.n_chunks, macs, macs)
+    def count_whole(self, x_shape: tuple, y_shape: tuple | None, macs: int | None = None) -> None:
+        """Account one dense execution computed elsewhere (weights held there: nothing read now).
+        `macs`: macs_for(x_shape, y_shape) when the caller has it already (it runs per call)."""
+        macs = self.macs_for(x_shape, y_shape) if macs is None else macs
+        lc = self.counters()
+        lc.chunks_read += self.entry.n_chunks
+        lc.macs += macs
+        lc.dense_macs += macs
 
     def chose(self, ids: np.ndarray) -> None:
         self.selected = self.counters().selected = ids

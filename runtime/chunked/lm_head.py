@@ -126,10 +126,11 @@ class LMHead(ChunkedLinear):
     def whole_tiers(self):
         return None if self.routed else super().whole_tiers()
 
-    def count_whole(self, x_shape, y_shape):
+    def count_whole(self, x_shape, y_shape, macs=None):
         """A dense head computed by another engine counts as the dense call here would."""
-        super().count_whole(x_shape, y_shape)
-        hc, macs = callstats.state_for(self, HeadCounters), self.macs_for(x_shape, y_shape)
+        macs = self.macs_for(x_shape, y_shape) if macs is None else macs
+        super().count_whole(x_shape, y_shape, macs)
+        hc = callstats.state_for(self, HeadCounters)
         hc.calls += 1
         hc.chunks_read += self.entry.n_chunks
         hc.macs += macs
