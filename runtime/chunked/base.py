@@ -70,6 +70,14 @@ class ChunkedOp:
         (`WeightOp`); None: it selects per input or holds state, so it runs here."""
         return None
 
+    def macs_for(self, x_shape: tuple, y_shape: tuple | None) -> int:
+        """Multiply-adds of one dense execution on these shapes, counted in the layer statistics (an op
+        without chunked weights has no layer entry: 0)."""
+        return 0
+
+    def count_whole(self, x_shape: tuple, y_shape: tuple | None, macs: int | None = None) -> None:
+        """Account one execution another engine computed whole (`whole_tiers` not None)."""
+
     @classmethod
     def check_policy(cls, policy: Policy, bundle: Bundle) -> None:
         """Refuse, when the session opens, policy options of this family the bundle cannot honour."""

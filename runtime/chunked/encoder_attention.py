@@ -66,7 +66,7 @@ class EncoderAttention(ChunkedOp):
         size = self.policy.block or max(sq, sk, 1)
         return batch * self.heads * -(-sq // size) * -(-sk // size)
 
-    def count_whole(self, x_shape: tuple, y_shape: tuple | None) -> None:
+    def count_whole(self, x_shape: tuple, y_shape: tuple | None, macs: int | None = None) -> None:
         """One dense execution computed elsewhere (ONNX Runtime): every key block read, time not seen."""
         ac = callstats.state_for(self, AttentionCounters)
         ac.calls += 1
