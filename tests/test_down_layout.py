@@ -171,14 +171,14 @@ def test_the_compiler_writes_down_grouped_along_its_neurons(lms):
         for e in _downs(b):
             assert e.group_size == 32 and e.bounds.tolist() == [0, 32, 64, 80]
             assert {t: type(lay).__name__ for t, (lay, _) in e.layouts.items()} == {
-                "f32": "SeparateTier", **dict.fromkeys(("q8", "q4", "q2"), "TransposedZeroPointTier")}
+                "f32": "SeparateTier", **dict.fromkeys(("q8", "q4", "q3", "q2"), "TransposedZeroPointTier")}
             w = b.read_weight(e.name, "f32")
             for t, tol in (("q8", 0.01), ("q4", 0.2)):
                 assert np.abs(b.read_weight(e.name, t) - w).max() < tol * np.abs(w).max()
         others = [e for e in b.tensors.values() if e.kind != "ffn_down"]
         assert others and all(type(e.layouts["q4"][0]).__name__ == "ZeroPointTier" for e in others)
     with Bundle.open(lms["old"]) as b:
-        assert b.preamble.minor == 2
+        assert b.preamble.minor == 3  # the q3 tier (1.3) alone: down in the row-grouped zp layout
         assert all("zp_t" not in e.meta and "q4" in e.meta["zp"] for e in _downs(b))
 
 
