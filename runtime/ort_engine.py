@@ -108,6 +108,8 @@ class SegmentExporter(Exporter):
         return np.ascontiguousarray(w.reshape(e.rows, e.row_len).T if transposed else w)
 
     def linear(self, x: str, name: str, bias: str, out: str, rows: np.ndarray | None = None) -> None:
+        if self.shapes_only:  # a row permutation leaves every shape as it is (and would copy the zeros)
+            rows = None
         if not self._nbits(x, name, bias, out, of_transpose=False, rows=rows):
             super().linear(x, name, bias, out, rows)
 
@@ -122,8 +124,6 @@ class SegmentExporter(Exporter):
         rows[j] (x·Wᵀ only)."""
         read = getattr(self.bundle, "read_packed", None)
         tier = self.tiers[name]
-        if self.shapes_only:  # a row permutation leaves every shape as it is
-            rows = None
         # ONNX shape inference knows no com.microsoft op: the shape graph keeps the plain MatMul. MatMulNBits'
         # exact path (accuracy level 0) is fast at 4 bits only (8 and 2 bits measured ~80x slower than a
         # float MatMul, ORT 1.32): exact 8- and 2-bit layers are handed over dequantized.
