@@ -38,7 +38,9 @@ def evaluate(bundle: Path, name: str, X: np.ndarray, y: np.ndarray, ref_acc: flo
     print(f"\n{name}: torch fp32 accuracy {ref_acc:.2%}")
     print(f"  {'policy':<18} {'accuracy':>9} {'Δ pp':>6} {'read/sample':>12} {'% fp32 weights':>15} {'% MACs':>7}")
     for label, kw in POLICIES:
-        with Session(bundle, Policy(**kw)) as s:
+        # The NumPy engine: it reads per input what the policy picks. The ORT engine would read every
+        # weight it runs once at open, so a fresh run's own bytes would show 0.
+        with Session(bundle, Policy(**kw), engine="numpy") as s:
             input_name = s.get_inputs()[0].name
             # Cold per-sample runs with an empty cache would re-read everything; report the bytes of
             # one fresh single-sample run, and accuracy over the whole test set in one batch.
