@@ -356,6 +356,12 @@ def _attention_options(fn):
     return fn
 
 
+def _lm_options(fn):
+    """--bits, --bits-for, --memory-budget, the attention, FFN sparsity and engine options: what generate and
+    perplexity share."""
+    return _BITS(_BITS_FOR(_BUDGET(_attention_options(_ffn_sparsity(_engine_options(fn))))))
+
+
 def _attention_policy(attention, kv_budget, sink, window, page, attention_scope, kv_dtype):
     from .sparse_attention import AttentionPolicy
 
@@ -382,14 +388,9 @@ def _parse_ids(text):
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Sample from the smallest set of tokens whose probability reaches p.")
 @click.option("--seed", type=click.IntRange(0), help="Seed of the sampler (reproducible samples).")
 @click.option("--no-eos", is_flag=True, help="Do not stop at an end-of-sequence token.")
-@_BITS
-@_BITS_FOR
-@_BUDGET
-@_attention_options
+@_lm_options
 @_lm_head_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, speed, bytes read, per-layer stats) instead of streaming.")
-@_ffn_sparsity
-@_engine_options
 @_friendly
 def generate(bundle, prompt, prompt_ids, chat, max_new_tokens, temperature, top_k, top_p, seed, no_eos, bits, bits_for,
              memory_budget, lm_head, lm_head_k, lm_head_epsilon, as_json, ffn, engine, threads, ort_int8, **attention):
@@ -423,13 +424,8 @@ def generate(bundle, prompt, prompt_ids, chat, max_new_tokens, temperature, top_
 @click.option("--text-file", required=True, type=click.Path(dir_okay=False), help="UTF-8 text to score.")
 @click.option("--context", default=512, show_default=True, type=click.IntRange(2), help="Tokens per window.")
 @click.option("--score", type=click.Choice(["half", "all"]), default="half", show_default=True, help="half: the second half of each window (as llama.cpp's perplexity tool); all: every token after the first.")
-@_BITS
-@_BITS_FOR
-@_BUDGET
-@_attention_options
+@_lm_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_ffn_sparsity
-@_engine_options
 @_friendly
 def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget, as_json, ffn, engine, threads, ort_int8,
                **attention):

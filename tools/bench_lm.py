@@ -134,11 +134,17 @@ def _line(r: dict) -> str:
             f"{r['cold_s']:.2f} s | {mib(r['peak_rss_bytes'])} | {per_tok} | {ppl} |")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def gemma_parser(doc: str, bits: str) -> argparse.ArgumentParser:
+    """The arguments of every Gemma figures tool (this one, gemma_figures.py): the bundle and its tiers."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--bundle", default=str(ROOT / "work_out" / "gemma.ndc"))
+    ap.add_argument("--bits", default=bits)
+    return ap
+
+
+def main():
+    ap = gemma_parser(__doc__, "8,4")
     ap.add_argument("--gguf", default=str(ROOT / "work_out" / "gemma-3-270m-q4_k_m.gguf"))
-    ap.add_argument("--bits", default="8,4")
     ap.add_argument("--engines", default="default", help="comma list of --engine values or ort-int8 (default: the CLI's)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeat", type=int, default=3)

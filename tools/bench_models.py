@@ -136,12 +136,15 @@ def _gemm_to_matmul(m):
     return m
 
 
-def _done(d: str) -> dict | None:
+def _build_dir(root: str, params: dict) -> tuple[str, dict | None]:
+    """The build folder of `params` (made if new) and the manifest of a build finished there earlier."""
+    d = os.path.join(root, f"{params['model']}-{_key(params)}")
     p = os.path.join(d, "manifest.json")
     if os.path.exists(p):
         with open(p) as f:
-            return json.load(f)
-    return None
+            return d, json.load(f)
+    os.makedirs(d, exist_ok=True)
+    return d, None
 
 
 def _compile_entry(d, name, model, onnx_path, chunks, params, input_names, output, stem=None, **extra):
@@ -169,11 +172,9 @@ def _finish(d: str, man: dict) -> dict:
 # --------------------------------------------------------------------------------------------- MiniLM
 def minilm(root: str, seq: int = 32, chunks: int = 16) -> dict:
     params = {"model": "minilm", "seq": seq, "chunks": chunks}
-    d = os.path.join(root, f"minilm-{_key(params)}")
-    man = _done(d)
+    d, man = _build_dir(root, params)
     if man:
         return man
-    os.makedirs(d, exist_ok=True)
     import torch
 
     from examples import models
@@ -265,11 +266,9 @@ def mlp_inputs(d: int, n: int, seed: int) -> np.ndarray:
 def wide_mlp(root: str, d: int = 4096, h: int = 8192, blocks: int = 2, calib_n: int = 64, chunks: int = 16,
              layout: str = "scattered") -> dict:
     params = {"model": "wide_mlp", "d": d, "h": h, "blocks": blocks, "calib_n": calib_n, "chunks": chunks, "layout": layout}
-    dd = os.path.join(root, f"wide_mlp-{_key(params)}")
-    man = _done(dd)
+    dd, man = _build_dir(root, params)
     if man:
         return man
-    os.makedirs(dd, exist_ok=True)
     import torch
 
     from examples import models
@@ -353,11 +352,9 @@ def moe_lm(root: str, seconds: float = 150, budget_experts: int = 6) -> dict:
     inputs b1 / b8 (held-out windows of 64 characters), heldout.npz (64 windows + next characters), and
     budget_bytes: the decoded non-expert weights + `budget_experts` decoded experts (of 2 x 8)."""
     params = {"model": "moe_lm", "seconds": seconds, "budget_experts": budget_experts}
-    d = os.path.join(root, f"moe_lm-{_key(params)}")
-    man = _done(d)
+    d, man = _build_dir(root, params)
     if man:
         return man
-    os.makedirs(d, exist_ok=True)
     import contextlib
 
     import torch

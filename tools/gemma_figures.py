@@ -48,10 +48,10 @@ def one_tier(bundle: str, bits: str, ref: dict, bits_for: str = "") -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bundle", default=str(ROOT / "work_out" / "gemma.ndc"))
+    from bench_lm import gemma_parser  # tools/ is this script's folder, first on sys.path
+
+    ap = gemma_parser(__doc__, "float,8,4")
     ap.add_argument("--ref", default=str(ROOT / "work_out" / "gemma_ref.json"))
-    ap.add_argument("--bits", default="float,8,4")
     ap.add_argument("--bits-for", default="", help="per-tensor tiers over --bits, e.g. embed=8")
     ap.add_argument("--out", default=str(ROOT / "work_out" / "gemma_figures.json"))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one tier, print its record

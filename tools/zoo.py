@@ -77,35 +77,24 @@ def _wrappers():
     from it) returning one tensor: the ModelOutput field `key` of the wrapped model."""
     import torch
 
-    class Pixels(torch.nn.Module):
+    class Wrapper(torch.nn.Module):
         def __init__(self, m, key):
             super().__init__()
             self.m, self.key = m, key
 
+    class Pixels(Wrapper):
         def forward(self, pixel_values):
             return self.m(pixel_values=pixel_values)[self.key]
 
-    class Tokens(torch.nn.Module):
-        def __init__(self, m, key):
-            super().__init__()
-            self.m, self.key = m, key
-
+    class Tokens(Wrapper):
         def forward(self, input_ids):
             return self.m(input_ids=input_ids, use_cache=False)[self.key]
 
-    class TokensMask(torch.nn.Module):
-        def __init__(self, m, key):
-            super().__init__()
-            self.m, self.key = m, key
-
+    class TokensMask(Wrapper):
         def forward(self, input_ids, attention_mask):
             return self.m(input_ids=input_ids, attention_mask=attention_mask)[self.key]
 
-    class Features(torch.nn.Module):
-        def __init__(self, m, key):
-            super().__init__()
-            self.m, self.key = m, key
-
+    class Features(Wrapper):
         def forward(self, input_features):
             return self.m(input_features=input_features)[self.key]
 

@@ -10,13 +10,20 @@ class Fallback(Exception):
     """Raised by a builder when this node's configuration is not implemented natively."""
 
 
-def register(*ops: str, domain: str = ""):
-    """Decorator: register a builder for one or more op types of a domain."""
-    def deco(fn):
-        for op in ops:
-            REGISTRY[(domain, op)] = fn
-        return fn
-    return deco
+def registrar(table: dict):
+    """A decorator factory filing a function under one or more op types of a domain in `table` (the
+    kernel builders below, the size rules of sizes.py)."""
+    def file_under(*ops: str, domain: str = ""):
+        def deco(fn):
+            for op in ops:
+                table[(domain, op)] = fn
+            return fn
+        return deco
+    return file_under
+
+
+# Decorator: register a builder for one or more op types of a domain.
+register = registrar(REGISTRY)
 
 
 def norm_axis(axis: int, rank: int) -> int:
