@@ -1,4 +1,5 @@
-"""Validating NDC reader: `Bundle.open(path)` reads the preamble and the index, nothing else.
+"""Validating NDC reader: `Bundle.open(path)` reads the preamble and the index, nothing else (the chunked
+tensors' entries and their checks: tensor_entry.py).
 
 Everything the spec (format_spec/NDC-v1.md §5) requires is checked at open, before any payload
 is touched; each payload is then checked (crc32, zstd frame size) when it is read. Every byte read
@@ -18,17 +19,13 @@ from .callstats import count_read
 from .errors import BundleError, corrupt
 from .files import mapped_read, open_regular
 from .format import (
-    CODEC_RAW, CODEC_ZSTD, CODECS, MAX_GROUP_SIZE, MAX_INDEX_BYTES, MAX_JSON_PAYLOAD, MAX_PAYLOAD_RAW, PREAMBLE_SIZE,
-    TABLE_DTYPE, TIERS, ZSTD_MAX_RATIO, ZSTD_SLACK, Preamble, align_up,
+    CODEC_RAW, CODEC_ZSTD, CODECS, MAX_INDEX_BYTES, MAX_JSON_PAYLOAD, MAX_PAYLOAD_RAW, PREAMBLE_SIZE, TABLE_DTYPE,
+    ZSTD_MAX_RATIO, ZSTD_SLACK, Preamble, align_up,
 )
 from .moe_index import validate_moe
-from .schema import (
-    ConstantsTable, Graph, Profile, Stats, check_dtype, check_index_info, check_name, check_shape, check_tensor_facts,
-    check_zp_tiers, load_json,
-)
-from .tiers import (
-    NESTED, SEPARATE, ZERO_POINT, ZERO_POINT_T, PackedWeight, TierLayout, TransposedZeroPointTier, ZeroPointTier,
-)
+from .schema import ConstantsTable, Graph, Profile, Stats, check_dtype, check_index_info, check_name, check_shape, load_json
+from .tensor_entry import TensorEntry, validate_tensors  # noqa: F401  (TensorEntry: re-exported)
+from .tiers import PackedWeight, ZeroPointTier
 
 # Index and table are read in one positioned read when at most this many bytes lie between them (the
 # writer pads to 8); a larger gap is legal but never read.
@@ -47,77 +44,6 @@ def _zstd_decompressor():
 
         _zstd = zstandard
     return _zstd.ZstdDecompressor()
-
-
-class TensorEntry:
-    """One chunked weight tensor of the index: rows (neurons, channels, embedding rows) split into chunks."""
-
-    __slots__ = ("name", "kind", "shape", "rows", "row_len", "group_size", "bounds", "tiers", "errors", "meta",
-                 "layouts")
-
-    def __init__(self, d: dict):
-        self.name = d["name"]
-        self.kind = d["kind"]
-        self.shape = tuple(d["shape"])
-        self.rows = self.shape[0]
-        self.row_len = int(np.prod(self.shape[1:], dtype=np.int64))
-        self.group_size = d["group_size"]
-        self.bounds = np.asarray(d["bounds"], dtype=np.int64)
-        self.errors = d.get("errors", {})
-        self.meta = d
-        # tier -> (layout, payload-id lists); `tiers` maps every tier, nested ones too, to its first
-        # list, so policies see what is available and empty chunks (-1) as empty. Nested planes are
-        # added by the reader's validation (Bundle._check_nested, `add_layout`).
-        self.tiers: dict[str, np.ndarray] = {}
-        self.layouts: dict[str, tuple[TierLayout, list[np.ndarray]]] = {}
-        for t, pids in d["tiers"].items():
-            self.add_layout(SEPARATE[t], [pids])
-        for t, pids in d.get(ZeroPointTier.index_key, {}).items():  # (1.2) integer-zero-point tiers
-            self.add_layout(ZERO_POINT[t], [pids])
-        for t, pids in d.get(TransposedZeroPointTier.index_key, {}).items():  # (1.3) the same over transposes
-            self.add_layout(ZERO_POINT_T[t], [pids])
-
-    def add_layout(self, layout: TierLayout, ids: list) -> None:
-        ids = [np.asarray(p, dtype=np.int64) for p in ids]
-        for t in layout.tiers_of(ids):
-            self.layouts[t] = (layout, ids)
-            self.tiers[t] = ids[0]
-
-    @property
-    def planes(self) -> list[np.ndarray]:
-        """The nested bit-plane id lists (A, B, C), [] when the tensor has none."""
-        return next((ids for layout, ids in self.layouts.values() if layout is NESTED), [])
-
-    def chunk_pids(self, tier: str, i: int) -> list[int]:
-        """Every payload id chunk i at `tier` is decoded from (one, or 1-3 nested planes); [] if empty."""
-        layout, ids = self.layouts[tier]
-        return layout.chunk_pids(ids, tier, i)
-
-    @property
-    def n_chunks(self) -> int:
-        return len(self.bounds) - 1
-
-    def chunk_rows(self, i: int) -> int:
-        return int(self.bounds[i + 1] - self.bounds[i])
-
-    def effective_group(self, layout: TierLayout) -> int:
-        return layout.group(self.row_len, self.group_size)
-
-    def payload_nbytes(self, tier: str, i: int) -> int:
-        """Raw bytes a read of chunk i at `tier` takes (every payload it needs)."""
-        layout = self.layouts[tier][0]
-        return layout.nbytes(tier, self.chunk_rows(i), self.row_len, self.effective_group(layout))
-
-    def chunk_nbytes(self, tier: str) -> np.ndarray:
-        """`payload_nbytes` of every chunk at `tier` (one computation per distinct chunk height)."""
-        layout = self.layouts[tier][0]
-        heights, where = np.unique(np.diff(self.bounds), return_inverse=True)
-        g = self.effective_group(layout)
-        return np.array([layout.nbytes(tier, int(r), self.row_len, g) for r in heights], np.int64)[where]
-
-    def payload_sizes(self, layout: TierLayout, i: int) -> list[int]:
-        """Raw length of each of chunk i's payloads in `layout`."""
-        return layout.payload_sizes(self.chunk_rows(i), self.row_len, self.effective_group(layout))
 
 
 _fail = corrupt
@@ -224,12 +150,13 @@ class Bundle:
             _fail(f"compressed payloads decode to {z_raw} bytes from {z_stored}, more than the spec's "
                   f"{ZSTD_MAX_RATIO}x + {ZSTD_SLACK >> 20} MiB")
 
-    def claim_payload(self, x, what: str, used: set) -> int:
+    def claim_payload(self, x, what: str, used: set, allow_empty: bool = False) -> int:
         """Payload id `x` of an index entry: in range and referenced by nothing else in `used` (for
-        validators of index keys outside this module)."""
-        return self._pid(x, what, used)
+        validators of index keys outside this module); allow_empty: -1 (an empty chunk) passes too."""
+        return self._pid(x, what, used, allow_empty)
 
     def _pid(self, x, what: str, used: set, allow_empty: bool = False) -> int:
+        """`claim_payload`; allow_empty: -1 (an empty chunk) passes, claiming nothing."""
         if type(x) is not int or not (-1 if allow_empty else 0) <= x < len(self.table):
             _fail(f"{what}: payload id {x!r} out of range")
         if x >= 0:
@@ -276,81 +203,12 @@ class Bundle:
                     _fail(f"sample {side} must be a list")
                 for d in items:
                     self._check_raw_tensor(d, f"sample {side[:-1]}", used)
-        tensors = ix.get("tensors")
-        if not isinstance(tensors, list):
-            _fail("'tensors' must be a list")
-        self.tensors: dict[str, TensorEntry] = {}
-        for d in tensors:
-            if not isinstance(d, dict):
-                _fail("tensor entry must be an object")
-            name = check_name(d.get("name"), "tensor name")
-            if name in self.tensors:
-                _fail(f"tensor {name} listed twice")
-            if not isinstance(d.get("kind"), str):
-                _fail(f"tensor {name}: missing kind")
-            shape = d.get("shape")
-            if check_shape(shape, f"tensor {name}") == 0 or len(shape) < 2:
-                _fail(f"tensor {name}: a chunked tensor needs rank >= 2 and no zero dims")
-            g = d.get("group_size")
-            if type(g) is not int or not 1 <= g <= MAX_GROUP_SIZE:
-                _fail(f"tensor {name}: bad group_size {g!r}")
-            b = d.get("bounds")
-            if (not isinstance(b, list) or len(b) < 2 or any(type(x) is not int for x in b)
-                    or b[0] != 0 or b[-1] != shape[0] or any(y <= x for x, y in zip(b, b[1:]))):
-                _fail(f"tensor {name}: chunk bounds must rise strictly from 0 to {shape[0]}")
-            tiers = d.get("tiers")
-            nested = d.get("nested")
-            zp = check_zp_tiers(d, f"tensor {name}")
-            zp_t = check_zp_tiers(d, f"tensor {name}", key=TransposedZeroPointTier.index_key)  # (1.3)
-            if (not isinstance(tiers, dict) or not (tiers or zp or zp_t or nested is not None)
-                    or any(t not in TIERS for t in tiers)):
-                _fail(f"tensor {name}: tiers must be a non-empty subset of {TIERS}")
-            if set(tiers) & set(zp):
-                _fail(f"tensor {name}: tier stored both in tiers and in zp")
-            if set(zp_t) & (set(tiers) | set(zp)):
-                _fail(f"tensor {name}: tier stored both in zp_t and in tiers or zp")
-            separate = [*tiers.items(), *zp.items(), *zp_t.items()]
-            for t, pids in separate:
-                if not isinstance(pids, list) or len(pids) != len(b) - 1:
-                    _fail(f"tensor {name}: tier {t} must list one payload per chunk")
-                for pid in pids:  # ids are checked before TensorEntry turns them into int64 arrays
-                    self._pid(pid, f"tensor {name} tier {t}", used, allow_empty=True)
-            e = TensorEntry(d)
-            for t, _ in separate:
-                p = e.tiers[t]
-                bad = np.flatnonzero((p >= 0) & (self.table["raw"][np.maximum(p, 0)].astype(np.int64) != e.chunk_nbytes(t)))
-                if bad.size:
-                    _fail(f"tensor {name} tier {t} chunk {int(bad[0])}: payload length does not match the layout")
-            if nested is not None:
-                self._check_nested(e, nested, used)
-            check_tensor_facts(d, e.n_chunks, set(e.tiers), f"tensor {name}")
-            self.tensors[name] = e
+        self.tensors: dict[str, TensorEntry] = validate_tensors(self, ix.get("tensors"), used)
         # NDC 1.1 key `moe`: experts stored as chunk groups (runtime/moe_index.py, spec §4.5)
         self.moe = validate_moe(self, ix.get("moe"), used)
         from .lm_index import validate_lm  # NDC 1.1 key `lm`: a language model's tokenizer and settings (spec §4.6)
 
         self.lm = validate_lm(self, ix.get("lm"), used)
-
-    def _check_nested(self, e: TensorEntry, nested, used: set) -> None:
-        """(1.1) `nested` = {"planes": [A ids, B ids, C ids]} (a prefix of 1-3 planes), spec §4.2b."""
-        name, n = e.name, e.n_chunks
-        planes = nested.get("planes") if isinstance(nested, dict) else None
-        if not isinstance(planes, list) or not 1 <= len(planes) <= NESTED.n_payloads:
-            _fail(f"tensor {name}: nested must be an object with a list of 1 to {NESTED.n_payloads} planes")
-        if any(t in e.layouts for t in NESTED.tiers_of(planes)):
-            _fail(f"tensor {name}: tier stored both separately and as nested planes")
-        for p, pids in enumerate(planes):
-            if not isinstance(pids, list) or len(pids) != n:
-                _fail(f"tensor {name}: nested plane {'ABC'[p]} must list one payload per chunk")
-            for i, pid in enumerate(pids):
-                if type(pid) is not int:
-                    _fail(f"tensor {name}: nested plane {'ABC'[p]}: payload id {pid!r} out of range")
-                if (pid < 0) != (planes[0][i] < 0):
-                    _fail(f"tensor {name} chunk {i}: an empty chunk must be empty (-1) in every nested plane")
-                if self._pid(pid, f"tensor {name} nested plane {'ABC'[p]}", used, allow_empty=True) >= 0:
-                    if int(self.table["raw"][pid]) != e.payload_sizes(NESTED, i)[p]:
-                        _fail(f"tensor {name} nested plane {'ABC'[p]} chunk {i}: payload length does not match the layout")
-        e.add_layout(NESTED, planes)
 
     # -- payloads ------------------------------------------------------------------------------
     def read_payload(self, pid: int) -> bytes:

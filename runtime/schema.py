@@ -1,6 +1,8 @@
-"""The typed schema of a bundle's JSON content: graph (§4.3), calibration profile (§4.4), constants
-table and stats (§4). `from_json` is the one place these are validated; the reader, the engine and
-`nadoo info` use the validated objects, so no consumer meets a missing key or a wrong type.
+"""The typed schema of a bundle's JSON content: graph (§4.3) and calibration profile (§4.4) here, constants
+table, stats and per-tensor facts (§4, §4.1) in index_schema.py, the checks they are built from in
+schema_checks.py; this module re-exports them all. `from_json` is the one place these are validated;
+the reader, the engine and `nadoo info` use the validated objects, so no consumer meets a missing key
+or a wrong type.
 
 Every violation raises `BundleError` with one line naming what is wrong. Validation is strict about
 what the runtime reads and ignores keys it does not know (minor versions add keys, spec §6).
@@ -8,23 +10,19 @@ what the runtime reads and ignores keys it does not know (minor versions add key
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from typing import Collection, Mapping
 
 import numpy as np
 
-from .errors import BundleError
-from .qcodec import ZP_GROUPS
-from .tiers import QUANT_TIERS
-from .format import (
-    DTYPES, MAX_DIM, MAX_ELEMENTS, MAX_JSON_CONTAINERS_FLOOR, MAX_NAME_LEN, MAX_RANK, JSON_BYTES_PER_CONTAINER,
-)
+from .format import MAX_DIM, MAX_NAME_LEN, MAX_RANK
+from .index_schema import (ConstantSpec, ConstantsTable, Stats, check_index_info, check_tensor_facts,  # noqa: F401
+                           check_zp_tiers)  # (re-exported: the schema's one import point)
+from .schema_checks import (INDEX, INT64, Where, check_dtype, check_int, check_name, check_numbers,  # noqa: F401
+                            check_object, check_shape, is_int, is_number, load_json, short)
 
 ONNX_DOMAIN = ""  # canonical spelling of the ONNX domain; "ai.onnx" is accepted as an alias
 MAX_OPSET = 10_000
-_INT64 = 1 << 63
 
 # Attributes the runtime's nadoo operators read, and their types (spec §4.3 table). Required: a graph
 # whose nadoo node misses one cannot run.
@@ -47,97 +45,6 @@ def normalize_domain(domain: str) -> str:
     return ONNX_DOMAIN if domain in ("", "ai.onnx") else domain
 
 
-class Where:
-    """Where a value sits, for the one-line error: `Where("corrupt bundle: graph").fail("...")`."""
-
-    __slots__ = ("prefix",)
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-
-    def fail(self, msg: str):
-        raise BundleError(f"{self.prefix}: {msg}")
-
-
-_INDEX = Where("corrupt bundle")
-
-
-# ------------------------------------------------------------------------------------- scalars
-def is_int(x) -> bool:
-    return type(x) is int and -_INT64 <= x < _INT64
-
-
-def is_number(x) -> bool:
-    return (type(x) is int and -_INT64 <= x < _INT64) or type(x) is float
-
-
-def check_name(x, what: str, w: Where = _INDEX) -> str:
-    if not isinstance(x, str) or not 0 < len(x) <= MAX_NAME_LEN:
-        w.fail(f"{what} must be a string of 1..{MAX_NAME_LEN} characters")
-    return x
-
-
-def check_shape(shape, what: str, w: Where = _INDEX) -> int:
-    """A concrete shape: a list of at most MAX_RANK ints in [0, MAX_DIM]; returns its element count."""
-    if not isinstance(shape, list) or len(shape) > MAX_RANK:
-        w.fail(f"{what}: shape must be a list of at most {MAX_RANK} dims")
-    n = 1
-    for d in shape:
-        if type(d) is not int or not 0 <= d <= MAX_DIM:
-            w.fail(f"{what}: bad dimension {d!r}")
-        n *= d
-    if n > MAX_ELEMENTS:
-        w.fail(f"{what}: {n} elements exceed the cap")
-    return n
-
-
-def check_dtype(dt, what: str, w: Where = _INDEX) -> np.dtype:
-    if not isinstance(dt, str) or dt not in DTYPES:
-        w.fail(f"{what}: unsupported dtype {dt!r}")
-    return np.dtype(dt).newbyteorder("<")
-
-
-def _int(x, lo: int, hi: int, what: str, w: Where) -> int:
-    if type(x) is not int or not lo <= x <= hi:
-        w.fail(f"{what} must be an int in [{lo}, {hi}], got {_short(x)}")
-    return x
-
-
-def _numbers(x, n: int | None, what: str, w: Where) -> list:
-    if not isinstance(x, list) or not all(is_number(v) for v in x):
-        w.fail(f"{what} must be a list of numbers")
-    if n is not None and len(x) != n:
-        w.fail(f"{what} has {len(x)} entries, expected {n}")
-    return x
-
-
-def _object(x, what: str, w: Where) -> dict:
-    if not isinstance(x, dict):
-        w.fail(f"{what} must be an object")
-    return x
-
-
-def _short(x) -> str:
-    r = repr(x)
-    return r if len(r) <= 60 else r[:57] + "..."
-
-
-# ------------------------------------------------------------------------------------- JSON
-def load_json(raw: bytes, what: str, max_bytes: int):
-    """Parse canonical JSON within the spec's caps. Besides the byte cap, objects and arrays (the values
-    that cost Python the most memory, ~25x their text) are limited to one per JSON_BYTES_PER_CONTAINER
-    bytes on average; counting `{` and `[` bytes over-counts (brackets inside strings) and is cheap."""
-    if len(raw) > max_bytes:
-        _INDEX.fail(f"{what} is {len(raw)} bytes, over the cap of {max_bytes}")
-    containers = raw.count(b"{") + raw.count(b"[")
-    if containers > MAX_JSON_CONTAINERS_FLOOR + len(raw) // JSON_BYTES_PER_CONTAINER:
-        _INDEX.fail(f"{what} holds {containers} JSON objects/arrays in {len(raw)} bytes, more than the spec allows")
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        _INDEX.fail(f"{what} is not valid UTF-8 JSON")
-
-
 # ------------------------------------------------------------------------------------- graph
 @dataclass(frozen=True)
 class ValueInfo:
@@ -149,7 +56,7 @@ class ValueInfo:
 
     @classmethod
     def from_json(cls, d, what: str, w: Where) -> "ValueInfo":
-        _object(d, what, w)
+        check_object(d, what, w)
         name = check_name(d.get("name"), f"{what} name", w)
         dt = d.get("dtype")
         if dt is not None:
@@ -161,7 +68,7 @@ class ValueInfo:
             for s in shape:
                 ok = s is None or (type(s) is int and 0 <= s <= MAX_DIM) or (isinstance(s, str) and len(s) <= MAX_NAME_LEN)
                 if not ok:
-                    w.fail(f"{what} {name!r}: bad dimension {_short(s)}")
+                    w.fail(f"{what} {name!r}: bad dimension {short(s)}")
             shape = tuple(shape)
         return cls(name, dt, shape)
 
@@ -170,7 +77,7 @@ class ValueInfo:
 
 
 def _check_tensor_attr(t, what: str, w: Where) -> None:
-    t = _object(t, what, w)
+    t = check_object(t, what, w)
     dt = check_dtype(t.get("dtype"), what, w)
     n = check_shape(t.get("shape"), what, w)
     data = t.get("data")
@@ -200,7 +107,7 @@ def _check_attr(v, what: str, w: Where) -> None:
     if isinstance(v, dict) and set(v) == {"tensor"}:
         _check_tensor_attr(v["tensor"], what, w)
         return
-    w.fail(f"{what}: unsupported attribute value {_short(v)}")
+    w.fail(f"{what}: unsupported attribute value {short(v)}")
 
 
 @dataclass(frozen=True)
@@ -214,7 +121,7 @@ class Node:
 
     @classmethod
     def from_json(cls, d, k: int, w: Where) -> "Node":
-        _object(d, f"node {k}", w)
+        check_object(d, f"node {k}", w)
         op = d.get("op")
         if not isinstance(op, str) or not 0 < len(op) <= MAX_NAME_LEN:
             w.fail(f"node {k}: 'op' must be a string of 1..{MAX_NAME_LEN} characters")
@@ -236,7 +143,7 @@ class Node:
         attrs = d.get("attrs")
         if attrs is None:
             attrs = {}
-        _object(attrs, f"{what} attrs", w)
+        check_object(attrs, f"{what} attrs", w)
         for a, v in attrs.items():
             if not 0 < len(a) <= MAX_NAME_LEN:
                 w.fail(f"{what}: attribute names must be 1..{MAX_NAME_LEN} characters")
@@ -270,14 +177,14 @@ class Graph:
         """`constants`: names the constants table holds (each graph constant must be one); `weights`, `moe`:
         the bundle's chunked tensors and MoE layers, which nadoo nodes must name. None = not checked."""
         w = Where(where)
-        _object(g, "graph", w)
+        check_object(g, "graph", w)
         opset: dict[str, int] = {}
         raw_opset = g.get("opset") or {}
-        _object(raw_opset, "opset", w)
+        check_object(raw_opset, "opset", w)
         for dom, ver in raw_opset.items():
             if len(dom) > MAX_NAME_LEN:
                 w.fail("opset domain names must be at most 512 characters")
-            _int(ver, 1, MAX_OPSET, f"opset of domain {dom!r}", w)
+            check_int(ver, 1, MAX_OPSET, f"opset of domain {dom!r}", w)
             dom = normalize_domain(dom)
             if opset.get(dom, ver) != ver:
                 w.fail(f"opset of domain {dom!r} given twice with different versions")
@@ -378,18 +285,18 @@ class Profile:
         """`chunks`: chunk count per chunked tensor (profile layers must name them, one entry per chunk);
         `experts`: expert count per MoE layer. None = not cross-checked."""
         w = Where(where)
-        _object(p, "profile", w)
+        check_object(p, "profile", w)
         samples = p.get("samples")
         if samples is not None:
-            _int(samples, 0, _INT64 - 1, "samples", w)
+            check_int(samples, 0, INT64 - 1, "samples", w)
         source = p.get("source")
         if source is not None and not isinstance(source, str):
             w.fail("source must be a string")
         layers = {}
-        for name, L in _object(p.get("layers", {}), "layers", w).items():
+        for name, L in check_object(p.get("layers", {}), "layers", w).items():
             layers[name] = _layer_profile(name, L, chunks, w)
         moe = {}
-        for name, u in _object(p.get("moe", {}), "moe", w).items():
+        for name, u in check_object(p.get("moe", {}), "moe", w).items():
             moe[name] = _moe_usage(name, u, experts, w)
         return cls(samples, source, layers, moe, p)
 
@@ -399,7 +306,7 @@ class Profile:
 
 def _record_of(what: str, rec, name: str, sizes, kind: str, w: Where) -> int | None:
     """Check that profile record `rec` is an object about a `kind` the bundle has; its list length."""
-    _object(rec, what, w)
+    check_object(rec, what, w)
     if sizes is None:
         return None
     if name not in sizes:
@@ -408,7 +315,7 @@ def _record_of(what: str, rec, name: str, sizes, kind: str, w: Where) -> int | N
 
 
 def _lists(rec: dict, keys, n, what: str, w: Where) -> dict:
-    return {k: tuple(_numbers(rec[k], n, f"{what} {k}", w)) if k in rec else None for k in keys}
+    return {k: tuple(check_numbers(rec[k], n, f"{what} {k}", w)) if k in rec else None for k in keys}
 
 
 def _layer_profile(name: str, L, chunks, w: Where) -> LayerProfile:
@@ -436,143 +343,12 @@ def _moe_usage(name: str, u, experts, w: Where) -> MoEUsage:
     n = _record_of(what, u, name, experts, "an MoE layer", w)
     tokens = u.get("tokens")
     if tokens is not None:
-        _int(tokens, 0, _INT64 - 1, f"{what} tokens", w)
+        check_int(tokens, 0, INT64 - 1, f"{what} tokens", w)
     for k in ("n_experts", "top_k"):
         if k in u:
-            _int(u[k], 0, _INT64 - 1, f"{what} {k}", w)
+            check_int(u[k], 0, INT64 - 1, f"{what} {k}", w)
     vals = _lists(u, ("expert_frequency", "expert_count", "mean_weight"), n, what, w)
     return MoEUsage(tokens, vals["expert_frequency"], vals["expert_count"], vals["mean_weight"])
-
-
-# ------------------------------------------------------------------------------------- constants
-@dataclass(frozen=True)
-class ConstantSpec:
-    name: str
-    dtype: np.dtype  # little-endian
-    shape: tuple[int, ...]
-    offset: int  # inside the constants payload
-    count: int  # elements
-    reason: str | None = None  # (1.1) why a large float constant was not chunked, from the compiler
-
-    @property
-    def nbytes(self) -> int:
-        return self.count * self.dtype.itemsize
-
-
-MAX_REASON = 512
-
-
-@dataclass(frozen=True)
-class ConstantsTable:
-    """`constants` of the index: {payload, tensors: [{name, dtype, shape, offset, inline_reason?}]}; every
-    tensor lies inside the payload (checked with exact integer arithmetic) and names are unique."""
-
-    payload: int
-    tensors: tuple[ConstantSpec, ...]
-
-    @classmethod
-    def from_json(cls, c, blob_len: int, w: Where = _INDEX) -> "ConstantsTable":
-        """`c["payload"]` must already be a checked payload id; blob_len is its raw length."""
-        if not isinstance(c, dict) or not isinstance(c.get("tensors"), list):
-            w.fail("'constants' must be an object with a 'tensors' list")
-        specs, names = [], set()
-        for t in c["tensors"]:
-            _object(t, "constant entry", w)
-            name = check_name(t.get("name"), "constant name", w)
-            if name in names:
-                w.fail(f"constant {name} listed twice")
-            names.add(name)
-            dt = check_dtype(t.get("dtype"), f"constant {name}", w)
-            n = check_shape(t.get("shape"), f"constant {name}", w)
-            off = t.get("offset")
-            if type(off) is not int or off < 0 or off + n * dt.itemsize > blob_len:
-                w.fail(f"constant {name} lies outside the constants payload")
-            reason = t.get("inline_reason")
-            if reason is not None and (not isinstance(reason, str) or not 0 < len(reason) <= MAX_REASON):
-                w.fail(f"constant {name}: inline_reason must be a string of 1..{MAX_REASON} characters")
-            specs.append(ConstantSpec(name, dt, tuple(t["shape"]), off, n, reason))
-        return cls(c["payload"], tuple(specs))
-
-    @property
-    def names(self) -> set[str]:
-        return {s.name for s in self.tensors}
-
-
-# ------------------------------------------------------------------------------------- stats
-_STAT_INTS = ("dense_fp32_weight_bytes", "calibration_samples")
-_STAT_NUMBERS = ("kept_params_ratio", "prune_tau")
-
-
-@dataclass(frozen=True)
-class Stats:
-    """`stats` of the index: compile facts (informational; unknown keys kept in `raw`)."""
-
-    dense_fp32_weight_bytes: int
-    raw: dict
-
-    @classmethod
-    def from_json(cls, s, w: Where = _INDEX) -> "Stats":
-        """`s`: the index's `stats` ({} when absent); null is refused like any non-object."""
-        _object(s, "'stats'", w)
-        for k in _STAT_INTS:
-            if k in s:
-                _int(s[k], 0, _INT64 - 1, f"stats {k}", w)
-        for k in _STAT_NUMBERS:
-            if k in s and not (is_number(s[k]) and math.isfinite(s[k])):
-                w.fail(f"stats {k} must be a finite number")
-        return cls(s.get("dense_fp32_weight_bytes", 0), s)
-
-
-# ------------------------------------------------------------------------------------- per-tensor facts
-def check_tensor_facts(d: dict, n_chunks: int, tiers: Collection[str], what: str, w: Where = _INDEX) -> None:
-    """The informational keys of a chunked tensor entry (§4.1) that the runtime reads: `errors` per
-    tier and chunk, `routable`, `kept_ratio`, `absmax`, `chunk_absmax` (pruning at run time), `alloc`."""
-    errors = d.get("errors", {})
-    _object(errors, f"{what} errors", w)
-    for t, e in errors.items():
-        _object(e, f"{what} errors {t}", w)
-        for k in ("mse", "out_err"):
-            if k in e:
-                _numbers(e[k], n_chunks, f"{what} errors {t} {k}", w)
-    if d.get("routable") is not None and not isinstance(d["routable"], bool):
-        w.fail(f"{what}: routable must be a boolean")
-    for k in ("kept_ratio", "absmax", "prune_tau"):
-        if d.get(k) is not None and not is_number(d[k]):
-            w.fail(f"{what}: {k} must be a number")
-    if d.get("chunk_absmax") is not None:
-        _numbers(d["chunk_absmax"], n_chunks, f"{what} chunk_absmax", w)
-        if d.get("absmax") is None:
-            w.fail(f"{what}: chunk_absmax needs absmax")
-    alloc = d.get("alloc")
-    if alloc is not None and (not isinstance(alloc, list) or len(alloc) != n_chunks
-                              or any(not isinstance(t, str) or t not in tiers for t in alloc)):
-        w.fail(f"{what}: alloc must list one stored tier per chunk")
-
-
-def check_zp_tiers(d: dict, what: str, w: Where = _INDEX, key: str = "zp") -> dict:
-    """(1.2) `zp` of a chunked tensor or MoE expert matrix: {tier: payload ids} of its quantized tiers in the
-    integer-zero-point codec (§4.2c), which needs a `group_size` in ZP_GROUPS. {} when absent; the ids
-    themselves are the reader's to check. key="zp_t" (1.3, §4.2d, chunked tensors only): the same codec over
-    each chunk's transpose, which also needs every chunk boundary but the last on a multiple of group_size."""
-    zp = d.get(key)
-    if zp is None:
-        return {}
-    if not isinstance(zp, dict) or not zp or any(t not in QUANT_TIERS for t in zp):
-        w.fail(f"{what}: {key} must map some of the tiers {', '.join(QUANT_TIERS)} to payload ids")
-    g = d.get("group_size")
-    if g not in ZP_GROUPS:
-        w.fail(f"{what}: a {key}-coded tensor needs group_size in {ZP_GROUPS}, got {_short(g)}")
-    if key == "zp_t" and any(type(x) is not int or x % g for x in (d.get("bounds") or [])[1:-1]):
-        w.fail(f"{what}: a zp_t-coded tensor needs every chunk boundary but the last on a multiple of "
-               f"group_size {g}")
-    return zp
-
-
-def check_index_info(ix: dict, w: Where = _INDEX) -> None:
-    """Informational index keys that `nadoo info` prints: `producer` and `model` are objects."""
-    for key in ("producer", "model"):
-        if ix.get(key) is not None:
-            _object(ix[key], f"'{key}'", w)
 
 
 __all__ = [

@@ -24,8 +24,7 @@ class ChunkedScaleRows(WeightOp):
 
     op_type = "ChunkedScaleRows"
 
-    def __init__(self, node, ctx, env):
-        super().__init__(node, ctx, env)
+    def bind(self, node, ctx, env):
         e = self.tensor()
         self.start(e, env.policy.plan(e, env.layer_profile(e.name)))
 

@@ -144,7 +144,7 @@ def test_zp_tiers_read_as_1_2_and_decode(tmp_path):
             w = b.read_weight("w", t)
             assert b.bytes_read == sum(e.payload_nbytes(t, i) for i in range(2))
             pk = b.read_packed("w", t)
-            codes = qcodec._unpack_stream(pk.codes.reshape(-1), pk.bits, pk.codes.size * 8 // pk.bits)
+            codes = qcodec.unpack_stream(pk.codes.reshape(-1), pk.bits, pk.codes.size * 8 // pk.bits)
             q = codes.reshape(12, -1)[:, :40].astype(np.float32)
             z = qcodec.unpack_zero_points(pk.zero_points, pk.scales.shape[1], pk.bits).astype(np.float32)
             g = np.arange(40) // pk.block_size

@@ -14,10 +14,7 @@ program against what ``torch.export.save`` writes for an ordinary model (raw ten
 tensor-only example inputs, aten/prims operators, srepr'd sympy expressions, plain names), and
 only then hands the checked pieces to torch's deserializer.
 
-A TorchScript archive cannot unpickle arbitrary objects (its unpickler resolves GLOBALs only as
-TorchScript types), but its code runs when nadoo traces the model, and TorchScript can write
-files (``torch.save``, ``torch.from_file(shared=True)``); :func:`check_torchscript_code` refuses
-those calls.
+A TorchScript archive's code is checked in torchscript.py (`check_torchscript_code`).
 
 Every refusal is one :class:`CompileError` line that names ``--allow-pickle``.
 """
@@ -28,17 +25,15 @@ import functools
 import io
 import json
 import re
-import tokenize
-import zipfile
 
 from nadoo.runtime.errors import CompileError
 
-__all__ = ["load_exported_program", "check_torchscript_code", "TRUST_HINT"]
+__all__ = ["load_exported_program", "TRUST_HINT", "FILE_OPS"]
 
 TRUST_HINT = "re-run with --allow-pickle only if you trust the file"
 
 # operators that read or write files on their own (everything else in aten/prims is tensor math)
-_FILE_OPS = frozenset({"save", "from_file"})
+FILE_OPS = frozenset({"save", "from_file"})
 _OP_NAMESPACES = frozenset({"aten", "prims", "higher_order"})
 _NAME = re.compile(r"[A-Za-z0-9_.\-]*\Z")
 _OP = re.compile(r"torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?\Z", re.ASCII)
@@ -184,7 +179,7 @@ def _check_operator(s: str, where: str) -> None:
     ns, op, overload = m.groups()  # op may be a dunder (aten::__and__); the type check below decides
     if ns not in _OP_NAMESPACES:
         raise _Unsafe(f"the program calls operator {ns}::{op} outside the aten/prims namespaces")
-    if op in _FILE_OPS and ns != "higher_order":
+    if op in FILE_OPS and ns != "higher_order":
         raise _Unsafe(f"the program calls {ns}::{op}, which accesses files")
     try:
         obj = getattr(getattr(torch.ops, ns), op)
@@ -373,39 +368,3 @@ def load_exported_program(path: str):
     except Exception as e:
         msg = " ".join(str(e).split())[:200] or type(e).__name__
         raise CompileError(f"cannot load torch.export program {path}: {type(e).__name__}: {msg}") from None
-
-
-# ------------------------------------------------------------------------------------------------
-# TorchScript
-
-def _file_call(source: str) -> str | None:
-    """First `torch.save(` / `torch.from_file(` / `ops.aten.save(`-like call in TorchScript source
-    (its serialized code is Python syntax; tokens, so line continuations cannot hide a call)."""
-    prev: list[str] = []
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
-            continue
-        if tok.type == tokenize.NAME and tok.string in _FILE_OPS and len(prev) == 2 \
-                and prev[1] == "." and prev[0] in ("torch", "aten"):
-            return f"{prev[0]}.{tok.string}"
-        prev = (prev + [tok.string])[-2:]
-    return None
-
-
-def check_torchscript_code(path: str) -> None:
-    """Refuse a TorchScript archive whose code writes or maps files when the model runs."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            sources = [(i.filename, zf.read(i)) for i in zf.infolist()
-                       if i.filename.endswith(".py") and ("/code/" in i.filename or i.filename.startswith("code/"))]
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CompileError(f"cannot read TorchScript archive {path}: {e}") from None
-    for name, data in sources:
-        try:
-            found = _file_call(data.decode("utf-8"))
-        except (UnicodeDecodeError, tokenize.TokenError, SyntaxError):
-            raise CompileError(f"{path}: refusing to run this TorchScript model: its code ({name}) "
-                               f"cannot be checked; {TRUST_HINT}") from None
-        if found:
-            raise CompileError(f"{path}: refusing to run this TorchScript model: its code ({name}) calls "
-                               f"{found}, which accesses files; {TRUST_HINT}")

@@ -7,11 +7,11 @@ module here, named for the op, and nothing else changes.
 import importlib
 import pkgutil
 
-from .base import REGISTRY, ChunkedOp, OpEnv, WeightOp, builders, cache_victim, classes_in, pin_hot, register
+from .base import REGISTRY, ChunkedOp, OpEnv, WeightOp, WholeWeightOp, builders, cache_victim, classes_in, pin_hot, register
 from .store import WeightStore
 
 for _m in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_m}")
 
-__all__ = ["REGISTRY", "ChunkedOp", "OpEnv", "WeightOp", "WeightStore", "builders", "cache_victim", "classes_in",
+__all__ = ["REGISTRY", "ChunkedOp", "OpEnv", "WeightOp", "WeightStore", "WholeWeightOp", "builders", "cache_victim", "classes_in",
            "pin_hot", "register"]

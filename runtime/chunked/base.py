@@ -53,6 +53,12 @@ class ChunkedOp:
     def __init__(self, node: dict, ctx, env: OpEnv):
         self.node = node
         self.env = env
+        self.bind(node, ctx, env)
+
+    def bind(self, node: dict, ctx, env: OpEnv) -> None:
+        """The op's set-up, once per graph node when the session opens: read the node's attributes, its
+        tensors (`WeightOp.tensor`) and inline constants (`ctx.const(i)`), ask `env.policy` for a plan; a
+        node the op cannot compute raises here (ModelError / InputError), not mid-run."""
 
     def __call__(self, *inputs) -> np.ndarray:
         raise NotImplementedError
@@ -241,3 +247,42 @@ class WeightOp(ChunkedOp):
         act = np.asarray(prof["chunk_activity"], dtype=float)
         share = act / max(act.sum(), 1e-30)
         return [(share[i], i, self.group) for i in range(self.entry.n_chunks)]
+
+
+class WholeWeightOp(WeightOp):
+    """A layer that multiplies by all of its stored tensors on every call (a convolution, a recurrent
+    cell): every chunk is read, one cached block per tensor, and the policy chooses tiers only.
+
+    A subclass names the attributes of its tensors in `tensors` (the first is the layer the statistics
+    are named after; the others are read with it, each at its own tiers), may refuse them in `check`,
+    and builds in `kernel` the computation taking the input, the stored weights, then the node's other
+    inputs."""
+
+    exports_whole = True
+    tensors: ClassVar[tuple[str, ...]] = ("weight",)
+
+    def bind(self, node, ctx, env):
+        entries = [self.tensor(attr) for attr in self.tensors]
+        self.check(*entries)
+        main = entries[0]
+        plan = env.policy.plan(main, env.layer_profile(main.name), can_route=False)
+        self.start(main, plan, [(main, plan.tiers)] + [(e, self._own_tiers(e)) for e in entries[1:]])
+        self.run = self.kernel(node)
+
+    def _own_tiers(self, e: TensorEntry) -> list:
+        act = self.env.layer_profile(e.name).get("chunk_activity")
+        return self.env.policy.tiers_for(e, set(e.tiers), None if act is None else np.asarray(act))
+
+    def check(self, *entries: TensorEntry) -> None:
+        """Raise ModelError for tensors this op cannot compute (shapes, attributes)."""
+
+    def kernel(self, node: dict) -> Callable:
+        """f(x, *weights, *other inputs) for this node, built once (weights as `store.full` decodes them)."""
+        raise NotImplementedError
+
+    def __call__(self, x, *rest):
+        before = callstats.bytes_read()
+        y = self.run(x, *(self.env.store.full(e, tiers) for e, tiers in self.group), *rest)
+        macs = self.macs_for(x.shape, y.shape if isinstance(y, np.ndarray) else None)
+        self.count(before, self.entry.n_chunks, macs, macs)  # a chunk: the same rows of every tensor
+        return y

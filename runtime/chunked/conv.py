@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import callstats
-from .base import WeightOp, register
+from .base import WholeWeightOp, register
 
 
 def conv_fn(attrs: dict):
@@ -25,23 +24,11 @@ def _conv_attrs(attrs: dict) -> dict:
 
 
 @register
-class ChunkedConv(WeightOp):
+class ChunkedConv(WholeWeightOp):
     op_type = "ChunkedConv"
-    exports_whole = True
 
-    def __init__(self, node, ctx, env):
-        super().__init__(node, ctx, env)
-        e = self.tensor()
-        self.start(e, env.policy.plan(e, env.layer_profile(e.name), can_route=False))
-        self.conv = conv_fn(node["attrs"])
-
-    def __call__(self, x, bias=None):
-        e = self.entry
-        before = callstats.bytes_read()
-        y = self.conv(x, self.env.store.full(e, self.plan.tiers), bias)
-        macs = self.macs_for(x.shape, y.shape)
-        self.count(before, e.n_chunks, macs, macs)
-        return y
+    def kernel(self, node):
+        return conv_fn(node["attrs"])
 
     def macs_for(self, x_shape, y_shape) -> int:
         return int(np.prod(y_shape, dtype=np.int64)) * self.entry.row_len  # N·P·Cout outputs, each a K-long dot product

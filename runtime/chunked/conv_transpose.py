@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import callstats
 from ..errors import ModelError
-from .base import WeightOp, register
+from .base import WholeWeightOp, register
 
 
 def rows_first(w: np.ndarray, group: int) -> np.ndarray:
@@ -51,27 +50,17 @@ def conv_transpose_fn(attrs: dict):
 
 
 @register
-class ChunkedConvTranspose(WeightOp):
+class ChunkedConvTranspose(WholeWeightOp):
     op_type = "ChunkedConvTranspose"
-    exports_whole = True
 
-    def __init__(self, node, ctx, env):
-        super().__init__(node, ctx, env)
-        e = self.tensor()
-        group = node["attrs"].get("group", 1)
+    def check(self, e):
+        group, node = self.node["attrs"].get("group", 1), self.node
         if type(group) is not int or group < 1 or e.rows % group or len(e.shape) < 3:
             raise ModelError(f"node {node.get('name')} (ChunkedConvTranspose): {e.name} {list(e.shape)} with group "
                              f"{group!r} is not a kernel [Cout, Cin/group, *kernel] whose group divides Cout")
-        self.start(e, env.policy.plan(e, env.layer_profile(e.name), can_route=False))
-        self.conv_transpose = conv_transpose_fn(node["attrs"])
 
-    def __call__(self, x, bias=None):
-        e = self.entry
-        before = callstats.bytes_read()
-        y = self.conv_transpose(x, self.env.store.full(e, self.plan.tiers), bias)
-        macs = self.macs_for(x.shape, y.shape)
-        self.count(before, e.n_chunks, macs, macs)
-        return y
+    def kernel(self, node):
+        return conv_transpose_fn(node["attrs"])
 
     def macs_for(self, x_shape, y_shape) -> int:
         # every input value meets Cout/g · kernel weights: N·P_in·Cin·(Cout/g)·kk = N·P_in·Cout·K

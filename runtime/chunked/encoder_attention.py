@@ -34,8 +34,7 @@ class AttentionCounters:
 class EncoderAttention(ChunkedOp):
     op_type = "EncoderAttention"
 
-    def __init__(self, node, ctx, env):
-        super().__init__(node, ctx, env)
+    def bind(self, node, ctx, env):
         self.heads, self.scale, self.zero_rows = attention_attrs(node, node.get("attrs") or {})
         self.name = node.get("name") or "EncoderAttention"
         self.policy = env.policy.encoder_attention

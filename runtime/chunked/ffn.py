@@ -27,8 +27,7 @@ class ChunkedFFN(WeightOp):
     op_type = "ChunkedFFN"
     exports_whole = True
 
-    def __init__(self, node, ctx, env):
-        super().__init__(node, ctx, env)
+    def bind(self, node, ctx, env):
         up, down = self.tensor("up"), self.tensor("down")
         if not np.array_equal(up.bounds, down.bounds):
             raise InputError(f"{node['name']}: up and down projections are chunked differently")

@@ -41,8 +41,7 @@ class GatedFFN(WeightOp):
     op_type = "GatedFFN"
     exports_whole = True  # dense (no sparsity): another engine may run gate, up and down as one whole layer
 
-    def __init__(self, node, ctx, env):
-        super().__init__(node, ctx, env)
+    def bind(self, node, ctx, env):
         gate, up, down = self.tensor("gate"), self.tensor("up"), self.tensor("down")
         if not (gate.rows == up.rows == down.rows and gate.row_len == up.row_len):
             raise BundleError(f"{node['name']}: gate, up and down projections disagree in shape")

@@ -42,8 +42,7 @@ def gather_rows(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
 class ChunkedGather(WeightOp):
     op_type = "ChunkedGather"
 
-    def __init__(self, node, ctx, env):
-        super().__init__(node, ctx, env)
+    def bind(self, node, ctx, env):
         e = self.tensor()
         self.start(e, env.policy.plan(e, env.layer_profile(e.name), can_route=False))
         self._map = self._map_seen = None

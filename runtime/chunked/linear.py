@@ -35,8 +35,7 @@ class ChunkedLinear(WeightOp):
     op_type = "ChunkedLinear"
     exports_whole = True
 
-    def __init__(self, node, ctx, env):
-        super().__init__(node, ctx, env)
+    def bind(self, node, ctx, env):
         e = self.tensor()
         self.start(e, env.policy.plan(e, env.layer_profile(e.name)))
         self.fits = env.store.fits(e)

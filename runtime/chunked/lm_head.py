@@ -106,8 +106,8 @@ class LMHead(ChunkedLinear):
     # another engine may run it whole (its per-token head figures are then not counted)
     exports_whole = True
 
-    def __init__(self, node, ctx, env):
-        super().__init__(node, ctx, env)  # the dense product, its plan (every chunk at its tiers), stats
+    def bind(self, node, ctx, env):
+        super().bind(node, ctx, env)  # the dense product, its plan (every chunk at its tiers), stats
         e, attrs = self.entry, node.get("attrs", {})
         row_of, basis, mean = ctx.const(1), ctx.const(2), ctx.const(3)
         if row_of is None or basis is None or mean is None:

@@ -93,8 +93,7 @@ class MoE(ChunkedOp):
     op_type = "MoE"
     cache_victim = FrequencyAware
 
-    def __init__(self, node, ctx, env):
-        super().__init__(node, ctx, env)
+    def bind(self, node, ctx, env):
         name = node.get("attrs", {}).get("moe")
         entry = env.bundle.moe.get(name)
         if entry is None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import callstats
 from ..errors import ModelError
-from .base import WeightOp, register
+from .base import WholeWeightOp, register
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 _OWN = ("cell", "weight", "recurrence")
@@ -40,34 +39,24 @@ def stacked(w: np.ndarray, gates: int, hidden: int) -> np.ndarray:
 
 
 @register
-class ChunkedRecurrent(WeightOp):
+class ChunkedRecurrent(WholeWeightOp):
     op_type = "ChunkedRecurrent"
-    exports_whole = True
+    tensors = ("weight", "recurrence")  # the layer is W; R is read with it, a chunk the same gate rows of both
 
-    def __init__(self, node, ctx, env):
-        super().__init__(node, ctx, env)
-        W, R = self.tensor("weight"), self.tensor("recurrence")
-        cell = node["attrs"]["cell"]
+    def check(self, W, R):
+        cell, node = self.node["attrs"]["cell"], self.node
         G = GATES.get(cell)
         if G is None or len(W.shape) != 2 or len(R.shape) != 2 or W.rows != R.rows or R.rows % (G * R.row_len):
             raise ModelError(f"node {node.get('name')} (ChunkedRecurrent): cell {cell!r} with W {list(W.shape)} and "
                              f"R {list(R.shape)} is not a recurrent layer (W, R: [directions·gates·H, K], R's K = H)")
-        plan = env.policy.plan(W, env.layer_profile(W.name), can_route=False)
-        act_r = env.layer_profile(R.name).get("chunk_activity")
-        tiers_r = env.policy.tiers_for(R, set(R.tiers), None if act_r is None else np.asarray(act_r))
-        self.start(W, plan, [(W, plan.tiers), (R, tiers_r)])  # the layer is W; R is read with it
-        self.R, self.tiers_r, self.G = R, tiers_r, G
-        self.cell = cell_fn(node["attrs"], node["outputs"])
 
-    def __call__(self, x, *rest):
-        W, R, store, H = self.entry, self.R, self.env.store, self.R.row_len
-        before = callstats.bytes_read()
-        w = stacked(store.full(W, self.plan.tiers), self.G, H)
-        r = stacked(store.full(R, self.tiers_r), self.G, H)
-        y = self.cell(x, w, r, *rest)
-        macs = self.macs_for(x.shape, None)
-        self.count(before, W.n_chunks, macs, macs)  # a chunk: the same gate rows of W and R
-        return y
+    @property
+    def R(self):
+        return self.group[1][0]
+
+    def kernel(self, node):
+        cell, G, H = cell_fn(node["attrs"], node["outputs"]), GATES[node["attrs"]["cell"]], self.R.row_len
+        return lambda x, w, r, *rest: cell(x, stacked(w, G, H), stacked(r, G, H), *rest)
 
     def macs_for(self, x_shape, y_shape) -> int:
         # every time step of every sequence: one input row against W's rows, one state against R's

@@ -14,6 +14,6 @@ its inputs also has a size rule in :mod:`.sizes`, checked by the engine before t
 from __future__ import annotations
 
 from ._common import Fallback, REGISTRY, register  # noqa: F401
-from . import elementwise, matmul, conv, shape, reduce, norm, rnn, resize, conv_transpose, rmsnorm, attention, encoder_attention  # noqa: F401  (populate REGISTRY)
+from . import elementwise, matmul, conv, shape, indexing, reduce, norm, rnn, resize, conv_transpose, rmsnorm, attention, encoder_attention  # noqa: F401  (populate REGISTRY)
 
 __all__ = ["REGISTRY", "Fallback", "register"]
