@@ -75,6 +75,25 @@ def transformers_greedy(model, prompt, steps):
     return tokens, out
 
 
+def check_float_bundle_greedy(model, bundle, prompt, steps) -> dict:
+    """A float bundle of `model` decodes the same `steps` greedy tokens as transformers, and its logits at
+    every prefill position and decode step agree to 1e-4 of the largest; returns the prefill call's stats."""
+    import nadoo.runtime as nd
+    from nadoo.runtime.generate import LanguageModel
+
+    tokens, ref = transformers_greedy(model, prompt, steps)
+    with nd.Session(bundle, policy=nd.Policy(bits="float")) as s:
+        r = s.generate(prompt_ids=prompt, max_new_tokens=steps, stop_at_eos=False)
+        assert r.token_ids == tokens
+        assert r.stop_reason == "length" and r.prompt_ids == prompt
+        lm = LanguageModel(s)
+        logits, stats = lm.forward(prompt, 0, keep=0)
+        got = [logits] + [lm.forward([t], len(prompt) + i)[0] for i, t in enumerate(tokens)]
+    for ours, theirs in zip(got, ref):
+        assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+    return stats
+
+
 # ------------------------------------------------------------------ tokenizer
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 

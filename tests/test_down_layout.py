@@ -3,7 +3,6 @@
 Runtime's MatMulNBits (K = the neurons), the container rules, the compiler's layout of down, both engines
 on a tiny LM, and bundles of the previous layout (groups along down's outputs) still running."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from nadoo.runtime import qcodec  # noqa: E402
 from nadoo.runtime.errors import BundleError  # noqa: E402
 from nadoo.runtime.reader import Bundle  # noqa: E402
 from nadoo.runtime.tiers import ZERO_POINT, ZERO_POINT_T, layouts_of  # noqa: E402
-from test_zp_codec import _matmul_nbits  # noqa: E402
+from test_zp_codec import _matmul_nbits, mutated_copy  # noqa: E402
 
 R, N, G = 80, 48, 32
 BOUNDS = (0, 32, 64, 80)  # the last chunk is short: its one group of rows is padded
@@ -124,14 +123,7 @@ def test_writer_records_minor_3_for_zp_t():
 ])
 def test_bad_zp_t_entries_are_refused(tmp_path, mutate, msg):
     p = tmp_path / "d.ndc"
-    _, entry = _down_bundle(p, tiers=("q4",))
-    with Bundle.open(p) as b:
-        payloads = [b.read_payload(i) for i in range(len(b.table))]
-    mutate(entry)
-    with BundleWriter(p) as wr:
-        for data in payloads:
-            wr.add_payload(data, compress="never")
-        wr.finish({"format": "ndc", "tensors": [json.loads(json.dumps(entry))]})
+    mutated_copy(p, _down_bundle(p, tiers=("q4",))[1], mutate)
     with pytest.raises(BundleError, match=msg):
         Bundle.open(p)
 

@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from lm_fixtures import tiny_model, tiny_tokenizer_json, transformers_greedy, write_gguf  # noqa: E402
+from lm_fixtures import (check_float_bundle_greedy, tiny_model, tiny_tokenizer_json,  # noqa: E402
+                         transformers_greedy, write_gguf)
 from lm_reference import ReferenceDecoder  # noqa: E402
 
 import nadoo.runtime as nd  # noqa: E402
@@ -82,18 +83,7 @@ def built(tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float_greedy_and_logits_equal_transformers(built, family):
     model, _, bundle = built[family]
-    prompt = prompt_ids()
-    tokens, ref = transformers_greedy(model, prompt, NEW)
-    with session(bundle) as s:
-        r = s.generate(prompt_ids=prompt, max_new_tokens=NEW, stop_at_eos=False)
-        assert r.token_ids == tokens
-        assert r.stop_reason == "length" and r.prompt_ids == prompt
-        # prefill logits at every position, then the decode steps, to float tolerance
-        lm = LanguageModel(s)
-        logits, _ = lm.forward(prompt, 0, keep=0)
-        steps = [logits] + [lm.forward([t], len(prompt) + i)[0] for i, t in enumerate(tokens)]
-    for ours, theirs in zip(steps, ref):
-        assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+    check_float_bundle_greedy(model, bundle, prompt_ids(), NEW)
 
 
 def test_sliding_window_is_exercised(built):

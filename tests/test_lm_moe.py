@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from lm_fixtures import randomize, tiny_tokenizer_json, transformers_greedy  # noqa: E402
+from lm_fixtures import check_float_bundle_greedy, randomize, tiny_tokenizer_json, transformers_greedy  # noqa: E402
 
 import nadoo.runtime as nd  # noqa: E402
 from nadoo.compiler.lm_compile import compile_lm, lm_graph  # noqa: E402
@@ -115,16 +115,7 @@ def test_moe_blocks_stay_the_moe_op(built):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float_greedy_and_logits_equal_transformers(built, family):
     model, _, bundle = built[family]
-    prompt = prompt_ids()
-    tokens, ref = transformers_greedy(model, prompt, NEW)
-    with session(bundle) as s:
-        r = s.generate(prompt_ids=prompt, max_new_tokens=NEW, stop_at_eos=False)
-        assert r.token_ids == tokens
-        lm = LanguageModel(s)
-        logits, st = lm.forward(prompt, 0, keep=0)
-        steps = [logits] + [lm.forward([t], len(prompt) + i)[0] for i, t in enumerate(tokens)]
-    for ours, theirs in zip(steps, ref):
-        assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+    st = check_float_bundle_greedy(model, bundle, prompt_ids(), NEW)
     # routing matters: in every MoE layer the prompt's tokens pick different experts
     assert all(L["experts_used"] > TOP_K for L in st["moe"]["layers"].values())
 

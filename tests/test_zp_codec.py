@@ -173,11 +173,11 @@ def test_read_packed_empty_chunk_decodes_to_zeros(tmp_path):
     (lambda e: e["tiers"].update(q4=e["zp"]["q4"]), "both"),
     (lambda e: e["zp"].update(q2=e["zp"]["q4"]), "length|twice"),
 ])
-def test_bad_zp_entries_are_refused(tmp_path, mutate, msg):
+def mutated_copy(p, entry: dict, mutate) -> None:
+    """Rewrite the one-tensor bundle at `p` with its own payloads and `entry` (its tensor's index entry)
+    changed by `mutate`: a corrupt index for the reader to refuse."""
     import json
 
-    p = tmp_path / "z.ndc"
-    entry = _zp_bundle(p, tiers=("q4",))
     with Bundle.open(p) as b:
         payloads = [b.read_payload(i) for i in range(len(b.table))]
     mutate(entry)
@@ -185,6 +185,11 @@ def test_bad_zp_entries_are_refused(tmp_path, mutate, msg):
         for data in payloads:
             wr.add_payload(data, compress="never")
         wr.finish({"format": "ndc", "tensors": [json.loads(json.dumps(entry))]})
+
+
+def test_bad_zp_entries_are_refused(tmp_path, mutate, msg):
+    p = tmp_path / "z.ndc"
+    mutated_copy(p, _zp_bundle(p, tiers=("q4",)), mutate)
     with pytest.raises(BundleError, match=msg):
         Bundle.open(p)
 

@@ -10,6 +10,9 @@ compile-side module (torch, onnx, transformers allowed) and runs only in the par
                         inputs b1.npz / b8.npz (sentences *not* in the calibration set), calib.npz
     wide_mlp(root, ...) 2 residual FFN blocks d -> h -> ReLU -> d, weights larger than L3; same files plus
                         weights.bin (raw fp32, one layer after another) + layout for the naive loader
+
+Over 400 lines: three builders (MiniLM, wide MLP, MoE LM), each a whole recipe read top to bottom, on
+the cache helpers they share; bench.py imports them from this one module.
 """
 from __future__ import annotations
 
