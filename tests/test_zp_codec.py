@@ -165,14 +165,6 @@ def test_read_packed_empty_chunk_decodes_to_zeros(tmp_path):
         assert b.read_weight("w", "q4")[5:].any()
 
 
-@pytest.mark.parametrize("mutate,msg", [
-    (lambda e: e.update(group_size=24), "group_size"),
-    (lambda e: e["zp"].update(f32=e["zp"]["q4"]), "zp must map"),
-    (lambda e: e.update(zp=[]), "zp must map"),
-    (lambda e: e["zp"].update(q4=e["zp"]["q4"][:1]), "one payload per chunk"),
-    (lambda e: e["tiers"].update(q4=e["zp"]["q4"]), "both"),
-    (lambda e: e["zp"].update(q2=e["zp"]["q4"]), "length|twice"),
-])
 def mutated_copy(p, entry: dict, mutate) -> None:
     """Rewrite the one-tensor bundle at `p` with its own payloads and `entry` (its tensor's index entry)
     changed by `mutate`: a corrupt index for the reader to refuse."""
@@ -187,6 +179,14 @@ def mutated_copy(p, entry: dict, mutate) -> None:
         wr.finish({"format": "ndc", "tensors": [json.loads(json.dumps(entry))]})
 
 
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda e: e.update(group_size=24), "group_size"),
+    (lambda e: e["zp"].update(f32=e["zp"]["q4"]), "zp must map"),
+    (lambda e: e.update(zp=[]), "zp must map"),
+    (lambda e: e["zp"].update(q4=e["zp"]["q4"][:1]), "one payload per chunk"),
+    (lambda e: e["tiers"].update(q4=e["zp"]["q4"]), "both"),
+    (lambda e: e["zp"].update(q2=e["zp"]["q4"]), "length|twice"),
+])
 def test_bad_zp_entries_are_refused(tmp_path, mutate, msg):
     p = tmp_path / "z.ndc"
     mutated_copy(p, _zp_bundle(p, tiers=("q4",)), mutate)
