@@ -24,11 +24,13 @@ import numpy as np
 from nadoo.runtime import __version__
 from nadoo.runtime.engine import Plan
 from nadoo.runtime.errors import CompileError, NadooError
+from nadoo.runtime.files import read_text
 from nadoo.runtime.kv_cache import SequenceState
 from nadoo.runtime.tiers import compile_layouts
 
 from .calibrate import LayerStats, dense_builders
 from .gated_ffn import DownStats, down_bounds, down_group, down_layout, reorder_neurons
+from .lm_tokenizer import compact_tables
 from .moe import MoECalibration, write_moe
 from .pipeline import (CompileOptions, CompileReport, _bounds, _entry, _progress, _quant_kwargs, _raw, check_layout_options,
                        _write_constants, _write_weights)
@@ -221,7 +223,6 @@ def calibration_windows(src, opts: CompileOptions) -> tuple[list[list[int]], str
     else:
         if src.tokenizer_json is None:
             raise CompileError("--calib-text needs the model's tokenizer, and this source has none")
-        from nadoo.runtime.files import read_text
         from nadoo.runtime.tokenizer import Tokenizer
 
         text = read_text(opts.calib_text, "calibration text", CompileError)
@@ -346,6 +347,12 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
                                    "layers": layers, **({"moe": moe_cal.profile()} if moe_cal else {})})
         sample = {"inputs": [_raw(wr, k, v) for k, v in sample_in.items()], "outputs": [_raw(wr, "logits", sample_logits)]}
         tok_pid = wr.add_payload(src.tokenizer_json.encode("utf-8"), compress="always") if src.tokenizer_json else None
+        tables_pid = None
+        if src.tokenizer_json:
+            texts = [read_text(opts.calib_text, "calibration text", CompileError)] if opts.calib_text else []
+            tables, tok_note = compact_tables(src.tokenizer_json, texts)
+            notes.append(tok_note)
+            tables_pid = wr.add_payload(tables, compress="always") if tables is not None else None
         per_tensor = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
         for w in weights:
             if w.kind == "ffn_down":
@@ -369,6 +376,7 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
             "stats": {"dense_fp32_weight_bytes": dense_bytes, "kept_params_ratio": 1.0, "prune_tau": 0.0,
                       "calibration_samples": len(windows)},
             "lm": {"config": c, "tokenizer": tok_pid, "chat_template": src.chat_template,
+                   **({"tokenizer_tables": tables_pid} if tables_pid is not None else {}),
                    "generation": {"bos_id": c["bos_id"], "eos_ids": c["eos_ids"], "pad_id": c["pad_id"],
                                   "add_bos": c["add_bos"]}},
         }

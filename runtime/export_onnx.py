@@ -29,17 +29,20 @@ def _attr(helper, numpy_helper, k, v):
         t = v["tensor"]
         return helper.make_attribute(k, numpy_helper.from_array(np.asarray(t["data"], dtype=t["dtype"]).reshape(t["shape"])))
     if isinstance(v, list) and not v:  # an empty list has no type of its own; ONNX's list attrs are ints
-        import onnx
-
-        return helper.make_attribute(k, [], attr_type=onnx.AttributeProto.INTS)
+        return helper.make_attribute(k, [], attr_type=helper.AttributeProto.INTS)
     return helper.make_attribute(k, v)
 
 
 class Exporter:
     """The plain-ONNX graph being built; `ChunkedOp.export` adds a node's equivalent through it."""
 
-    def __init__(self, bundle: Bundle, tier: str, constants: dict | None = None):
-        _, self.helper, self.numpy_helper = _onnx()
+    def __init__(self, bundle: Bundle, tier: str, constants: dict | None = None, proto=None):
+        """`proto`: a module with onnx.helper's builders (runtime/onnx_proto.py for the ORT engine's
+        segments, which need no onnx import); onnx's own by default."""
+        if proto is None:
+            _, self.helper, self.numpy_helper = _onnx()
+        else:
+            self.helper = self.numpy_helper = proto
         self.bundle, self.tier = bundle, tier
         self.constants = constants or {}  # the graph's constant values, for ops whose export depends on one
         self.nodes: list = []

@@ -10,7 +10,8 @@ format_spec/NDC-v1.md §4.6).
 Generation prefills the prompt in one pass (logits of its last position only), then runs one token
 per step against the KV caches the session's plan keeps (Session.state). Statistics add up every
 call: bytes read, per-layer counts as `nadoo run` reports them, time to first token, decode speed.
-Text needs the bundle's tokenizer and the `tokenizers` package; token ids in and out need neither.
+Text needs the bundle's tokenizer: its compact BPE tables (runtime/bpe.py) where the compiler stored them,
+else the `tokenizers` package; token ids in and out need neither.
 """
 from __future__ import annotations
 
@@ -83,14 +84,16 @@ class LanguageModel:
     def tokenizer(self, needed_for: str | None = None):
         """The bundle's tokenizer; None when it has none (an InputError naming `needed_for` if given)."""
         if self._tokenizer is None:
-            text = self.info.tokenizer_bytes(self.session.bundle)
-            if text is None:
+            bundle = self.session.bundle
+            tables = self.info.tokenizer_tables(bundle)  # when stored, the tokenizer.json is not even read
+            text = self.info.tokenizer_bytes(bundle) if tables is None else None
+            if tables is None and text is None:
                 if needed_for:
                     raise InputError(f"this bundle stores no tokenizer, so {needed_for} is not possible; pass token ids")
                 return None
             from .tokenizer import Tokenizer
 
-            self._tokenizer = Tokenizer(text, bos_id=self.info.bos_id, add_bos=self.info.add_bos)
+            self._tokenizer = Tokenizer(text, bos_id=self.info.bos_id, add_bos=self.info.add_bos, tables=tables)
         return self._tokenizer
 
     def encode(self, text: str) -> list[int]:

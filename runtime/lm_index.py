@@ -39,6 +39,7 @@ class LMInfo:
     add_bos: bool
     tokenizer_payload: int | None
     chat_template: str | None
+    tokenizer_tables_payload: int | None = None  # (1.4) runtime/bpe.py's compact tables, or None
 
     def tokenizer_json(self, bundle) -> str | None:
         data = self.tokenizer_bytes(bundle)
@@ -50,6 +51,11 @@ class LMInfo:
     def tokenizer_bytes(self, bundle) -> bytes | None:
         """The tokenizer.json payload as stored (UTF-8; runtime/tokenizer.py decodes what it parses)."""
         return None if self.tokenizer_payload is None else bundle.read_payload(self.tokenizer_payload)
+
+    def tokenizer_tables(self, bundle) -> bytes | None:
+        """The compact BPE tables (runtime/bpe.py) when the compiler stored them, else None."""
+        p = self.tokenizer_tables_payload
+        return None if p is None else bundle.read_payload(p)
 
 
 def validate_lm(bundle, lm, used: set) -> LMInfo | None:
@@ -72,7 +78,12 @@ def validate_lm(bundle, lm, used: set) -> LMInfo | None:
     tok = lm.get("tokenizer")
     if tok is not None:
         tok = bundle._pid(tok, "lm tokenizer", used)
+    tables = lm.get("tokenizer_tables")
+    if tables is not None:
+        if tok is None:
+            _fail("tokenizer_tables without a tokenizer")
+        tables = bundle._pid(tables, "lm tokenizer_tables", used)
     chat = lm.get("chat_template")
     if chat is not None and not isinstance(chat, str):
         _fail("chat_template must be a string or null")
-    return LMInfo(cfg, vocab, max_positions, bos, eos_ids, pad, add_bos, tok, chat)
+    return LMInfo(cfg, vocab, max_positions, bos, eos_ids, pad, add_bos, tok, chat, tables)

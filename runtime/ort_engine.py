@@ -29,12 +29,15 @@ onnxruntime and onnx are imported only when this engine is chosen.
 """
 from __future__ import annotations
 
+import importlib.util
 import threading
 
 import numpy as np
 
+from . import onnx_proto
 from .errors import InputError, NadooError, UnsupportedError, one_line
 from .export_onnx import Exporter, _node_with_attrs
+from .onnx_types import in_opset, infer_types
 from .tiers import MATMUL_NBITS_BITS, TIER_BITS
 
 ENGINES = ("auto", "numpy", "ort")
@@ -58,14 +61,24 @@ def resolve(engine: str) -> str:
         raise InputError(f"unknown engine {engine!r} (auto, numpy or ort)")
     if engine == "numpy":
         return "numpy"
-    try:
-        import onnx  # noqa: F401  (builds the segments' models)
-        import onnxruntime  # noqa: F401
-    except ImportError as e:
+    # onnx is found, not imported (~0.75 s of CPU): most plans build their segments without it
+    # (runtime/onnx_proto.py, runtime/onnx_types.py); a graph its inference is needed for imports it then.
+    missing = [m for m in ("onnxruntime", "onnx") if not _findable(m)]
+    if missing:
         if engine == "ort":
-            raise UnsupportedError(f"--engine ort needs onnxruntime and onnx (pip install 'nadoo[ort]'): {e}") from None
+            raise UnsupportedError(f"--engine ort needs onnxruntime and onnx (pip install 'nadoo[ort]'): "
+                                   f"no module named {missing[0]!r}")
         return "numpy"
+    import onnxruntime  # noqa: F401  (a broken install fails here, not in the middle of an open)
+
     return "ort"
+
+
+def _findable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules holds None for it (import blocked)
+        return False
 
 
 class OrtOptions:
@@ -96,7 +109,7 @@ class SegmentExporter(Exporter):
 
     def __init__(self, bundle, tiers: dict[str, str], int8: bool, shapes_only: bool = False,
                  constants: dict | None = None):
-        super().__init__(bundle, None, constants)
+        super().__init__(bundle, None, constants, proto=onnx_proto)
         self.tiers, self.int8, self.shapes_only = tiers, int8, shapes_only
         self.uses_ms = False
 
@@ -154,17 +167,22 @@ def _np_type(onnx, elem: int):
 
 def value_types(graph: dict, constants) -> dict[str, np.dtype]:
     """dtype of every value of the graph ONNX type inference settles: nadoo nodes' outputs are float32
-    (all of them compute in float32), constants and inputs as given."""
-    import onnx
-    from onnx import helper, numpy_helper
-
+    (all of them compute in float32), constants and inputs as given. The rules of runtime/onnx_types.py
+    where they cover the graph (no onnx import), else onnx's inference."""
     known = {i["name"]: np.dtype(i["dtype"]) for i in graph["inputs"] if i.get("dtype")}
     known.update({n: np.asarray(constants[n]).dtype for n in graph.get("constants", [])})
-    nodes = []
     for n in graph["nodes"]:
         if n.get("domain", "") == "nadoo":
             known.update({o: np.dtype(np.float32) for o in n["outputs"] if o})
-        else:
+    typed = infer_types(graph, known)
+    if typed is not None:
+        return typed
+    import onnx
+    from onnx import helper, numpy_helper
+
+    nodes = []
+    for n in graph["nodes"]:
+        if n.get("domain", "") != "nadoo":
             nodes.append(_node_with_attrs(helper, numpy_helper, n["op"], n["inputs"], n["outputs"], n.get("name", ""),
                                           n.get("domain", ""), n.get("attrs") or {}))
     ins = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v), None) for k, v in known.items()]
@@ -191,16 +209,12 @@ def ort_able(node: dict, op, opsets: dict, const: set) -> bool:
     of the graph's opset that is not value-sized by a run-time value: its size inputs are in `const`,
     constants or values computed from shapes and constants alone (`shape_derived`; a segment settles
     those per input shape before ORT runs, see the module docstring)."""
-    import onnx
-
     dom = node.get("domain", "") or ""
     if dom == "nadoo":
         return op is not None and op.whole_tiers() is not None
     if dom not in ("", "ai.onnx") or node["op"] in _NUMPY_ONLY:
         return False
-    try:
-        onnx.defs.get_schema(node["op"], int(opsets.get("", opsets.get("ai.onnx", 18))), "")
-    except Exception:
+    if not in_opset(node["op"], int(opsets.get("", opsets.get("ai.onnx", 18)))):
         return False
     ins = node["inputs"]
     return all(i >= len(ins) or not ins[i] or ins[i] in const for i in _VALUE_SIZED.get(node["op"], ()))
@@ -305,8 +319,10 @@ def _session(ort, options: OrtOptions, m, inits: dict, nodes, constants, embed_b
     still prepacks them. ORT may use such memory for the session's lifetime, so every array is kept,
     except a weight the installed ORT is seen to prepack (or copy) and never read again (`_prepacked`):
     dropped once the session exists (ORT 1.32 copies external initializers, then prepacks)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from . import onnx_proto as helper
+    from .onnx_proto import TensorProto
 
+    numpy_helper = helper
     so = options.session_options(ort)  # one per session: it holds that session's initializers
     names, values, held = [], [], {}
     for k in list(inits):
@@ -371,7 +387,8 @@ def _prepacks(ort, options: OrtOptions, kind: tuple) -> bool:
 
 
 def _probe_prepack(ort, options: OrtOptions, kind: tuple) -> bool:
-    from onnx import TensorProto, helper
+    from . import onnx_proto as helper
+    from .onnx_proto import TensorProto
 
     try:
         rng = np.random.default_rng(0)
@@ -412,7 +429,9 @@ class OrtSegment:
 
     def __init__(self, run: list[dict], ops: list, inputs: list[str], outputs: list[str], types: dict, bundle,
                  constants: dict, graph: dict, options: OrtOptions, ort, span: tuple[int, int]):
-        from onnx import helper, numpy_helper
+        from . import onnx_proto as helper
+
+        numpy_helper = helper
 
         self.inputs, self.outputs, self.nodes = inputs, outputs, run
         self.label = (f"ORT segment {span[0]}..{span[1] - 1} ({run[0]['name']} .. {run[-1]['name']}, "
@@ -532,8 +551,8 @@ class OrtSegment:
 
         m = onnx.ModelProto()
         with self._lock:
-            if self._shape_model is None:
-                self._shape_model = self._build_shape_model()
+            if self._shape_model is None:  # written by onnx_proto: parsed once into onnx's message
+                self._shape_model = onnx.ModelProto.FromString(self._build_shape_model().SerializeToString())
         m.CopyFrom(self._shape_model)
         for nd in list(m.graph.node):  # nodes computing only folded values: their values instead
             if all(o in folded for o in nd.output if o):

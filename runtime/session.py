@@ -77,13 +77,15 @@ class Session:
     with the copy of a mapped range can still kill the process with SIGBUS (positioned reads cannot).
     `engine`: "numpy", "ort" (the plan's dense part in ONNX Runtime, `threads` its intra-op threads,
     `ort_int8` int8 activations in its quantized products; runtime/ort_engine.py) or "auto" (ort where
-    onnxruntime and onnx import); `engine` after opening says which one runs."""
+    onnxruntime and onnx import, and no `memory_budget` is set: under a budget the weights stream through
+    the chunk cache, so ORT would run only the glue between them, for ~100 MiB more resident memory);
+    `engine` after opening says which one runs."""
 
     def __init__(self, path, policy: Policy | None = None, memory_budget=None, use_mmap: bool = False,
                  pin_fraction: float = 0.5, engine: str = "auto", threads: int | None = None, ort_int8: bool = False):
         from .ort_engine import resolve
 
-        engine = resolve(engine)
+        engine = resolve("numpy" if engine == "auto" and memory_budget is not None else engine)
         self.bundle = Bundle.open(path, use_mmap=use_mmap)
         try:
             self.policy = policy or Policy()

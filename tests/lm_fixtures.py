@@ -116,6 +116,34 @@ def tiny_tokenizer_json(vocab_size: int = 400) -> str:
     return json.dumps(j)
 
 
+def gemma_tokenizer_json(vocab_size: int = 400, *, llama2: bool = False, byte_fallback: bool = True,
+                         fuse_unk: bool = True) -> str:
+    """A sentencepiece BPE laid out as Gemma 3's tokenizer.json is (a Replace(" " -> "▁") normalizer, a
+    Split(" ") pre-tokenizer, byte fallback, added tokens for newlines, tabs and turn markers), or with
+    `llama2` as HF converts Llama 2 (Prepend("▁") + Replace normalizer, no pre-tokenizer, a Strip decoder)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=byte_fallback, fuse_unk=fuse_unk, unk_token="<unk>"))
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if llama2:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        steps.append(decoders.Strip(" ", 1, 0))
+    else:
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tok.decoder = decoders.Sequence(steps)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256 - 8, special_tokens=SPECIALS, show_progress=False)
+    tok.train_from_iterator(TRAIN_TEXT, trainer)
+    j = json.loads(tok.to_str())
+    vocab = j["model"]["vocab"]
+    for t in BYTE_TOKENS if byte_fallback else ():
+        vocab.setdefault(t, len(vocab))
+    tok = Tokenizer.from_str(json.dumps(j))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<start_of_turn>", "<end_of_turn>")])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("\n", "\n\n", "\t", "<b>")])
+    return tok.to_str()
+
+
 def sentencepiece_tokens(n: int) -> tuple[list, list, list]:
     """(tokens, scores, types) of an n-token sentencepiece vocabulary for GGUF metadata: specials,
     the 256 byte tokens, then letters and a few merges."""

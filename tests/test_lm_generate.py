@@ -359,7 +359,8 @@ def test_lm_index_key_is_validated(built):
         bad = [{**good, **k} for k in (
             {"generation": {**gen, "eos_ids": [VOCAB]}}, {"generation": {**gen, "bos_id": -1}},
             {"generation": {**gen, "add_bos": "yes"}}, {"config": {**good["config"], "vocab": 0}},
-            {"tokenizer": 10 ** 9}, {"chat_template": 5}, {"generation": None})]
+            {"tokenizer": 10 ** 9}, {"chat_template": 5}, {"generation": None}, {"tokenizer_tables": 10 ** 9},
+            {"tokenizer_tables": good["tokenizer"]}, {"tokenizer": None, "tokenizer_tables": 0})]
         for lm in bad:
             with pytest.raises(BundleError, match="corrupt bundle: lm"):
                 validate_lm(b, lm, set())

@@ -110,6 +110,9 @@ def test_budget_streaming_stays_in_numpy(mlp, digits):
         budget.run(None, feeds)
         assert budget.resident_weight_bytes <= 40_000 < whole.resident_weight_bytes
         assert budget.last_stats["bytes_read"] > 0
+    # `auto` under a budget is NumPy: ORT would only run the glue between streamed weights
+    with Session(mlp, Policy(bits="8"), memory_budget="40KB") as auto:
+        assert auto.engine == "numpy"
 
 
 def test_run_caps_hold_inside_segments(mlp, digits):
