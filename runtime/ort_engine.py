@@ -117,26 +117,53 @@ class SegmentExporter(Exporter):
         if not self._nbits(x, name, bias, out, of_transpose=True):
             super().linear_transposed(x, name, bias, out)
 
+    def gather(self, name: str, idx: str, out: str) -> None:
+        """Rows of an embedding table as com.microsoft GatherBlockQuantized over the stored codes (the
+        table stays at its tier's bytes in ORT) where the bundle stores them in that layout and ORT's
+        kernel takes it (4 or 8 bits, whole bytes of zero points per row); else a float Gather."""
+        p = self._packed(name, of_transpose=False, bits=(4, 8))
+        if p is None or p.row_len % p.block_size or (p.row_len // p.block_size * p.bits) % 8 or p.block_size < 16:
+            return super().gather(name, idx, out)
+        codes, scales, zps = self._pack_inits(name, p, lambda a: a)
+        self.inits[codes] = self.inits[codes].reshape(p.rows, -1)
+        self.inits[scales] = self.inits[scales].reshape(p.rows, -1)
+        self.inits[zps] = self.inits[zps].reshape(p.rows, -1)
+        self.nodes.append(self.helper.make_node(
+            "GatherBlockQuantized", [codes, idx, scales, zps], [out], name=self.fresh("GatherBlockQuantized"),
+            domain="com.microsoft", bits=int(p.bits), block_size=int(p.block_size), gather_axis=0, quantize_axis=1))
+        self.uses_ms = True
+
+    def _packed(self, name: str, of_transpose: bool, bits) -> "PackedWeight | None":
+        """The stored codes of `name` at its tier when they are zp-coded in the `of_transpose` layout at one
+        of `bits` (never for the shape graph: ONNX shape inference knows no com.microsoft op)."""
+        read = getattr(self.bundle, "read_packed", None)
+        tier = self.tiers[name]
+        if read is None or self.shapes_only or TIER_BITS.get(tier) not in bits:
+            return None
+        p = read(name, tier)
+        return p if p is not None and p.of_transpose == of_transpose else None
+
+    def _pack_inits(self, name: str, p, pick) -> tuple[str, str, str]:
+        """Initializers of codes, scales and zero points (flat, as MatMulNBits takes them) of `p`, their rows
+        chosen by `pick`; their names."""
+        codes, scales, zps = (self.fresh(f"{name}_{s}") for s in ("codes", "scales", "zero_points"))
+        self.inits[codes] = np.ascontiguousarray(pick(p.codes), np.uint8)
+        self.inits[scales] = np.ascontiguousarray(pick(p.scales), np.float32).reshape(-1)
+        self.inits[zps] = np.ascontiguousarray(pick(p.zero_points), np.uint8).reshape(-1)
+        return codes, scales, zps
+
     def _nbits(self, x: str, name: str, bias: str, out: str, of_transpose: bool, rows=None) -> bool:
         """out = the product as MatMulNBits over the stored codes, if the bundle stores them in the layout
         this product takes (x·Wᵀ: groups along W's rows' length; x·W: along its rows) and the product is
         fast; False when the caller must hand the weight over as float32. `rows`: output j is stored row
         rows[j] (x·Wᵀ only)."""
-        read = getattr(self.bundle, "read_packed", None)
-        tier = self.tiers[name]
-        # ONNX shape inference knows no com.microsoft op: the shape graph keeps the plain MatMul. MatMulNBits'
-        # exact path (accuracy level 0) is fast at 4 bits only (8 and 2 bits measured ~80x slower than a
-        # float MatMul, ORT 1.32): exact 8- and 2-bit layers are handed over dequantized.
-        packs = (read is not None and not self.shapes_only and TIER_BITS.get(tier) in MATMUL_NBITS_BITS
-                 and (self.int8 or TIER_BITS.get(tier) == 4))
-        p = read(name, tier) if packs else None
-        if p is None or p.of_transpose != of_transpose:
+        # MatMulNBits' exact path (accuracy level 0) is fast at 4 bits only (8 and 2 bits measured ~80x
+        # slower than a float MatMul, ORT 1.32): exact 8- and 2-bit layers are handed over dequantized.
+        p = self._packed(name, of_transpose, MATMUL_NBITS_BITS if self.int8 else (4,))
+        if p is None:
             return False
         pick = (lambda a: a) if rows is None else (lambda a: a[rows])  # codes, scales, zero points are per row
-        codes, scales, zps = (self.fresh(f"{name}_{s}") for s in ("codes", "scales", "zero_points"))
-        self.inits[codes] = np.ascontiguousarray(pick(p.codes), np.uint8)
-        self.inits[scales] = np.ascontiguousarray(pick(p.scales), np.float32).reshape(-1)
-        self.inits[zps] = np.ascontiguousarray(pick(p.zero_points), np.uint8).reshape(-1)
+        codes, scales, zps = self._pack_inits(name, p, pick)
         mid = self.fresh("mm") if bias else out
         self.nodes.append(self.helper.make_node(
             "MatMulNBits", [x, codes, scales, zps], [mid], name=self.fresh("MatMulNBits"), domain="com.microsoft",
@@ -186,7 +213,7 @@ def _opsets(helper, graph: dict, extra: dict | None = None) -> list:
     return [helper.make_opsetid(d, v) for d, v in ops.items()]
 
 
-def ort_able(node: dict, op, opsets: dict, const: set) -> bool:
+def ort_able(node: dict, op, opsets: dict, const: set, types: dict) -> bool:
     """Whether ORT may run this node: a chunked op read whole at one tier, or a standard ONNX operator
     of the graph's opset that is not value-sized by a run-time value: its size inputs are in `const`,
     constants or values computed from shapes and constants alone (`shape_derived`; a segment settles
@@ -195,7 +222,7 @@ def ort_able(node: dict, op, opsets: dict, const: set) -> bool:
 
     dom = node.get("domain", "") or ""
     if dom == "nadoo":
-        return op is not None and op.whole_tiers() is not None
+        return op is not None and op.whole_tiers() is not None and op.ort_types_ok(types)
     if dom not in ("", "ai.onnx") or node["op"] in _NUMPY_ONLY:
         return False
     try:
@@ -242,10 +269,10 @@ def hybridize(plan, session, options: OrtOptions) -> list["OrtSegment"]:
     ops = iter(session.ops)
     op_of = [next(ops) if n.get("domain") == "nadoo" and n["op"] in _chunked_types() else None for n in nodes]
     derived = shape_derived(nodes, const)
-    flags = [ort_able(n, op, opsets, derived) for n, op in zip(nodes, op_of)]
     init = plan.initial_values
     constants = {n: init[plan.slot_of(n)] for n in const}
     types = value_types(graph, constants)
+    flags = [ort_able(n, op, opsets, derived, types) for n, op in zip(nodes, op_of)]
     graph_outs = {o["name"] for o in graph["outputs"]}
     last_use = {}
     for k, n in enumerate(nodes):
@@ -419,6 +446,11 @@ class OrtSegment:
                       f"{len(run)} nodes)", "OrtSegment", f"ort:{run[0]['name']}")
         self.whole = [op for op in ops if op is not None]
         tiers = {k: v for op in self.whole for k, v in op.whole_tiers().items()}
+        # first inputs whose values the layer statistics count (a lookup's indices, `counts_values`): a
+        # constant's is known, a segment input's is at hand, any other is one more output of the session
+        probe = list(dict.fromkeys(op.node["inputs"][0] for op in self.whole if op.counts_values))
+        self._known = {k: np.asarray(constants[k]) for k in probe if k in constants}
+        self._probe = [k for k in probe if k not in self._known and k not in inputs and k not in outputs]
 
         def export(shapes_only: bool) -> SegmentExporter:
             ex = SegmentExporter(bundle, tiers, options.int8, shapes_only, constants)
@@ -431,11 +463,12 @@ class OrtSegment:
             return ex
 
         ex = export(False)
+        self.kernels = [(nd.domain or "", nd.op_type) for nd in ex.nodes]  # (domain, op) of each ORT node, in order
         # the chunked weights handed over (the plan's constants are held by the plan either way)
         self.resident_bytes = int(sum(np.asarray(a).nbytes for k, a in ex.inits.items() if k not in constants))
         in_vi = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(types[n]), None) for n in inputs]
         out_vi = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(types[n]) if n in types else 0, None)
-                  for n in outputs]
+                  for n in outputs + self._probe]
         extra = {"com.microsoft": 1} if ex.uses_ms else None
 
         def model(ex, inits: dict, as_inputs: dict, outs: list):
@@ -613,12 +646,18 @@ class OrtSegment:
 
             clock, t = time.perf_counter, time.perf_counter()
         try:
-            outs = self.sess.run(self.outputs, {n: np.ascontiguousarray(a) for n, a in zip(self.inputs, args)})
+            outs = self.sess.run(self.outputs + self._probe, {n: np.ascontiguousarray(a) for n, a in zip(self.inputs, args)})
         except Exception as e:
             raise InputError(f"model failed in {self.label[0]}: {one_line(e)}") from None
         if clock is not None:
             key = self.label[label]
             prof[key] = prof.get(key, 0.0) + clock() - t
+        values = None
         for op, xs, ys, layer_macs in layers:
-            op.count_whole(xs, ys, layer_macs)
-        return outs
+            if op.counts_values:
+                if values is None:
+                    values = {**self._known, **dict(zip(self.inputs, args)), **dict(zip(self.outputs + self._probe, outs))}
+                op.count_whole(xs, ys, layer_macs, x=values[op.node["inputs"][0]])
+            else:
+                op.count_whole(xs, ys, layer_macs)
+        return outs[: len(self.outputs)]
