@@ -33,6 +33,7 @@ import threading
 
 import numpy as np
 
+from . import callstats
 from .errors import InputError, NadooError, UnsupportedError, one_line
 from .export_onnx import Exporter, _node_with_attrs
 from .tiers import MATMUL_NBITS_BITS, TIER_BITS
@@ -77,14 +78,18 @@ class OrtOptions:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer, got {threads!r}")
         self.threads, self.int8 = threads, bool(int8)
+        self.spin = False  # set when one segment is the whole plan (`hybridize`)
 
     def session_options(self, ort):
         so = ort.SessionOptions()
         so.inter_op_num_threads = 1
         if self.threads:
             so.intra_op_num_threads = self.threads
-        # NumPy nodes run between segments: ORT's idle workers must not spin on the cores they need
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # NumPy nodes run between segments: ORT's idle workers must not spin on the cores they need.
+        # When ORT runs the whole plan nothing else runs there, and its workers spin between parallel
+        # regions as in any ORT session (no wake-up per region).
+        if not self.spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         return so
 
@@ -284,10 +289,13 @@ def hybridize(plan, session, options: OrtOptions) -> list["OrtSegment"]:
         return sum(int(np.prod(bundle.tensors[k].shape)) for op in op_of[span[0]:span[1]] if op is not None
                    for k in op.whole_tiers() or {} if k in bundle.tensors)
 
+    spans = runs_of(flags)
+    if spans == [(0, len(nodes))]:
+        options.spin = True
     # Largest first: building a segment takes transient memory (ORT prepacks beside our arrays), and the
     # open's peak is that transient on top of the segments already built.
     fused = []
-    for first, end in sorted(runs_of(flags), key=lambda span: -weights(span)):
+    for first, end in sorted(spans, key=lambda span: -weights(span)):
         run = nodes[first:end]
         produced = {o for n in run for o in n["outputs"] if o}
         inputs = list(dict.fromkeys(i for n in run for i in n["inputs"] if i and i not in produced and i not in const))
@@ -652,12 +660,19 @@ class OrtSegment:
         if clock is not None:
             key = self.label[label]
             prof[key] = prof.get(key, 0.0) + clock() - t
+        # Shape-only counts are fixed per signature: made when the statistics are read (callstats.defer).
+        # Counts from values (a lookup's indices) are made now, while the values are the call's.
+        callstats.defer(_count_shapes, layers)
         values = None
         for op, xs, ys, layer_macs in layers:
             if op.counts_values:
                 if values is None:
                     values = {**self._known, **dict(zip(self.inputs, args)), **dict(zip(self.outputs + self._probe, outs))}
                 op.count_whole(xs, ys, layer_macs, x=values[op.node["inputs"][0]])
-            else:
-                op.count_whole(xs, ys, layer_macs)
         return outs[: len(self.outputs)]
+
+
+def _count_shapes(layers) -> None:
+    for op, xs, ys, layer_macs in layers:
+        if not op.counts_values:
+            op.count_whole(xs, ys, layer_macs)

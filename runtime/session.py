@@ -136,7 +136,10 @@ class Session:
 
     @property
     def last_stats(self) -> dict:
-        """Statistics of this thread's last `run` (empty before its first)."""
+        """Statistics of this thread's last `run` (empty before its first); made when first read."""
+        pending = getattr(self._local, "pending", None)
+        if pending is not None:
+            self._local.stats, self._local.pending = self._stats(*pending), None
         return getattr(self._local, "stats", {})
 
     def get_inputs(self) -> list[NodeArg]:
@@ -146,24 +149,25 @@ class Session:
         return [NodeArg(o["name"], o.get("shape"), o["dtype"]) for o in self.plan.outputs]
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return self.run_with_stats(output_names, feeds)[0]
+        # the statistics wait until `last_stats` is read: a caller who never reads them does not pay for them
+        outs, self._local.pending = self._run(output_names, feeds)
+        return outs
 
     def run_with_stats(self, output_names: Sequence[str] | None,
                        feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], dict]:
         """`run`, also returning the statistics of this call (the same dict `last_stats` then holds)."""
+        outs, pending = self._run(output_names, feeds)
+        st = self._local.stats = self._stats(*pending)
+        self._local.pending = None
+        return outs, st
+
+    def _run(self, output_names, feeds) -> tuple[list[np.ndarray], tuple]:
+        """The outputs, and what `_stats` makes this call's statistics of."""
         names = self.plan.output_names
         if output_names:
             unknown = [n for n in output_names if n not in names]
             if unknown:
                 raise InputError(f"unknown output {unknown[0]!r}; the model's outputs are {names}")
-        outs, st = self._call(feeds)
-        self._local.stats = st
-        if output_names:
-            outs = [outs[names.index(n)] for n in output_names]
-        return outs, st
-
-    def _call(self, feeds) -> tuple[list[np.ndarray], dict]:
-        b, cache = self.bundle, self.cache
         # Overflow/invalid-value warnings are ordinary float32 numerics here (exp of a large logit, a
         # masked softmax); the values they flag (inf, nan) still reach the outputs unchanged. Only the
         # default "warn" is silenced: a caller who asked NumPy to raise still gets the exception.
@@ -172,6 +176,15 @@ class Session:
             t0 = time.perf_counter()
             outs = self.plan.run(feeds)
             dt = time.perf_counter() - t0
+        if output_names:
+            outs = [outs[names.index(n)] for n in output_names]
+        # what may change by the next call is taken now; the rest is the call's own (cs)
+        cache = self.cache
+        return outs, (cs, dt, peak_rss_bytes(), cache.bytes, cache.pinned_bytes, self.resident_weight_bytes)
+
+    def _stats(self, cs, dt, peak_rss, cache_bytes, cache_pinned, resident) -> dict:
+        b = self.bundle
+        cs.settle()
         layers = {name: d for op in self.ops for name, d in op.layer_stats(cs).items()}  # one entry per tensor
         lookups = cs.cache_hits + cs.cache_misses
         st = {
@@ -185,16 +198,16 @@ class Session:
             "macs": sum(v["macs"] for v in layers.values()),
             "dense_macs": sum(v["dense_macs"] for v in layers.values()),
             "latency_s": dt,
-            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_bytes": peak_rss,
             "cache_hits": cs.cache_hits,
             "cache_misses": cs.cache_misses,
             "cache_hit_rate": cs.cache_hits / max(lookups, 1),
-            "cache_bytes": cache.bytes,
-            "cache_pinned_bytes": cache.pinned_bytes,
-            "cache_budget_bytes": cache.budget,
+            "cache_bytes": cache_bytes,
+            "cache_pinned_bytes": cache_pinned,
+            "cache_budget_bytes": self.cache.budget,
             "engine": self.engine,
             "ort_nodes": self.ort_nodes,
-            "resident_weight_bytes": self.resident_weight_bytes,
+            "resident_weight_bytes": resident,
             "policy": {"kind": self.policy.kind, "bits": self.policy.bits, "topk": self.policy.topk,
                        "predictor": self.policy.predictor, "tau": self.policy.tau,
                        "bits_for": dict(self.policy.bits_for)},
@@ -202,7 +215,7 @@ class Session:
         }
         for cls, ops in self._families.items():
             st.update(cls.extra_stats(ops, cs) or {})  # e.g. `moe`: expert usage, bytes, prefetch accuracy
-        return outs, st
+        return st
 
     def generate(self, prompt=None, **kw):
         """Language models: text (or prompt_ids=[...]) -> GenerationResult; see runtime/generate.py."""
