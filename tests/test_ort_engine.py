@@ -110,6 +110,8 @@ def test_budget_streaming_stays_in_numpy(mlp, digits):
         budget.run(None, feeds)
         assert budget.resident_weight_bytes <= 40_000 < whole.resident_weight_bytes
         assert budget.last_stats["bytes_read"] > 0
+    with Session(mlp, Policy(bits="8"), memory_budget="40KB") as auto:  # auto: a budget runs NumPy
+        assert auto.engine == "numpy" and auto.ort_nodes == 0
 
 
 def test_run_caps_hold_inside_segments(mlp, digits):
