@@ -660,15 +660,15 @@ class OrtSegment:
         if clock is not None:
             key = self.label[label]
             prof[key] = prof.get(key, 0.0) + clock() - t
-        # Shape-only counts are fixed per signature: made when the statistics are read (callstats.defer).
-        # Counts from values (a lookup's indices) are made now, while the values are the call's.
+        # The layer counts are made when the statistics are read (callstats.defer): shape-only ones are
+        # fixed per signature; counts from values (a lookup's indices) get a copy of the call's values.
         callstats.defer(_count_shapes, layers)
         values = None
         for op, xs, ys, layer_macs in layers:
             if op.counts_values:
                 if values is None:
                     values = {**self._known, **dict(zip(self.inputs, args)), **dict(zip(self.outputs + self._probe, outs))}
-                op.count_whole(xs, ys, layer_macs, x=values[op.node["inputs"][0]])
+                callstats.defer(op.count_whole, xs, ys, layer_macs, np.array(values[op.node["inputs"][0]]))
         return outs[: len(self.outputs)]
 
 
