@@ -3,8 +3,9 @@
 After a session's Plan is built, every node is classified. ORT takes a standard ONNX operator (the
 ai.onnx domain, defined at the graph's opset) and a chunked op whose policy reads every chunk at one
 tier (`WeightOp.whole_tiers`: ChunkedLinear, ChunkedFFN, ChunkedConv, ChunkedConvTranspose,
-ChunkedRecurrent, through their `export`). NumPy keeps what selects per input (top-k layers, MoE,
-ChunkedGather, which reads only the rows looked up), what holds state (nadoo.Attention and its KV
+ChunkedRecurrent, through their `export`; ChunkedGather under a dense policy, as GatherBlockQuantized
+over its stored codes). NumPy keeps what selects per input (top-k layers, MoE, ChunkedGather under a
+routed policy, which reads only the rows looked up), what holds state (nadoo.Attention and its KV
 cache), chunked layers under a memory budget (they stream through the bounded cache), and generators whose output size is a run-time value
 computed from an input's data (Expand, Range, ... with such a size input: the plan checks those before
 they allocate); sized by constants or by shapes (`shape_derived`), they run in ORT.

@@ -90,7 +90,8 @@ class ChunkedGather(WeightOp):
     def whole_tiers(self) -> dict[str, str] | None:
         """Under a dense policy the table may be held whole elsewhere (ONNX Runtime, in its stored codes:
         one lookup is then one kernel, not a fetch per chunk). Any other policy reads only the chunks
-        looked up, and a table another node reads too (a tied LM head) stays in one place: here."""
+        looked up; a table read through a row map or by another node too (a tied LM head) stays here, in one
+        place."""
         if self.env.policy.kind != "dense" or len(self.node["inputs"]) > 1 or any(
                 op is not self and e.name == self.entry.name for op in self.env.ops for e, _ in getattr(op, "group", ())):
             return None
