@@ -368,7 +368,8 @@ def _session(ort, options: OrtOptions, m, inits: dict, nodes, constants, embed_b
 def _prepacked(ort, options: OrtOptions, nodes, held: dict) -> set:
     """The arrays of `held` whose only consumer is one node the installed ORT prepacks them for into a
     buffer of its own, never reading them again (`_prepacks`): a MatMulNBits' weight, scales and zero
-    points, a float MatMul's 2-D weight."""
+    points, a float MatMul's 2-D weight, a GatherBlockQuantized's codes, scales and zero points (ORT
+    1.32 copies external initializers; the probe says whether the installed one does)."""
     users: dict[str, list] = {}
     for nd in nodes:
         for i in nd.input:
@@ -384,6 +385,9 @@ def _prepacked(ort, options: OrtOptions, nodes, held: dict) -> set:
             kind = ("MatMulNBits", attrs.get("bits", 4), attrs.get("block_size", 0), attrs.get("accuracy_level", 0))
         elif n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and at == 1 and a.ndim == 2 and a.dtype == np.float32:
             kind = ("MatMul",)
+        elif n.op_type == "GatherBlockQuantized" and n.domain == "com.microsoft" and at in (0, 2, 3):
+            attrs = {x.name: x.i for x in n.attribute}
+            kind = ("GatherBlockQuantized", attrs.get("bits", 4), attrs.get("block_size", 128))
         else:
             continue
         if _prepacks(ort, options, kind):
@@ -415,6 +419,16 @@ def _probe_prepack(ort, options: OrtOptions, kind: tuple) -> bool:
             k, n = 64, 32
             arrays = {"b": rng.standard_normal((k, n)).astype(np.float32)}
             node, extra = helper.make_node("MatMul", ["x", "b"], ["y"]), []
+            x = {"x": rng.standard_normal((1, k)).astype(np.float32)}
+        elif kind[0] == "GatherBlockQuantized":  # x: row indices
+            bits, block = kind[1:]
+            n, k = 16, 2 * block
+            arrays = {"b": rng.integers(0, 256, (n, k * bits // 8), dtype=np.uint8),
+                      "s": rng.uniform(0.5, 1.0, (n, 2)).astype(np.float32),
+                      "z": rng.integers(0, 256, (n, -(-(2 * bits) // 8)), dtype=np.uint8)}
+            node = helper.make_node("GatherBlockQuantized", ["b", "x", "s", "z"], ["y"], domain="com.microsoft",
+                                    bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+            extra, x = [helper.make_opsetid("com.microsoft", 1)], {"x": np.array([[3, 0, 15]], np.int64)}
         else:
             bits, block, level = kind[1:]
             n, k = 16, 2 * block
@@ -425,7 +439,9 @@ def _probe_prepack(ort, options: OrtOptions, kind: tuple) -> bool:
             node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n,
                                     bits=bits, block_size=block, accuracy_level=level)
             extra = [helper.make_opsetid("com.microsoft", 1)]
-        g = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+            x = {"x": rng.standard_normal((1, k)).astype(np.float32)}
+        g = helper.make_graph([node], "probe", [helper.make_tensor_value_info(
+                                  "x", helper.np_dtype_to_tensor_dtype(x["x"].dtype), list(x["x"].shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), *extra])
         m.ir_version = min(m.ir_version, 10)
@@ -433,7 +449,6 @@ def _probe_prepack(ort, options: OrtOptions, kind: tuple) -> bool:
         sess, held = _session(ort, options, m, dict(arrays), [], set(arrays), embed_bytes=0)
         if set(held) != set(arrays):
             return False
-        x = {"x": rng.standard_normal((1, k)).astype(np.float32)}
         before = sess.run(None, x)[0]
         for a in held.values():
             a[...] = rng.integers(0, 256, a.shape).astype(a.dtype) if a.dtype == np.uint8 else 7.0
