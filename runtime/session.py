@@ -7,8 +7,9 @@
 
 Like ONNX Runtime's, `run` may be called from several threads at once on one Session: the chunk cache
 is locked, reads are positioned (no shared file offset), and every call counts its statistics in a
-context of its own (callstats). `last_stats` is per thread (the stats of that thread's last call);
-`run_with_stats` returns them with the outputs.
+context of its own (callstats). `last_stats` is per thread (the stats of that thread's last call),
+made when first read (a caller who never reads them does not pay for them; `peak_rss_bytes` is then
+the process's peak at that read); `run_with_stats` returns them with the outputs, made at once.
 """
 
 from __future__ import annotations
