@@ -18,7 +18,7 @@ class CallStats:
     """What one call read and looked up. `states` maps an op's own record (a layer's counters, an
     MoE layer) to what this call counted for it (see `state_for`)."""
 
-    __slots__ = ("bytes_read", "disk_bytes_read", "payloads_read", "cache_hits", "cache_misses", "states")
+    __slots__ = ("bytes_read", "disk_bytes_read", "payloads_read", "cache_hits", "cache_misses", "states", "deferred")
 
     def __init__(self):
         self.bytes_read = 0
@@ -27,6 +27,19 @@ class CallStats:
         self.cache_hits = 0
         self.cache_misses = 0
         self.states: dict = {}
+        self.deferred: list = []  # (fn, args): counts whose inputs are fixed already, made when first read
+
+    def settle(self) -> "CallStats":
+        """Make the deferred counts (in this call's context, so they land in `states`); self."""
+        if self.deferred:
+            token = _current.set(self)
+            try:
+                while self.deferred:
+                    fn, args = self.deferred.pop()
+                    fn(*args)
+            finally:
+                _current.reset(token)
+        return self
 
 
 _current: contextvars.ContextVar[CallStats | None] = contextvars.ContextVar("nadoo_call_stats", default=None)
@@ -45,6 +58,17 @@ def collecting():
         yield cs
     finally:
         _current.reset(token)
+
+
+def defer(fn, *args) -> None:
+    """Count `fn(*args)` for the current call when its statistics are first read, not now (a run whose
+    statistics nobody reads does not pay for them); at once outside a call. `args` must not change
+    after the call (shapes, per-signature tuples: never a caller's array)."""
+    cs = _current.get()
+    if cs is None:
+        fn(*args)
+    else:
+        cs.deferred.append((fn, args))
 
 
 def state_for(owner, new):

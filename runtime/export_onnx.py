@@ -89,6 +89,11 @@ class Exporter:
         """out = x·W (+ bias) for chunked tensor `name` stored transposed, [K, N] (rows = inputs)."""
         self.matmul(x, name, self.weight(name), bias, out)
 
+    def gather(self, name: str, idx: str, out: str) -> None:
+        """out = rows `idx` of chunked tensor `name` (ONNX Gather along axis 0)."""
+        self.initializer(name, self.weight(name))
+        self.add("Gather", [name, idx], [out], axis=0)
+
     def activation(self, name: str, z: str, out: str) -> None:
         """out = act(z) for an activation name of runtime/activations.py (any case)."""
         name = name.lower()

@@ -3,8 +3,9 @@
 After a session's Plan is built, every node is classified. ORT takes a standard ONNX operator (the
 ai.onnx domain, defined at the graph's opset) and a chunked op whose policy reads every chunk at one
 tier (`WeightOp.whole_tiers`: ChunkedLinear, ChunkedFFN, ChunkedConv, ChunkedConvTranspose,
-ChunkedRecurrent, through their `export`). NumPy keeps what selects per input (top-k layers, MoE,
-ChunkedGather, which reads only the rows looked up), what holds state (nadoo.Attention and its KV
+ChunkedRecurrent, through their `export`; ChunkedGather under a dense policy, as GatherBlockQuantized
+over its stored codes). NumPy keeps what selects per input (top-k layers, MoE, ChunkedGather under a
+routed policy, which reads only the rows looked up), what holds state (nadoo.Attention and its KV
 cache), chunked layers under a memory budget (they stream through the bounded cache), and generators whose output size is a run-time value
 computed from an input's data (Expand, Range, ... with such a size input: the plan checks those before
 they allocate); sized by constants or by shapes (`shape_derived`), they run in ORT.
@@ -34,7 +35,7 @@ import threading
 
 import numpy as np
 
-from . import onnx_proto
+from . import callstats, onnx_proto
 from .errors import InputError, NadooError, UnsupportedError, one_line
 from .export_onnx import Exporter, _node_with_attrs
 from .onnx_types import in_opset, infer_types
@@ -90,14 +91,18 @@ class OrtOptions:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer, got {threads!r}")
         self.threads, self.int8 = threads, bool(int8)
+        self.spin = False  # set when one segment is the whole plan (`hybridize`)
 
     def session_options(self, ort):
         so = ort.SessionOptions()
         so.inter_op_num_threads = 1
         if self.threads:
             so.intra_op_num_threads = self.threads
-        # NumPy nodes run between segments: ORT's idle workers must not spin on the cores they need
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # NumPy nodes run between segments: ORT's idle workers must not spin on the cores they need.
+        # When ORT runs the whole plan nothing else runs there, and its workers spin between parallel
+        # regions as in any ORT session (no wake-up per region).
+        if not self.spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         return so
 
@@ -130,26 +135,53 @@ class SegmentExporter(Exporter):
         if not self._nbits(x, name, bias, out, of_transpose=True):
             super().linear_transposed(x, name, bias, out)
 
+    def gather(self, name: str, idx: str, out: str) -> None:
+        """Rows of an embedding table as com.microsoft GatherBlockQuantized over the stored codes (the
+        table stays at its tier's bytes in ORT) where the bundle stores them in that layout and ORT's
+        kernel takes it (4 or 8 bits, whole bytes of zero points per row); else a float Gather."""
+        p = self._packed(name, of_transpose=False, bits=(4, 8))
+        if p is None or p.row_len % p.block_size or (p.row_len // p.block_size * p.bits) % 8 or p.block_size < 16:
+            return super().gather(name, idx, out)
+        codes, scales, zps = self._pack_inits(name, p, lambda a: a)
+        self.inits[codes] = self.inits[codes].reshape(p.rows, -1)
+        self.inits[scales] = self.inits[scales].reshape(p.rows, -1)
+        self.inits[zps] = self.inits[zps].reshape(p.rows, -1)
+        self.nodes.append(self.helper.make_node(
+            "GatherBlockQuantized", [codes, idx, scales, zps], [out], name=self.fresh("GatherBlockQuantized"),
+            domain="com.microsoft", bits=int(p.bits), block_size=int(p.block_size), gather_axis=0, quantize_axis=1))
+        self.uses_ms = True
+
+    def _packed(self, name: str, of_transpose: bool, bits) -> "PackedWeight | None":
+        """The stored codes of `name` at its tier when they are zp-coded in the `of_transpose` layout at one
+        of `bits` (never for the shape graph: ONNX shape inference knows no com.microsoft op)."""
+        read = getattr(self.bundle, "read_packed", None)
+        tier = self.tiers[name]
+        if read is None or self.shapes_only or TIER_BITS.get(tier) not in bits:
+            return None
+        p = read(name, tier)
+        return p if p is not None and p.of_transpose == of_transpose else None
+
+    def _pack_inits(self, name: str, p, pick) -> tuple[str, str, str]:
+        """Initializers of codes, scales and zero points (flat, as MatMulNBits takes them) of `p`, their rows
+        chosen by `pick`; their names."""
+        codes, scales, zps = (self.fresh(f"{name}_{s}") for s in ("codes", "scales", "zero_points"))
+        self.inits[codes] = np.ascontiguousarray(pick(p.codes), np.uint8)
+        self.inits[scales] = np.ascontiguousarray(pick(p.scales), np.float32).reshape(-1)
+        self.inits[zps] = np.ascontiguousarray(pick(p.zero_points), np.uint8).reshape(-1)
+        return codes, scales, zps
+
     def _nbits(self, x: str, name: str, bias: str, out: str, of_transpose: bool, rows=None) -> bool:
         """out = the product as MatMulNBits over the stored codes, if the bundle stores them in the layout
         this product takes (x·Wᵀ: groups along W's rows' length; x·W: along its rows) and the product is
         fast; False when the caller must hand the weight over as float32. `rows`: output j is stored row
         rows[j] (x·Wᵀ only)."""
-        read = getattr(self.bundle, "read_packed", None)
-        tier = self.tiers[name]
-        # ONNX shape inference knows no com.microsoft op: the shape graph keeps the plain MatMul. MatMulNBits'
-        # exact path (accuracy level 0) is fast at 4 bits only (8 and 2 bits measured ~80x slower than a
-        # float MatMul, ORT 1.32): exact 8- and 2-bit layers are handed over dequantized.
-        packs = (read is not None and not self.shapes_only and TIER_BITS.get(tier) in MATMUL_NBITS_BITS
-                 and (self.int8 or TIER_BITS.get(tier) == 4))
-        p = read(name, tier) if packs else None
-        if p is None or p.of_transpose != of_transpose:
+        # MatMulNBits' exact path (accuracy level 0) is fast at 4 bits only (8 and 2 bits measured ~80x
+        # slower than a float MatMul, ORT 1.32): exact 8- and 2-bit layers are handed over dequantized.
+        p = self._packed(name, of_transpose, MATMUL_NBITS_BITS if self.int8 else (4,))
+        if p is None:
             return False
         pick = (lambda a: a) if rows is None else (lambda a: a[rows])  # codes, scales, zero points are per row
-        codes, scales, zps = (self.fresh(f"{name}_{s}") for s in ("codes", "scales", "zero_points"))
-        self.inits[codes] = np.ascontiguousarray(pick(p.codes), np.uint8)
-        self.inits[scales] = np.ascontiguousarray(pick(p.scales), np.float32).reshape(-1)
-        self.inits[zps] = np.ascontiguousarray(pick(p.zero_points), np.uint8).reshape(-1)
+        codes, scales, zps = self._pack_inits(name, p, pick)
         mid = self.fresh("mm") if bias else out
         self.nodes.append(self.helper.make_node(
             "MatMulNBits", [x, codes, scales, zps], [mid], name=self.fresh("MatMulNBits"), domain="com.microsoft",
@@ -204,14 +236,14 @@ def _opsets(helper, graph: dict, extra: dict | None = None) -> list:
     return [helper.make_opsetid(d, v) for d, v in ops.items()]
 
 
-def ort_able(node: dict, op, opsets: dict, const: set) -> bool:
+def ort_able(node: dict, op, opsets: dict, const: set, types: dict) -> bool:
     """Whether ORT may run this node: a chunked op read whole at one tier, or a standard ONNX operator
     of the graph's opset that is not value-sized by a run-time value: its size inputs are in `const`,
     constants or values computed from shapes and constants alone (`shape_derived`; a segment settles
     those per input shape before ORT runs, see the module docstring)."""
     dom = node.get("domain", "") or ""
     if dom == "nadoo":
-        return op is not None and op.whole_tiers() is not None
+        return op is not None and op.whole_tiers() is not None and op.ort_types_ok(types)
     if dom not in ("", "ai.onnx") or node["op"] in _NUMPY_ONLY:
         return False
     if not in_opset(node["op"], int(opsets.get("", opsets.get("ai.onnx", 18)))):
@@ -256,10 +288,10 @@ def hybridize(plan, session, options: OrtOptions) -> list["OrtSegment"]:
     ops = iter(session.ops)
     op_of = [next(ops) if n.get("domain") == "nadoo" and n["op"] in _chunked_types() else None for n in nodes]
     derived = shape_derived(nodes, const)
-    flags = [ort_able(n, op, opsets, derived) for n, op in zip(nodes, op_of)]
     init = plan.initial_values
     constants = {n: init[plan.slot_of(n)] for n in const}
     types = value_types(graph, constants)
+    flags = [ort_able(n, op, opsets, derived, types) for n, op in zip(nodes, op_of)]
     graph_outs = {o["name"] for o in graph["outputs"]}
     last_use = {}
     for k, n in enumerate(nodes):
@@ -271,10 +303,13 @@ def hybridize(plan, session, options: OrtOptions) -> list["OrtSegment"]:
         return sum(int(np.prod(bundle.tensors[k].shape)) for op in op_of[span[0]:span[1]] if op is not None
                    for k in op.whole_tiers() or {} if k in bundle.tensors)
 
+    spans = runs_of(flags)
+    if spans == [(0, len(nodes))]:
+        options.spin = True
     # Largest first: building a segment takes transient memory (ORT prepacks beside our arrays), and the
     # open's peak is that transient on top of the segments already built.
     fused = []
-    for first, end in sorted(runs_of(flags), key=lambda span: -weights(span)):
+    for first, end in sorted(spans, key=lambda span: -weights(span)):
         run = nodes[first:end]
         produced = {o for n in run for o in n["outputs"] if o}
         inputs = list(dict.fromkeys(i for n in run for i in n["inputs"] if i and i not in produced and i not in const))
@@ -348,7 +383,8 @@ def _session(ort, options: OrtOptions, m, inits: dict, nodes, constants, embed_b
 def _prepacked(ort, options: OrtOptions, nodes, held: dict) -> set:
     """The arrays of `held` whose only consumer is one node the installed ORT prepacks them for into a
     buffer of its own, never reading them again (`_prepacks`): a MatMulNBits' weight, scales and zero
-    points, a float MatMul's 2-D weight."""
+    points, a float MatMul's 2-D weight, a GatherBlockQuantized's codes, scales and zero points (ORT
+    1.32 copies external initializers; the probe says whether the installed one does)."""
     users: dict[str, list] = {}
     for nd in nodes:
         for i in nd.input:
@@ -364,6 +400,9 @@ def _prepacked(ort, options: OrtOptions, nodes, held: dict) -> set:
             kind = ("MatMulNBits", attrs.get("bits", 4), attrs.get("block_size", 0), attrs.get("accuracy_level", 0))
         elif n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and at == 1 and a.ndim == 2 and a.dtype == np.float32:
             kind = ("MatMul",)
+        elif n.op_type == "GatherBlockQuantized" and n.domain == "com.microsoft" and at in (0, 2, 3):
+            attrs = {x.name: x.i for x in n.attribute}
+            kind = ("GatherBlockQuantized", attrs.get("bits", 4), attrs.get("block_size", 128))
         else:
             continue
         if _prepacks(ort, options, kind):
@@ -396,6 +435,16 @@ def _probe_prepack(ort, options: OrtOptions, kind: tuple) -> bool:
             k, n = 64, 32
             arrays = {"b": rng.standard_normal((k, n)).astype(np.float32)}
             node, extra = helper.make_node("MatMul", ["x", "b"], ["y"]), []
+            x = {"x": rng.standard_normal((1, k)).astype(np.float32)}
+        elif kind[0] == "GatherBlockQuantized":  # x: row indices
+            bits, block = kind[1:]
+            n, k = 16, 2 * block
+            arrays = {"b": rng.integers(0, 256, (n, k * bits // 8), dtype=np.uint8),
+                      "s": rng.uniform(0.5, 1.0, (n, 2)).astype(np.float32),
+                      "z": rng.integers(0, 256, (n, -(-(2 * bits) // 8)), dtype=np.uint8)}
+            node = helper.make_node("GatherBlockQuantized", ["b", "x", "s", "z"], ["y"], domain="com.microsoft",
+                                    bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+            extra, x = [helper.make_opsetid("com.microsoft", 1)], {"x": np.array([[3, 0, 15]], np.int64)}
         else:
             bits, block, level = kind[1:]
             n, k = 16, 2 * block
@@ -406,7 +455,9 @@ def _probe_prepack(ort, options: OrtOptions, kind: tuple) -> bool:
             node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n,
                                     bits=bits, block_size=block, accuracy_level=level)
             extra = [helper.make_opsetid("com.microsoft", 1)]
-        g = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+            x = {"x": rng.standard_normal((1, k)).astype(np.float32)}
+        g = helper.make_graph([node], "probe", [helper.make_tensor_value_info(
+                                  "x", helper.np_dtype_to_tensor_dtype(x["x"].dtype), list(x["x"].shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), *extra])
         m.ir_version = min(m.ir_version, 10)
@@ -414,7 +465,6 @@ def _probe_prepack(ort, options: OrtOptions, kind: tuple) -> bool:
         sess, held = _session(ort, options, m, dict(arrays), [], set(arrays), embed_bytes=0)
         if set(held) != set(arrays):
             return False
-        x = {"x": rng.standard_normal((1, k)).astype(np.float32)}
         before = sess.run(None, x)[0]
         for a in held.values():
             a[...] = rng.integers(0, 256, a.shape).astype(a.dtype) if a.dtype == np.uint8 else 7.0
@@ -438,6 +488,11 @@ class OrtSegment:
                       f"{len(run)} nodes)", "OrtSegment", f"ort:{run[0]['name']}")
         self.whole = [op for op in ops if op is not None]
         tiers = {k: v for op in self.whole for k, v in op.whole_tiers().items()}
+        # first inputs whose values the layer statistics count (a lookup's indices, `counts_values`): a
+        # constant's is known, a segment input's is at hand, any other is one more output of the session
+        probe = list(dict.fromkeys(op.node["inputs"][0] for op in self.whole if op.counts_values))
+        self._known = {k: np.asarray(constants[k]) for k in probe if k in constants}
+        self._probe = [k for k in probe if k not in self._known and k not in inputs and k not in outputs]
 
         def export(shapes_only: bool) -> SegmentExporter:
             ex = SegmentExporter(bundle, tiers, options.int8, shapes_only, constants)
@@ -450,11 +505,12 @@ class OrtSegment:
             return ex
 
         ex = export(False)
+        self.kernels = [(nd.domain or "", nd.op_type) for nd in ex.nodes]  # (domain, op) of each ORT node, in order
         # the chunked weights handed over (the plan's constants are held by the plan either way)
         self.resident_bytes = int(sum(np.asarray(a).nbytes for k, a in ex.inits.items() if k not in constants))
         in_vi = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(types[n]), None) for n in inputs]
         out_vi = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(types[n]) if n in types else 0, None)
-                  for n in outputs]
+                  for n in outputs + self._probe]
         extra = {"com.microsoft": 1} if ex.uses_ms else None
 
         def model(ex, inits: dict, as_inputs: dict, outs: list):
@@ -632,12 +688,25 @@ class OrtSegment:
 
             clock, t = time.perf_counter, time.perf_counter()
         try:
-            outs = self.sess.run(self.outputs, {n: np.ascontiguousarray(a) for n, a in zip(self.inputs, args)})
+            outs = self.sess.run(self.outputs + self._probe, {n: np.ascontiguousarray(a) for n, a in zip(self.inputs, args)})
         except Exception as e:
             raise InputError(f"model failed in {self.label[0]}: {one_line(e)}") from None
         if clock is not None:
             key = self.label[label]
             prof[key] = prof.get(key, 0.0) + clock() - t
+        # The layer counts are made when the statistics are read (callstats.defer): shape-only ones are
+        # fixed per signature; counts from values (a lookup's indices) get a copy of the call's values.
+        callstats.defer(_count_shapes, layers)
+        values = None
         for op, xs, ys, layer_macs in layers:
+            if op.counts_values:
+                if values is None:
+                    values = {**self._known, **dict(zip(self.inputs, args)), **dict(zip(self.outputs + self._probe, outs))}
+                callstats.defer(op.count_whole, xs, ys, layer_macs, np.array(values[op.node["inputs"][0]]))
+        return outs[: len(self.outputs)]
+
+
+def _count_shapes(layers) -> None:
+    for op, xs, ys, layer_macs in layers:
+        if not op.counts_values:
             op.count_whole(xs, ys, layer_macs)
-        return outs

@@ -7,8 +7,9 @@
 
 Like ONNX Runtime's, `run` may be called from several threads at once on one Session: the chunk cache
 is locked, reads are positioned (no shared file offset), and every call counts its statistics in a
-context of its own (callstats). `last_stats` is per thread (the stats of that thread's last call);
-`run_with_stats` returns them with the outputs.
+context of its own (callstats). `last_stats` is per thread (the stats of that thread's last call),
+made when first read (a caller who never reads them does not pay for them; `peak_rss_bytes` is then
+the process's peak at that read); `run_with_stats` returns them with the outputs, made at once.
 """
 
 from __future__ import annotations
@@ -77,15 +78,19 @@ class Session:
     with the copy of a mapped range can still kill the process with SIGBUS (positioned reads cannot).
     `engine`: "numpy", "ort" (the plan's dense part in ONNX Runtime, `threads` its intra-op threads,
     `ort_int8` int8 activations in its quantized products; runtime/ort_engine.py) or "auto" (ort where
-    onnxruntime and onnx import, and no `memory_budget` is set: under a budget the weights stream through
-    the chunk cache, so ORT would run only the glue between them, for ~100 MiB more resident memory);
-    `engine` after opening says which one runs."""
+    onnxruntime and onnx import, numpy under a `memory_budget`); `engine` after opening says which one runs."""
 
     def __init__(self, path, policy: Policy | None = None, memory_budget=None, use_mmap: bool = False,
                  pin_fraction: float = 0.5, engine: str = "auto", threads: int | None = None, ort_int8: bool = False):
         from .ort_engine import resolve
 
-        engine = resolve("numpy" if engine == "auto" and memory_budget is not None else engine)
+        # `auto` under a memory budget runs NumPy: the budget bounds what the session holds, ORT's sessions
+        # (and the onnx/onnxruntime imports: ~70 MiB of a MiniLM process here) are outside that bound, and
+        # under a budget the chunked layers stream through the cache in NumPy anyway (only small ops would
+        # reach ORT). MiniLM, 16 MB budget: 64 MiB peak and 1.1 s a process on NumPy, 134 MiB and 3.1 s on ORT.
+        if engine == "auto" and parse_size(memory_budget) is not None:
+            engine = "numpy"
+        engine = resolve(engine)
         self.bundle = Bundle.open(path, use_mmap=use_mmap)
         try:
             self.policy = policy or Policy()
@@ -138,7 +143,10 @@ class Session:
 
     @property
     def last_stats(self) -> dict:
-        """Statistics of this thread's last `run` (empty before its first)."""
+        """Statistics of this thread's last `run` (empty before its first); made when first read."""
+        pending = getattr(self._local, "pending", None)
+        if pending is not None:
+            self._local.stats, self._local.pending = self._stats(*pending), None
         return getattr(self._local, "stats", {})
 
     def get_inputs(self) -> list[NodeArg]:
@@ -148,24 +156,25 @@ class Session:
         return [NodeArg(o["name"], o.get("shape"), o["dtype"]) for o in self.plan.outputs]
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return self.run_with_stats(output_names, feeds)[0]
+        # the statistics wait until `last_stats` is read: a caller who never reads them does not pay for them
+        outs, self._local.pending = self._run(output_names, feeds)
+        return outs
 
     def run_with_stats(self, output_names: Sequence[str] | None,
                        feeds: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], dict]:
         """`run`, also returning the statistics of this call (the same dict `last_stats` then holds)."""
+        outs, pending = self._run(output_names, feeds)
+        st = self._local.stats = self._stats(*pending)
+        self._local.pending = None
+        return outs, st
+
+    def _run(self, output_names, feeds) -> tuple[list[np.ndarray], tuple]:
+        """The outputs, and what `_stats` makes this call's statistics of."""
         names = self.plan.output_names
         if output_names:
             unknown = [n for n in output_names if n not in names]
             if unknown:
                 raise InputError(f"unknown output {unknown[0]!r}; the model's outputs are {names}")
-        outs, st = self._call(feeds)
-        self._local.stats = st
-        if output_names:
-            outs = [outs[names.index(n)] for n in output_names]
-        return outs, st
-
-    def _call(self, feeds) -> tuple[list[np.ndarray], dict]:
-        b, cache = self.bundle, self.cache
         # Overflow/invalid-value warnings are ordinary float32 numerics here (exp of a large logit, a
         # masked softmax); the values they flag (inf, nan) still reach the outputs unchanged. Only the
         # default "warn" is silenced: a caller who asked NumPy to raise still gets the exception.
@@ -174,6 +183,18 @@ class Session:
             t0 = time.perf_counter()
             outs = self.plan.run(feeds)
             dt = time.perf_counter() - t0
+        if output_names:
+            outs = [outs[names.index(n)] for n in output_names]
+        # what may change by the next call is taken now; the rest is the call's own (cs). The process's
+        # peak RSS is read when the statistics are made (getrusage measured 0.3 ms a call here, with ORT's
+        # threads): the peak so far then, which includes this call's.
+        cache = self.cache
+        return outs, (cs, dt, cache.bytes, cache.pinned_bytes, self.resident_weight_bytes)
+
+    def _stats(self, cs, dt, cache_bytes, cache_pinned, resident) -> dict:
+        b = self.bundle
+        peak_rss = peak_rss_bytes()
+        cs.settle()
         layers = {name: d for op in self.ops for name, d in op.layer_stats(cs).items()}  # one entry per tensor
         lookups = cs.cache_hits + cs.cache_misses
         st = {
@@ -187,16 +208,16 @@ class Session:
             "macs": sum(v["macs"] for v in layers.values()),
             "dense_macs": sum(v["dense_macs"] for v in layers.values()),
             "latency_s": dt,
-            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_bytes": peak_rss,
             "cache_hits": cs.cache_hits,
             "cache_misses": cs.cache_misses,
             "cache_hit_rate": cs.cache_hits / max(lookups, 1),
-            "cache_bytes": cache.bytes,
-            "cache_pinned_bytes": cache.pinned_bytes,
-            "cache_budget_bytes": cache.budget,
+            "cache_bytes": cache_bytes,
+            "cache_pinned_bytes": cache_pinned,
+            "cache_budget_bytes": self.cache.budget,
             "engine": self.engine,
             "ort_nodes": self.ort_nodes,
-            "resident_weight_bytes": self.resident_weight_bytes,
+            "resident_weight_bytes": resident,
             "policy": {"kind": self.policy.kind, "bits": self.policy.bits, "topk": self.policy.topk,
                        "predictor": self.policy.predictor, "tau": self.policy.tau,
                        "bits_for": dict(self.policy.bits_for)},
@@ -204,7 +225,7 @@ class Session:
         }
         for cls, ops in self._families.items():
             st.update(cls.extra_stats(ops, cs) or {})  # e.g. `moe`: expert usage, bytes, prefetch accuracy
-        return outs, st
+        return st
 
     def generate(self, prompt=None, **kw):
         """Language models: text (or prompt_ids=[...]) -> GenerationResult; see runtime/generate.py."""

@@ -110,9 +110,8 @@ def test_budget_streaming_stays_in_numpy(mlp, digits):
         budget.run(None, feeds)
         assert budget.resident_weight_bytes <= 40_000 < whole.resident_weight_bytes
         assert budget.last_stats["bytes_read"] > 0
-    # `auto` under a budget is NumPy: ORT would only run the glue between streamed weights
-    with Session(mlp, Policy(bits="8"), memory_budget="40KB") as auto:
-        assert auto.engine == "numpy"
+    with Session(mlp, Policy(bits="8"), memory_budget="40KB") as auto:  # auto: a budget runs NumPy
+        assert auto.engine == "numpy" and auto.ort_nodes == 0
 
 
 def test_run_caps_hold_inside_segments(mlp, digits):
@@ -312,3 +311,51 @@ def test_prepack_probe():
     assert ort_engine._prepacks(ort, opts, ("MatMul",)) and ort_engine._prepacks(ort, opts, ("MatMulNBits", 4, 32, 0))
     assert ort_engine._prepacks(ort, opts, ("MatMulNBits", 4, 32, 4))
     assert not ort_engine._prepacks(ort, opts, ("MatMulNBits", 3, 32, 0))  # no such kernel: arrays kept
+
+
+# ------------------------------------------------------------------ embedding lookups
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory):
+    """Token and position embeddings (two lookups) feeding two linear layers: a text encoder's front."""
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.tok, self.pos = torch.nn.Embedding(300, 64), torch.nn.Embedding(40, 64)
+            self.l1, self.l2 = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+
+        def forward(self, ids):
+            pos = torch.arange(ids.shape[1]).unsqueeze(0)
+            return self.l2(torch.relu(self.l1(self.tok(ids) + self.pos(pos))))
+
+    d = tmp_path_factory.mktemp("ort_embed")
+    ids = np.random.default_rng(0).integers(0, 300, (64, 16))
+    export_onnx(Embed().eval(), (torch.from_numpy(ids[:2]),), d / "e.onnx", ["ids"], ["y"],
+                {"ids": {0: "n", 1: "t"}, "y": {0: "n", 1: "t"}})
+    np.savez(d / "calib.npz", ids=ids)
+    compile_model(str(d / "e.onnx"), str(d / "e.ndc"), CompileOptions(calib=str(d / "calib.npz"), keep_float=True,
+                                                                      group_size=32), quiet=True)
+    return d / "e.ndc"
+
+
+@pytest.mark.parametrize("bits", ["float", "8", "4"])
+def test_dense_lookups_run_in_one_ort_session(embedder, bits):
+    """Under a dense policy the embedding lookups run in ORT (its stored codes, GatherBlockQuantized at 8
+    and 4 bits), so the whole graph is one ORT session; the chunks counted are those looked up, as in NumPy."""
+    feeds = {"ids": np.array([[5, 299, 17, 17, 140, 2, 64]], np.int64)}
+    res = both(embedder, feeds, Policy("dense", bits=bits))
+    assert_agree(res, rtol=1e-4, atol=1e-5)
+    gathers = [k for k, v in res["numpy"][1]["layers"].items() if v["kind"] == "gather"]
+    assert len(gathers) == 2 and all(0 < res["ort"][1]["layers"][k]["chunks_read"] for k in gathers)
+    with Session(embedder, Policy("dense", bits=bits), engine="ort") as s:
+        assert len(s.segments) == 1 and s.ort_nodes == len(s.plan.nodes)
+        assert (("com.microsoft", "GatherBlockQuantized") in s.segments[0].kernels) == (bits != "float")
+
+
+def test_routed_policy_keeps_lookups_in_numpy(embedder):
+    feeds = {"ids": np.array([[5, 299, 17]], np.int64)}
+    res = both(embedder, feeds, Policy("topk", bits="8", topk=0.5))
+    assert_agree(res, rtol=1e-4, atol=1e-5)
+    with Session(embedder, Policy("topk", bits="8", topk=0.5), engine="ort") as s:
+        assert s.ort_nodes < len(s.plan.nodes)
+        assert not any(("com.microsoft", "GatherBlockQuantized") in seg.kernels for seg in s.segments)

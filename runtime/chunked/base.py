@@ -76,13 +76,22 @@ class ChunkedOp:
         (`WeightOp`); None: it selects per input or holds state, so it runs here."""
         return None
 
+    def ort_types_ok(self, types: dict) -> bool:
+        """Whether another engine's form of this node takes its inputs' dtypes (`types`: value name ->
+        numpy dtype, as far as known)."""
+        return True
+
     def macs_for(self, x_shape: tuple, y_shape: tuple | None) -> int:
         """Multiply-adds of one dense execution on these shapes, counted in the layer statistics (an op
         without chunked weights has no layer entry: 0)."""
         return 0
 
-    def count_whole(self, x_shape: tuple, y_shape: tuple | None, macs: int | None = None) -> None:
-        """Account one execution another engine computed whole (`whole_tiers` not None)."""
+    # count_whole needs the value of the node's first input (x), not only its shape
+    counts_values: ClassVar[bool] = False
+
+    def count_whole(self, x_shape: tuple, y_shape: tuple | None, macs: int | None = None, x=None) -> None:
+        """Account one execution another engine computed whole (`whole_tiers` not None); `x`: the first
+        input's value when `counts_values`."""
 
     @classmethod
     def check_policy(cls, policy: Policy, bundle: Bundle) -> None:
@@ -225,7 +234,7 @@ class WeightOp(ChunkedOp):
         shapes (y None when the node omits it)."""
         raise NotImplementedError
 
-    def count_whole(self, x_shape: tuple, y_shape: tuple | None, macs: int | None = None) -> None:
+    def count_whole(self, x_shape: tuple, y_shape: tuple | None, macs: int | None = None, x=None) -> None:
         """Account one dense execution computed elsewhere (weights held there: nothing read now).
         `macs`: macs_for(x_shape, y_shape) when the caller has it already (it runs per call)."""
         macs = self.macs_for(x_shape, y_shape) if macs is None else macs

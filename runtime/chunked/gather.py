@@ -41,6 +41,7 @@ def gather_rows(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
 @register
 class ChunkedGather(WeightOp):
     op_type = "ChunkedGather"
+    exports_whole = True
 
     def bind(self, node, ctx, env):
         e = self.tensor()
@@ -50,11 +51,7 @@ class ChunkedGather(WeightOp):
     def __call__(self, idx, row_map=None):
         e, bounds = self.entry, self.entry.bounds
         before = callstats.bytes_read()
-        flat = row_indices(idx, e.rows, self.node["name"]).reshape(-1)
-        if row_map is not None:
-            if row_map is not self._map_seen:  # a constant: checked once, not on every call
-                self._map, self._map_seen = checked_row_map(row_map, e.rows, self.node["name"]), row_map
-            flat = self._map[flat]
+        flat = self._rows(idx, row_map)
         shape = np.shape(idx) + e.shape[1:]
         if flat.size == 0:
             self.count(before, 0, 0, 0)
@@ -62,19 +59,55 @@ class ChunkedGather(WeightOp):
         chunk_of = np.searchsorted(bounds, flat, side="right") - 1
         ids = np.unique(chunk_of)
         blocks = self.env.store.chunks(e, ids, self.plan.tiers)
-        table = np.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
-        base = np.zeros(e.n_chunks, np.int64)  # where each fetched chunk starts in `table`
-        base[ids] = np.concatenate([[0], np.cumsum(np.diff(bounds)[ids])[:-1]])
-        out = table[flat - bounds[chunk_of] + base[chunk_of]]
+        # each block's rows straight into the result: no concatenated copy of every block touched
+        out = np.empty((flat.size, e.row_len), np.float32)
+        which = np.searchsorted(ids, chunk_of)
+        for j, blk in enumerate(blocks):
+            sel = which == j
+            out[sel] = blk[flat[sel] - bounds[ids[j]]]
         self.count(before, len(ids), 0, 0)
         return out.reshape(shape)
+
+    def _rows(self, idx, row_map=None) -> np.ndarray:
+        """The stored rows `idx` looks up, flat, checked."""
+        flat = row_indices(idx, self.entry.rows, self.node["name"]).reshape(-1)
+        if row_map is not None:
+            if row_map is not self._map_seen:  # a constant: checked once, not on every call
+                self._map, self._map_seen = checked_row_map(row_map, self.entry.rows, self.node["name"]), row_map
+            flat = self._map[flat]
+        return flat
+
+    # Another engine's lookup is counted like this one's: the chunks holding a row looked up (from the
+    # index values, which that engine hands back: `count_whole`'s x)
+    counts_values = True
+
+    def count_whole(self, x_shape: tuple, y_shape: tuple | None, macs: int | None = None, x=None) -> None:
+        flat = self._rows(x)
+        ids = np.unique(np.searchsorted(self.entry.bounds, flat, side="right") - 1) if flat.size else flat
+        self.counters().chunks_read += len(ids)
+
+    def whole_tiers(self) -> dict[str, str] | None:
+        """Under a dense policy the table may be held whole elsewhere (ONNX Runtime, in its stored codes:
+        one lookup is then one kernel, not a fetch per chunk). Any other policy reads only the chunks
+        looked up; a table read through a row map or by another node too (a tied LM head) stays here, in one
+        place."""
+        if self.env.policy.kind != "dense" or len(self.node["inputs"]) > 1 or any(
+                op is not self and e.name == self.entry.name for op in self.env.ops for e, _ in getattr(op, "group", ())):
+            return None
+        return super().whole_tiers()
+
+    def ort_types_ok(self, types: dict) -> bool:
+        # ONNX Gather (and GatherBlockQuantized) index with int32/int64 only; other integers stay here
+        return all(types.get(i) in (np.dtype(np.int32), np.dtype(np.int64)) for i in self.node["inputs"] if i)
+
+    def macs_for(self, x_shape: tuple, y_shape: tuple | None) -> int:
+        return 0  # a lookup multiplies nothing
 
     @classmethod
     def export(cls, node, ex):
         name, ins = node["attrs"]["weight"], node["inputs"]
-        ex.initializer(name, ex.weight(name))
         idx = ins[0]
         if len(ins) > 1:  # the row map first: index -> stored row
             idx = ex.fresh("rows")
             ex.add("Gather", [ins[1], ins[0]], [idx], axis=0)
-        ex.add("Gather", [name, idx], node["outputs"], axis=0)
+        ex.gather(name, idx, node["outputs"][0])
