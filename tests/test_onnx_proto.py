@@ -90,7 +90,7 @@ def test_type_rules_agree_with_onnx_inference(tmp_path):
 
     from nadoo.compiler.lm_compile import compile_lm
     from nadoo.compiler.pipeline import CompileOptions
-    from nadoo.runtime import ort_engine
+    from nadoo.runtime import ort_build
     from nadoo.runtime.onnx_types import in_opset, infer_types
     from nadoo.runtime.reader import Bundle
 
@@ -105,12 +105,12 @@ def test_type_rules_agree_with_onnx_inference(tmp_path):
             known.update({o: np.dtype(np.float32) for o in n["outputs"] if o})
     ours = infer_types(graph, known)
     assert ours is not None and len(ours) > len(known)
-    real = ort_engine.infer_types
+    real = ort_build.infer_types
     try:
-        ort_engine.infer_types = lambda g, k: None  # force the onnx path
-        theirs = ort_engine.value_types(graph, constants)
+        ort_build.infer_types = lambda g, k: None  # force the onnx path
+        theirs = ort_build.value_types(graph, constants)
     finally:
-        ort_engine.infer_types = real
+        ort_build.infer_types = real
     assert ours == theirs
     odd = {**graph, "nodes": graph["nodes"] + [{"op": "Hardmax", "inputs": [graph["inputs"][0]["name"]],
                                                  "outputs": ["h"], "name": "h"}]}
