@@ -50,13 +50,19 @@ def bert(tmp_path_factory):
     return d, feeds, ref
 
 
+_COMPILED: dict = {}
+
+
 def _compile(d, awq):
+    """The bundle (and compile report) of the fixture model with scaling on or off, compiled once."""
     from nadoo.compiler.pipeline import CompileOptions, compile_model
 
-    out = d / f"m_{int(awq)}.ndc"
-    rep = compile_model(d / "m.onnx", str(out), CompileOptions(calib=str(d / "calib.npz"), keep_float=True, awq=awq),
-                        quiet=True)
-    return out, rep
+    if (d, awq) not in _COMPILED:
+        out = d / f"m_{int(awq)}.ndc"
+        rep = compile_model(d / "m.onnx", str(out), CompileOptions(calib=str(d / "calib.npz"), keep_float=True,
+                                                                   awq=awq), quiet=True)
+        _COMPILED[d, awq] = out, rep
+    return _COMPILED[d, awq]
 
 
 def _run(path, feeds, bits, engine="numpy"):
