@@ -11,35 +11,18 @@ transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _feeds(rng, b, s):
-    ids = rng.integers(3, 100, (b, s)).astype(np.int64)
-    am = np.ones_like(ids)
-    am[-1, s * 2 // 3:] = 0
-    return {"input_ids": ids, "attention_mask": am}
-
-
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     from examples.models import export_onnx
+    from test_encoder_attention import _feeds, _tiny
 
-    torch.manual_seed(1)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=64)
-    m = transformers.AutoModel.from_config(cfg).eval()
+    model = _tiny("bert", hidden=64, seed=1)  # 64 wide: whole groups of 64 inputs
+    m = model.m
     with torch.no_grad():  # outlier channels in the LayerNorm outputs, as trained encoders have
         for ln in (m.embeddings.LayerNorm, m.encoder.layer[0].output.LayerNorm,
                    m.encoder.layer[0].attention.output.LayerNorm):
             ln.weight[:4] *= 8
-
-    class Last(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    model, rng = Last(m).eval(), np.random.default_rng(0)
+    rng = np.random.default_rng(0)
     d = tmp_path_factory.mktemp("awq")
     names = ["input_ids", "attention_mask"]
     export_onnx(model, _feeds(rng, 2, 12), d / "m.onnx", names, ["h"], {n: {0: "batch", 1: "seq"} for n in names})
