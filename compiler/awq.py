@@ -60,7 +60,8 @@ def output_error(w: np.ndarray, wq: np.ndarray, H: np.ndarray) -> float:
     """tr(D H Dᵀ) / tr(W H Wᵀ): the relative output-error energy of a layer on its calibration inputs."""
     d = (w - wq).astype(np.float64)
     w64 = w.astype(np.float64)
-    return float(np.einsum("rk,kl,rl->", d, H, d) / max(np.einsum("rk,kl,rl->", w64, H, w64), 1e-30))
+    # (D H) ∘ D summed: one GEMM (a three-operand einsum runs as an unblocked loop, ~20x slower)
+    return float(np.sum((d @ H) * d) / max(np.sum((w64 @ H) * w64), 1e-30))
 
 
 def search_alpha(ws: list[np.ndarray], H: np.ndarray, group_size: int, codec: str, bits: int = SEARCH_BITS,
@@ -105,9 +106,9 @@ def _fresh(name: str, taken) -> str:
 
 
 def _value_to_output(graph: dict, consts: dict, cons: dict, by_name: dict, stats: dict) -> list[tuple]:
-    """(value weight, its bias Add node or None, bias constant or "", output-projection weight) of every EncoderAttention
-    whose V comes from a ChunkedLinear (+ constant bias) read by nothing else, and whose output feeds
-    only a ChunkedLinear."""
+    """(value weight, its bias Add node or None, bias constant or "", output-projection weight) of every
+    EncoderAttention whose V comes from a ChunkedLinear (+ constant bias) read by nothing else, and
+    whose output feeds only a ChunkedLinear."""
     producer = {o: n for n in graph["nodes"] for o in n["outputs"] if o}
     pairs = []
     for n in graph["nodes"]:
@@ -123,7 +124,8 @@ def _value_to_output(graph: dict, consts: dict, cons: dict, by_name: dict, stats
                 if bias not in consts:  # a computed bias: V is not the projection alone
                     continue
                 add, p = p, producer[lin[0]]
-        if p is None or p.get("op") != "ChunkedLinear" or len(p["inputs"]) > 1 or len(cons.get(p["outputs"][0], [])) != 1:
+        if (p is None or p.get("op") != "ChunkedLinear" or len(p["inputs"]) > 1
+                or len(cons.get(p["outputs"][0], [])) != 1):
             continue
         after = cons.get(n["outputs"][0], [])
         if len(after) != 1 or after[0].get("op") != "ChunkedLinear" or after[0]["inputs"][0] != n["outputs"][0]:
