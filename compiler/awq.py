@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quantize import quantize
+from .quantize import F16_MAX, quantize
 from .rewrite import consumers
 
 ALPHAS = np.round(np.linspace(0.0, 1.0, 11), 2)  # α grid; 0 = no scaling (always a candidate)
@@ -72,8 +72,12 @@ def search_alpha(ws: list[np.ndarray], H: np.ndarray, group_size: int, codec: st
     errs = {}
     for a in alphas:
         s = _scales(rms, float(a))
+        if max(float(np.abs(w * s).max()) for w in ws) > F16_MAX:  # the scales are stored as float16
+            continue
         Hs = H / np.outer(s, s)
         errs[float(a)] = sum(output_error(w * s, _decode(w * s, bits, group_size, Hs, codec, method), Hs) for w in ws)
+    if not errs:  # the weights themselves are out of float16 range: the quantizer reports that
+        return 0.0, np.ones(len(rms), np.float32), errs
     best = min(errs, key=errs.get)
     return best, _scales(rms, best), errs
 
@@ -179,6 +183,9 @@ def apply_awq(graph: dict, consts: dict, weights: list, stats: dict, group_size:
         if a == 0:
             continue
         inv = (1.0 / s).astype(np.float32)
+        if float(np.abs(wv.array * inv[:, None]).max()) > F16_MAX:  # V's rows would leave float16 range
+            alphas[-1] = 0.0
+            continue
         wo.array = np.ascontiguousarray(wo.array * s)
         wv.array = np.ascontiguousarray(wv.array * inv[:, None])
         if bias:  # exporters share equal initializers: a bias read elsewhere too gets its own copy first
