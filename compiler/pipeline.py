@@ -58,6 +58,7 @@ class CompileOptions:
     calib_windows: int = 32  # at most this many windows, spread over the text
     codec: str = DEFAULT_CODEC  # separate quantized tiers: "zp" (integer zero points, NDC 1.2) | "minmax" (1.1)
     lm_head_sketch: float = 0.3  # language models: the routed head's basis, a share of the hidden size
+    awq: bool = True  # activation-aware per-channel scaling of linear inputs before quantizing (compiler/awq.py)
 
 
 @dataclass
@@ -165,6 +166,11 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         err = verify_moe_graph(graph, consts, weights, moe_cal, s_in, _reference_outputs(loaded, ref_graph, ref_consts, s_in))
         notes.append(f"MoE: {len(moe_layers)} layers x {moe_layers[0].n_experts} experts (top-{moe_layers[0].top_k}); "
                      f"exported graph matches the source model (relative error {err:.1e})")
+    if opts.awq and not moe_layers:  # exact rescaling (every tier computes the source's function)
+        from .awq import apply_awq
+
+        graph, awq_notes = apply_awq(graph, consts, weights, stats, opts.group_size, opts.codec)
+        notes += awq_notes
     for f in ffns:
         _prepare_ffn(f, stats[f["up"].name], consts, graph, bounds, opts)
     layers = {}

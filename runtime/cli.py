@@ -109,13 +109,14 @@ def info(bundle, as_json, plot):
 @click.option("--bits-per-weight", type=float, default=None, callback=lambda c, p, v: _bits_per_weight(v), help="Also store a mixed-precision allocation (one tier per chunk) within this average bits/weight budget (scales included); run it with --bits alloc.")
 @click.option("--quant-method", type=click.Choice(["gptq", "search", "rtn"]), default="gptq", show_default=True, help="gptq: error feedback through the calibration inputs' second moments + clipping search; search: clipping search only; rtn: plain min/max.")
 @click.option("--nested", is_flag=True, help="Store 8/4 bits as nested bit-planes of one 8-bit quantization (~8.5 bits/weight for both; a b-bit read reads b bits per weight).")
+@click.option("--no-awq", is_flag=True, help="Do not apply activation-aware per-channel scaling before quantizing (on by default for models other than language models; exact: a float run is unchanged).")
 @click.option("--calib-text", type=click.Path(dir_okay=False), help="Language models: calibration text (UTF-8), tokenized with the model's tokenizer.")
 @click.option("--calib-len", default=128, show_default=True, type=click.IntRange(2), help="Language models: tokens per calibration window.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_friendly
 def compile_cmd(model, out, calib, chunks, embedding_rows, group_size, keep_float, prune_tau, input_shape,
                 model_class, allow_pickle, route_threshold, min_elements, bits_per_weight, quant_method, nested,
-                calib_text, calib_len, quiet):
+                no_awq, calib_text, calib_len, quiet):
     """Compile MODEL (.onnx, TorchScript .pt, torch.export .pt2, state_dict + --model-class; a language
     model as a .gguf file or a Hugging Face folder with config.json) into a bundle."""
     from .errors import CompileError
@@ -135,7 +136,7 @@ def compile_cmd(model, out, calib, chunks, embedding_rows, group_size, keep_floa
                           input_shapes=parse_input_shapes(list(input_shape)) if input_shape else None,
                           model_class=model_class, allow_pickle=allow_pickle, route_threshold=route_threshold,
                           bits_per_weight=bits_per_weight, quant_method=quant_method, nested=nested,
-                          calib_text=calib_text, calib_len=calib_len)
+                          calib_text=calib_text, calib_len=calib_len, awq=not no_awq)
     if is_lm_source(model):
         report = compile_lm(model, out, opts, quiet=quiet)
     elif calib_text:

@@ -138,11 +138,11 @@ transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _tiny(kind):
-    torch.manual_seed(0)
+def _tiny(kind, hidden=32, seed=0):
+    torch.manual_seed(seed)
     if kind == "bert":
-        cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=64, max_position_embeddings=64)
+        cfg = transformers.BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=2 * hidden, max_position_embeddings=64)
     else:
         cfg = transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                             max_position_embeddings=64)

@@ -346,7 +346,10 @@ def test_ffn_group_with_empty_up_chunk_still_adds_its_bias_path(mlp, digits, mon
         b1, b2, bh = consts[ffn["inputs"][1]], consts[ffn["inputs"][2]], consts[head["inputs"][1]]
     lo, hi = (int(v) for v in next(e for e in b.tensors.values() if e.kind == "ffn_up").bounds[3:5])
     assert not wu[lo:hi].any() and np.maximum(b1[lo:hi], 0).any()  # the case under test
-    ref = np.maximum(np.maximum(x @ wu.T + b1, 0) @ wd + b2, 0) @ wh.T + bh
+    # the activation-aware 1/s (compiler/awq.py) a Mul applies ahead of a layer, if any
+    mul = {n["outputs"][0]: consts[n["inputs"][1]] for n in g["nodes"] if n["op"] == "Mul" and n["inputs"][1] in consts}
+    s_in = lambda node: mul.get(node["inputs"][0], 1)  # noqa: E731
+    ref = np.maximum(np.maximum((x * s_in(ffn)) @ wu.T + b1, 0) @ wd + b2, 0) * s_in(head) @ wh.T + bh
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -15,8 +15,12 @@ from .base import WeightOp, register
 
 def linear(x: np.ndarray, wt: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """x[..., K] @ wt[K, R] (+ bias[R]); wt is the transposed weight (a view is fine). Shared with the
-    compiler's calibration (float weights in memory)."""
-    y = np.matmul(x, wt)
+    compiler's calibration (float weights in memory). As one 2-D product: NumPy's stacked matmul of a
+    [B, S, K] input is ~2.5x slower than the same rows in one GEMM (measured, MiniLM shapes)."""
+    if x.ndim > 2 and x.flags.c_contiguous:
+        y = np.matmul(x.reshape(-1, x.shape[-1]), wt).reshape(x.shape[:-1] + (wt.shape[-1],))
+    else:
+        y = np.matmul(x, wt)
     if bias is not None:
         y += bias
     return y
