@@ -15,6 +15,7 @@ import numpy as np
 
 from nadoo.runtime.engine import Plan
 
+from .conv_moment import ConvMoment
 from .rewrite import Weight, consumers
 
 # Weights stored [Cout, Cin/groups, *kernel] whose op's input has channels on axis 1.
@@ -73,7 +74,7 @@ def concentration(energy: np.ndarray, bounds: np.ndarray, share: float) -> float
 
 
 class LayerStats:
-    def __init__(self, w: Weight, relu_after: bool, activation: str | None = None):
+    def __init__(self, w: Weight, relu_after: bool, activation: str | None = None, attrs: dict | None = None):
         self.w = w
         self.relu_after = relu_after
         self.activation = activation
@@ -87,6 +88,8 @@ class LayerStats:
         # Input second moment H = sum x^T x (K x K, float64) for GPTQ-style error feedback; linear only
         # (conv would need the im2col columns, gather has no input activation).
         self.sum_xxt = np.zeros((w.row_len, w.row_len), np.float64) if w.kind == "linear" else None
+        # a conv's: over its im2col patches, from the op's attributes (compiler/conv_moment.py)
+        self.moment = ConvMoment(w, attrs) if attrs is not None and ConvMoment.fits(w) else None
 
     def record(self, x: np.ndarray, y: np.ndarray) -> None:
         """x: the op's input activation (indices for gather); y: its output."""
@@ -115,6 +118,8 @@ class LayerStats:
             # float32 product per batch (fast BLAS), accumulated in float64 across batches
             x32 = np.ascontiguousarray(xc, np.float32)
             self.sum_xxt += x32.T @ x32
+        if self.moment is not None:
+            self.moment.add(x)
         self.out.add(yb)
 
     def importance(self) -> np.ndarray:
@@ -130,9 +135,12 @@ class LayerStats:
         return imp
 
     def hessian(self) -> np.ndarray | None:
-        """H = mean x^T x over calibration positions (K x K float64), or None (not a linear layer).
+        """H = mean x^T x over calibration positions (K x K float64), or None (not a linear layer or conv).
         Its diagonal equals importance(); GPTQ propagates quantization error through its inverse.
-        The same array is returned on every call, so its GPTQ factor is computed once for all tiers."""
+        The same array is returned on every call, so its GPTQ factor is computed once for all tiers.
+        An ungrouped conv: the moment of its patches (compiler/conv_moment.py)."""
+        if self.moment is not None:
+            return self.moment.hessian()
         if self.sum_xxt is None or self.n_x == 0:
             return None
         if getattr(self, "_H", (None, -1))[1] != self.n_x:
@@ -292,7 +300,7 @@ def calibrate(graph: dict, constants: dict, weights: list[Weight], calib: dict[s
         elif n.get("domain") == "nadoo" and "weight" in n.get("attrs", {}):  # not MoE
             w = by_name[n["attrs"]["weight"]]
             act = activation_after(n, cons)
-            stats[w.name] = LayerStats(w, act == "Relu", act)
+            stats[w.name] = LayerStats(w, act == "Relu", act, n["attrs"] if w.kind == "conv" else None)
     plan = Plan(graph, constants, custom_ops={**dense_builders(by_name, stats), **(extra_ops or {})})
     n = len(next(iter(calib.values())))
     starts = range(0, n, batch_size)

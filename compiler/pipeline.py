@@ -280,10 +280,12 @@ def _quant_kwargs(w: Weight, stats: dict, downs: dict, opts: CompileOptions) -> 
         h = st.down_hessian() if st is not None and hasattr(st, "down_hessian") else None
         return {"method": method, **({"down_hessian": h} if h is not None else {})}
     st = stats.get(w.name)
-    if w.kind in ("linear", "ffn_up") and st is not None and hasattr(st, "hessian"):
+    if w.kind in ("linear", "ffn_up", "conv") and st is not None and hasattr(st, "hessian"):
         h = st.hessian()
         if h is not None:
-            return {"method": method, "hessian": h}
+            # a conv's error feedback also at 8 bits: BatchNorm CNNs amplify 8-bit weight noise (README
+            # "Model zoo"), and its patches are short (compiler/conv_moment.py)
+            return {"method": method, "hessian": h, **({"feedback_at_8": True} if w.kind == "conv" else {})}
     return {"method": method}
 
 
@@ -306,8 +308,10 @@ def _encode_separate(layout: SeparateTier, m: np.ndarray, bounds: list[int], gro
         return lambda c: (layout.pack(m[bounds[c]:bounds[c + 1]]), {})
     from .quantize import quantize_chunks
 
-    if layout.bits == 8:  # 8-bit is already at cos 0.9999 without error feedback: save the compile time
+    # 8-bit linear layers are already at cos 0.9999 without error feedback: save the compile time
+    if layout.bits == 8 and not kw.get("feedback_at_8"):
         kw = {k: v for k, v in kw.items() if k not in ("hessian", "down_hessian")}
+    kw = {k: v for k, v in kw.items() if k != "feedback_at_8"}
     out = [([p], {layout.key: err})
            for p, err in quantize_chunks(m, bounds, layout.bits, group_size, imp, codec=layout.codec, **kw)]
     return out.__getitem__
@@ -316,6 +320,7 @@ def _encode_separate(layout: SeparateTier, m: np.ndarray, bounds: list[int], gro
 def _encode_nested(layout: NestedTiers, m: np.ndarray, bounds: list[int], group_size: int, imp, kw: dict):
     from .quantize import quantize_nested
 
+    kw = {k: v for k, v in kw.items() if k != "feedback_at_8"}
     return quantize_nested(m, bounds, group_size, imp, **kw).__getitem__
 
 

@@ -46,6 +46,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 FORMS = ("torchscript", "pt2", "onnx")
 VOCAB = 128
 CALIB_N = 16
+TEST_N = 16  # held-out samples: the 8-bit cosine of 2 (20 logits) moved ±0.006 between quantizers that 32 put within 0.0005
 
 
 @dataclass
@@ -533,7 +534,7 @@ def evaluate(name: str, forms=FORMS, workdir: str | None = None, latency: bool =
         os.makedirs(d, exist_ok=True)
         calib = os.path.join(d, "calib.npz")
         np.savez(calib, **z.draw(CALIB_N, 0))
-        test = z.draw(2, 99)
+        test = z.draw(TEST_N, 99)
         ref = reference(z, test)
         res["rtn8_cosine"] = rtn_cosine(z, test)
         one = z.draw(1, 5)
