@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from nadoo.compiler.quantize import quantize, quantize_nested
+from nadoo.compiler.quantize import quantize
+from nadoo.compiler.quantize_nested import quantize_nested
 from nadoo.compiler.writer import BundleWriter
 from nadoo.runtime import qcodec
 from nadoo.runtime.errors import BundleError

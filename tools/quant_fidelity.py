@@ -26,7 +26,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from nadoo.compiler.quantize import gptq_factor, quantize_nested, quantize_payload  # noqa: E402
+from nadoo.compiler.quantize import gptq_factor, quantize_payload  # noqa: E402
+from nadoo.compiler.quantize_nested import quantize_nested  # noqa: E402
 from nadoo.runtime import qcodec  # noqa: E402
 from nadoo.runtime.tiers import CODECS  # noqa: E402
 
