@@ -1,5 +1,9 @@
 """nadoo vs ONNX Runtime vs torch, side by side in one run, on the same inputs.
 
+Over 400 lines because it is one run: every section (MiniLM, the wide MLP, the budget, MoE) shares the
+worker process that interleaves the engines, the cold-start launcher and the table writer, and the README
+table must come from a single invocation.
+
     .venv/bin/python tools/bench.py                 # full run (~15 min the first time: builds the wide MLP)
     .venv/bin/python tools/bench.py --quick         # smoke run (~2 min): fewer repeats, a small MLP
     .venv/bin/python tools/bench.py --models minilm # only some sections: minilm, mlp, budget, moe
