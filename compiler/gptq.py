@@ -12,6 +12,9 @@ from nadoo.runtime.tiers import DEFAULT_CODEC
 from .quant_grid import (GPTQ_DAMP, _inverse, _layout, _prepare, _quantize_block, _stored, _to_codes, _to_values,
                          shrink_grid)
 
+_FACTORS: dict = {}  # id(H) -> (H, damp, U): each tier of a weight reuses its factor (O(K³) to make)
+
+
 def gptq_factor(hessian: np.ndarray, damp: float = GPTQ_DAMP) -> np.ndarray:
     """Upper Cholesky factor U of (H + damp·mean(diag H)·I)^-1 (float32 [K, K]); U^T U = H^-1.
 

@@ -229,6 +229,3 @@ def _prepare(w, bits, group_size, importance):
         # normalised per row: mean ~ 1 (scale-free); a row whose inputs were never excited is uniform
         imp = np.where(mean > 0, imp / np.where(mean > 0, mean, 1) + IMP_FLOOR, 1.0).astype(np.float32)
     return w, int(group_size), imp
-
-
-_FACTORS: dict = {}  # id(H) -> (H, damp, U): each tier of a weight reuses its factor (O(K³) to make)

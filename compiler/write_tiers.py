@@ -6,7 +6,6 @@ compiler/pipeline.py and compiler/lm_compile.py; `_progress` is the compile's on
 from __future__ import annotations
 
 import contextlib
-import time
 
 import numpy as np
 

@@ -27,7 +27,7 @@ import numpy as np
 from .errors import InputError, ModelError, NadooError
 from .format import MAX_ELEMENTS, MIN_VALUE_CAP, VALUE_CAP_PER_BYTE, WORK_PER_ELEMENT
 from .node_build import BuildContext, Builder, build_node, reference_available, size_rule_of  # noqa: F401
-from .schema import Graph, normalize_domain
+from .schema import Graph
 
 __all__ = ["Plan", "BuildContext", "Builder", "build_node"]  # the last three: runtime/node_build.py
 

@@ -10,7 +10,7 @@ import numpy as np
 from . import onnx_proto
 from .export_onnx import Exporter, _node_with_attrs
 from .onnx_types import in_opset, infer_types
-from .tiers import MATMUL_NBITS_BITS, TIER_BITS
+from .tiers import MATMUL_NBITS_BITS, TIER_BITS, PackedWeight
 
 # Their output size is the value of these inputs: with a non-constant one the node stays in NumPy,
 # whose size rule checks that value before the kernel allocates.

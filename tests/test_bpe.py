@@ -5,7 +5,6 @@ generates from text with `tokenizers` not importable."""
 from __future__ import annotations
 
 import builtins
-import io
 import json
 import sys
 from pathlib import Path

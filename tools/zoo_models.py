@@ -195,7 +195,6 @@ def m_bigru():
 
 
 def m_m5():
-    import torch
     from torch import nn
 
     class M5(nn.Module):
