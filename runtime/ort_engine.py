@@ -378,7 +378,7 @@ class OrtSegment:
 
             clock, t = time.perf_counter, time.perf_counter()
         try:
-            outs = self.sess.run(self.outputs + self._probe, {n: np.ascontiguousarray(a) for n, a in zip(self.inputs, args)})
+            outs = self.sess.run(self.outputs + self._probe, {n: np.asarray(a, order="C") for n, a in zip(self.inputs, args)})
         except Exception as e:
             raise InputError(f"model failed in {self.label[0]}: {one_line(e)}") from None
         if clock is not None:

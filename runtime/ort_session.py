@@ -30,7 +30,7 @@ def _session(ort, options: OrtOptions, m, inits: dict, nodes, constants, embed_b
     so = options.session_options(ort)  # one per session: it holds that session's initializers
     names, values, held = [], [], {}
     for k in list(inits):
-        a = np.ascontiguousarray(inits.pop(k))
+        a = np.asarray(inits.pop(k), order="C")  # (ascontiguousarray would make a 0-d constant 1-d)
         if a.nbytes <= embed_bytes or a.dtype.hasobject:
             m.graph.initializer.append(numpy_helper.from_array(a, k))
             continue

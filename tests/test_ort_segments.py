@@ -123,3 +123,20 @@ def test_peak_rss_is_this_process_own(tmp_path):
     before, after, status = json.loads(out.stdout)
     assert before < (200 << 20)  # not the parent's 200 MiB
     assert after >= before + (40 << 20) and abs(after - status) < (4 << 20)
+
+
+def test_scalar_constants_stay_scalars_in_a_segment(tmp_path):
+    """ViT's class-token pick: Gather with a 0-d index gives [b, d], which a Gemm takes; a 0-d constant
+    written as [1] would give [b, 1, d] and ORT's Gemm would refuse it (the zoo's ViT did, on the ORT engine)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, 8])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [3, 8], np.linspace(-1, 1, 24).tolist())
+    nodes = [helper.make_node("Gather", ["x", "zero"], ["cls"], axis=1),
+             helper.make_node("Gemm", ["cls", "w"], ["y"], transB=1)]
+    path = bundle(tmp_path, nodes, [x], ["b", 3], [i64("zero", 0), w])
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)}
+    with Session(path, Policy(bits="float"), engine="numpy") as a, Session(path, Policy(bits="float"), engine="ort") as b:
+        want, got = a.run(None, feeds)[0], b.run(None, feeds)[0]
+        assert b.ort_nodes == 2
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(want, feeds["x"][:, 0] @ np.linspace(-1, 1, 24, dtype=np.float32).reshape(3, 8).T,
+                               rtol=1e-5, atol=1e-6)
