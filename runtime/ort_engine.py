@@ -148,6 +148,14 @@ def hybridize(plan, session, options: OrtOptions) -> list["OrtSegment"]:
         fused.append((first, end, seg))
     fused.sort(key=lambda f: f[0])
     plan.fuse(fused)
+    if fused:
+        # The segments are built without onnx (onnx_proto, onnx_types), but the first call of each input
+        # shape settles their shapes with onnx's shape inference (`OrtSegment._infer`): import it now
+        # (~0.75 s of CPU, mostly ml_dtypes), so an opened session's first call does not pay for it.
+        try:
+            import onnx  # noqa: F401
+        except ImportError:  # resolve() found it; a broken install shows at the first settle instead
+            pass
     return [seg for _, _, seg in fused]
 
 

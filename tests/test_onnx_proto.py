@@ -118,8 +118,10 @@ def test_type_rules_agree_with_onnx_inference(tmp_path):
     assert in_opset("RMSNormalization", 23) and not in_opset("RMSNormalization", 18) and not in_opset("Nope", 99)
 
 
-def test_ort_engine_opens_without_importing_onnx(tmp_path):
-    """Building the segments writes their models with onnx_proto: a session opens with onnx unimported."""
+def test_ort_engine_builds_segments_without_onnx(tmp_path):
+    """Building the segments writes their models with onnx_proto and types them with onnx_types: with
+    onnx's model classes unusable the session still builds its segments (only shape settling, at the
+    first call, needs onnx)."""
     import subprocess
     import sys
 
@@ -137,10 +139,12 @@ def test_ort_engine_opens_without_importing_onnx(tmp_path):
     env = {**__import__("os").environ}
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    probe = ("import sys, nadoo.runtime as nd\n"
+    probe = ("import onnx, nadoo.runtime as nd\n"
+             "def unusable(*a, **k):\n    raise RuntimeError('onnx used')\n"
+             "onnx.helper.make_node = onnx.helper.make_model = onnx.numpy_helper.from_array = unusable\n"
+             "onnx.shape_inference.infer_shapes = unusable\n"
              f"s = nd.Session(r'{tmp_path}/m.ndc', policy=nd.Policy(bits='4'), engine='ort')\n"
-             "assert s.engine == 'ort' and s.ort_nodes > 0\n"
-             "print('onnx' in sys.modules)\n")
+             "print(s.engine, s.ort_nodes > 0)\n")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.strip() == "False"
+    assert r.stdout.strip() == "ort True"
