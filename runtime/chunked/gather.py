@@ -40,6 +40,7 @@ def gather_rows(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 @register
 class ChunkedGather(WeightOp):
+    """Reads only the chunks that hold a looked-up row; under a dense policy ORT may hold the table whole."""
     op_type = "ChunkedGather"
     exports_whole = True
 

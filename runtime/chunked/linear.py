@@ -36,6 +36,7 @@ def bias_only(x: np.ndarray, R: int, bias: np.ndarray | None) -> np.ndarray:
 
 @register
 class ChunkedLinear(WeightOp):
+    """Computes the chunks of output rows its plan keeps (dense, a routed subset, the oracle, or none)."""
     op_type = "ChunkedLinear"
     exports_whole = True
 
