@@ -40,6 +40,7 @@ from .errors import InputError, NadooError, UnsupportedError, one_line
 from .ort_build import (_SHAPE_READERS, SegmentExporter, _opsets, ort_able, runs_of, shape_derived,  # noqa: F401
                         value_types)
 from .ort_session import _prepacks, _session  # noqa: F401  (tests reach these through this module)
+from .segment_shapes import covers, segment_shapes
 
 ENGINES = ("auto", "numpy", "ort")
 
@@ -148,15 +149,23 @@ def hybridize(plan, session, options: OrtOptions) -> list["OrtSegment"]:
         fused.append((first, end, seg))
     fused.sort(key=lambda f: f[0])
     plan.fuse(fused)
-    if fused:
-        # The segments are built without onnx (onnx_proto, onnx_types), but the first call of each input
-        # shape settles their shapes with onnx's shape inference (`OrtSegment._infer`): import it now
-        # (~0.75 s of CPU, mostly ml_dtypes), so an opened session's first call does not pay for it.
+    if any(not seg.own_shapes for _, _, seg in fused):
+        # The segments are built without onnx (onnx_proto, onnx_types); a segment whose operators
+        # segment_shapes does not cover settles its shapes at the first call of each input shape with
+        # onnx's shape inference (`OrtSegment._infer`): import it now (~0.75 s of CPU, mostly ml_dtypes),
+        # so an opened session's first call does not pay for it.
         try:
             import onnx  # noqa: F401
         except ImportError:  # resolve() found it; a broken install shows at the first settle instead
             pass
     return [seg for _, _, seg in fused]
+
+
+def _covered(node: dict, op) -> bool:
+    """Whether segment_shapes has a rule for this node (then its segment settles shapes without onnx)."""
+    if (node.get("domain") or "") == "nadoo":
+        return op is not None and op.output_dim() is not None
+    return covers(node)
 
 
 def _chunked_types():
@@ -185,6 +194,9 @@ class OrtSegment:
         self.label = (f"ORT segment {span[0]}..{span[1] - 1} ({run[0]['name']} .. {run[-1]['name']}, "
                       f"{len(run)} nodes)", "OrtSegment", f"ort:{run[0]['name']}")
         self.whole = [op for op in ops if op is not None]
+        used = {i for n in run for i in n["inputs"] if i}
+        self._consts = {k: np.asarray(constants[k]) for k in used if k in constants}  # for segment_shapes
+        self.own_shapes = all(_covered(n, op) for n, op in zip(run, ops))
         tiers = {k: v for op in self.whole for k, v in op.whole_tiers().items()}
         # first inputs whose values the layer statistics count (a lookup's indices, `counts_values`): a
         # constant's is known, a segment input's is at hand, any other is one more output of the session
@@ -254,7 +266,15 @@ class OrtSegment:
         inference rerun while that settles more of them: ONNX's data propagation stops at many ops."""
         shapes = {n: tuple(a.shape) for n, a in zip(self.inputs, args) if isinstance(a, np.ndarray)}
         folded = None
-        for _ in range(_SETTLE_ROUNDS):
+        if self.own_shapes:  # every node has a rule (runtime/segment_shapes.py): no onnx needed
+            folded = self._fold(args, shapes)
+            known = {**{k: a.shape for k, a in self._consts.items()}, **{k: np.shape(a) for k, a in folded.items()},
+                     **shapes}
+            own = segment_shapes(self.nodes, self.whole, known, {**self._consts, **folded})
+            if own is None:
+                return None
+            shapes.update(own)
+        for _ in range(0 if self.own_shapes else _SETTLE_ROUNDS):
             more = self._fold(args, shapes)
             if folded is not None and more.keys() <= folded.keys():
                 break

@@ -148,3 +148,44 @@ def test_ort_engine_builds_segments_without_onnx(tmp_path):
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "ort True"
+
+
+def test_segment_shapes_agree_with_onnx_inference(tmp_path, monkeypatch):
+    """runtime/segment_shapes.py settles a tiny Gemma's segments (prefill and decode shapes) to the shapes
+    onnx's inference gives, and a generate on the ORT engine then never imports onnx's inference."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lm_fixtures import tiny_model
+
+    import nadoo.runtime as nd
+    from nadoo.compiler.lm_compile import compile_lm
+    from nadoo.compiler.pipeline import CompileOptions
+    from nadoo.runtime import ort_engine
+    from nadoo.runtime.segment_shapes import segment_shapes
+
+    tiny_model("gemma3", vocab=128).save_pretrained(tmp_path / "hf")
+    compile_lm(tmp_path / "hf", tmp_path / "g.ndc", CompileOptions(), quiet=True)
+    seen, real = [], ort_engine.OrtSegment._settle
+
+    def record(self, args):
+        seen.append((self, [np.array(a) if isinstance(a, np.ndarray) else a for a in args]))
+        return real(self, args)
+
+    monkeypatch.setattr(ort_engine.OrtSegment, "_settle", record)
+    monkeypatch.setattr(ort_engine.OrtSegment, "_infer", lambda *a: pytest.fail("onnx inference used"))
+    with nd.Session(tmp_path / "g.ndc", policy=nd.Policy(bits="4"), engine="ort") as s:
+        assert s.segments and all(seg.own_shapes for seg in s.segments)
+        s.generate(prompt_ids=[2, 5, 9, 11], max_new_tokens=3, stop_at_eos=False)
+    assert len(seen) >= 2 * len(s.segments)  # each segment settled for the prefill and the decode shape
+    monkeypatch.undo()
+    for seg, args in seen:
+        shapes = {n: tuple(a.shape) for n, a in zip(seg.inputs, args) if isinstance(a, np.ndarray)}
+        folded = seg._fold(args, shapes)
+        known = {**{k: a.shape for k, a in seg._consts.items()}, **{k: np.shape(a) for k, a in folded.items()}, **shapes}
+        ours = segment_shapes(seg.nodes, seg.whole, known, {**seg._consts, **folded})
+        theirs = seg._infer(args, folded)
+        outs = [o for n in seg.nodes for o in n["outputs"] if o]
+        assert ours is not None and theirs is not None
+        assert {o: ours[o] for o in outs} == {o: theirs[o] for o in outs}

@@ -81,6 +81,12 @@ class ChunkedOp:
         numpy dtype, as far as known)."""
         return True
 
+    def output_dim(self) -> int | None:
+        """The size of the output's last axis when the output is the first input with that axis replaced
+        (linear layers, FFNs, an LM head): how a segment's shapes are settled without onnx
+        (runtime/segment_shapes.py). None: no such rule."""
+        return None
+
     def macs_for(self, x_shape: tuple, y_shape: tuple | None) -> int:
         """Multiply-adds of one dense execution on these shapes, counted in the layer statistics (an op
         without chunked weights has no layer entry: 0)."""

@@ -62,6 +62,9 @@ class ChunkedFFN(WeightOp):
     def _dense_macs(self, x) -> int:
         return self.macs_for(x.shape, None)
 
+    def output_dim(self) -> int:
+        return self.down.row_len  # down is stored [neurons, outputs]
+
     def macs_for(self, x_shape, y_shape) -> int:
         pos = int(np.prod(x_shape, dtype=np.int64)) // self.up.row_len
         return pos * self.up.rows * (self.up.row_len + self.down.row_len)

@@ -80,6 +80,9 @@ class GatedFFN(WeightOp):
         # activation sparsity selects neuron groups per token: that stays here
         return None if self.sparsity > 0 else super().whole_tiers()
 
+    def output_dim(self) -> int:
+        return self.down.row_len  # down is stored [neurons, outputs]
+
     def macs_for(self, x_shape, y_shape) -> int:
         K, R, N = self.gate.row_len, self.gate.rows, self.down.row_len
         return int(np.prod(x_shape, dtype=np.int64)) // K * R * (2 * K + N)

@@ -53,6 +53,9 @@ class ChunkedLinear(WeightOp):
     def _macs(self, x, rows: int) -> int:
         return (x.size // self.entry.row_len) * rows * self.entry.row_len
 
+    def output_dim(self) -> int:
+        return self.entry.rows
+
     def macs_for(self, x_shape, y_shape) -> int:
         return int(np.prod(x_shape, dtype=np.int64)) // self.entry.row_len * self.entry.rows * self.entry.row_len
 

@@ -126,6 +126,9 @@ class LMHead(ChunkedLinear):
     def whole_tiers(self):
         return None if self.routed else super().whole_tiers()
 
+    def output_dim(self) -> int:
+        return len(self.row_of)  # one logit per vocabulary entry
+
     def count_whole(self, x_shape, y_shape, macs=None):
         """A dense head computed by another engine counts as the dense call here would."""
         macs = self.macs_for(x_shape, y_shape) if macs is None else macs
