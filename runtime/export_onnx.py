@@ -83,16 +83,17 @@ class Exporter:
         """out = x·Wᵀ (+ bias) for chunked tensor `name` stored [R, K] (rows = outputs); with `rows`, output j
         is stored row rows[j] (the rows reordered once here, not the outputs on every call)."""
         w = self.weight(name, transposed=True)
-        self.matmul(x, name, w if rows is None else np.ascontiguousarray(w[:, rows]), bias, out)
+        self.matmul(x, self.fresh(name), w if rows is None else np.ascontiguousarray(w[:, rows]), bias, out)
 
     def linear_transposed(self, x: str, name: str, bias: str, out: str) -> None:
         """out = x·W (+ bias) for chunked tensor `name` stored transposed, [K, N] (rows = inputs)."""
-        self.matmul(x, name, self.weight(name), bias, out)
+        self.matmul(x, self.fresh(name), self.weight(name), bias, out)
 
     def gather(self, name: str, idx: str, out: str) -> None:
         """out = rows `idx` of chunked tensor `name` (ONNX Gather along axis 0)."""
-        self.initializer(name, self.weight(name))
-        self.add("Gather", [name, idx], [out], axis=0)
+        table = self.fresh(name)
+        self.initializer(table, self.weight(name))
+        self.add("Gather", [table, idx], [out], axis=0)
 
     def activation(self, name: str, z: str, out: str) -> None:
         """out = act(z) for an activation name of runtime/activations.py (any case)."""
@@ -125,7 +126,9 @@ class Exporter:
             REGISTRY.get(n["op"], ChunkedOp).export(n, self)
 
     def matmul(self, x: str, wname: str, w: np.ndarray, bias: str, out: str) -> None:
-        """out = x·w (+ bias), w an initializer named `wname`."""
+        """out = x·w (+ bias), w an initializer named `wname`. Callers pass a fresh name, not the tensor's:
+        a tensor may be named like a value of the graph (a tied embedding "embed" beside the lookup's output
+        "embed"), and one read twice (lookup and head) is laid out differently for each."""
         self.inits[wname] = w
         if bias:
             mid = self.fresh("mm")
