@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from nadoo.runtime.errors import CompileError
-from nadoo.runtime.lm_kernels import ACTIVATIONS, NORM_STYLES
+from nadoo.runtime.activations import ACTIVATIONS  # the FFN activations the runtime computes
+from nadoo.runtime.lm_kernels import NORM_STYLES
 
 _INT_KEYS = ("vocab", "hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "max_positions")
 _BOOL_KEYS = ("tied_head", "qk_norm", "qk_norm_full", "sandwich_norm", "qkv_bias", "o_bias", "mlp_bias", "add_bos")

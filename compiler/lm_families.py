@@ -78,7 +78,7 @@ MOE_FAMILIES = ("mixtral", "qwen2_moe", "olmoe")
 _MOE_LATER = {"qwen3_moe"}
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-                "gelu": "gelu"}
+                "gelu": "gelu", "relu": "relu"}
 
 
 def family_of(model_type: str) -> str:

@@ -136,7 +136,7 @@ def _engine_options(fn):
 
 
 def _ffn_sparsity(fn):
-    """--ffn-sparsity / --ffn-fallback, passed to the command as one `ffn` dict of Policy fields."""
+    """--ffn-sparsity / --ffn-fallback / --neuron-window, passed to the command as one `ffn` dict of Policy fields."""
     import functools
 
     @click.option("--ffn-sparsity", default=0.0, show_default=True, type=float,
@@ -145,9 +145,14 @@ def _ffn_sparsity(fn):
     @click.option("--ffn-fallback", default=0.05, show_default=True, type=float,
                   help="With --ffn-sparsity: a token whose layer has fewer than this share of neurons below the "
                        "threshold computes that layer dense.")
+    @click.option("--neuron-window", default=0, show_default=True, type=int,
+                  help="Under --memory-budget: each gated MLP keeps the down-projection neuron groups the last N "
+                       "tokens used (beside the budget; --json: ffn_window_bytes), so a token reads only the groups "
+                       "it needs that are not held. Without a budget every weight stays resident anyway: no effect.")
     @functools.wraps(fn)
-    def wrapper(*args, ffn_sparsity, ffn_fallback, **kw):
-        return fn(*args, ffn={"ffn_sparsity": ffn_sparsity, "ffn_fallback": ffn_fallback}, **kw)
+    def wrapper(*args, ffn_sparsity, ffn_fallback, neuron_window, **kw):
+        return fn(*args, ffn={"ffn_sparsity": ffn_sparsity, "ffn_fallback": ffn_fallback,
+                              "neuron_window": neuron_window}, **kw)
     return wrapper
 
 

@@ -150,6 +150,7 @@ class _Totals:
         self.layers: dict[str, dict] = {}
         self.calls = 0
         self.ffn_counts: dict | None = None
+        self.ffn_window_bytes = 0  # the most the MLPs' neuron windows held after a call
         self.lm_head: dict | None = None  # the routed head's counts (runtime/chunked/lm_head.py), summed
         # MoE (runtime/chunked/moe.py), summed: bytes of the experts tokens were routed to, expert
         # bytes read from the file (cache misses, prefetch), and all experts' bytes at the tiers used
@@ -168,6 +169,7 @@ class _Totals:
             acc = self.ffn_counts = self.ffn_counts or dict.fromkeys(st["ffn_counts"], 0)
             for k, v in st["ffn_counts"].items():
                 acc[k] += v
+            self.ffn_window_bytes = max(self.ffn_window_bytes, st.get("ffn_window_bytes", 0))
         moe = st.get("moe")
         if moe is not None:
             self.moe["used"] += moe["expert_bytes_per_token"] * moe["tokens"]
@@ -226,7 +228,14 @@ class _Totals:
         from .chunked.gated_ffn import ffn_rates
 
         n = self.ffn_counts
-        return {} if n is None else {"ffn_counts": n, **ffn_rates(n)}
+        return {} if n is None else {"ffn_counts": n, **ffn_rates(n), "ffn_window_bytes": self.ffn_window_bytes}
+
+    def ffn_per_token(self, prefill: dict | None, steps: int) -> dict:
+        """The MLPs' bytes read per decoded token (after the `prefill` snapshot of ffn_counts): all of
+        gate, up and down, and down's alone; None without gated MLPs or decode steps."""
+        n = self.ffn_counts
+        per = (lambda k: (n[k] - (prefill or {}).get(k, 0)) / steps) if n and steps else (lambda k: None)
+        return {"ffn_bytes_read_per_token": per("bytes_read"), "ffn_down_bytes_read_per_token": per("down_bytes_read")}
 
 
 def _kv_mark(session) -> tuple[int, float]:
@@ -309,6 +318,7 @@ class TokenStream:
         prefill_macs = totals.sums["macs"], totals.sums["dense_macs"]
         prefill_head = dict(totals.lm_head) if totals.lm_head else None
         prefill_moe = dict(totals.moe)
+        prefill_ffn = dict(totals.ffn_counts) if totals.ffn_counts else None
         t_first = None
         stop = "length"
         while True:
@@ -338,7 +348,8 @@ class TokenStream:
                          "macs_per_token": (totals.sums["macs"] - prefill_macs[0]) / steps if steps else None,
                          "dense_macs_per_token": (totals.sums["dense_macs"] - prefill_macs[1]) / steps if steps else None,
                          **totals.head_stats(self.sampler.temperature, prefill_head),
-                         **totals.moe_stats(prefill_moe, steps)}
+                         **totals.moe_stats(prefill_moe, steps),
+                         **totals.ffn_per_token(prefill_ffn, steps)}
                 self.result = GenerationResult("".join(texts) if decoder is not None else None, ids,
                                                list(self.prompt_ids), stop, stats)
                 yield GeneratedToken(t, text)

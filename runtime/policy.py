@@ -20,6 +20,8 @@
   token's expert runs at 8 bits when its routing weight is >= `auto_threshold`, else at 4.
 - `ffn_sparsity`: MLPs (gated `GatedFFN`, fused `ChunkedFFN`) skip the down-projection neurons whose |activation| is at or below
   a calibrated per-layer threshold, the thresholds allocated to this model-wide share (ffn_sparsity.py).
+- `neuron_window`: under a memory budget a gated MLP keeps the down-projection neuron groups the last W
+  tokens used, so a token reads only the groups it needs that are not held (LLM in a Flash; gated_ffn.py).
 - `lm_head="topk"`: a language model's head computes exact logits only for the vocabulary chunks
   that can matter (the `lm_head_k` most likely first; certified argmax for greedy decoding, all but
   `lm_head_epsilon` of the probability mass for sampling; runtime/chunked/lm_head.py).
@@ -83,6 +85,8 @@ class Policy:
     # skipped per token (0 = dense), and the share below which a position's layer computes dense
     ffn_sparsity: float = 0.0
     ffn_fallback: float = 0.05
+    # under a memory budget: keep the neuron groups of down used by the last W tokens (0 = none held)
+    neuron_window: int = 0
     # a language model's head routed by vocabulary chunk (runtime/chunked/lm_head.py): "dense" | "topk",
     # the chunks scored exactly first, and the probability mass sampling may leave out
     lm_head: str = "dense"
@@ -123,6 +127,8 @@ class Policy:
             raise InputError(f"--tau must be in [0, 1), got {self.tau}")
         self.ffn_sparsity = check_target(self.ffn_sparsity)
         self.ffn_fallback = check_fallback(self.ffn_fallback)
+        if type(self.neuron_window) is not int or self.neuron_window < 0:
+            raise InputError(f"--neuron-window must be a token count >= 0, got {self.neuron_window!r}")
         if self.lm_head not in ("dense", "topk"):
             raise InputError(f"unknown --lm-head {self.lm_head!r} (dense or topk)")
         if type(self.lm_head_k) is not int or self.lm_head_k < 1:

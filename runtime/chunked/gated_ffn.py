@@ -12,7 +12,10 @@ neurons below the threshold) computes the layer dense. With sparsity 0 the op is
 
 Where the groups come from: an unbounded cache keeps every tensor resident after its first use, so
 the whole down tensor is read once and each run of consecutive kept groups is a view into it (no
-copy); under a memory budget only the kept groups' chunks are read.
+copy); under a memory budget only the kept groups' chunks are read, and a group whose inputs are all
+exactly zero at every position (a ReLU's idle neurons) is not read at all: it adds nothing, so the
+output is the same. With `Policy.neuron_window` W > 0 the groups the last W tokens used are held by
+the op (neuron_window.py) and a token reads only the others.
 """
 
 from __future__ import annotations
@@ -25,15 +28,21 @@ from ..errors import BundleError, InputError
 from ..ffn_sparsity import allocate, curves_of
 from .base import WeightOp, register
 from .linear import linear
+from .neuron_window import NeuronWindow
 
 
 class _Counts:
     """One call's neuron counts of one layer (per position)."""
 
-    __slots__ = ("neurons", "skipped", "positions", "dense_positions")
+    # zeros: neurons exactly zero (before any dropping); groups_needed / groups_read: down's groups the
+    # positions used, and those of them not held by a neuron window; bytes_read: the whole MLP's
+    # (gate, up, down), down_bytes_read: down's alone
+    __slots__ = ("neurons", "skipped", "positions", "dense_positions", "zeros", "groups_needed", "groups_read",
+                 "bytes_read", "down_bytes_read")
 
     def __init__(self):
-        self.neurons = self.skipped = self.positions = self.dense_positions = 0
+        for k in self.__slots__:
+            setattr(self, k, 0)
 
 
 @register
@@ -55,6 +64,8 @@ class GatedFFN(WeightOp):
         self.sparsity, self.threshold = allocation(env).get(down.name, (0.0, 0.0))
         self.fallback = pol.ffn_fallback
         self.streamed = env.store.cache.budget is not None
+        # without a budget every group stays resident after first use: a window would hold nothing new
+        self.window = NeuronWindow(pol.neuron_window) if pol.neuron_window > 0 and self.streamed else None
 
     def __call__(self, x, b_gate=None, b_up=None, b_down=None):
         before = callstats.bytes_read()
@@ -64,15 +75,19 @@ class GatedFFN(WeightOp):
         K, R, N = self.gate.row_len, self.gate.rows, self.down.row_len
         dense = pos * R * (2 * K + N)
         c = new_counts(self, pos, R)
-        if self.sparsity <= 0:
-            y = self._down_groups(h, np.arange(self.down.n_chunks), b_down)
-            self.count(before, self.down.n_chunks, dense, dense)
-            return y
-        h, ids = drop_small(h, self.threshold, self.fallback, self.down.bounds, c)
-        y = self._down_groups(h, ids, b_down)
+        c.zeros += h.size - np.count_nonzero(h)
+        ids = np.arange(self.down.n_chunks)
+        if self.sparsity > 0:
+            h, ids = drop_small(h, self.threshold, self.fallback, self.down.bounds, c)
+        mid = callstats.bytes_read()
+        y, ids = self._down_groups(h, ids, b_down, c)
+        c.down_bytes_read += callstats.bytes_read() - mid
+        c.bytes_read += callstats.bytes_read() - before
+        c.groups_needed += len(ids)
         bounds = self.down.bounds
         rows = int((bounds[ids + 1] - bounds[ids]).sum())
-        self.chose(ids)
+        if self.sparsity > 0 or self.streamed:
+            self.chose(ids)
         self.count(before, len(ids), pos * R * 2 * K + pos * rows * N, dense)
         return y
 
@@ -110,23 +125,40 @@ class GatedFFN(WeightOp):
                 y[..., e.bounds[i]:e.bounds[i + 1]] = x @ w.T
         return y + bias if bias is not None else y
 
-    def _down_groups(self, h, ids, bias):
-        """Σ over the groups `ids` of h[group] · downᵀ[group] (+ bias)."""
-        d, store, bounds = self.down, self.env.store, self.down.bounds
+    def _down_groups(self, h, ids, bias, c: "_Counts"):
+        """Σ over the groups `ids` of h[group] · downᵀ[group] (+ bias), and the groups used (under a
+        budget: those of `ids` with a nonzero input)."""
+        d, store, bounds, tiers = self.down, self.env.store, self.down.bounds, self.plan.tiers
         y = None
+
+        def add(i, w):
+            nonlocal y
+            part = h[..., bounds[i]:bounds[i + 1]] @ w
+            y = part if y is None else np.add(y, part, out=y)
+
         if not self.streamed:
-            full = store.full(d, self.plan.tiers)
+            full = store.full(d, tiers)
             for lo, hi in runs(ids):
                 part = h[..., bounds[lo]:bounds[hi]] @ full[bounds[lo]:bounds[hi]]
                 y = part if y is None else np.add(y, part, out=y)
+            c.groups_read += len(ids)
         else:
-            for sl in store.slices(d, ids):
-                for i, w in zip(sl, store.chunks(d, sl, self.plan.tiers)):
-                    part = h[..., bounds[i]:bounds[i + 1]] @ w
-                    y = part if y is None else np.add(y, part, out=y)
+            # need[p, g]: position p has a nonzero input in group g; a group no position needs adds exactly 0
+            need = np.logical_or.reduceat(h.reshape(-1, d.rows) != 0, bounds[:-1], axis=1)
+            ids = ids[need[:, ids].any(0)]
+            if self.window is not None:
+                blocks, n_read = self.window.take(need, ids, lambda m: store.chunks(d, m, tiers, cache=False))
+                for i, w in zip(ids, blocks):
+                    add(i, w)
+                c.groups_read += n_read
+            else:
+                for sl in store.slices(d, ids):
+                    for i, w in zip(sl, store.chunks(d, sl, tiers)):
+                        add(i, w)
+                c.groups_read += len(ids)
         if y is None:
             y = np.zeros(h.shape[:-1] + (d.row_len,), np.float32)
-        return y + bias if bias is not None else y
+        return (y + bias if bias is not None else y), ids
 
     @classmethod
     def check_policy(cls, policy, bundle) -> None:
@@ -165,17 +197,20 @@ def new_counts(op, pos: int, R: int) -> "_Counts":
 
 
 def ffn_rates(n: dict) -> dict:
-    """`ffn_sparsity` (share of neurons skipped) and `ffn_dense_fallback_rate` (share of positions a
-    sparse layer computed dense) from summed counts."""
+    """`ffn_sparsity` (share of neurons skipped), `ffn_dense_fallback_rate` (share of positions a
+    sparse layer computed dense) and `ffn_zero_share` (share of neurons exactly zero) from summed counts."""
     return {"ffn_sparsity": n["skipped"] / max(n["neurons"], 1),
-            "ffn_dense_fallback_rate": n["dense_positions"] / max(n["positions"], 1)}
+            "ffn_dense_fallback_rate": n["dense_positions"] / max(n["positions"], 1),
+            "ffn_zero_share": n["zeros"] / max(n["neurons"], 1)}
 
 
 def ffn_stats(ops, call) -> dict:
-    """The run statistics of a family of sparsity-aware FFN ops: summed counts and their rates."""
+    """The run statistics of a family of sparsity-aware FFN ops: summed counts and their rates, and the
+    bytes the neuron windows hold after the call (`ffn_window_bytes`)."""
     counts = [call.states[op] for op in ops if op in call.states]
     n = {k: sum(getattr(c, k) for c in counts) for k in _Counts.__slots__}
-    return {"ffn_counts": n, **ffn_rates(n)}
+    held = sum(op.window.nbytes for op in ops if getattr(op, "window", None) is not None)
+    return {"ffn_counts": n, **ffn_rates(n), "ffn_window_bytes": held}
 
 
 def runs(ids):

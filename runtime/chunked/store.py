@@ -26,18 +26,20 @@ class WeightStore:
         return (name, tier, part, self.tau)
 
     def fetch(self, keys: Sequence, pids_of: Callable[[int], list], decode: Callable[[int, dict], np.ndarray],
-              peek: bool = False) -> tuple[list[np.ndarray], list[int]]:
+              peek: bool = False, cache: bool = True) -> tuple[list[np.ndarray], list[int]]:
         """The blocks under `keys`, and the positions that were not cached. Those are read in one pass
         (payload ids `pids_of(j)`), decoded (`decode(j, payloads)`) and cached. `peek`: look up without
-        counting a lookup (prefetching is not a use)."""
-        look = self.cache.peek if peek else self.cache.get
+        counting a lookup (prefetching is not a use). `cache=False`: read them all and keep none (for a
+        caller that holds blocks itself, such as a neuron window)."""
+        look = (self.cache.peek if peek else self.cache.get) if cache else (lambda k: None)
         out = [look(k) for k in keys]
         missing = [j for j, a in enumerate(out) if a is None]
         if missing:
             data = self.b.read_payloads([p for j in missing for p in pids_of(j)])
             for j in missing:
                 a = out[j] = decode(j, data)
-                self.cache.put(keys[j], a)
+                if cache:
+                    self.cache.put(keys[j], a)
         return out, missing
 
     def _prune(self, e: TensorEntry, a: np.ndarray) -> np.ndarray:
@@ -53,13 +55,13 @@ class WeightStore:
     def chunk_key(self, e: TensorEntry, tiers: list[str], i) -> tuple:
         return self.key(e.name, tiers[int(i)], int(i))
 
-    def chunks(self, e: TensorEntry, ids, tiers: list[str]) -> list[np.ndarray]:
+    def chunks(self, e: TensorEntry, ids, tiers: list[str], cache: bool = True) -> list[np.ndarray]:
         """Decoded blocks [rows_c, K] for chunk ids, each at tiers[id]; missing ones read in one pass
-        (a chunk is one payload, or a nested chunk's bit-planes)."""
+        (a chunk is one payload, or a nested chunk's bit-planes). `cache=False`: all read, none kept."""
         ids = [int(i) for i in ids]
         out, _ = self.fetch([self.chunk_key(e, tiers, i) for i in ids],
                             lambda j: e.chunk_pids(tiers[ids[j]], ids[j]),
-                            lambda j, data: self._decode(e, ids[j], tiers[ids[j]], data))
+                            lambda j, data: self._decode(e, ids[j], tiers[ids[j]], data), cache=cache)
         return out
 
     def pin(self, e: TensorEntry, i: int, tiers: list[str], room: int) -> int:
