@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from nadoo.runtime.errors import CompileError
 from nadoo.runtime.activations import ACTIVATIONS  # the FFN activations the runtime computes
+from nadoo.runtime.errors import CompileError
 from nadoo.runtime.lm_kernels import NORM_STYLES
 
 _INT_KEYS = ("vocab", "hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "max_positions")

@@ -1,4 +1,5 @@
-"""Neuron windowing (runtime/chunked/neuron_window.py) on a ReLU Llama: under a memory budget each
+"""Neuron windowing (runtime/chunked/neuron_window.py) on a ReLU Llama (which compiles to what
+transformers computes): under a memory budget each
 gated MLP holds the down-projection groups the last W tokens used. Same tokens with and without the
 window; the groups and bytes a decoded token reads equal what a window over the needs computed from
 transformers' own activations predicts, and fall with W; no effect without a budget; one-line errors."""
@@ -14,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from lm_fixtures import tiny_model  # noqa: E402
+from lm_fixtures import check_float_bundle_greedy, tiny_model  # noqa: E402
 
 import nadoo.runtime as nd  # noqa: E402
 from nadoo.compiler.lm_compile import compile_lm_source  # noqa: E402
@@ -89,6 +90,11 @@ def predicted_decode_bytes(needs, sizes, window: int) -> int:
             held = set().union(*per_pos[max(0, t - window):t]) if window else set()
             total += sum(sizes[name][g] for g in per_pos[t] - held)
     return total
+
+
+def test_a_relu_llama_compiles_to_the_same_function(relu_bundle):
+    model, path = relu_bundle
+    check_float_bundle_greedy(model, path, PROMPT, 6)  # tokens and logits equal transformers'
 
 
 def test_bytes_read_per_token_follow_the_window(relu_bundle):
