@@ -51,8 +51,8 @@ def training_texts() -> list[Path]:
 
 def char_tokenizer_json(text: str) -> str:
     """A sentencepiece-style BPE without merges: one token per character of the training text (spaces
-    as "▁"), byte fallback for every other character; so ids are characters and the runtime's compact
-    tokenizer (runtime/bpe.py) takes it."""
+    as "▁"), byte fallback for every other character: ids are characters. (Its Metaspace pre-tokenizer
+    is not the layout runtime/bpe.py re-implements, so text in and out needs the tokenizers package.)"""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     alphabet = sorted(set(text.replace(" ", "▁")))
