@@ -186,7 +186,7 @@ def test_bad_folders_are_one_compile_error(tmp_path):
 def test_lmsource_validates_its_config():
     src = lm_source_from_model(tiny_model("llama", num_hidden_layers=2))
     for edit, msg in [({"heads": 3}, "multiple"), ({"layer_types": ["full"]}, "layer_types"),
-                      ({"eos_ids": [10 ** 6]}, "eos_ids"), ({"activation": "relu"}, "activation"),
+                      ({"eos_ids": [10 ** 6]}, "eos_ids"), ({"activation": "tanh"}, "activation"),
                       ({"sliding_window": 4}, "sliding_window")]:
         with pytest.raises(CompileError, match=msg):
             LMSource({**src.config, **edit}, src.weights)

@@ -76,6 +76,7 @@ class ChunkedFFN(WeightOp):
         store = self.env.store
         h = self.act(linear(x, store.full(self.up, self.plan.tiers).T, b1))
         c = new_counts(self, x.size // self.up.row_len, self.up.rows)
+        c.zeros += h.size - np.count_nonzero(h)
         if self.sparsity > 0:
             return self._sparse(x, h, b2, c, before)
         y = linear(h, store.full(self.down, self.tiers_d), b2)

@@ -36,7 +36,7 @@ class _Counts:
 
     # zeros: neurons exactly zero (before any dropping); groups_needed / groups_read: down's groups the
     # positions used, and those of them not held by a neuron window; bytes_read: the whole MLP's
-    # (gate, up, down), down_bytes_read: down's alone
+    # (gate, up, down), down_bytes_read: down's alone (the last four counted by GatedFFN only)
     __slots__ = ("neurons", "skipped", "positions", "dense_positions", "zeros", "groups_needed", "groups_read",
                  "bytes_read", "down_bytes_read")
 
