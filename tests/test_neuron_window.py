@@ -132,12 +132,34 @@ def test_without_a_budget_the_window_holds_nothing(relu_bundle):
     assert r.stats["ffn_window_bytes"] == 0 and r.token_ids == decode(path, budget=None).token_ids
 
 
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "nadoo.runtime.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_reports_the_window(relu_bundle):
+    import json
+
+    _, path = relu_bundle
+    ids = ",".join(map(str, PROMPT))
+    out = {}
+    for w in (0, 2):
+        r = cli("generate", path, "--prompt-ids", ids, "--max-new-tokens", "6", "--no-eos", "--bits", "8",
+                "--memory-budget", BUDGET, "--neuron-window", w, "--json")
+        assert r.returncode == 0, r.stderr
+        out[w] = json.loads(r.stdout)
+    assert out[0]["token_ids"] == out[2]["token_ids"]
+    assert out[0]["ffn_window_bytes"] == 0 < out[2]["ffn_window_bytes"]
+    assert out[2]["ffn_down_bytes_read_per_token"] < out[0]["ffn_down_bytes_read_per_token"]
+    assert out[2]["ffn_zero_share"] > 0.5  # most of this model's neurons are idle
+
+
 def test_bad_window_is_one_error(relu_bundle):
     _, path = relu_bundle
     for bad in (-1, 1.5, "2"):
         with pytest.raises(InputError, match="--neuron-window"):
             nd.Policy(neuron_window=bad)
-    r = subprocess.run([sys.executable, "-m", "nadoo.runtime.cli", "generate", str(path), "--prompt-ids", "5",
-                        "--neuron-window", "-2"], capture_output=True, text=True, timeout=120)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("nadoo: error:"), r.stderr
+    for bad in ("-2", "abc"):
+        r = cli("generate", path, "--prompt-ids", "5", "--neuron-window", bad)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("nadoo: error:"), r.stderr
