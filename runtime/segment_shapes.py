@@ -1,6 +1,6 @@
 """Every value's shape in an ORT segment, for one signature (input shapes and small integer input
 values), without onnx: node by node, the rules of runtime/shape_rules.py for the standard operators and
-each nadoo op's `output_shape`, with the small values shape arithmetic computes (Shape, then Gather /
+each nadoo op's `output_shapes`, with the small values shape arithmetic computes (Shape, then Gather /
 Unsqueeze / Concat / Where / Cast ... over it) propagated, since the output size of Reshape, Expand,
 Range, ConstantOfShape, Slice, ... is such a value. A value is computed by the plan's own kernel
 (`evaluate`) once every input of its node is a known small value.
@@ -24,10 +24,10 @@ SHAPE_READERS = {"Shape", "Size"}  # their output is a function of their input's
 
 
 def covers(n: dict, op=None) -> bool:
-    """Whether a node has a rule here (a nadoo node: its ChunkedOp `op` defines `output_shape`)."""
+    """Whether a node has a rule here (a nadoo node: its ChunkedOp `op` has `output_shapes`)."""
     dom = n.get("domain") or ""
     if dom == "nadoo":
-        return op is not None and op.output_shape((1, 1)) is not None
+        return op is not None and op.has_output_shapes()
     return dom in ("", "ai.onnx") and n["op"] in RULES
 
 
@@ -50,13 +50,11 @@ def segment_shapes(nodes: list[dict], ops: list, shapes: dict, values: dict, eva
             got = _computed(evaluate, k, in_values, outs, values)
         if got is None and not any(i and s is None for i, s in zip(ins, in_shapes)):
             try:
-                got = op.output_shape(in_shapes[0]) if nadoo else _by_rule(n, in_shapes, in_values, len(outs))
+                got = op.output_shapes(in_shapes[0]) if nadoo else _by_rule(n, in_shapes, in_values, len(outs))
             except Open:
                 got = None
             except (IndexError, KeyError, TypeError) as e:  # attributes that do not fit: the kernel says why
                 raise ValueError(str(e)) from None
-            if nadoo and got is not None:
-                got = [got]
         if got is None:
             if partial:
                 continue

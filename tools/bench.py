@@ -13,7 +13,8 @@ table must come from a single invocation.
 What is measured, per model and engine (see the Benchmark section of README.md for the table):
 - cold start: a whole fresh process (interpreter, imports, open, first result) timed from the parent,
   median and p10–p90 of N runs, engines interleaved round-robin; its peak RSS from os.wait4's rusage.
-  The OS page cache is warm (the files were just read): "cold" means a cold *process*, not a cold disk.
+  The OS page cache and the bytecode cache are warm (one untimed round first; see `run_cold`): "cold"
+  means a cold *process*, not a cold disk or a first run after install.
 - warm latency at batch 1 and 8: all engines live in one worker process; every round runs every engine
   once in a fresh random order (machines here are shared and noisy: interleaving makes ratios fair).
 - bytes read per inference: nadoo's own count for a first run with an empty chunk cache (index and graph
@@ -349,20 +350,28 @@ sys.exit(code)
 
 
 def run_cold(cmds: dict, runs: int, seed: int = 0) -> dict:
-    """Each command `runs` times, round-robin in a fresh random order per round; wall time and peak RSS."""
+    """Each command `runs` times, round-robin in a fresh random order per round; wall time and peak RSS.
+    Every process runs as from an installed package: with its modules' bytecode cached (pip compiles it
+    at install). This workplace sets PYTHONDONTWRITEBYTECODE=1, under which each nadoo process would
+    compile its ~70 modules (~0.1 s of CPU) while numpy's and onnxruntime's come compiled; one untimed
+    round first fills the cache (a folder under work_out) and the page cache."""
     env = child_env()
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(WORK, "pycache")
     rng = random.Random(seed)
     names = list(cmds)
     out = {n: {"t": [], "rss": [], "json": None} for n in names}
     fd, meas = tempfile.mkstemp(suffix=".json", dir=WORK)
     os.close(fd)
     try:
-        for _ in range(runs):
+        for rnd in range(runs + 1):
             rng.shuffle(names)
             for n in names:
                 p = subprocess.run([sys.executable, "-c", LAUNCH, meas, *cmds[n]], capture_output=True, env=env, cwd=ROOT)
                 if p.returncode:
                     raise RuntimeError(f"cold run of {n} failed ({p.returncode}): {p.stderr.decode()[-1500:]}")
+                if rnd == 0:  # the untimed round
+                    continue
                 with open(meas) as f:
                     m = json.load(f)
                 out[n]["t"].append(m["s"])
@@ -850,7 +859,8 @@ def report(results: dict, meta: dict) -> str:
           f"all engines ran in one run on the same inputs, interleaved. Machines here are shared and noisy: "
           f"read the ratios, not the absolute times. ×ORT = ratio to ONNX Runtime fp32 (default threads), lower is better.\n",
           "- cold start: a fresh process (python start, imports, open, first result; `nadoo run --input`, a 6-line ORT "
-          "script on the .onnx, a TorchScript script for torch), page cache warm; peak RSS of that process.",
+          "script on the .onnx, a TorchScript script for torch), page cache and bytecode cache warm (one untimed "
+          "round first); peak RSS of that process.",
           "- warm: all engines live in one process (OPENBLAS_NUM_THREADS=1; ORT default = 2 intra-op threads; torch default "
           "threads); each round runs every engine once, in random order.",
           "- bytes read: nadoo's count for the first run with an empty chunk cache (the index and graph read at open are "

@@ -86,11 +86,15 @@ class ChunkedOp:
         (linear layers, FFNs, an LM head). None: no such rule."""
         return None
 
-    def output_shape(self, x_shape: tuple) -> tuple | None:
-        """The output's shape for a first input of shape `x_shape`: how a segment's shapes are settled
-        without onnx (runtime/segment_shapes.py). None: no rule (default: `output_dim`'s)."""
+    def output_shapes(self, x_shape: tuple) -> list[tuple] | None:
+        """The shape of each output for a first input of shape `x_shape`: how a segment's shapes are
+        settled without onnx (runtime/segment_shapes.py). None: no rule (default: `output_dim`'s)."""
         d = self.output_dim()
-        return None if d is None else tuple(x_shape[:-1]) + (d,)
+        return None if d is None else [tuple(x_shape[:-1]) + (d,)]
+
+    def has_output_shapes(self) -> bool:
+        """Whether `output_shapes` has a rule for this op."""
+        return type(self).output_shapes is not ChunkedOp.output_shapes or self.output_dim() is not None
 
     def macs_for(self, x_shape: tuple, y_shape: tuple | None) -> int:
         """Multiply-adds of one dense execution on these shapes, counted in the layer statistics (an op

@@ -59,8 +59,8 @@ class EncoderAttention(ChunkedOp):
         ac.blocks_total += total
         return out
 
-    def output_shape(self, x_shape: tuple) -> tuple:
-        return tuple(x_shape)  # [B, Sq, heads·D], as q
+    def output_shapes(self, x_shape: tuple) -> list[tuple]:
+        return [tuple(x_shape)]  # [B, Sq, heads·D], as q
 
     def _blocks(self, batch: int, sq: int, sk: int) -> int:
         """Key blocks of a dense call, counted in the policy's blocks (one block per query block and
