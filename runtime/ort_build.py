@@ -34,8 +34,7 @@ class SegmentExporter(Exporter):
         e = self.bundle.tensors[name]
         if self.shapes_only:  # the graph for shape inference: weights of the right shape, nothing read
             return np.broadcast_to(np.zeros((), np.float32), (e.row_len, e.rows) if transposed else tuple(e.shape))
-        w = self.bundle.read_weight(name, self.tiers[name])
-        return np.ascontiguousarray(w.reshape(e.rows, e.row_len).T if transposed else w)
+        return self.bundle.read_weight(name, self.tiers[name], transposed=transposed)
 
     def linear(self, x: str, name: str, bias: str, out: str, rows: np.ndarray | None = None) -> None:
         if self.shapes_only:  # a row permutation leaves every shape as it is (and would copy the zeros)
