@@ -99,6 +99,14 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
+def cold_env() -> dict:
+    """A cold-start child's environment: bytecode cached as in an installed package (see `run_cold`)."""
+    env = child_env()
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(WORK, "pycache")
+    return env
+
+
 def blas_info() -> str:
     try:
         from threadpoolctl import threadpool_info
@@ -344,7 +352,7 @@ _, st, ru = os.wait4(pid, 0)
 dt = time.perf_counter() - t
 code = os.waitstatus_to_exitcode(st)
 with open(sys.argv[1], "w") as f:
-    json.dump({"s": dt, "maxrss_kib": ru.ru_maxrss, "code": code}, f)
+    json.dump({"s": dt, "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kib": ru.ru_maxrss, "code": code}, f)
 sys.exit(code)
 """
 
@@ -355,12 +363,10 @@ def run_cold(cmds: dict, runs: int, seed: int = 0) -> dict:
     at install). This workplace sets PYTHONDONTWRITEBYTECODE=1, under which each nadoo process would
     compile its ~70 modules (~0.1 s of CPU) while numpy's and onnxruntime's come compiled; one untimed
     round first fills the cache (a folder under work_out) and the page cache."""
-    env = child_env()
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = os.path.join(WORK, "pycache")
+    env = cold_env()
     rng = random.Random(seed)
     names = list(cmds)
-    out = {n: {"t": [], "rss": [], "json": None} for n in names}
+    out = {n: {"t": [], "cpu": [], "rss": [], "json": None} for n in names}
     fd, meas = tempfile.mkstemp(suffix=".json", dir=WORK)
     os.close(fd)
     try:
@@ -375,12 +381,14 @@ def run_cold(cmds: dict, runs: int, seed: int = 0) -> dict:
                 with open(meas) as f:
                     m = json.load(f)
                 out[n]["t"].append(m["s"])
+                out[n]["cpu"].append(m["cpu_s"])
                 out[n]["rss"].append(m["maxrss_kib"])
                 if p.stdout.strip().startswith(b"{"):
                     out[n]["json"] = json.loads(p.stdout)
     finally:
         os.unlink(meas)
-    return {n: {"cold": stats(v["t"]), "peak_rss_mib": max(v["rss"]) / 1024, "json": v["json"]} for n, v in out.items()}
+    return {n: {"cold": stats(v["t"]), "cold_cpu": stats(v["cpu"]), "peak_rss_mib": max(v["rss"]) / 1024,
+                "json": v["json"]} for n, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------ MoE section
@@ -989,7 +997,10 @@ def main(argv=None):
             cmds = {n: c for n, c in cmds.items() if n in QUICK_COLD}
         for n, c in run_cold(cmds, cold_runs).items():
             r = res["rows"].setdefault(n, {})
-            r["cold"], r["peak_rss_mib"] = c["cold"], c["peak_rss_mib"]
+            r["cold"], r["cold_cpu"], r["peak_rss_mib"] = c["cold"], c["cold_cpu"], c["peak_rss_mib"]
+            # CPU time (user + system, every thread) of the process: what a loaded machine inflates less
+            print(f"[bench] {key} cold {n}: wall {c['cold']['median']:.0f} ms, CPU {c['cold_cpu']['median']:.0f} ms",
+                  file=sys.stderr, flush=True)
             if c["json"] and "bytes_read" not in r:
                 r["bytes_read"] = c["json"]["bytes_read"]
         res.update(fp32_weight_bytes=man["fp32_weight_bytes"], params=man["params"], compile_s=man["compile_s"])
