@@ -54,8 +54,7 @@ class Exporter:
         e = self.bundle.tensors[name]
         if self.tier not in e.tiers:
             raise NadooError(f"bundle stores no {self.tier} tier for {name}")
-        w = self.bundle.read_weight(name, self.tier)
-        return np.ascontiguousarray(w.reshape(e.rows, e.row_len).T if transposed else w)
+        return self.bundle.read_weight(name, self.tier, transposed=transposed)
 
     def fresh(self, base: str) -> str:
         self._counter += 1

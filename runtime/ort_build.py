@@ -10,6 +10,7 @@ import numpy as np
 from . import onnx_proto
 from .export_onnx import Exporter, _node_with_attrs
 from .onnx_types import in_opset, infer_types
+from .segment_shapes import SHAPE_READERS
 from .tiers import MATMUL_NBITS_BITS, TIER_BITS, PackedWeight
 
 # Their output size is the value of these inputs: with a non-constant one the node stays in NumPy,
@@ -19,7 +20,6 @@ _VALUE_SIZED = {"Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Range": 
 # Never in ORT: random numbers would differ between engines; subgraph attributes are not converted.
 _NUMPY_ONLY = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
                "If", "Loop", "Scan"}
-_SHAPE_READERS = {"Shape", "Size"}  # their output is a function of their input's shape alone
 class SegmentExporter(Exporter):
     """An Exporter whose chunked weights come at the tier each layer's plan reads, linear layers as
     MatMulNBits over the stored codes where the bundle has them in that layout."""
@@ -34,8 +34,7 @@ class SegmentExporter(Exporter):
         e = self.bundle.tensors[name]
         if self.shapes_only:  # the graph for shape inference: weights of the right shape, nothing read
             return np.broadcast_to(np.zeros((), np.float32), (e.row_len, e.rows) if transposed else tuple(e.shape))
-        w = self.bundle.read_weight(name, self.tiers[name])
-        return np.ascontiguousarray(w.reshape(e.rows, e.row_len).T if transposed else w)
+        return self.bundle.read_weight(name, self.tiers[name], transposed=transposed)
 
     def linear(self, x: str, name: str, bias: str, out: str, rows: np.ndarray | None = None) -> None:
         if self.shapes_only:  # a row permutation leaves every shape as it is (and would copy the zeros)
@@ -173,7 +172,7 @@ def shape_derived(nodes: list[dict], const: set) -> set:
     for n in nodes:
         if (n.get("domain", "") or "") not in ("", "ai.onnx") or n["op"] in _NUMPY_ONLY:
             continue
-        if n["op"] in _SHAPE_READERS or (n["inputs"] and all(not i or i in known for i in n["inputs"])):
+        if n["op"] in SHAPE_READERS or (n["inputs"] and all(not i or i in known for i in n["inputs"])):
             known.update(o for o in n["outputs"] if o)
     return known
 

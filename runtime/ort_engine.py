@@ -21,12 +21,14 @@ Segments are built one at a time, largest first, and a weight reaches ORT withou
 weights ORT has prepacked are then dropped, so a weight is resident once. `resident_bytes` counts
 what the sessions hold.
 
-Run-time caps hold in segments as in the plan: for each new combination of input shapes, ONNX shape
-inference gives every value of the segment its shape, and the plan's size rules and element cap are
-checked on them before ORT runs. A shape inference cannot settle runs the segment's nodes in NumPy
-for that input shape (same results, the plan's own checks). The same layer statistics are counted.
+Run-time caps hold in segments as in the plan: for each new combination of input shapes (and small
+integer input values), every value of the segment gets its shape — from our own rules
+(runtime/segment_shapes.py) where they cover the segment, else from ONNX shape inference — and the
+plan's size rules and element cap are checked on them before ORT runs. Shapes that cannot be settled
+run the segment's nodes in NumPy for that signature (same results, the plan's own checks). The same
+layer statistics are counted.
 
-onnxruntime and onnx are imported only when this engine is chosen.
+onnxruntime is imported only when this engine is chosen, onnx only for a segment our rules do not cover.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import numpy as np
 
 from . import callstats
 from .errors import InputError, NadooError, UnsupportedError, one_line
-from .ort_build import (_SHAPE_READERS, SegmentExporter, _opsets, ort_able, runs_of, shape_derived,  # noqa: F401
+from .ort_build import (SegmentExporter, _opsets, ort_able, runs_of, shape_derived,  # noqa: F401
                         value_types)
 from .ort_session import _prepacks, _session  # noqa: F401  (tests reach these through this module)
 from .segment_shapes import covers, segment_shapes
@@ -161,13 +163,6 @@ def hybridize(plan, session, options: OrtOptions) -> list["OrtSegment"]:
     return [seg for _, _, seg in fused]
 
 
-def _covered(node: dict, op) -> bool:
-    """Whether segment_shapes has a rule for this node (then its segment settles shapes without onnx)."""
-    if (node.get("domain") or "") == "nadoo":
-        return op is not None and op.output_dim() is not None
-    return covers(node)
-
-
 def _chunked_types():
     from . import chunked
 
@@ -196,7 +191,7 @@ class OrtSegment:
         self.whole = [op for op in ops if op is not None]
         used = {i for n in run for i in n["inputs"] if i}
         self._consts = {k: np.asarray(constants[k]) for k in used if k in constants}  # for segment_shapes
-        self.own_shapes = all(_covered(n, op) for n, op in zip(run, ops))
+        self.own_shapes = all(covers(n, op) for n, op in zip(run, ops))
         tiers = {k: v for op in self.whole for k, v in op.whole_tiers().items()}
         # first inputs whose values the layer statistics count (a lookup's indices, `counts_values`): a
         # constant's is known, a segment input's is at hand, any other is one more output of the session
@@ -261,28 +256,17 @@ class OrtSegment:
 
     def _settle(self, args):
         """For these inputs' shapes: (largest value and its node, most multiply-adds and its node, the
-        chunked layers' (op, x shape, y shape, multiply-adds)), or None when shape inference leaves a
-        value open. Shape values computed from shapes (Shape, then arithmetic on it) are folded and
-        inference rerun while that settles more of them: ONNX's data propagation stops at many ops."""
-        shapes = {n: tuple(a.shape) for n, a in zip(self.inputs, args) if isinstance(a, np.ndarray)}
-        folded = None
-        if self.own_shapes:  # every node has a rule (runtime/segment_shapes.py): no onnx needed
-            folded = self._fold(args, shapes)
-            known = {**{k: a.shape for k, a in self._consts.items()}, **{k: np.shape(a) for k, a in folded.items()},
-                     **shapes}
-            own = segment_shapes(self.nodes, self.whole, known, {**self._consts, **folded})
-            if own is None:
-                return None
-            shapes.update(own)
-        for _ in range(0 if self.own_shapes else _SETTLE_ROUNDS):
-            more = self._fold(args, shapes)
-            if folded is not None and more.keys() <= folded.keys():
-                break
-            folded = more
-            inferred = self._infer(args, folded)
-            if inferred is None:
-                return None
-            shapes.update(inferred)
+        chunked layers' (op, x shape, y shape, multiply-adds)), or None when a value's shape stays open.
+        Our rules (runtime/segment_shapes.py) first; onnx's inference only where they do not settle."""
+        try:
+            own = self._own_shapes(args, partial=False) if self.own_shapes else None
+            if own is None:  # an operator without a rule, or a value not settled: onnx's inference helps
+                own = self._onnx_shapes(args)
+        except ValueError:  # shapes the kernels would refuse: the plan's own steps report it
+            return None
+        if own is None:
+            return None
+        shapes, folded = own
         init = self.plan.initial_values
         worst_el, worst_macs, layers = (0, ""), (0, ""), []
         ops = iter(self.whole)
@@ -320,9 +304,11 @@ class OrtSegment:
     def _infer(self, args, folded: dict) -> dict | None:
         """Every value's shape ONNX shape inference settles with the inputs' shapes and the folded
         values as constants, or None when inference fails."""
-        import onnx
-        from onnx import numpy_helper
-
+        try:
+            import onnx
+            from onnx import numpy_helper
+        except ImportError:
+            return None
         m = onnx.ModelProto()
         with self._lock:
             if self._shape_model is None:  # written by onnx_proto: parsed once into onnx's message
@@ -353,34 +339,38 @@ class OrtSegment:
                 shapes.setdefault(vi.name, tuple(int(d.dim_value) for d in t.shape.dim))
         return shapes
 
-    def _fold(self, args, shapes: dict) -> dict:
-        """The small integer values (`_shape_value`) computed from the segment's small integer inputs,
-        constants and the known `shapes` (Shape and Size read only a shape) alone, by the plan's own
-        kernels: ONNX's data propagation does not follow every operator (Neg of a count, say), so what it
-        would miss is settled here. Each is a function of the segment's signature (input shapes and
-        small integer values): what is settled for one signature holds for every call with it."""
+    def _own_shapes(self, args, partial: bool) -> tuple[dict, dict] | None:
+        """(shapes, values) runtime/segment_shapes.py settles for these inputs: the small integer values
+        (`_shape_value`) among them, the constants and the shapes computed from those by the plan's own
+        kernels. Each is a function of the segment's signature (input shapes and small integer values):
+        what is settled for one signature holds for every call with it."""
+        shapes = {**{k: a.shape for k, a in self._consts.items()},
+                  **{n: tuple(a.shape) for n, a in zip(self.inputs, args) if isinstance(a, np.ndarray)}}
+        values = {**self._consts, **{n: a for n, a in zip(self.inputs, args)
+                                     if isinstance(a, np.ndarray) and _shape_value(a)}}
+        return segment_shapes(self.nodes, self.whole, shapes, values, self._evaluate, partial)
+
+    def _evaluate(self, k: int, vals: list) -> list:
+        """Node k's outputs by the plan's kernel from its inputs' values (constants from the plan)."""
+        fn, in_slots, _, single, _, _ = self.steps[k]
         init = self.plan.initial_values
-        known = {n: a for n, a in zip(self.inputs, args) if isinstance(a, np.ndarray) and _shape_value(a)}
-        for n, (fn, in_slots, out, single, _, _) in zip(self.nodes, self.steps):
-            if n.get("domain") == "nadoo" or not single:
-                continue
-            if n["op"] in _SHAPE_READERS:
-                x = n["inputs"][0] if n["inputs"] else ""
-                if x not in shapes:
-                    continue
-                vals = [np.broadcast_to(np.zeros((), np.float32), shapes[x])]  # the kernel reads .shape only
-            else:
-                vals = [init[s] if init[s] is not None else known.get(name) if name else None
-                        for name, s in zip(n["inputs"], in_slots)]
-                if any(name and v is None for name, v in zip(n["inputs"], vals)):
-                    continue
-            try:
-                r = np.asarray(fn(*vals))
-            except Exception:
-                continue
-            if _shape_value(r):
-                known[n["outputs"][0]] = r
-        return known
+        r = fn(*[init[s] if init[s] is not None else v for s, v in zip(in_slots, vals)])
+        return [r] if single else list(r)
+
+    def _onnx_shapes(self, args) -> tuple[dict, dict] | None:
+        """Our rules where they apply, onnx's shape inference for the rest: fold, infer, fold what the
+        inferred shapes settle, ... (ONNX's data propagation stops at many ops; shape chains are short)."""
+        shapes, values = self._own_shapes(args, partial=True)
+        for _ in range(_SETTLE_ROUNDS):
+            folded = {k: v for k, v in values.items() if k not in self._consts and _shape_value(v)}
+            inferred = self._infer(args, folded)
+            if inferred is None:
+                return None
+            more = segment_shapes(self.nodes, self.whole, {**inferred, **shapes}, values, self._evaluate, True)
+            if more[0].keys() <= shapes.keys() and more[1].keys() <= values.keys():
+                break
+            shapes, values = more
+        return shapes, values
 
     # ------------------------------------------------------------------ running
     def run(self, args, cap: int, prof, label: int):

@@ -357,13 +357,19 @@ class Bundle:
 
         return layout.packed(chunks(), e.rows, e.row_len, e.effective_group(layout))
 
-    def read_weight(self, name: str, tier: str) -> np.ndarray:
-        """The whole tensor at one tier, in its stored shape (rows first)."""
+    def read_weight(self, name: str, tier: str, transposed: bool = False) -> np.ndarray:
+        """The whole tensor at one tier, in its stored shape (rows first); `transposed`: as the contiguous
+        [row_len, rows] transpose (each chunk written there as it is decoded: no second pass, no copy)."""
         e = self.tensors[name]
-        out = np.empty((e.rows, e.row_len), np.float32)  # filled chunk by chunk: one copy of the tensor is held
+        # filled chunk by chunk: one copy of the tensor is held
+        out = np.empty((e.row_len, e.rows) if transposed else (e.rows, e.row_len), np.float32)
         for i in range(e.n_chunks):
-            out[e.bounds[i] : e.bounds[i + 1]] = self.decode_chunk(e, i, tier)
-        return out.reshape(e.shape)
+            block = self.decode_chunk(e, i, tier)
+            if transposed:
+                out[:, e.bounds[i] : e.bounds[i + 1]] = block.T
+            else:
+                out[e.bounds[i] : e.bounds[i + 1]] = block
+        return out if transposed else out.reshape(e.shape)
 
     def reset_counters(self) -> None:
         self.bytes_read = 0

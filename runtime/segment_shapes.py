@@ -1,97 +1,92 @@
-"""Every value's shape in an ORT segment, for one set of input shapes, without onnx: the rules of the
-common operators (elementwise and broadcasting, normalizations, MatMul, Slice with known bounds) and of
-the nadoo ops ORT computes whole (their output is the input with its last axis replaced). A segment
-with any other operator gets None and the engine asks onnx's shape inference (runtime/ort_engine.py).
+"""Every value's shape in an ORT segment, for one signature (input shapes and small integer input
+values), without onnx: node by node, the rules of runtime/shape_rules.py for the standard operators and
+each nadoo op's `output_shapes`, with the small values shape arithmetic computes (Shape, then Gather /
+Unsqueeze / Concat / Where / Cast ... over it) propagated, since the output size of Reshape, Expand,
+Range, ConstantOfShape, Slice, ... is such a value. A value is computed by the plan's own kernel
+(`evaluate`) once every input of its node is a known small value.
 
-Why: onnx's inference is the only reason a cold `nadoo run` / `generate` imports onnx (~0.75 s of CPU,
-mostly ml_dtypes). Shapes here only size the run-cap checks before ORT allocates; ORT computes the values.
+Why: onnx's shape inference is the only reason a cold `nadoo run` / `generate` would import onnx
+(~0.75 s of CPU, mostly ml_dtypes). Shapes here only size the run-cap checks before ORT allocates; ORT
+computes the values. A segment with an operator no rule covers settles with onnx (runtime/ort_engine.py).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from .shape_rules import RULES, Open
 
 __all__ = ["covers", "segment_shapes"]
 
-_SAME = {"Abs", "Ceil", "Cos", "Erf", "Exp", "Floor", "Gelu", "Identity", "LeakyRelu", "Log", "Neg", "Not",
-         "Reciprocal", "Relu", "Round", "Sigmoid", "Sign", "Sin", "Softplus", "Sqrt", "Tanh", "Cast", "Softmax",
-         "LogSoftmax", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Mish", "Clip", "IsNaN", "IsInf"}
-_ONE_OUTPUT_NORMS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
-_BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Mod", "PRelu", "Where", "Equal",
-              "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor"}
+_KEEP = 64  # values up to this many elements are propagated: shapes, axes, bounds (never activations)
+SHAPE_READERS = {"Shape", "Size"}  # their output is a function of their input's shape alone
 
 
-def _matmul(a: tuple, b: tuple) -> tuple:
-    if len(a) == 0 or len(b) == 0:
-        raise ValueError("MatMul of a scalar")
-    a2, b2 = (1,) + a if len(a) == 1 else a, b + (1,) if len(b) == 1 else b
-    if a2[-1] != b2[-2]:
-        raise ValueError("MatMul inner dimensions differ")
-    out = tuple(np.broadcast_shapes(a2[:-2], b2[:-2])) + (a2[-2], b2[-1])
-    if len(a) == 1:
-        out = out[:-2] + out[-1:]
-    if len(b) == 1:
-        out = out[:-1]
-    return out
+def covers(n: dict, op=None) -> bool:
+    """Whether a node has a rule here (a nadoo node: its ChunkedOp `op` has `output_shapes`)."""
+    dom = n.get("domain") or ""
+    if dom == "nadoo":
+        return op is not None and op.has_output_shapes()
+    return dom in ("", "ai.onnx") and n["op"] in RULES
 
 
-def _slice(x: tuple, values: list) -> tuple | None:
-    starts, ends = values[1], values[2]
-    axes = values[3] if len(values) > 3 and values[3] is not None else np.arange(len(starts))
-    steps = values[4] if len(values) > 4 and values[4] is not None else np.ones(len(starts), np.int64)
-    if starts is None or ends is None:
-        return None
-    view = np.broadcast_to(np.zeros((), np.int8), x)  # zero strides: slicing it allocates nothing
-    idx = [slice(None)] * len(x)
-    for s, e, a, st in zip(starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist()):
-        idx[int(a) % len(x)] = slice(int(s), int(e), int(st))
-    return view[tuple(idx)].shape
-
-
-def covers(n: dict) -> bool:
-    """Whether a standard node has a rule here (nadoo nodes: their op's `output_dim`)."""
-    kind = n["op"]
-    if (n.get("domain") or "") not in ("", "ai.onnx"):
-        return False
-    if kind in _ONE_OUTPUT_NORMS:
-        return sum(1 for o in n["outputs"] if o) == 1
-    return kind in _SAME or kind in _BROADCAST or kind in ("MatMul", "Slice")
-
-
-def _node(n: dict, op, shapes: list, values: list) -> list | None:
-    """Output shapes of one node, or None when no rule covers it."""
-    kind, x = n["op"], shapes[0] if shapes else None
-    if (n.get("domain") or "") == "nadoo":
-        out_dim = getattr(op, "output_dim", lambda: None)()
-        return None if out_dim is None or x is None else [tuple(x[:-1]) + (out_dim,)]
-    if (n.get("domain") or "") not in ("", "ai.onnx") or any(s is None for i, s in zip(n["inputs"], shapes) if i):
-        return None
-    if kind in _SAME:
-        return [x]
-    if kind in _ONE_OUTPUT_NORMS:
-        return [x] if sum(1 for o in n["outputs"] if o) == 1 else None
-    if kind in _BROADCAST:
-        return [tuple(np.broadcast_shapes(*[s for i, s in zip(n["inputs"], shapes) if i]))]
-    if kind == "MatMul":
-        return [_matmul(shapes[0], shapes[1])]
-    if kind == "Slice":
-        s = _slice(x, values)
-        return None if s is None else [s]
-    return None
-
-
-def segment_shapes(nodes: list[dict], ops: list, shapes: dict, values: dict) -> dict | None:
-    """`shapes` (the segment's inputs and constants) extended by every node output, or None. `ops`: the
-    ChunkedOp of each nadoo node, in order; `values`: constant and folded values by name."""
-    shapes, ops = dict(shapes), iter(ops)
-    for n in nodes:
-        op = next(ops) if (n.get("domain") or "") == "nadoo" else None
-        try:
-            outs = _node(n, op, [shapes.get(i) if i else None for i in n["inputs"]],
-                         [values.get(i) if i else None for i in n["inputs"]])
-        except ValueError:  # shapes the kernel would refuse: the plan's own steps report it
+def segment_shapes(nodes: list[dict], ops: list, shapes: dict, values: dict, evaluate,
+                   partial: bool = False) -> tuple[dict, dict] | None:
+    """(`shapes`, `values`) extended by every node's outputs. `shapes`: the segment's inputs and
+    constants; `values`: its constants and small integer inputs; `ops`: the ChunkedOp of each nadoo
+    node, in order; `evaluate(k, input values)`: node k's outputs by the plan's kernel. None when a
+    node's shape is not settled, or with `partial` that node is passed over (its outputs stay unknown,
+    for onnx's inference to settle). Raises ValueError for shapes the kernels would refuse."""
+    shapes, values, ops = dict(shapes), dict(values), iter(ops)
+    for k, n in enumerate(nodes):
+        nadoo = (n.get("domain") or "") == "nadoo"
+        op = next(ops) if nadoo else None
+        ins, outs = n["inputs"], n["outputs"]
+        in_shapes = [shapes.get(i) if i else None for i in ins]
+        in_values = [values.get(i) if i else None for i in ins]
+        got = None
+        if not nadoo and ins and all(not i or (v is not None and np.size(v) <= _KEEP) for i, v in zip(ins, in_values)):
+            got = _computed(evaluate, k, in_values, outs, values)
+        if got is None and not any(i and s is None for i, s in zip(ins, in_shapes)):
+            try:
+                got = op.output_shapes(in_shapes[0]) if nadoo else _by_rule(n, in_shapes, in_values, len(outs))
+            except Open:
+                got = None
+            except (IndexError, KeyError, TypeError) as e:  # attributes that do not fit: the kernel says why
+                raise ValueError(str(e)) from None
+        if got is None:
+            if partial:
+                continue
             return None
-        if outs is None:
-            return None
-        for o, s in zip([o for o in n["outputs"] if o], outs):
-            shapes[o] = tuple(int(d) for d in s)
-    return shapes
+        for o, s in zip(outs, got):
+            if o and not (partial and o in shapes):  # (a shape onnx settled stays)
+                shapes[o] = tuple(int(d) for d in s)
+        if not nadoo and n["op"] in SHAPE_READERS and outs[0]:
+            values[outs[0]] = _read_shape(n, shapes[ins[0]])
+    return shapes, values
+
+
+def _computed(evaluate, k: int, in_values: list, outs: list, values: dict) -> list | None:
+    """The output shapes of node k computed from its inputs' values (kept in `values` when small), or
+    None when its kernel does not compute them (the shape rules then settle it)."""
+    try:
+        got = [np.asarray(v) for v in evaluate(k, in_values)]
+    except Exception:
+        return None
+    for o, v in zip(outs, got):
+        if o and v.size <= _KEEP:
+            values[o] = v
+    return [v.shape for v in got]
+
+
+def _read_shape(n: dict, x: tuple) -> np.ndarray:
+    if n["op"] == "Size":
+        return np.array(math.prod(x), np.int64)
+    attrs = n.get("attrs") or {}
+    return np.array(x[slice(attrs.get("start", 0), attrs.get("end"))], np.int64)
+
+
+def _by_rule(n: dict, shapes: list, values: list, n_out: int) -> list | None:
+    fn = RULES.get(n["op"]) if (n.get("domain") or "") in ("", "ai.onnx") else None
+    return None if fn is None else fn(n.get("attrs") or {}, shapes, values, n_out)

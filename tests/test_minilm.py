@@ -99,3 +99,62 @@ def test_attention_is_fused_and_runs_in_ort(minilm):
         ea = s.last_stats["encoder_attention"]
         assert len(s.segments) <= 6  # the encoder stack is one segment; embeddings and mask set-up around it
     assert ea["calls"] == 6 and ea["numpy_calls"] == 0
+
+
+@pytest.fixture(scope="module")
+def minilm_ts(tmp_path_factory):
+    """The same model traced to TorchScript (its graph keeps the trace's shape arithmetic)."""
+    d = tmp_path_factory.mktemp("minilm_ts")
+    tok, model = load_minilm()
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+
+    ex = minilm_inputs(tok, SENTENCES[:2])
+    with torch.no_grad():
+        ts = torch.jit.trace(LastHidden(model).eval(), tuple(torch.from_numpy(ex[k]) for k in INPUTS), strict=False)
+    torch.jit.save(ts, str(d / "m.pt"))
+    np.savez(d / "calib.npz", **minilm_inputs(tok, calibration_sentences(16)))
+    compile_model(d / "m.pt", str(d / "m.ndc"), CompileOptions(calib=str(d / "calib.npz")), quiet=True)
+    return d, tok
+
+
+@pytest.mark.parametrize("form", ["onnx", "torchscript"])
+def test_ort_segments_settle_without_onnx(form, minilm, minilm_ts, monkeypatch):
+    """Every ORT segment of MiniLM (dynamo ONNX export and TorchScript trace) settles its shapes with
+    runtime/segment_shapes.py, equal to onnx's inference, for several batch and sequence shapes."""
+    pytest.importorskip("onnxruntime")
+    from segment_check import assert_shapes_agree, recorded_settles
+
+    d = minilm[0] if form == "onnx" else minilm_ts[0]
+    tok, _ = load_minilm()
+    with recorded_settles(monkeypatch) as seen, Session(d / "m.ndc", Policy(bits="8"), engine="ort") as s:
+        for n, seq in ((1, 32), (3, 16)):
+            s.run(None, minilm_inputs(tok, SENTENCES[:n], seq_len=seq))
+    assert len(seen) >= 2 and assert_shapes_agree(seen) > 100
+
+
+def test_cold_run_on_ort_never_imports_onnx(minilm, tmp_path):
+    """A `nadoo run --input` process on the ORT engine: shapes settled, result written, onnx not imported."""
+    pytest.importorskip("onnxruntime")
+    import subprocess
+    import sys
+
+    d, _, feeds, _ = minilm
+    np.savez(tmp_path / "x.npz", **{k: v[:1] for k, v in feeds.items()})
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('onnx imported:', 'onnx' in sys.modules))\n"
+            "from nadoo.runtime.cli import main\nmain()\n")
+    r = subprocess.run([sys.executable, "-c", code, "run", str(d / "m.ndc"), "--input", str(tmp_path / "x.npz"),
+                        "--output", str(tmp_path / "y.npz"), "--engine", "ort", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("onnx imported: False"), r.stdout[-500:]
+    with np.load(tmp_path / "y.npz") as z, Session(d / "m.ndc", Policy(bits="8"), engine="numpy") as s:
+        (ref,) = s.run(None, {k: v[:1] for k, v in feeds.items()})
+        np.testing.assert_allclose(z[z.files[0]], ref, rtol=1e-4, atol=1e-4)

@@ -83,9 +83,18 @@ class ChunkedOp:
 
     def output_dim(self) -> int | None:
         """The size of the output's last axis when the output is the first input with that axis replaced
-        (linear layers, FFNs, an LM head): how a segment's shapes are settled without onnx
-        (runtime/segment_shapes.py). None: no such rule."""
+        (linear layers, FFNs, an LM head). None: no such rule."""
         return None
+
+    def output_shapes(self, x_shape: tuple) -> list[tuple] | None:
+        """The shape of each output for a first input of shape `x_shape`: how a segment's shapes are
+        settled without onnx (runtime/segment_shapes.py). None: no rule (default: `output_dim`'s)."""
+        d = self.output_dim()
+        return None if d is None else [tuple(x_shape[:-1]) + (d,)]
+
+    def has_output_shapes(self) -> bool:
+        """Whether `output_shapes` has a rule for this op."""
+        return type(self).output_shapes is not ChunkedOp.output_shapes or self.output_dim() is not None
 
     def macs_for(self, x_shape: tuple, y_shape: tuple | None) -> int:
         """Multiply-adds of one dense execution on these shapes, counted in the layer statistics (an op

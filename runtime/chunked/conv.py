@@ -30,6 +30,11 @@ class ChunkedConv(WholeWeightOp):
     def kernel(self, node):
         return conv_fn(node["attrs"])
 
+    def output_shapes(self, x_shape: tuple) -> list[tuple]:
+        from ..shape_rules import RULES
+
+        return RULES["Conv"](_conv_attrs(self.node["attrs"]), [tuple(x_shape), tuple(self.entry.shape)], [], 1)
+
     def macs_for(self, x_shape, y_shape) -> int:
         return int(np.prod(y_shape, dtype=np.int64)) * self.entry.row_len  # N·P·Cout outputs, each a K-long dot product
 

@@ -59,6 +59,9 @@ class EncoderAttention(ChunkedOp):
         ac.blocks_total += total
         return out
 
+    def output_shapes(self, x_shape: tuple) -> list[tuple]:
+        return [tuple(x_shape)]  # [B, Sq, heads·D], as q
+
     def _blocks(self, batch: int, sq: int, sk: int) -> int:
         """Key blocks of a dense call, counted in the policy's blocks (one block per query block and
         head when no block size is set: the share read is what matters)."""

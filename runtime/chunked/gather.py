@@ -78,6 +78,9 @@ class ChunkedGather(WeightOp):
             flat = self._map[flat]
         return flat
 
+    def output_shapes(self, x_shape: tuple) -> list[tuple]:
+        return [tuple(x_shape) + tuple(self.entry.shape[1:])]  # a row per index
+
     # Another engine's lookup is counted like this one's: the chunks holding a row looked up (from the
     # index values, which that engine hands back: `count_whole`'s x)
     counts_values = True

@@ -58,6 +58,14 @@ class ChunkedRecurrent(WholeWeightOp):
         cell, G, H = cell_fn(node["attrs"], node["outputs"]), GATES[node["attrs"]["cell"]], self.R.row_len
         return lambda x, w, r, *rest: cell(x, stacked(w, G, H), stacked(r, G, H), *rest)
 
+    def output_shapes(self, x_shape: tuple) -> list[tuple]:
+        from ..shape_rules import RULES
+
+        a = self.node["attrs"]
+        G, H = GATES[a["cell"]], self.R.row_len
+        return RULES[a["cell"]](cell_attrs(a), [tuple(x_shape), (self.entry.rows // (G * H), G * H, self.entry.row_len)],
+                                [], len(self.node["outputs"]))
+
     def macs_for(self, x_shape, y_shape) -> int:
         # every time step of every sequence: one input row against W's rows, one state against R's
         steps = int(np.prod(x_shape[:2], dtype=np.int64))
