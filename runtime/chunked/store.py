@@ -15,11 +15,12 @@ from ..reader import Bundle, TensorEntry
 
 
 # Under a memory budget no cache entry (and no streamed slice) exceeds 1/BLOCK_SHARE of the budget.
-# Whole layers as large as the budget allows mixed 5 MiB entries with the head's 160 KiB chunks in
-# Gemma 3 270M under 64 MB: glibc's heap then kept up to 29 MiB free between them (process peak
-# 167 MiB), and every layer was decoded chunk by chunk into a fresh array (a copy, new pages). Streamed by
-# chunk the process peaks at 150 MiB with the same CPU per token (tools/lm_memory.py).
-BLOCK_SHARE = 16
+# Gemma 3 270M, 4 bits, 64 MB (tools/lm_memory.py, 8 tokens, 2026-12-02): whole layers up to the budget
+# mixed 5 MiB entries with the head's 160 KiB chunks, and glibc's heap kept up to 29 MiB free between
+# them: peak 175 MiB, 1.21 s CPU per token. A layer built whole is also decoded chunk by chunk into a
+# fresh array (a copy, new pages). BLOCK_SHARE 16: 153 MiB, 1.05-1.11 s; 64: 147 MiB, 0.66-0.70 s;
+# 256: 147 MiB, 0.70-0.72 s.
+BLOCK_SHARE = 64
 
 
 class WeightStore:
