@@ -15,11 +15,11 @@ from ..reader import Bundle, TensorEntry
 
 
 # Under a memory budget no cache entry (and no streamed slice) exceeds 1/BLOCK_SHARE of the budget.
-# Gemma 3 270M, 4 bits, 64 MB (tools/lm_memory.py, 8 tokens, 2026-12-02): whole layers up to the budget
-# mixed 5 MiB entries with the head's 160 KiB chunks, and glibc's heap kept up to 29 MiB free between
-# them: peak 175 MiB, 1.21 s CPU per token. A layer built whole is also decoded chunk by chunk into a
-# fresh array (a copy, new pages). BLOCK_SHARE 16: 153 MiB, 1.05-1.11 s; 64: 147 MiB, 0.66-0.70 s;
-# 256: 147 MiB, 0.70-0.72 s.
+# Gemma 3 270M, 4 bits, 64 MB (2026-12-02): whole layers up to the budget mixed 5 MiB entries with the
+# head's 160 KiB chunks, and glibc's heap kept up to 29 MiB free between them; slices as large as the
+# budget held ~9 MiB of payloads twice (read buffer and copies). In-process peak (tools/lm_memory.py,
+# 8 tokens): 175 MiB before, 153 at BLOCK_SHARE 16, 147 at 64 and 256; the `generate` CLI 178 -> 154 MiB
+# at 64 with the same tokens and the same CPU per token.
 BLOCK_SHARE = 64
 
 
