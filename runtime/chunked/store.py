@@ -14,13 +14,16 @@ from ..cache import ChunkCache
 from ..reader import Bundle, TensorEntry
 
 
-# Under a memory budget no cache entry (and no streamed slice) exceeds 1/BLOCK_SHARE of the budget.
-# Gemma 3 270M, 4 bits, 64 MB (2026-12-02): whole layers up to the budget mixed 5 MiB entries with the
-# head's 160 KiB chunks, and glibc's heap kept up to 29 MiB free between them; slices as large as the
-# budget held ~9 MiB of payloads twice (read buffer and copies). In-process peak (tools/lm_memory.py,
-# 8 tokens): 175 MiB before, 153 at BLOCK_SHARE 16, 147 at 64 and 256; the `generate` CLI 178 -> 154 MiB
-# at 64 with the same tokens and the same CPU per token.
+# Under a memory budget no cache entry (and no streamed slice) exceeds `block_room`: 1/BLOCK_SHARE of
+# the budget, but at least MIN_BLOCK (and at most the budget). Gemma 3 270M, 4 bits, 64 MB (2026-12-02):
+# whole layers up to the budget mixed 5 MiB entries with the head's 160 KiB chunks, and glibc's heap
+# kept up to 29 MiB free between them; slices as large as the budget held ~9 MiB of payloads twice (read
+# buffer and copies). In-process peak (tools/lm_memory.py, 8 tokens): 175 MiB before, 153 at 1/16, 147
+# at 1/64 and 1/256; the `generate` CLI 178 -> 154 MiB at 1/64, same tokens, same CPU per token. The
+# floor: under small budgets slices of a few chunks made per-read and per-fetch overhead dominate
+# (MiniLM under 16 MB at 1/64 = 250 KB: 269 reads a run, +40 % CPU; with the 1 MiB floor +6 %).
 BLOCK_SHARE = 64
+MIN_BLOCK = 1 << 20
 
 
 class WeightStore:
@@ -80,10 +83,12 @@ class WeightStore:
 
     def block_room(self) -> int | None:
         """The largest decoded block worth building under the budget (None: unbounded): 1/BLOCK_SHARE
-        of the room beside what is pinned. Larger tensors stream by chunk, in slices of at most this."""
+        of the room beside what is pinned, at least MIN_BLOCK, at most that room. Larger tensors stream
+        by chunk, in slices of at most this."""
         if self.cache.budget is None:
             return None
-        return max((self.cache.budget - self.cache.pinned_bytes) // BLOCK_SHARE, 1)
+        room = max(self.cache.budget - self.cache.pinned_bytes, 1)
+        return min(room, max(room // BLOCK_SHARE, MIN_BLOCK))
 
     def slices(self, e: TensorEntry, ids, extra: TensorEntry | None = None):
         """`ids` in consecutive slices whose decoded chunks (of `e`, and of `extra` beside it) take at
