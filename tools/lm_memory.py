@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Where a `generate` process's memory goes, phase by phase: the peak RSS (VmHWM) reached in each
 phase and the RSS left after it (imports, open, tokenizer, prefill, each decode step), reset between
-phases through /proc/self/clear_refs so each phase's own peak shows. With --tracemalloc, the Python
-allocations live at the highest traced peak of each phase (top lines; slows the run down).
+phases through /proc/self/clear_refs so each phase's own peak shows, with glibc's heap (bytes in use,
+free bytes it keeps, mmapped blocks) and the CPU seconds of the phase.
 
     .venv/bin/python tools/lm_memory.py --bundle work_out/gemma.ndc --bits 4 --memory-budget 64MB [--tokens 8]
-        [--engine numpy] [--tracemalloc] [--profile-open]
+        [--engine ort --ort-int8 --threads 1] [--tracemalloc] [--where] [--profile-open]
 
---profile-open prints a cProfile of the open phase (Session construction) instead of running the steps
-after the first token. Linux only.
+--tracemalloc adds the traced Python/NumPy bytes (now and the phase's traced peak) and the largest live
+allocation sites after each phase (tracing itself adds RSS and time); --where samples RSS in a thread and
+prints the main thread's stack at each phase's highest sample (a hint: the GIL makes sampling coarse);
+--profile-open prints a cProfile of the open (Session construction). Linux (glibc) only.
 """
 from __future__ import annotations
 
