@@ -53,7 +53,7 @@ class SegmentExporter(Exporter):
         p = self._packed(name, of_transpose=False, bits=(4, 8))
         if p is None or p.row_len % p.block_size or (p.row_len // p.block_size * p.bits) % 8 or p.block_size < 16:
             return super().gather(name, idx, out)
-        codes, scales, zps = self._pack_inits(name, p, lambda a: a)
+        codes, scales, zps = self._pack_inits(name, p)
         self.inits[codes] = self.inits[codes].reshape(p.rows, -1)
         self.inits[scales] = self.inits[scales].reshape(p.rows, -1)
         self.inits[zps] = self.inits[zps].reshape(p.rows, -1)
@@ -62,23 +62,27 @@ class SegmentExporter(Exporter):
             domain="com.microsoft", bits=int(p.bits), block_size=int(p.block_size), gather_axis=0, quantize_axis=1))
         self.uses_ms = True
 
-    def _packed(self, name: str, of_transpose: bool, bits) -> "PackedWeight | None":
+    def _packed(self, name: str, of_transpose: bool, bits, rows=None) -> "PackedWeight | None":
         """The stored codes of `name` at its tier when they are zp-coded in the `of_transpose` layout at one
-        of `bits` (never for the shape graph: ONNX shape inference knows no com.microsoft op)."""
+        of `bits` (never for the shape graph: ONNX shape inference knows no com.microsoft op). `rows` (a
+        permutation): packed row j is stored row rows[j]."""
         read = getattr(self.bundle, "read_packed", None)
         tier = self.tiers[name]
         if read is None or self.shapes_only or TIER_BITS.get(tier) not in bits:
             return None
-        p = read(name, tier)
+        order = None
+        if rows is not None:  # where each stored row goes: Gemma's head packed in vocabulary order, once
+            order = np.empty(len(rows), np.intp)
+            order[rows] = np.arange(len(rows))
+        p = read(name, tier, order)
         return p if p is not None and p.of_transpose == of_transpose else None
 
-    def _pack_inits(self, name: str, p, pick) -> tuple[str, str, str]:
-        """Initializers of codes, scales and zero points (flat, as MatMulNBits takes them) of `p`, their rows
-        chosen by `pick`; their names."""
+    def _pack_inits(self, name: str, p) -> tuple[str, str, str]:
+        """Initializers of codes, scales and zero points (flat, as MatMulNBits takes them) of `p`; their names."""
         codes, scales, zps = (self.fresh(f"{name}_{s}") for s in ("codes", "scales", "zero_points"))
-        self.inits[codes] = np.ascontiguousarray(pick(p.codes), np.uint8)
-        self.inits[scales] = np.ascontiguousarray(pick(p.scales), np.float32).reshape(-1)
-        self.inits[zps] = np.ascontiguousarray(pick(p.zero_points), np.uint8).reshape(-1)
+        self.inits[codes] = np.ascontiguousarray(p.codes, np.uint8)
+        self.inits[scales] = np.ascontiguousarray(p.scales, np.float32).reshape(-1)
+        self.inits[zps] = np.ascontiguousarray(p.zero_points, np.uint8).reshape(-1)
         return codes, scales, zps
 
     def _nbits(self, x: str, name: str, bias: str, out: str, of_transpose: bool, rows=None) -> bool:
@@ -88,11 +92,10 @@ class SegmentExporter(Exporter):
         rows[j] (x·Wᵀ only)."""
         # MatMulNBits' exact path (accuracy level 0) is fast at 4 bits only (8 and 2 bits measured ~80x
         # slower than a float MatMul, ORT 1.32): exact 8- and 2-bit layers are handed over dequantized.
-        p = self._packed(name, of_transpose, MATMUL_NBITS_BITS if self.int8 else (4,))
+        p = self._packed(name, of_transpose, MATMUL_NBITS_BITS if self.int8 else (4,), rows)
         if p is None:
             return False
-        pick = (lambda a: a) if rows is None else (lambda a: a[rows])  # codes, scales, zero points are per row
-        codes, scales, zps = self._pack_inits(name, p, pick)
+        codes, scales, zps = self._pack_inits(name, p)  # already in the order of `rows`
         mid = self.fresh("mm") if bias else out
         self.nodes.append(self.helper.make_node(
             "MatMulNBits", [x, codes, scales, zps], [mid], name=self.fresh("MatMulNBits"), domain="com.microsoft",

@@ -25,7 +25,7 @@ from .format import (
 from .moe_index import validate_moe
 from .schema import ConstantsTable, Graph, Profile, Stats, check_dtype, check_index_info, check_name, check_shape, load_json
 from .tensor_entry import TensorEntry, validate_tensors  # noqa: F401  (TensorEntry: re-exported)
-from .tiers import PackedWeight, ZeroPointTier
+from .tiers import PackedWeight, TransposedZeroPointTier, ZeroPointTier
 
 # Index and table are read in one positioned read when at most this many bytes lie between them (the
 # writer pads to 8); a larger gap is legal but never read.
@@ -329,17 +329,18 @@ class Bundle:
         layout = tensor.layouts[tier][0]
         return layout.decode(tier, [have[p] for p in pids], r, k, tensor.effective_group(layout))
 
-    def read_packed(self, name: str, tier: str) -> PackedWeight | None:
+    def read_packed(self, name: str, tier: str, order=None) -> PackedWeight | None:
         """A zp-coded tensor at one tier as stored (every chunk read and counted, like `read_weight`), in
         the inputs of ONNX Runtime's MatMulNBits; None when the tensor is not zp-coded at that tier
         (legacy scale+min, nested planes, float32, or the tier is not stored). A `zp_t` tensor gives the
-        PackedWeight of its transpose (`of_transpose`: MatMulNBits computes x·W of the stored W)."""
+        PackedWeight of its transpose (`of_transpose`: MatMulNBits computes x·W of the stored W). `order`:
+        the packed row of each stored row (a permutation; a row-grouped layout only)."""
         e = self.tensors.get(name)
         if e is None:
             raise BundleError(f"no chunked tensor {name!r} in the bundle")
         layout, ids = e.layouts.get(tier, (None, None))
-        if not isinstance(layout, ZeroPointTier):
-            return None
+        if not isinstance(layout, ZeroPointTier) or (order is not None and isinstance(layout, TransposedZeroPointTier)):
+            return None  # (a transpose's rows are the tensor's columns: a row order does not apply)
         pids = [int(p) for p in ids[0]]
         sizes = [int(self.table["stored"][p]) if p >= 0 else 0 for p in pids]
 
@@ -355,7 +356,7 @@ class Bundle:
                     yield e.chunk_rows(c), data.pop(pids[c], None)
                 i = j
 
-        return layout.packed(chunks(), e.rows, e.row_len, e.effective_group(layout))
+        return layout.packed(chunks(), e.rows, e.row_len, e.effective_group(layout), order)
 
     def read_weight(self, name: str, tier: str, transposed: bool = False) -> np.ndarray:
         """The whole tensor at one tier, in its stored shape (rows first); `transposed`: as the contiguous

@@ -186,10 +186,12 @@ class ZeroPointTier(SeparateTier):
         """codes uint8 [R, K], scales float16 [R, ng], zero points [R, ng] (integers in [0, 2^bits - 1])."""
         return [qcodec.pack_zp(codes, scales, zero_points, self.bits, group_size)]
 
-    def packed(self, chunks, rows: int, row_len: int, group_size: int) -> PackedWeight:
+    def packed(self, chunks, rows: int, row_len: int, group_size: int, order=None) -> PackedWeight:
         """[(rows, payload or None for an empty chunk)] of a whole tensor of `rows` rows, in row order (any
         iterable: each chunk is copied into the result and may then be dropped) -> its PackedWeight.
-        An empty chunk is all codes, zero points and scales 0 (it decodes to zeros)."""
+        An empty chunk is all codes, zero points and scales 0 (it decodes to zeros). `order`: the packed
+        row of each stored row (a permutation): a tensor stored in another row order (a vocabulary-routed
+        LM head) is packed straight in the order its product takes, without a second copy of its codes."""
         ng = -(-row_len // group_size)
         blob, zb = group_size * self.bits // 8, -(-(ng * self.bits) // 8)
         codes, s32 = np.zeros((rows, ng, blob), np.uint8), np.zeros((rows, ng), np.float32)
@@ -198,7 +200,8 @@ class ZeroPointTier(SeparateTier):
         for r, buf in chunks:
             if buf is not None:
                 c, s, z = qcodec.split_zp(buf, r, row_len, group_size, self.bits)
-                codes[at : at + r], s32[at : at + r], zps[at : at + r] = c, s, z
+                dst = slice(at, at + r) if order is None else order[at : at + r]
+                codes[dst], s32[dst], zps[dst] = c, s, z
             at += r
         if at != rows:
             raise BundleError(f"zp tensor: chunks hold {at} rows, expected {rows}")
@@ -231,10 +234,13 @@ class TransposedZeroPointTier(ZeroPointTier):
 
     # pack (inherited): the chunk's transpose, codes [K, r], scales and zero points [K, ceil(r/G)]
 
-    def packed(self, chunks, rows: int, row_len: int, group_size: int) -> PackedWeight:
+    def packed(self, chunks, rows: int, row_len: int, group_size: int, order=None) -> PackedWeight:
         """[(rows, payload or None)] of a whole tensor [R = rows, K], in row order -> the PackedWeight of its
         transpose (MatMulNBits N = K, K = R): every chunk's blocks concatenated along the block axis, the
-        zero points re-packed per output (they are bit-packed across blocks). Empty chunks are zeros."""
+        zero points re-packed per output (they are bit-packed across blocks). Empty chunks are zeros.
+        A transpose's rows are the tensor's columns: it takes no row `order`."""
+        if order is not None:
+            raise ValueError("a transposed zp tensor is packed in its stored order only")
         chunks = list(chunks)
         if sum(r for r, _ in chunks) != rows:
             raise BundleError(f"zp_t tensor: chunks hold {sum(r for r, _ in chunks)} rows, expected {rows}")

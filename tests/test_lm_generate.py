@@ -27,6 +27,7 @@ from nadoo.compiler.calibrate import dense_builders  # noqa: E402
 from nadoo.compiler.lm_compile import compile_lm, compile_lm_source, is_lm_source, lm_feeds, lm_graph  # noqa: E402
 from nadoo.compiler.lm_source import LMSource, load_lm_source, lm_source_from_model  # noqa: E402
 from nadoo.compiler.pipeline import CompileOptions  # noqa: E402
+from nadoo.runtime.chunked.store import BLOCK_SHARE, MIN_BLOCK  # noqa: E402
 from nadoo.runtime.engine import Plan  # noqa: E402
 from nadoo.runtime.errors import BundleError, CompileError, InputError, ModelError  # noqa: E402
 from nadoo.runtime.generate import LanguageModel, perplexity  # noqa: E402
@@ -221,11 +222,32 @@ def test_memory_budget_gives_the_same_tokens(built):
     prompt = prompt_ids(2)
     with session(bundle, "8") as s:
         free = s.generate(prompt_ids=prompt, max_new_tokens=NEW, stop_at_eos=False)
-    with session(bundle, "8", memory_budget="24KB") as s:
-        tight = s.generate(prompt_ids=prompt, max_new_tokens=NEW, stop_at_eos=False)
-    assert tight.token_ids == free.token_ids
-    assert tight.stats["resident_weight_bytes"] <= 24_000 < free.stats["resident_weight_bytes"]
-    assert tight.stats["bytes_read_per_token"] > free.stats["bytes_read_per_token"]  # under the budget weights stream
+        sizes = {n: 4 * e.rows * e.row_len for n, e in s.bundle.tensors.items()}
+    # 24 KB: the larger tensors stream by chunk; just under the embedding's size: every layer's tensor may
+    # be held whole while the embedding and the head tied to it stream beside them
+    mixed = sizes["embed"] - 1
+    assert max(v for n, v in sizes.items() if n != "embed") < mixed < free.stats["resident_weight_bytes"]
+    for budget in (24_000, mixed):
+        with session(bundle, "8", memory_budget=budget) as s:
+            tight = s.generate(prompt_ids=prompt, max_new_tokens=NEW, stop_at_eos=False)
+            store = s.ops[0].env.store
+            room = store.block_room()
+            held_whole = {n for n, e in s.bundle.tensors.items() if store.fits(e)}
+            whole = {k[0] for k in s.cache._items if k[2] == "full"}
+            largest = max(a.nbytes for a in s.cache._items.values())
+        assert tight.token_ids == free.token_ids, budget
+        assert tight.stats["resident_weight_bytes"] <= budget < free.stats["resident_weight_bytes"]
+        assert tight.stats["bytes_read_per_token"] > free.stats["bytes_read_per_token"]  # under the budget weights stream
+        # no entry beyond the store's block room (one chunk excepted), a tensor is whole only within it
+        assert room == min(budget, max(budget // BLOCK_SHARE, MIN_BLOCK))
+        assert largest <= max(room, max_chunk_bytes(bundle)) and all(sizes[n] <= room for n in whole)
+        assert held_whole == {n for n, v in sizes.items() if v <= room} and "embed" not in held_whole
+        assert whole <= held_whole and (budget != mixed or held_whole == set(sizes) - {"embed"})
+
+
+def max_chunk_bytes(bundle) -> int:
+    with nd.Session(bundle) as s:
+        return max(4 * e.row_len * int(np.diff(e.bounds).max()) for e in s.bundle.tensors.values())
 
 
 # ------------------------------------------------------------------ text, streaming, EOS

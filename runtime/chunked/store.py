@@ -14,6 +14,18 @@ from ..cache import ChunkCache
 from ..reader import Bundle, TensorEntry
 
 
+# Under a memory budget no cache entry (and no streamed slice) exceeds `block_room`: 1/BLOCK_SHARE of
+# the budget, but at least MIN_BLOCK (and at most the budget). Gemma 3 270M, 4 bits, 64 MB (2026-12-02):
+# whole layers up to the budget mixed 5 MiB entries with the head's 160 KiB chunks, and glibc's heap
+# kept up to 29 MiB free between them; slices as large as the budget held ~9 MiB of payloads twice (read
+# buffer and copies). In-process peak (tools/lm_memory.py, 8 tokens): 175 MiB before, 153 at 1/16, 147
+# at 1/64 and 1/256; the `generate` CLI 178 -> 154 MiB at 1/64, same tokens, same CPU per token. The
+# floor: under small budgets slices of a few chunks made per-read and per-fetch overhead dominate
+# (MiniLM under 16 MB at 1/64 = 250 KB: 269 reads a run, +40 % CPU; with the 1 MiB floor +6 %).
+BLOCK_SHARE = 64
+MIN_BLOCK = 1 << 20
+
+
 class WeightStore:
     def __init__(self, bundle: Bundle, cache: ChunkCache, tau: float = 0.0):
         self.b = bundle
@@ -71,14 +83,25 @@ class WeightStore:
             return 0
         return a.nbytes
 
-    def slices(self, e: TensorEntry, ids, extra: TensorEntry | None = None):
-        """`ids` in consecutive slices whose decoded chunks (of `e`, and of `extra` beside it) fit the
-        budget: all at once when unbounded, so fetching stays one merged read in the common case."""
-        ids = np.asarray(ids)
+    def block_room(self) -> int | None:
+        """The largest decoded block worth building under the budget (None: unbounded): 1/BLOCK_SHARE
+        of the room beside what is pinned, at least MIN_BLOCK, at most that room. Larger tensors stream
+        by chunk, in slices of at most this."""
         if self.cache.budget is None:
+            return None
+        room = max(self.cache.budget - self.cache.pinned_bytes, 1)
+        return min(room, max(room // BLOCK_SHARE, MIN_BLOCK))
+
+    def slices(self, e: TensorEntry, ids, extra: TensorEntry | None = None):
+        """`ids` in consecutive slices whose decoded chunks (of `e`, and of `extra` beside it) take at
+        most `block_room`: all at once when unbounded, so fetching stays one merged read in the common
+        case. A slice is one merged read whose payloads are held (and copied out of the read buffer)
+        until its chunks are decoded, so it is kept small beside the budget."""
+        ids = np.asarray(ids)
+        room = self.block_room()
+        if room is None:
             yield ids
             return
-        room = max(self.cache.budget - self.cache.pinned_bytes, 1)
         per_row = 4 * (e.row_len + (extra.row_len if extra is not None else 0))
         start, used = 0, 0
         for j, i in enumerate(ids):
@@ -100,8 +123,10 @@ class WeightStore:
                 yield i, self._decode(e, i, tiers[i], data)
 
     def fits(self, e: TensorEntry) -> bool:
-        """Whether the whole decoded tensor fits in the cache beside what is pinned."""
-        return self.cache.budget is None or 4 * e.rows * e.row_len <= self.cache.budget - self.cache.pinned_bytes
+        """Whether the whole decoded tensor is worth one cache entry: always when unbounded, under a budget
+        only up to `block_room`."""
+        room = self.block_room()
+        return room is None or 4 * e.rows * e.row_len <= room
 
     def full(self, e: TensorEntry, tiers: list[str]) -> np.ndarray:
         """The whole weight as one cached block in its stored shape ([R, K] for linear: use `.T` in
