@@ -131,6 +131,17 @@ def page_bounds(keys: np.ndarray, kpos: np.ndarray, page: int, n_pages: int) -> 
     return lo, hi
 
 
+def round_outward(a: np.ndarray, dtype: np.dtype, toward: float) -> np.ndarray:
+    """`a` (float32) in `dtype`, each value rounded toward `toward` (-inf for a lower bound, +inf for an
+    upper one) where the nearest value of `dtype` would cross it: a rounded bound stays a bound."""
+    if a.dtype == dtype:
+        return a
+    r = a.astype(dtype)
+    crossed = r.astype(np.float32) < a if toward > 0 else r.astype(np.float32) > a
+    r[crossed] = np.nextafter(r[crossed], dtype.type(toward))
+    return r
+
+
 def page_mask(policy: AttentionPolicy, qg: np.ndarray, g: int, lo: np.ndarray, hi: np.ndarray,
               kpos: np.ndarray, qpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """([kv_heads, rows, keys], pages scored per row): sinks + local window + the top pages of each
