@@ -82,15 +82,16 @@ class Session:
 
     def __init__(self, path, policy: Policy | None = None, memory_budget=None, use_mmap: bool = False,
                  pin_fraction: float = 0.5, engine: str = "auto", threads: int | None = None, ort_int8: bool = False):
-        from .ort_engine import resolve
-
         # `auto` under a memory budget runs NumPy: the budget bounds what the session holds, ORT's sessions
         # (and the onnx/onnxruntime imports: ~70 MiB of a MiniLM process here) are outside that bound, and
         # under a budget the chunked layers stream through the cache in NumPy anyway (only small ops would
         # reach ORT). MiniLM, 16 MB budget: 64 MiB peak and 1.1 s a process on NumPy, 134 MiB and 3.1 s on ORT.
         if engine == "auto" and parse_size(memory_budget) is not None:
             engine = "numpy"
-        engine = resolve(engine)
+        if engine != "numpy":  # the ORT engine's modules are not even imported for a NumPy session
+            from .ort_engine import resolve
+
+            engine = resolve(engine)
         self.bundle = Bundle.open(path, use_mmap=use_mmap)
         try:
             self.policy = policy or Policy()

@@ -2,6 +2,15 @@
 
 Every chunked op fetches through `WeightStore`, and every cache key is made by `WeightStore.key`, so
 two ops (or two calls) asking for the same block at the same tier share one entry.
+
+What the cache holds: decoded float32 blocks while the model's decoded weights fit the memory budget
+(or there is none). When they do not, the store is *encoded*: the cache holds each chunk's stored
+payloads (an 8-bit chunk is a quarter of its float32 block) and a block is decoded on every use. A
+budget below the decoded model thrashes a decoded cache anyway (a layer-by-layer pass is LRU's worst
+case: every block is evicted before its next use, so each call re-read and re-decoded everything);
+encoded, 4× as many weights stay held, so such a call decodes as before but reads much less, and the
+process holds the tier's bytes, not float32. Decoded blocks then live only while an op uses them:
+`slices` keeps them to a few MiB at a time.
 """
 
 from __future__ import annotations
@@ -14,11 +23,28 @@ from ..cache import ChunkCache
 from ..reader import Bundle, TensorEntry
 
 
+ENCODED_SLICE_BYTES = 1 << 20  # decoded bytes of one slice an encoded store hands out at a time
+
+
+class Payloads:
+    """A chunk's stored payloads as the cache holds them in an encoded store ({payload id: bytes})."""
+
+    __slots__ = ("data", "nbytes")
+
+    def __init__(self, data: dict):
+        self.data = data
+        self.nbytes = sum(len(b) for b in data.values())
+
+
 class WeightStore:
     def __init__(self, bundle: Bundle, cache: ChunkCache, tau: float = 0.0):
         self.b = bundle
         self.cache = cache
         self.tau = tau  # run-time pruning changes the decoded values, so it is part of every key
+        decoded = bundle.index.get("stats", {}).get("dense_fp32_weight_bytes")
+        if not isinstance(decoded, int) or isinstance(decoded, bool):
+            decoded = sum(4 * e.rows * e.row_len for e in bundle.tensors.values())
+        self.encoded = cache.budget is not None and decoded > cache.budget
 
     def key(self, name: str, tier, part) -> tuple:
         """The cache key of one block: `part` is a chunk index, "full" (a whole tensor, `tier` then the
@@ -36,8 +62,14 @@ class WeightStore:
         if missing:
             data = self.b.read_payloads([p for j in missing for p in pids_of(j)])
             for j in missing:
-                a = out[j] = decode(j, data)
-                self.cache.put(keys[j], a)
+                if self.encoded:
+                    out[j] = Payloads({p: data[p] for p in pids_of(j)})
+                    self.cache.put(keys[j], out[j])
+                else:
+                    a = out[j] = decode(j, data)
+                    self.cache.put(keys[j], a)
+        if self.encoded:
+            out = [decode(j, a.data) if isinstance(a, Payloads) else a for j, a in enumerate(out)]
         return out, missing
 
     def _prune(self, e: TensorEntry, a: np.ndarray) -> np.ndarray:
@@ -77,6 +109,8 @@ class WeightStore:
             yield ids
             return
         room = max(self.cache.budget - self.cache.pinned_bytes, 1)
+        if self.encoded:  # the decoded blocks of a slice are transient: keep them few
+            room = min(room, ENCODED_SLICE_BYTES)
         per_row = 4 * (e.row_len + (extra.row_len if extra is not None else 0))
         start, used = 0, 0
         for j, i in enumerate(ids):
@@ -98,7 +132,10 @@ class WeightStore:
                 yield i, self._decode(e, i, tiers[i], data)
 
     def fits(self, e: TensorEntry) -> bool:
-        """Whether the whole decoded tensor fits in the cache beside what is pinned."""
+        """Whether the whole decoded tensor may be held in the cache beside what is pinned (never in an
+        encoded store: it holds payloads, not decoded tensors)."""
+        if self.encoded:
+            return False
         return self.cache.budget is None or 4 * e.rows * e.row_len <= self.cache.budget - self.cache.pinned_bytes
 
     def full(self, e: TensorEntry, tiers: list[str]) -> np.ndarray:
