@@ -79,14 +79,17 @@ def reference(kind, n=N, seed=0, window=None):
                 sel = sorted(np.array(vis)[np.argsort(-mass)[:B]].tolist())
             elif len(vis) > B and kind == "pages":
                 base = {j for j in vis if j < S or j > p - W}
-                scores = {}
+                bounds = {}  # page -> each head's scaled Quest bound
                 for pg in range(p // P + 1):
                     first, last = pg * P, pg * P + P - 1
                     if first > p - W or last < S:
                         continue
                     keys = k[first:min(last, p) + 1, h]
                     lo, hi = keys.min(0), keys.max(0)
-                    scores[pg] = sum(np.maximum(q[p, hh] * lo, q[p, hh] * hi).sum() for hh in heads)
+                    bounds[pg] = np.array([np.maximum(q[p, hh] * lo, q[p, hh] * hi).sum() * SCALE for hh in heads])
+                # a page's score: the softmax weights its bound gets from each head, summed over the heads
+                best = np.max(list(bounds.values()), axis=0)
+                scores = {pg: np.exp(b - best).sum() for pg, b in bounds.items()}
                 top = sorted(scores, key=lambda pg: -scores[pg])[:(B - S - W) // P]
                 sel = sorted(base | {j for j in vis if j // P in top})
             for hh in heads:
