@@ -71,8 +71,11 @@ class LayerKVCache:
         self.ring = self.window is not None and self.window < self.max_positions
         self.limit = self.window if self.ring else self.max_positions
         # Page bounds (min/max key per page of `page` positions) for query-aware page selection; kept
-        # for linear caches, where a page's keys never leave.
+        # for linear caches, where a page's keys never leave. A half-precision cache keeps them in
+        # float16 too, rounded outward (still bounds): every scored page reads them, so at float32 they
+        # cost as much as 4 of a 16-key page's 16 float16 keys and values.
         self.page = None if page is None or self.ring else int(page)
+        self.bound_dtype = np.dtype(np.float32) if dt == np.float32 else np.dtype(np.float16)
         self.track_attention = track_attention  # accumulated attention per slot, for heavy-hitter eviction
         self.bytes_read = 0  # KV bytes attention steps read from this cache (kept across sequences)
         self.reset()
@@ -91,7 +94,7 @@ class LayerKVCache:
         self.acc = np.empty(0, np.float32)  # attention each slot's key has received so far
         self.page_lo = self.page_hi = None
         if self.page:
-            self.page_lo = np.empty((self.kv_heads, 0, self.head_dim), np.float32)
+            self.page_lo = np.empty((self.kv_heads, 0, self.head_dim), self.bound_dtype)
             self.page_hi = np.empty_like(self.page_lo)
 
     @property
@@ -149,18 +152,19 @@ class LayerKVCache:
             self._bound_pages(k, np.arange(start, start + n))
 
     def _bound_pages(self, k: np.ndarray, positions: np.ndarray) -> None:
-        from .sparse_attention import page_bounds
+        from .sparse_attention import page_bounds, round_outward
 
         first, last = positions[0] // self.page, positions[-1] // self.page
         have = self.page_lo.shape[1]
         if last >= have:
             cap = max(last + 1, 2 * have, 4)
-            lo = np.full((self.kv_heads, cap, self.head_dim), np.inf, np.float32)
+            lo = np.full((self.kv_heads, cap, self.head_dim), np.inf, self.bound_dtype)
             hi = np.full_like(lo, -np.inf)
             lo[:, :have], hi[:, :have] = self.page_lo, self.page_hi
             self.page_lo, self.page_hi = lo, hi
         lo, hi = page_bounds(k.astype(np.float32, copy=False), positions - first * self.page, self.page,
                              last - first + 1)
+        lo, hi = round_outward(lo, self.bound_dtype, -np.inf), round_outward(hi, self.bound_dtype, np.inf)
         sl = slice(first, last + 1)
         np.minimum(self.page_lo[:, sl], lo, out=self.page_lo[:, sl])
         np.maximum(self.page_hi[:, sl], hi, out=self.page_hi[:, sl])

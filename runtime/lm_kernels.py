@@ -210,9 +210,9 @@ def _attend(q4, view, qstart, cache, out, *, g, scale, window, softcap, sparse) 
                 mask = np.where(over[:, None], allowed & window_mask(sparse, kpos, qpos), allowed)
             elif sparse.kind == "pages":
                 lo, hi = _page_bounds_of(cache, view, full, kpos, sparse.page)
-                sel, scored = page_mask(sparse, qg, g, lo, hi, kpos, qpos)
+                sel, scored = page_mask(sparse, qg, g, lo, hi, kpos, qpos, scale, softcap)
                 mask = np.where(over[None, :, None], sel & allowed[None], allowed[None])
-                extra_bytes = int(scored[over].sum()) * kvh * 2 * d * 4  # the float32 page bounds scored
+                extra_bytes = int(scored[over].sum()) * kvh * 2 * d * lo.itemsize  # the page bounds scored
             else:  # oracle: score everything, keep each query's top keys
                 scores = _scores(qg, full[0], scale, softcap)
                 probs = _softmax(scores, np.broadcast_to(allowed, (kvh, g, rows, m)).reshape(kvh, g * rows, m))

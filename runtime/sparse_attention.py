@@ -5,7 +5,8 @@
     pages   Quest: keys grouped in pages of `page` positions, each page summarised by its element-wise
             min and max key; a query scores a page by sum_i max(q_i*min_i, q_i*max_i) (an upper bound
             of q.k over the page) and reads the best pages that fit the budget, plus the sinks and a
-            local window. Nothing is evicted: the cache stays whole, only less of it is read.
+            local window (grouped heads: the heads' softmax weights of the bound, summed). Nothing is
+            evicted: the cache stays whole, only less of it is read.
     heavy   H2O: the sinks, a recent window and the "heavy hitters" (keys with the largest attention
             they have received so far, summed over queries and heads); the rest is evicted.
     oracle  the `budget` keys with the largest exact attention weight, per query (for measuring: it
@@ -131,27 +132,51 @@ def page_bounds(keys: np.ndarray, kpos: np.ndarray, page: int, n_pages: int) -> 
     return lo, hi
 
 
+def round_outward(a: np.ndarray, dtype: np.dtype, toward: float) -> np.ndarray:
+    """`a` (float32) in `dtype`, each value rounded toward `toward` (-inf for a lower bound, +inf for an
+    upper one) where the nearest value of `dtype` would cross it: a rounded bound stays a bound."""
+    if a.dtype == dtype:
+        return a
+    r = a.astype(dtype)
+    crossed = r.astype(np.float32) < a if toward > 0 else r.astype(np.float32) > a
+    r[crossed] = np.nextafter(r[crossed], dtype.type(toward))
+    return r
+
+
 def page_mask(policy: AttentionPolicy, qg: np.ndarray, g: int, lo: np.ndarray, hi: np.ndarray,
-              kpos: np.ndarray, qpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+              kpos: np.ndarray, qpos: np.ndarray, scale: float = 1.0,
+              softcap: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """([kv_heads, rows, keys], pages scored per row): sinks + local window + the top pages of each
     query by the Quest bound.
-    qg [kv_heads, g*rows, D] are the (scaled-or-not: only the order matters) queries grouped per KV
-    head; lo/hi [kv_heads, n_pages, D] the page bounds."""
+    qg [kv_heads, g*rows, D] are the unscaled queries grouped per KV head; lo/hi [kv_heads, n_pages, D]
+    the page bounds; scale and softcap as the attention's own scores.
+
+    With grouped heads, a page is ranked by the weight the softmax of each query head would give
+    its bound, summed over the heads sharing the KV head (as the oracle sums the heads' attention
+    probabilities): a page one head needs keeps its rank even when the other heads ignore it. Summing the
+    heads' raw bounds instead let them outvote it: on Gemma 3 at 4096 tokens, budget 1024, the
+    continuation's perplexity was +6.4 % over dense that way, +1.5 % this way."""
     kvh, n_pages = lo.shape[0], lo.shape[1]
     rows = qpos.size
     empty = ~np.isfinite(hi[..., 0])  # pages holding no key yet
     lo, hi = np.where(empty[..., None], 0, lo), np.where(empty[..., None], 0, hi)
     # max(q*min, q*max) = q+ * max + q- * min elementwise, so the bound is two products
     qp, qn = np.maximum(qg, 0), np.minimum(qg, 0)
-    score = np.matmul(qp, hi.transpose(0, 2, 1)) + np.matmul(qn, lo.transpose(0, 2, 1))  # [kvh, g*rows, pages]
-    score = score.reshape(kvh, g, rows, n_pages).sum(axis=1)
+    bound = np.matmul(qp, hi.transpose(0, 2, 1)) + np.matmul(qn, lo.transpose(0, 2, 1))  # [kvh, g*rows, pages]
+    bound *= np.float32(scale)
+    if softcap is not None:  # monotone: a capped bound still bounds the capped score
+        bound = np.tanh(bound / np.float32(softcap)) * np.float32(softcap)
     first = np.arange(n_pages) * policy.page  # first position of each page
     last = first + policy.page - 1
     # pages starting after the query are in its future; pages wholly among the sinks or the local
     # window are read anyway and need no budget
     useless = (first[None, :] > qpos[:, None]) | (last[None, :] < policy.sink) \
         | (first[None, :] > qpos[:, None] - policy.window)
-    score = np.where(useless[None] | empty[:, None, :], -np.inf, score)
+    out = useless[None] | empty[:, None, :]  # [kvh, rows, pages]: not to be chosen
+    bound = np.where(out[:, None], -np.inf, bound.reshape(kvh, g, rows, n_pages))
+    top_bound = bound.max(axis=-1, keepdims=True)
+    weight = np.exp(bound - np.where(np.isfinite(top_bound), top_bound, 0)).sum(axis=1)  # [kvh, rows, pages]
+    score = np.where(out, -np.inf, weight)
     n_top = (policy.budget - policy.sink - policy.window) // policy.page
     chosen = np.zeros((kvh, rows, n_pages), bool)
     if n_top > 0:
@@ -159,7 +184,7 @@ def page_mask(policy: AttentionPolicy, qg: np.ndarray, g: int, lo: np.ndarray, h
         top = np.argpartition(-score, k - 1, axis=-1)[..., :k] if k < n_pages else \
             np.broadcast_to(np.arange(n_pages), (kvh, rows, n_pages))
         np.put_along_axis(chosen, top, True, axis=-1)
-        chosen &= np.isfinite(score)
+        chosen &= ~out
     base = window_mask(policy, kpos, qpos)
     return base[None] | chosen[:, :, kpos // policy.page], (~useless).sum(axis=1)
 

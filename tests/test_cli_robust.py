@@ -190,7 +190,10 @@ def test_sigterm_during_compile_leaves_no_temporary_file(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_write_removes_the_temporary_file(tmp_path, sig):
-    code = ("import sys, time\nfrom nadoo.runtime.files import atomic_write\n"
+    # the child restores Python's SIGINT handler: a shell starts background jobs with SIGINT ignored,
+    # and a test suite run that way would otherwise hand the child an ignored SIGINT
+    code = ("import signal, sys, time\nfrom nadoo.runtime.files import atomic_write\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             f"with atomic_write({str(tmp_path / 'out.bin')!r}) as a:\n"
             "    a.file.write(b'x' * 1000); a.file.flush(); print('writing', flush=True)\n"
             "    while True: time.sleep(0.01)\n")

@@ -134,7 +134,8 @@ def test_perplexity_keeps_the_dense_head(built):
     with nd.Session(bundle, policy=nd.Policy(bits="8")) as s:
         dense = perplexity(s, ids=ids, context=20)["perplexity"]
     with nd.Session(bundle, policy=nd.Policy(bits="8", lm_head="topk")) as s:
-        assert perplexity(s, ids=ids, context=20)["perplexity"] == dense
+        # float rounding only (BLAS may split a product differently between two sessions)
+        assert perplexity(s, ids=ids, context=20)["perplexity"] == pytest.approx(dense, rel=1e-6)
 
 
 def cli(*args):

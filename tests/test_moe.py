@@ -178,7 +178,8 @@ def test_unselected_expert_is_never_read(mixtral):
 
 def test_cache_budget_never_exceeded_and_frequency_aware(mixtral):
     with Bundle.open(mixtral) as b:
-        one = 3 * 64 * 128 * 4  # a decoded expert block (w1, w3, w2ᵀ), float32
+        # an expert's stored 8-bit payloads: a budget below the decoded model holds payloads, not floats
+        one = next(iter(b.moe.values())).expert_bytes("q8")
     budget = 5 * one + 1000
     with Session(mixtral, Policy(bits="8", prefetch=True), memory_budget=budget) as s:
         for seed in range(6):

@@ -159,6 +159,41 @@ def test_memory_budget_is_never_exceeded(mlp, digits):
             assert s.cache.bytes <= budget and s.cache.peak_bytes <= budget
 
 
+def test_budget_below_the_decoded_model_holds_payloads(mlp, digits):
+    # a budget the 4-bit payloads fit in but the float32 weights do not: the cache holds the payloads and
+    # decodes on use, so a warm call reads nothing and computes what an unbounded session does (to float
+    # rounding: streamed layers sum chunk by chunk)
+    d, _, _ = mlp
+    x = {"input": digits[2][:4]}
+    with Session(d / "mlp.ndc", Policy(bits="4")) as s:
+        ref = s.run(None, x)[0]
+    with Bundle.open(d / "mlp.ndc") as b:
+        per = {e.name: sum(int(b.table["stored"][p]) for i in range(e.n_chunks) for p in e.chunk_pids("q4", i))
+               for e in b.tensors.values()}  # each tensor's 4-bit payload bytes
+        stored = sum(per.values())
+        decoded = b.index["stats"]["dense_fp32_weight_bytes"]
+    budget = stored + 1000
+    assert budget < decoded
+    with Session(d / "mlp.ndc", Policy(bits="4"), memory_budget=budget) as s:
+        assert s.ops[0].env.store.encoded
+        cold = s.run(None, x)[0]
+        np.testing.assert_allclose(cold, ref, rtol=1e-5, atol=1e-5)
+        assert s.last_stats["bytes_read"] == stored
+        np.testing.assert_array_equal(s.run(None, x)[0], cold)
+        assert s.last_stats["bytes_read"] == 0 and s.cache.bytes == stored == s.resident_weight_bytes
+    # a tensor whose payloads alone exceed the budget is read on every use and never held: keeping its
+    # chunks would only evict the others
+    big = max(per, key=per.get)
+    with Session(d / "mlp.ndc", Policy(bits="4"), memory_budget=per[big] - 1) as s:
+        s.run(None, x)
+        np.testing.assert_allclose(s.run(None, x)[0], ref, rtol=1e-5, atol=1e-5)
+        assert s.last_stats["bytes_read"] >= per[big]
+        assert not any(k[0] == big for k in s.cache._items) and s.cache.bytes <= per[big] - 1
+    with Session(d / "mlp.ndc", Policy(bits="4"), memory_budget=decoded) as s:  # all decoded fits: floats held
+        assert not s.ops[0].env.store.encoded
+        np.testing.assert_allclose(s.run(None, x)[0], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_payloads_decode_within_tier_error(mlp):
     d, model, _ = mlp
     with Bundle.open(d / "mlp.ndc") as b:

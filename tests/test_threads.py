@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 from nadoo.compiler.pipeline import CompileOptions, compile_model  # noqa: E402
 from nadoo.runtime import BundleError, Policy, Session  # noqa: E402
+from nadoo.runtime.reader import Bundle  # noqa: E402
 
 THREADS, RUNS = 8, 50
 # statistics that depend only on the input, not on what the shared cache held at the time
@@ -21,7 +22,7 @@ CALL_KEYS = ("chunks_read", "chunks_total", "macs", "dense_macs")
 
 
 class _FFN(torch.nn.Module):
-    """A ReLU FFN wide enough that its decoded weights (4 MiB) do not fit a 2 MB budget."""
+    """A ReLU FFN wide enough that its decoded weights (4 MiB), nor its 4-bit payloads, fit a 300 KB budget."""
 
     def __init__(self):
         super().__init__()
@@ -104,10 +105,10 @@ def _same_work(st, ref):
 
 def test_topk_under_budget_from_many_threads(ffn):
     feeds = _inputs()
-    kw = dict(policy=Policy("topk", bits="4", topk=0.25), memory_budget="2MB")
+    kw = dict(policy=Policy("topk", bits="4", topk=0.25), memory_budget="300KB")
     ref = _serial(ffn, feeds, **kw)
     with Session(ffn, **kw) as s:
-        assert s.cache.pinned_bytes > 0 and s.cache.budget == 2_000_000
+        assert s.cache.pinned_bytes > 0 and s.cache.budget == 300_000
         s.bundle.reset_counters()
         calls = _hammer(s, feeds, check=_cache_ok)
         _cache_ok(s)
@@ -152,7 +153,8 @@ def test_moe_bundle_from_many_threads(tmp_path):
         calib=str(tmp_path / "calib.npz"), model_class="examples.moe_models:TinyMixtralLM", quant_method="rtn"),
         quiet=True)
     feeds = [{"input_ids": rng.integers(0, 128, (1, 6)).astype(np.int64)} for _ in range(8)]
-    budget = 5 * 3 * 64 * 128 * 4  # five decoded experts: evictions on every few calls
+    with Bundle.open(tmp_path / "m.ndc") as b:  # five experts' 4-bit payloads: evictions on every few calls
+        budget = 5 * next(iter(b.moe.values())).expert_bytes("q4")
     kw = dict(policy=Policy(bits="4", prefetch=True), memory_budget=budget)
     ref = _serial(tmp_path / "m.ndc", feeds, **kw)
     with Session(tmp_path / "m.ndc", **kw) as s:

@@ -17,7 +17,7 @@ import numpy as np
 from .. import callstats
 from ..activations import activation
 from ..errors import InputError
-from .base import WeightOp, register
+from .base import WeightOp, register, unique_ids
 from .gated_ffn import allocation, drop_small, ffn_stats, new_counts, runs
 from .linear import linear
 
@@ -41,6 +41,8 @@ class ChunkedFFN(WeightOp):
         self.start(up, plan, [(up, plan.tiers), (down, tiers_d)])
         self.up, self.down, self.tiers_d = up, down, tiers_d
         self.act = activation(node["attrs"]["activation"])
+        if plan.mode != "predict":  # the sketch only serves predicted top-k: not held otherwise (1.4 MiB in MiniLM)
+            P = Q = None
         if P is not None:  # stored as float16; computed in float32 (converted once, here)
             P, Q = P.astype(np.float32), Q.astype(np.float32)
         self.P, self.Q = P, Q
@@ -138,7 +140,7 @@ class ChunkedFFN(WeightOp):
         a batch reads the union of them."""
         hz = self.act(z.reshape(z.shape[0], -1, self.up.rows))
         scores = np.add.reduceat(np.einsum("bpr,bpr->br", hz, hz) * self.E, self.up.bounds[:-1], axis=1)
-        return np.unique(np.argsort(-scores, axis=1, kind="stable")[:, : self.plan.k])
+        return unique_ids(np.argsort(-scores, axis=1, kind="stable")[:, : self.plan.k])
 
     def _oracle(self, x, b1, b2):
         """Groups chosen by the exact up product (reads every up chunk: for measuring recall)."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import callstats
 from ..errors import BundleError, InputError
-from .base import WeightOp, register
+from .base import WeightOp, register, unique_ids
 
 
 def row_indices(idx, n: int, what: str) -> np.ndarray:
@@ -58,14 +58,17 @@ class ChunkedGather(WeightOp):
             self.count(before, 0, 0, 0)
             return np.empty(shape, np.float32)
         chunk_of = np.searchsorted(bounds, flat, side="right") - 1
-        ids = np.unique(chunk_of)
-        blocks = self.env.store.chunks(e, ids, self.plan.tiers)
-        # each block's rows straight into the result: no concatenated copy of every block touched
+        ids = unique_ids(chunk_of)
+        # each block's rows straight into the result: no concatenated copy of every block touched, and
+        # under a budget a slice of blocks at a time (store.slices), so few decoded blocks live at once
         out = np.empty((flat.size, e.row_len), np.float32)
         which = np.searchsorted(ids, chunk_of)
-        for j, blk in enumerate(blocks):
-            sel = which == j
-            out[sel] = blk[flat[sel] - bounds[ids[j]]]
+        store, j = self.env.store, 0
+        for part in store.slices(e, ids):
+            for blk in store.chunks(e, part, self.plan.tiers):
+                sel = which == j
+                out[sel] = blk[flat[sel] - bounds[ids[j]]]
+                j += 1
         self.count(before, len(ids), 0, 0)
         return out.reshape(shape)
 
@@ -87,7 +90,7 @@ class ChunkedGather(WeightOp):
 
     def count_whole(self, x_shape: tuple, y_shape: tuple | None, macs: int | None = None, x=None) -> None:
         flat = self._rows(x)
-        ids = np.unique(np.searchsorted(self.entry.bounds, flat, side="right") - 1) if flat.size else flat
+        ids = unique_ids(np.searchsorted(self.entry.bounds, flat, side="right") - 1) if flat.size else flat
         self.counters().chunks_read += len(ids)
 
     def whole_tiers(self) -> dict[str, str] | None:

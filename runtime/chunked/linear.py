@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import callstats
-from .base import WeightOp, register
+from .base import WeightOp, register, unique_ids
 
 
 def linear(x: np.ndarray, wt: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -90,7 +90,7 @@ class ChunkedLinear(WeightOp):
         full = linear(x, self.env.store.full(e, self.plan.tiers).T, bias)
         fb = full.reshape(full.shape[0] if full.ndim > 1 else 1, -1, R)
         energy = np.add.reduceat(np.einsum("bpr,bpr->br", fb, fb), bounds[:-1], axis=1)
-        keep = np.unique(np.argsort(-energy, axis=1, kind="stable")[:, : self.plan.k])
+        keep = unique_ids(np.argsort(-energy, axis=1, kind="stable")[:, : self.plan.k])
         y = np.zeros_like(full) if bias is None else np.broadcast_to(bias, full.shape).copy()
         rows = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in keep])
         y[..., rows] = full[..., rows]

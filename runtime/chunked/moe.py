@@ -23,7 +23,7 @@ from .. import callstats
 from ..activations import activation
 from ..cache import FrequencyAware
 from ..errors import InputError
-from .base import ChunkedOp, register
+from .base import ChunkedOp, register, unique_ids
 
 
 # -- the math (shared with the compiler's calibration and reference checks) -------------------------
@@ -147,7 +147,7 @@ class MoE(ChunkedOp):
         st = self.state()
         xf = x.reshape(-1, H).astype(np.float32, copy=False)
         idx, wts = self._route(xf)
-        used = np.unique(idx)
+        used = unique_ids(idx)
         if st.predicted is not None:  # score the previous layer's prefetch guess
             st.pf_hits += len(st.predicted & set(used.tolist()))
             st.pf_total += len(st.predicted)
@@ -183,7 +183,7 @@ class MoE(ChunkedOp):
         if self.router_w is None:  # a router that is not a constant is known after its first call
             return
         pidx, pw = self._route(xf)
-        pred = np.unique(pidx).tolist()
+        pred = unique_ids(pidx).tolist()
         tiers = [self.env.policy.expert_tiers(self.entry, np.array([pw[pidx == e].max()]), self.alloc)[0]
                  for e in pred]
         st = self.state()

@@ -2,6 +2,15 @@
 
 Every chunked op fetches through `WeightStore`, and every cache key is made by `WeightStore.key`, so
 two ops (or two calls) asking for the same block at the same tier share one entry.
+
+What the cache holds: decoded float32 blocks while the model's decoded weights fit the memory budget
+(or there is none). When they do not, the store is *encoded*: the cache holds each chunk's stored
+payloads (an 8-bit chunk is a quarter of its float32 block) and a block is decoded on every use. A
+budget below the decoded model thrashes a decoded cache anyway (a layer-by-layer pass is LRU's worst
+case: every block is evicted before its next use, so each call re-read and re-decoded everything);
+encoded, 4× as many weights stay held, so such a call decodes as before but reads much less, and the
+process holds the tier's bytes, not float32. Decoded blocks then live only while an op uses them:
+`slices` keeps them to a few MiB at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +33,19 @@ from ..reader import Bundle, TensorEntry
 # (MiniLM under 16 MB at 1/64 = 250 KB: 269 reads a run, +40 % CPU; with the 1 MiB floor +6 %).
 BLOCK_SHARE = 64
 MIN_BLOCK = 1 << 20
+# An encoded store (below) decodes its blocks on every use, so its slices are larger: the per-slice cost
+# counts on every call (Gemma's head under 64 MB: 1.2 tok/s in 1 MiB slices, 1.5 in 4 MiB).
+ENCODED_BLOCK_SHARE = 16
+
+
+class Payloads:
+    """A chunk's stored payloads as the cache holds them in an encoded store ({payload id: bytes})."""
+
+    __slots__ = ("data", "nbytes")
+
+    def __init__(self, data: dict):
+        self.data = data
+        self.nbytes = sum(len(b) for b in data.values())
 
 
 class WeightStore:
@@ -31,6 +53,11 @@ class WeightStore:
         self.b = bundle
         self.cache = cache
         self.tau = tau  # run-time pruning changes the decoded values, so it is part of every key
+        decoded = bundle.index.get("stats", {}).get("dense_fp32_weight_bytes")
+        if not isinstance(decoded, int) or isinstance(decoded, bool):
+            decoded = sum(4 * e.rows * e.row_len for e in bundle.tensors.values())
+        self.encoded = cache.budget is not None and decoded > cache.budget
+        self._holdable_memo: dict = {}
 
     def key(self, name: str, tier, part) -> tuple:
         """The cache key of one block: `part` is a chunk index, "full" (a whole tensor, `tier` then the
@@ -38,20 +65,28 @@ class WeightStore:
         return (name, tier, part, self.tau)
 
     def fetch(self, keys: Sequence, pids_of: Callable[[int], list], decode: Callable[[int, dict], np.ndarray],
-              peek: bool = False, cache: bool = True) -> tuple[list[np.ndarray], list[int]]:
+              peek: bool = False, cache: bool = True, keep: bool = True) -> tuple[list[np.ndarray], list[int]]:
         """The blocks under `keys`, and the positions that were not cached. Those are read in one pass
-        (payload ids `pids_of(j)`), decoded (`decode(j, payloads)`) and cached. `peek`: look up without
-        counting a lookup (prefetching is not a use). `cache=False`: read them all and keep none (for a
-        caller that holds blocks itself, such as a neuron window)."""
+        (payload ids `pids_of(j)`), decoded (`decode(j, payloads)`) and cached unless not `keep`. `peek`:
+        look up without counting a lookup (prefetching is not a use). `cache=False`: no lookup either:
+        read them all and keep none (for a caller that holds blocks itself, such as a neuron window)."""
+        keep = keep and cache
         look = (self.cache.peek if peek else self.cache.get) if cache else (lambda k: None)
         out = [look(k) for k in keys]
         missing = [j for j, a in enumerate(out) if a is None]
         if missing:
             data = self.b.read_payloads([p for j in missing for p in pids_of(j)])
             for j in missing:
-                a = out[j] = decode(j, data)
-                if cache:
+                if not keep:
+                    out[j] = decode(j, data)
+                elif self.encoded:
+                    out[j] = Payloads({p: data[p] for p in pids_of(j)})
+                    self.cache.put(keys[j], out[j])
+                else:
+                    a = out[j] = decode(j, data)
                     self.cache.put(keys[j], a)
+        if self.encoded:
+            out = [decode(j, a.data) if isinstance(a, Payloads) else a for j, a in enumerate(out)]
         return out, missing
 
     def _prune(self, e: TensorEntry, a: np.ndarray) -> np.ndarray:
@@ -73,8 +108,24 @@ class WeightStore:
         ids = [int(i) for i in ids]
         out, _ = self.fetch([self.chunk_key(e, tiers, i) for i in ids],
                             lambda j: e.chunk_pids(tiers[ids[j]], ids[j]),
-                            lambda j, data: self._decode(e, ids[j], tiers[ids[j]], data), cache=cache)
+                            lambda j, data: self._decode(e, ids[j], tiers[ids[j]], data),
+                            cache=cache, keep=self._holdable(e, tiers))
         return out
+
+    def _holdable(self, e: TensorEntry, tiers: list[str]) -> bool:
+        """Whether the cache may keep chunks of `e`: not when even its held form (payloads in an encoded
+        store, else decoded blocks) exceeds the budget. Such a tensor (a language model's 262144-row
+        head) is read whole on every use, so keeping its chunks would only evict everything else."""
+        if self.cache.budget is None:
+            return True
+        key = (e.name, tuple(tiers))
+        if key not in self._holdable_memo:
+            if self.encoded:
+                held = sum(int(self.b.table["stored"][p]) for i in range(e.n_chunks) for p in e.chunk_pids(tiers[i], i))
+            else:
+                held = 4 * e.rows * e.row_len
+            self._holdable_memo[key] = held <= self.cache.budget
+        return self._holdable_memo[key]
 
     def pin(self, e: TensorEntry, i: int, tiers: list[str], room: int) -> int:
         """Pin chunk i (at tiers[i]) if its decoded bytes fit in `room`: the bytes pinned, else 0."""
@@ -90,7 +141,8 @@ class WeightStore:
         if self.cache.budget is None:
             return None
         room = max(self.cache.budget - self.cache.pinned_bytes, 1)
-        return min(room, max(room // BLOCK_SHARE, MIN_BLOCK))
+        share = ENCODED_BLOCK_SHARE if self.encoded else BLOCK_SHARE
+        return min(room, max(room // share, MIN_BLOCK))
 
     def slices(self, e: TensorEntry, ids, extra: TensorEntry | None = None):
         """`ids` in consecutive slices whose decoded chunks (of `e`, and of `extra` beside it) take at
@@ -123,8 +175,10 @@ class WeightStore:
                 yield i, self._decode(e, i, tiers[i], data)
 
     def fits(self, e: TensorEntry) -> bool:
-        """Whether the whole decoded tensor is worth one cache entry: always when unbounded, under a budget
-        only up to `block_room`."""
+        """Whether the whole decoded tensor is worth one cache entry: always when unbounded, never in an
+        encoded store (it holds payloads, not decoded tensors), else up to `block_room`."""
+        if self.encoded:
+            return False
         room = self.block_room()
         return room is None or 4 * e.rows * e.row_len <= room
 
