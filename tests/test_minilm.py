@@ -15,18 +15,21 @@ from nadoo.runtime import Policy, Session  # noqa: E402
 from nadoo.runtime.reader import Bundle  # noqa: E402
 
 
+class LastHidden(torch.nn.Module):
+    """MiniLM with plain-tensor inputs returning its last hidden state (what the exports take and give)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+
+
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
     d = tmp_path_factory.mktemp("minilm")
     tok, model = load_minilm()
-
-    class LastHidden(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
 
     export_onnx(LastHidden(model).eval(), minilm_inputs(tok, SENTENCES[:2]), d / "m.onnx", INPUTS,
                 ["last_hidden_state"], {n: {0: "batch", 1: "seq"} for n in INPUTS})
@@ -106,14 +109,6 @@ def minilm_ts(tmp_path_factory):
     """The same model traced to TorchScript (its graph keeps the trace's shape arithmetic)."""
     d = tmp_path_factory.mktemp("minilm_ts")
     tok, model = load_minilm()
-
-    class LastHidden(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
 
     ex = minilm_inputs(tok, SENTENCES[:2])
     with torch.no_grad():
