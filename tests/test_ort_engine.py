@@ -365,3 +365,26 @@ def test_routed_policy_keeps_lookups_in_numpy(embedder):
     with Session(embedder, Policy("topk", bits="8", topk=0.5), engine="ort") as s:
         assert s.ort_nodes < len(s.plan.nodes)
         assert not any(("com.microsoft", "GatherBlockQuantized") in seg.kernels for seg in s.segments)
+
+
+def test_session_falls_back_to_external_initializers(tmp_path, monkeypatch):
+    """Were ORT to refuse shared initializers (read their placeholder data), `_session` builds the
+    segment again with the arrays handed over as external initializers: same results."""
+    from nadoo.runtime import ort_session
+
+    path = zp_linear_bundle(tmp_path / "zp.ndc", R=256, K=256, G=32, bounds=(0, 96, 256))
+    x = np.random.default_rng(5).standard_normal((3, 256)).astype(np.float32)
+    with Session(path, Policy(bits="4"), engine="numpy") as s:
+        ref = s.run(None, {"x": x})[0]
+    build, kinds = ort_session._build, []
+
+    def refusing(ort, options, model, names, values, shared):
+        kinds.append(shared)
+        if shared and names:
+            raise RuntimeError("Random-access reads require a regular file: /dev/null")
+        return build(ort, options, model, names, values, shared)
+
+    monkeypatch.setattr(ort_session, "_build", refusing)
+    with Session(path, Policy(bits="4"), engine="ort") as s:
+        assert s.segments and False in kinds
+        np.testing.assert_allclose(s.run(None, {"x": x})[0], ref, rtol=1e-5, atol=1e-4)
