@@ -121,8 +121,8 @@ def validate_tensors(bundle, tensors, used: set) -> dict[str, TensorEntry]:
         for t, pids in separate:
             if not isinstance(pids, list) or len(pids) != len(b) - 1:
                 _fail(f"tensor {name}: tier {t} must list one payload per chunk")
-            for pid in pids:  # ids are checked before TensorEntry turns them into int64 arrays
-                bundle.claim_payload(pid, f"tensor {name} tier {t}", used, allow_empty=True)
+            # ids are checked before TensorEntry turns them into int64 arrays
+            bundle.claim_payloads(pids, f"tensor {name} tier {t}", used, allow_empty=True)
         e = TensorEntry(d)
         for t, _ in separate:
             p = e.tiers[t]

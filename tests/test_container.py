@@ -254,6 +254,31 @@ def test_structural_rules(tmp_path, case):
         read_everything(p)
 
 
+def _tier_ids(ids):
+    def f(ix):
+        ix["tensors"][0]["tiers"]["q8"] = ids
+    return f
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([3, 99], "tier q8: payload id 99 out of range"),
+    ([3, -2], "tier q8: payload id -2 out of range"),
+    ([3, True], "tier q8: payload id True out of range"),
+    ([3, 3], "payload 3 referenced twice"),
+    ([3, 4], "payload 4 referenced twice"),  # 4 is q4's
+    ([3, 0], "payload 0 referenced twice"),  # 0 is the graph's
+])
+def test_tensor_payload_ids_claimed_once(tmp_path, ids, message):
+    """A tier's payload ids are claimed as a set (`Bundle.claim_payloads`); a bad one is named as
+    one by one claims name it."""
+    p = tmp_path / "bad.ndc"
+    p.write_bytes(rewrite((GOLDEN / "tiny.ndc").read_bytes(), index=_tier_ids(ids)))
+    with pytest.raises(BundleError, match=message):
+        read_everything(p)
+    p.write_bytes(rewrite((GOLDEN / "tiny.ndc").read_bytes(), index=_tier_ids([3, -1])))  # an empty chunk: fine
+    read_everything(p)
+
+
 def test_zstd_frame_lying_about_its_size(tmp_path):
     import zstandard
 
@@ -519,3 +544,16 @@ def test_valid_profile_is_read_and_steers_topk(tmp_path):
     with Session(p, Policy("topk", bits="4", topk=1, predictor="static")) as s:
         s.run(None, s.sample()[0])
         assert s.last_stats["chunks_read"] == 1  # the profile's hotter chunk only
+
+
+def test_check_numbers():
+    """Index number lists: ints within int64 and floats; anything else (bools too) is refused."""
+    from nadoo.runtime.schema_checks import INDEX, check_numbers
+
+    for ok in ([], [1, 2.5], [0.0] * 3, [-(1 << 63), (1 << 63) - 1]):
+        assert check_numbers(ok, None, "x", INDEX) is ok
+    for bad in ([1, "a"], [True], [1.0, None], [1 << 63], [1, [2]], (1.0,), "12"):
+        with pytest.raises(BundleError, match="must be a list of numbers"):
+            check_numbers(bad, None, "x", INDEX)
+    with pytest.raises(BundleError, match="has 2 entries, expected 3"):
+        check_numbers([1, 2], 3, "x", INDEX)

@@ -240,8 +240,8 @@ def test_zp_weights_are_handed_over_as_stored(tmp_path):
 
 # ------------------------------------------------------------------ how weights reach ORT
 def test_segment_runs_after_its_handed_over_arrays_are_gone(tmp_path):
-    """Weights reach ORT as external initializers (no copy in the model bytes); the MatMulNBits inputs
-    ORT has prepacked are dropped once the session exists. Their memory is reused by other arrays afterwards,
+    """Weights reach ORT as shared initializers (no copy in the model bytes, none in ORT); the MatMulNBits
+    inputs ORT has prepacked (its codes) are dropped once the session exists, what it reads at every call is kept. Their memory is reused by other arrays afterwards,
     and the segment still computes what the NumPy engine computes."""
     import gc
 
@@ -253,8 +253,11 @@ def test_segment_runs_after_its_handed_over_arrays_are_gone(tmp_path):
         ref = s.run(None, {"x": x})[0]
     with Session(path, Policy(bits="4"), engine="ort") as s:
         (seg,) = s.segments
-        assert ort_engine._prepacks(__import__("onnxruntime"), ort_engine.OrtOptions(), ("MatMulNBits", 4, 32, 0))
-        assert seg._held == {} and s.resident_weight_bytes < 256 * 256  # dropped; counted as what ORT holds
+        read = {1, 2, 3} - ort_engine._prepacks(__import__("onnxruntime"), ort_engine.OrtOptions(), ("MatMulNBits", 4, 32, 0))
+        assert 1 not in read  # the codes are prepacked
+        kept = {2: "_scales", 3: "_zero_points"}
+        assert seg._held and all(any(kept[i] in k for i in read) for k in seg._held)  # (small ones: model bytes)
+        assert s.resident_weight_bytes < 256 * 256  # counted as what ORT holds
         gc.collect()
         churn = [np.full(1 << 16, 255, np.uint8) for _ in range(64)]  # reuse the freed memory
         np.testing.assert_allclose(s.run(None, {"x": x})[0], ref, rtol=1e-5, atol=1e-4)
@@ -263,7 +266,8 @@ def test_segment_runs_after_its_handed_over_arrays_are_gone(tmp_path):
 
 def test_session_keeps_what_ort_may_read_and_shares_an_initializer():
     """`_session`: a big plan constant and an array two nodes consume are kept for the session's
-    lifetime; only an array whose one consumer is a prepacked MatMulNBits is dropped."""
+    lifetime; an array whose one consumer prepacks it (a MatMulNBits' codes, a float MatMul's
+    weight) is dropped, one ORT reads at every call (the probe says which) is kept."""
     from onnx import TensorProto, helper
 
     from nadoo.runtime import ort_engine
@@ -287,7 +291,8 @@ def test_session_keeps_what_ort_may_read_and_shares_an_initializer():
     m.ir_version = 10
     inits = {"b": b, "s1": s1, "s2": s2, "z": z, "c": c, "d": d}
     sess, held = ort_engine._session(ort, ort_engine.OrtOptions(threads=1), m, dict(inits), m.graph.node, {"c": c})
-    assert set(held) == {"b", "z", "c"}  # s1, s2, d: one prepacked consumer each
+    scales_read = 2 not in ort_engine._prepacks(ort, ort_engine.OrtOptions(threads=1), ("MatMulNBits", 4, g, 0))
+    assert set(held) == {"b", "z", "c"} | ({"s1", "s2"} if scales_read else set())  # d: prepacked
     assert all(len(t.external_data) == 1 for t in m.graph.initializer)  # none copied into the model
     x = rng.standard_normal((1, k)).astype(np.float32)
     codes = np.stack([b.reshape(n, -1) & 15, b.reshape(n, -1) >> 4], -1).reshape(n, k).astype(np.float32)
@@ -301,15 +306,16 @@ def test_session_keeps_what_ort_may_read_and_shares_an_initializer():
 
 
 def test_prepack_probe():
-    """`_prepacks`: the kinds this ORT prepacks (or copies) are seen as such; a kind it cannot build
-    keeps its arrays."""
+    """`_prepacks`: the inputs this ORT prepacks are seen as such; a kind it cannot build keeps its arrays."""
     import onnxruntime as ort
 
     from nadoo.runtime import ort_engine
 
     opts = ort_engine.OrtOptions()
-    assert ort_engine._prepacks(ort, opts, ("MatMul",)) and ort_engine._prepacks(ort, opts, ("MatMulNBits", 4, 32, 0))
-    assert ort_engine._prepacks(ort, opts, ("MatMulNBits", 4, 32, 4))
+    assert ort_engine._prepacks(ort, opts, ("MatMul",)) == {1}
+    for level in (0, 4):  # the codes are packed at both levels (scales and zero points: as the kernel does)
+        assert 1 in ort_engine._prepacks(ort, opts, ("MatMulNBits", 4, 32, level))
+    assert ort_engine._prepacks(ort, opts, ("MatMulNBits", 8, 32, 4)) == {1, 2, 3}
     assert not ort_engine._prepacks(ort, opts, ("MatMulNBits", 3, 32, 0))  # no such kernel: arrays kept
 
 
@@ -359,3 +365,26 @@ def test_routed_policy_keeps_lookups_in_numpy(embedder):
     with Session(embedder, Policy("topk", bits="8", topk=0.5), engine="ort") as s:
         assert s.ort_nodes < len(s.plan.nodes)
         assert not any(("com.microsoft", "GatherBlockQuantized") in seg.kernels for seg in s.segments)
+
+
+def test_session_falls_back_to_external_initializers(tmp_path, monkeypatch):
+    """Were ORT to refuse shared initializers (read their placeholder data), `_session` builds the
+    segment again with the arrays handed over as external initializers: same results."""
+    from nadoo.runtime import ort_session
+
+    path = zp_linear_bundle(tmp_path / "zp.ndc", R=256, K=256, G=32, bounds=(0, 96, 256))
+    x = np.random.default_rng(5).standard_normal((3, 256)).astype(np.float32)
+    with Session(path, Policy(bits="4"), engine="numpy") as s:
+        ref = s.run(None, {"x": x})[0]
+    build, kinds = ort_session._build, []
+
+    def refusing(ort, options, model, names, values, shared):
+        kinds.append(shared)
+        if shared and names:
+            raise RuntimeError("Random-access reads require a regular file: /dev/null")
+        return build(ort, options, model, names, values, shared)
+
+    monkeypatch.setattr(ort_session, "_build", refusing)
+    with Session(path, Policy(bits="4"), engine="ort") as s:
+        assert s.segments and False in kinds
+        np.testing.assert_allclose(s.run(None, {"x": x})[0], ref, rtol=1e-5, atol=1e-4)

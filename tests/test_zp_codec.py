@@ -2,6 +2,8 @@
 byte layout, exact decode formula, corrupt payloads, the container key `zp`, and `Bundle.read_packed`
 against ONNX Runtime's MatMulNBits."""
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -163,6 +165,20 @@ def test_read_packed_empty_chunk_decodes_to_zeros(tmp_path):
         assert pk.codes.shape == (12, 3, 8) and pk.scales.shape == (12, 3) and pk.zero_points.shape == (12, 2)
         assert not pk.scales[:5].any() and not b.read_weight("w", "q4")[:5].any()
         assert b.read_weight("w", "q4")[5:].any()
+
+
+def test_read_packed_of_a_bundle_truncated_while_open(tmp_path):
+    """read_packed reads its batches into NumPy buffers (`_pread_array`): a file cut short after the
+    open is one BundleError, as for every other read."""
+    p = tmp_path / "z.ndc"
+    _zp_bundle(p, tiers=("q4",))
+    with Bundle.open(p) as b:
+        pk = b.read_packed("w", "q4")
+        assert b.bytes_read == sum(b.tensors["w"].payload_nbytes("q4", i) for i in range(2))
+        assert pk.codes.any()
+        os.truncate(p, int(b.table["offset"][0]) + 8)
+        with pytest.raises(BundleError, match="truncated bundle"):
+            b.read_packed("w", "q4")
 
 
 def mutated_copy(p, entry: dict, mutate) -> None:
