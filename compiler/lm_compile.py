@@ -337,7 +337,7 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
             kw.pop("hessian", None)
         return (st.importance() if st.w.kind == "linear" else None), kw
 
-    layouts = compile_layouts(opts.keep_float, opts.nested, opts.codec)
+    layouts = compile_layouts(opts.keep_float, opts.nested, opts.codec, opts.tiers)
     tier_bytes = {layout.key: 0 for layout in layouts}
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with BundleWriter(out_path, alignment=opts.alignment) as wr:

@@ -7,7 +7,7 @@ import numpy as np
 
 from .errors import BundleError
 
-SUPPORTED_BITS = (8, 4, 3, 2)
+SUPPORTED_BITS = (8, 6, 5, 4, 3, 2)
 F16LE = np.dtype("<f2")
 
 

@@ -114,7 +114,7 @@ class Policy:
         if self.kind not in ("dense", "topk"):
             raise InputError(f"unknown policy {self.kind!r} (dense or topk)")
         if self.bits not in ("auto", "alloc") and self.bits not in BITS_TO_TIER:
-            raise InputError(f"unknown --bits {self.bits!r} (8, 4, 3, 2, float, auto or alloc)")
+            raise InputError(f"unknown --bits {self.bits!r} (8, 6, 5, 4, 3, 2, float, auto or alloc)")
         if self.predictor not in ("auto", "sketch", "static", "oracle"):
             raise InputError(f"unknown predictor {self.predictor!r} (auto, sketch, static or oracle)")
         if self.kind == "topk":
@@ -238,12 +238,12 @@ class Policy:
     @staticmethod
     def _alloc_expert_tier(entry, alloc) -> str:
         """The compile-time allocation (--bits-per-weight B) covers the chunked tensors, not experts:
-        under --bits alloc experts run at the largest quantized tier whose bits fit B (q8 from 8
-        bits/weight, q4 from 4, q3 from 3, else q2), or the nearest one the layer stores."""
+        under --bits alloc experts run at the largest quantized tier the layer stores whose bits fit B (q8 from 8
+        bits/weight, q4 from 4 when no q6/q5 is stored, …), else its lowest."""
         budget = alloc.get("bits_per_weight") if isinstance(alloc, dict) else None
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise InputError("bundle stores no allocation (compile with --bits-per-weight)")
-        want = tier_within(budget)
+        want = tier_within(budget, entry.tiers)
         return next((t for t in NEAREST[want] if t in entry.tiers and t in QUANT_TIERS), want)
 
     def check_experts(self, layers: dict) -> None:
@@ -303,7 +303,7 @@ def _overrides(value) -> list[tuple[str, str]]:
             raise InputError(f"--bits-for {raw!r}: use PATTERN=BITS, e.g. embed=8")
         pat, bits = pair[0].strip(), str(pair[1]).strip()
         if bits not in BITS_TO_TIER:
-            raise InputError(f"--bits-for {pat}={bits}: bits must be 8, 4, 2 or float")
+            raise InputError(f"--bits-for {pat}={bits}: bits must be 8, 6, 5, 4, 3, 2 or float")
         out.append((pat, bits))
     return out
 

@@ -77,8 +77,12 @@ def test_ort_engine_takes_q3_dequantized(mlp):
     for engine, int8 in (("numpy", False), ("ort", False), ("ort", True)):
         with Session(path, Policy(bits="3"), engine=engine, ort_int8=int8) as s:
             got[engine, int8] = (s.run(None, {"input": X})[0], s.resident_weight_bytes)
-    for key in (("ort", False), ("ort", True)):  # no MatMulNBits at 3 bits: float weights, same numbers
-        np.testing.assert_allclose(got[key][0], got["numpy", False][0], rtol=1e-4, atol=1e-4)
+    # no MatMulNBits at 3 bits: exact ORT takes float weights (same numbers); with int8 activations the codes
+    # go in widened to 8 bits (same weights, int8-rounded activations), held at 8 bits' bytes, not float32's
+    np.testing.assert_allclose(got["ort", False][0], got["numpy", False][0], rtol=1e-4, atol=1e-4)
+    ref = got["numpy", False][0]
+    assert np.abs(got["ort", True][0] - ref).max() < 0.05 * np.abs(ref).max()
+    assert got["ort", True][1] < got["ort", False][1]
 
 
 def test_cli_bits_3(mlp, tmp_path):

@@ -1,0 +1,117 @@
+"""The 6- and 5-bit tiers (q6, q5, NDC 1.4) and re-quantizing weights that lie on a source's grid.
+
+q6/q5 are stored in the zp codec like the others when `compile --tiers` asks for them (the default
+tiers stay 8, 4, 3, 2), selected by --bits 6/5 and --bits-for, their errors between 8 and 4 bits', and
+handed to ONNX Runtime as 8-bit codes. Weights that were quantized before (a GGUF file's Q8_0 and Q5_0
+blocks, dequantized by the loader) are taken exactly by a tier with at least the source's bits."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+torch = pytest.importorskip("torch")
+
+from examples.models import digits_data, train_digits_mlp  # noqa: E402
+from nadoo.compiler.pipeline import CompileOptions, compile_model  # noqa: E402
+from nadoo.compiler.quant_grid import source_grids  # noqa: E402
+from nadoo.compiler.quantize import quantize_payload  # noqa: E402
+from nadoo.runtime import Policy, Session  # noqa: E402
+from nadoo.runtime.reader import Bundle  # noqa: E402
+from nadoo.runtime.tiers import ZERO_POINT  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    d = tmp_path_factory.mktemp("q56_mlp")
+    Xtr, _, Xte, yte = digits_data()
+    net = train_digits_mlp(act_l1=0.0)
+    torch.jit.save(torch.jit.trace(net, torch.zeros(1, 64)), d / "mlp.pt")
+    np.savez(d / "calib.npz", input=Xtr[:128])
+    compile_model(str(d / "mlp.pt"), str(d / "mlp.ndc"),
+                  CompileOptions(calib=str(d / "calib.npz"), keep_float=True, chunks=4, tiers=("q8", "q6", "q5", "q4")),
+                  quiet=True)
+    return d, net, Xte[:200], yte[:200]
+
+
+def test_bundle_stores_the_tiers_asked_for_and_runs_them(mlp):
+    d, net, X, y = mlp
+    with Bundle.open(d / "mlp.ndc") as b:
+        assert b.preamble.minor == 4
+        assert all(set(e.tiers) == {"f32", "q8", "q6", "q5", "q4"} for e in b.tensors.values())
+    with torch.no_grad():
+        ref = net(torch.from_numpy(X)).numpy()
+    err = {}
+    for bits in ("8", "6", "5", "4"):
+        with Session(d / "mlp.ndc", Policy(bits=bits)) as s:
+            out, st = s.run_with_stats(None, {"input": X})
+        assert {t for layer in st["layers"].values() for t in layer["tiers"]} == {f"q{bits}"}
+        err[bits] = float(np.abs(out[0] - ref).max() / np.abs(ref).max())
+    assert err["8"] < err["6"] < err["5"] < err["4"]
+    with Session(d / "mlp.ndc", Policy(bits="4", bits_for=["*=5"])) as s:
+        _, st = s.run_with_stats(None, {"input": X})
+    assert {t for layer in st["layers"].values() for t in layer["tiers"]} == {"q5"}
+
+
+def test_ort_engine_takes_q5_as_8_bit_codes(mlp):
+    pytest.importorskip("onnxruntime")
+    d, _, X, _ = mlp
+    got = {}
+    for engine, int8 in (("numpy", False), ("ort", False), ("ort", True)):
+        with Session(d / "mlp.ndc", Policy(bits="5"), engine=engine, ort_int8=int8) as s:
+            got[engine, int8] = (s.run(None, {"input": X})[0], s.resident_weight_bytes)
+    ref = got["numpy", False][0]
+    np.testing.assert_allclose(got["ort", False][0], ref, rtol=1e-4, atol=1e-4)  # exact: float weights
+    assert np.abs(got["ort", True][0] - ref).max() < 0.05 * np.abs(ref).max()  # int8 activations
+    assert got["ort", True][1] < got["ort", False][1]
+
+
+def test_cli_bits_6_and_bad_tiers(mlp, tmp_path):
+    d, _, X, _ = mlp
+    np.save(tmp_path / "x.npy", X[:3])
+    r = subprocess.run([sys.executable, "-m", "nadoo.runtime.cli", "run", str(d / "mlp.ndc"), "--input",
+                        str(tmp_path / "x.npy"), "--bits", "6", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "q6" in json.dumps(json.loads(r.stdout))
+    r = subprocess.run([sys.executable, "-m", "nadoo.runtime.cli", "compile", str(d / "mlp.pt"), "-o",
+                        str(tmp_path / "x.ndc"), "--calib", str(d / "calib.npz"), "--tiers", "8,7"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--tiers" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.ndc").exists()
+
+
+def _gguf_like(w: np.ndarray, kind: str) -> np.ndarray:
+    """What llama.cpp's Q5_0 / Q8_0 blocks of 32 decode to (its quantize_row_q5_0 / q8_0 rules)."""
+    R, K = w.shape
+    b = w.reshape(R, -1, 32)
+    if kind == "q5_0":  # d = the signed extreme / -16, codes floor(x/d + 16.5) in 0..31, value (q - 16)·d
+        ext = np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)
+        d = (ext / -16).astype(np.float16).astype(np.float32)
+        return ((np.clip(np.floor(b / d + 16.5), 0, 31) - 16) * d).reshape(R, K)
+    d = (np.abs(b).max(-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)  # q8_0
+    return (np.rint(b / d) * d).reshape(R, K)
+
+
+@pytest.mark.parametrize("kind,exact_from", [("q5_0", 5), ("q8_0", 8)])
+def test_a_source_grid_is_taken_exactly_at_enough_bits(kind, exact_from):
+    rng = np.random.default_rng(3)
+    w = _gguf_like(rng.standard_normal((48, 256)).astype(np.float32), kind)
+    for bits, tier in ((8, "q8"), (6, "q6"), (5, "q5"), (4, "q4")):
+        p, e = quantize_payload(w, bits, 32, codec="zp")
+        wh = ZERO_POINT[tier].decode(tier, [p], *w.shape, 32)
+        if bits >= exact_from:
+            np.testing.assert_array_equal(wh, w)
+        else:  # fewer bits than the source: an ordinary quantization error
+            assert e["mse"] > 1e-4
+    # group 64 spans two source blocks with different scales: no single grid, an ordinary search
+    assert e["mse"] > 0 and quantize_payload(w, exact_from, 64, codec="zp")[1]["mse"] > 0
+
+
+def test_float_weights_lie_on_no_grid():
+    w = np.random.default_rng(4).standard_normal((64, 8, 32)).astype(np.float32)
+    assert source_grids(w, 255) == [] and source_grids(w, 31) == []
+    assert source_grids(np.zeros((4, 2, 32), np.float32), 255) == []
