@@ -322,7 +322,7 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
 
     bounds = {wt.name: down_bounds(wt.rows) if wt.kind == "ffn_down" else _bounds(wt.rows, n_chunks(wt))
               for wt in weights}
-    reorder_neurons(weights, stats, consts, bounds)
+    reorder_neurons(weights, stats, consts, bounds, block=opts.group_size)
     # LM layers are not routed yet (activation None in the stats): no layer is marked routable.
     layers = {w.name: stats[w.name].summary(np.asarray(bounds[w.name])) for w in weights}
     alias = {"embed": "head"} if c["tied_head"] else {}

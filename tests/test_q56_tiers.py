@@ -115,3 +115,26 @@ def test_float_weights_lie_on_no_grid():
     w = np.random.default_rng(4).standard_normal((64, 8, 32)).astype(np.float32)
     assert source_grids(w, 255) == [] and source_grids(w, 31) == []
     assert source_grids(np.zeros((4, 2, 32), np.float32), 255) == []
+
+
+def test_a_q5_0_gguf_at_5_bits_computes_what_its_float_does(tmp_path):
+    """A language model stored as Q5_0 (every matrix, the embedding too) and compiled with the q5 tier at the
+    file's group size: the 5-bit bundle is the file's model, logits equal to the float tier's; 4 bits is not."""
+    pytest.importorskip("gguf")
+    from lm_fixtures import tiny_model, write_gguf
+    from nadoo.compiler.lm_compile import compile_lm
+    from nadoo.runtime.generate import LanguageModel
+
+    model = tiny_model("gemma3", vocab=128)
+    path = write_gguf(tmp_path / "tiny-q5.gguf", model, quant="Q5_0")
+    bundle = tmp_path / "q5.ndc"
+    compile_lm(path, bundle, CompileOptions(keep_float=True, group_size=32, tiers=("q8", "q5", "q4")), quiet=True)
+    prompt = np.random.default_rng(2).integers(4, 128, 12).tolist()
+    logits = {}
+    for bits in ("float", "8", "5", "4"):
+        with Session(bundle, Policy(bits=bits)) as s:
+            logits[bits] = LanguageModel(s).forward(prompt, 0, keep=0)[0]
+    scale = np.abs(logits["float"]).max()
+    for bits in ("8", "5"):  # Q5_0 blocks lie on a grid of 32 levels: both tiers take them exactly
+        assert np.abs(logits[bits] - logits["float"]).max() <= 1e-5 * scale
+    assert np.abs(logits["4"] - logits["float"]).max() > 1e-3 * scale
