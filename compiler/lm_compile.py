@@ -275,8 +275,7 @@ def _head_layout(src, stats, opts: CompileOptions):
 _NOT_FOR_LMS = (("calib", "a language model calibrates on text: use --calib-text FILE"),
                 ("input_shapes", "--input-shape applies to torch models only"),
                 ("model_class", "--model-class applies to state_dict files only"),
-                ("prune_tau", "--prune-tau is not supported for language models yet"),
-                ("bits_per_weight", "--bits-per-weight is not supported for language models yet"))
+                ("prune_tau", "--prune-tau is not supported for language models yet"))
 
 
 def compile_lm(model_path, out_path, opts: CompileOptions | None = None, quiet: bool = False) -> CompileReport:
@@ -382,6 +381,12 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
         }
         if moe_entries:  # NDC 1.1 index key (§4.5)
             index["moe"] = moe_entries
+        if opts.bits_per_weight:  # mixed precision under a budget (NDC 1.1 "alloc"), by the quantizer's own
+            # error per layer (a language model has no measured sensitivity yet: compiler/sensitivity.py runs
+            # graphs of calibration samples); a chunk a tier takes exactly (a GGUF's own grid) costs nothing there
+            from .allocate import store_allocation
+
+            notes.append(store_allocation(index, lambda p: wr.stored_length(p) if p >= 0 else 0, opts.bits_per_weight))
         wr.finish(index)
     if src.tokenizer_json is None:
         notes.append("note: the source has no tokenizer; generate with --prompt-ids")

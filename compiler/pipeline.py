@@ -228,16 +228,10 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
                       "prune_tau": opts.prune_tau, "calibration_samples": n},
         }
         if opts.bits_per_weight:  # mixed precision under a budget (NDC 1.1 key "alloc")
-            from .allocate import bundle_allocation
+            from .allocate import store_allocation
 
-            alloc = bundle_allocation(entries, lambda p: wr.stored_length(p) if p >= 0 else 0, opts.bits_per_weight,
-                                      probe.errors if probe is not None else None)
-            index["alloc"] = alloc
-            for e in entries:
-                if e["name"] in alloc["tiers"]:
-                    e["alloc"] = alloc["tiers"][e["name"]]
-            notes.append(f"allocation at <= {opts.bits_per_weight} bits/weight: "
-                         f"{alloc['achieved_bits_per_weight']:.3f} bits/weight (run with --bits alloc)")
+            notes.append(store_allocation(index, lambda p: wr.stored_length(p) if p >= 0 else 0, opts.bits_per_weight,
+                                          probe.errors if probe is not None else None))
         if moe_entries:  # NDC 1.1 index key, ignored by readers that do not know it
             index["moe"] = moe_entries
         wr.finish(index)

@@ -138,3 +138,28 @@ def test_a_q5_0_gguf_at_5_bits_computes_what_its_float_does(tmp_path):
     for bits in ("8", "5"):  # Q5_0 blocks lie on a grid of 32 levels: both tiers take them exactly
         assert np.abs(logits[bits] - logits["float"]).max() <= 1e-5 * scale
     assert np.abs(logits["4"] - logits["float"]).max() > 1e-3 * scale
+
+
+def test_language_model_allocation_spends_bits_where_the_source_needs_them(tmp_path):
+    """--bits-per-weight on a language model: a GGUF whose attention is Q8_0 and MLP Q5_0 gets the tiers
+    that take each exactly once the budget allows them, and runs with --bits alloc."""
+    pytest.importorskip("gguf")
+    from lm_fixtures import tiny_model, write_gguf
+    from nadoo.compiler.lm_compile import compile_lm
+    from nadoo.runtime.generate import LanguageModel
+
+    model = tiny_model("gemma3", vocab=128)
+    path = write_gguf(tmp_path / "tiny-q5.gguf", model, quant="Q5_0")
+    bundle = tmp_path / "alloc.ndc"
+    compile_lm(path, bundle, CompileOptions(keep_float=True, group_size=32, tiers=("q8", "q5", "q4"),
+                                            bits_per_weight=6.0), quiet=True)
+    with Bundle.open(bundle) as b:
+        alloc, names = b.index["alloc"]["tiers"], set(b.tensors)
+    assert set(alloc) == names  # every chunked tensor, the embedding and the MLPs included
+    assert all(set(t) == {"q5"} for t in alloc.values())  # exact at 5 bits: no byte spent on 8
+    prompt = list(range(4, 14))
+    with Session(bundle, Policy(bits="alloc")) as s:
+        got = LanguageModel(s).forward(prompt, 0, keep=0)[0]
+    with Session(bundle, Policy(bits="float")) as s:
+        ref = LanguageModel(s).forward(prompt, 0, keep=0)[0]
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
