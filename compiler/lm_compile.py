@@ -353,6 +353,9 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
             notes.append(tok_note)
             tables_pid = wr.add_payload(tables, compress="always") if tables is not None else None
         per_tensor = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
+        for name, fmt in (src.source_formats or {}).items():
+            if name in per_tensor:  # NDC 1.4, optional: the format the source file stored the tensor in
+                per_tensor[name]["source_format"] = str(fmt)
         for w in weights:
             if w.kind == "ffn_down":
                 per_tensor[w.name]["group_size"] = down_group(layouts, opts.group_size)

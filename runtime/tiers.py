@@ -53,6 +53,20 @@ NEAREST = {t: _nearest(t) for t in QUANT_TIERS}
 MATMUL_NBITS_BITS = (2, 4, 8)
 
 
+# --bits source: the bits a tier needs to hold a GGUF format's values (the compiler records each tensor's
+# format, NDC 1.4 `source_format`). Symmetric blocks (Q8_0, Q5_0, Q4_0, Q6_K's codes) fit a zp tier of their
+# bits; formats with float minimums (Q4_1, Q5_1, the K-quants' mins) or sub-block scales cannot sit on an
+# integer zero point exactly, so they take a tier one step up, where re-rounding costs a quarter of the
+# file's own step. A float or unknown format: 8 bits.
+SOURCE_BITS = {"Q8_0": 8, "Q8_1": 8, "Q8_K": 8, "Q6_K": 6, "Q5_0": 5, "Q5_1": 6, "Q5_K": 6, "Q4_0": 4,
+               "Q4_1": 5, "Q4_K": 5, "Q3_K": 4, "Q2_K": 3}
+
+
+def source_tier(fmt: str) -> str:
+    """The tier that runs a tensor the source stored in format `fmt` at the file's precision."""
+    return BITS_TO_TIER[str(SOURCE_BITS.get(str(fmt), 8))]
+
+
 def tier_within(bits_per_weight: float, stored=QUANT_TIERS) -> str:
     """The quantized tier of `stored` with the most bits that fit a bits/weight budget (the lowest if none does)."""
     have = [t for t in QUANT_TIERS if t in stored] or list(QUANT_TIERS)

@@ -163,3 +163,34 @@ def test_language_model_allocation_spends_bits_where_the_source_needs_them(tmp_p
     with Session(bundle, Policy(bits="float")) as s:
         ref = LanguageModel(s).forward(prompt, 0, keep=0)[0]
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_bits_source_runs_each_tensor_at_its_gguf_format(tmp_path, mlp):
+    """A mixed file (embedding and attention Q8_0, MLP Q5_0): the bundle records each tensor's format and
+    --bits source runs Q8_0 at 8 bits and Q5_0 at 5, computing the file's model; a bundle compiled from
+    another source has no formats and says so."""
+    pytest.importorskip("gguf")
+    from lm_fixtures import tiny_model, write_gguf
+    from nadoo.compiler.lm_compile import compile_lm
+    from nadoo.runtime.errors import InputError
+    from nadoo.runtime.generate import LanguageModel
+
+    model = tiny_model("gemma3", vocab=128)
+    path = write_gguf(tmp_path / "mixed.gguf", model, quant="Q8_0", quant_for={".mlp.": "Q5_0"})
+    bundle = tmp_path / "mixed.ndc"
+    compile_lm(path, bundle, CompileOptions(keep_float=True, group_size=32, tiers=("q8", "q5", "q4")), quiet=True)
+    with Bundle.open(bundle) as b:
+        formats = {n: e.meta.get("source_format") for n, e in b.tensors.items()}
+    assert formats["embed"] == "Q8_0" and formats["layers.0.attn.q"] == "Q8_0"
+    assert formats["layers.0.mlp.up"] == formats["layers.0.mlp.down"] == "Q5_0"
+    prompt = list(range(4, 14))
+    with Session(bundle, Policy(bits="source")) as s:
+        got, st = LanguageModel(s).forward(prompt, 0, keep=0)
+    tiers = {n: set(layer["tiers"]) for n, layer in st["layers"].items()}
+    assert tiers["layers.0.attn.q"] == {"q8"} and tiers["layers.0.mlp.down"] == {"q5"}  # the MLP op reports as down
+    with Session(bundle, Policy(bits="float")) as s:
+        ref = LanguageModel(s).forward(prompt, 0, keep=0)[0]
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    with pytest.raises(InputError, match="source format"):  # a bundle compiled from TorchScript has none
+        with Session(mlp[0] / "mlp.ndc", Policy(bits="source")) as s:
+            s.run(None, {"input": mlp[2][:2]})
