@@ -1,9 +1,9 @@
-"""The 6- and 5-bit tiers (q6, q5, NDC 1.4) and re-quantizing weights that lie on a source's grid.
-
-q6/q5 are stored in the zp codec like the others when `compile --tiers` asks for them (the default
-tiers stay 8, 4, 3, 2), selected by --bits 6/5 and --bits-for, their errors between 8 and 4 bits', and
-handed to ONNX Runtime as 8-bit codes. Weights that were quantized before (a GGUF file's Q8_0 and Q5_0
-blocks, dequantized by the loader) are taken exactly by a tier with at least the source's bits."""
+"""The tier widths beyond 8/4/2: q3 (NDC 1.3, compiled by default) and q6/q5 (NDC 1.4, stored when
+`compile --tiers` asks), all in the zp codec; selected by --bits and --bits-for, each error between its
+neighbours', handed to ONNX Runtime as 8-bit codes under --ort-int8 (MatMulNBits takes 2, 4 or 8 bits)
+and dequantized otherwise; refused by the legacy scale+min codec. Weights that were quantized before
+(a GGUF file's Q8_0 and Q5_0 blocks, dequantized by the loader) are taken exactly by a tier with at least
+the source's bits, and `--bits source` runs each tensor at the precision its file stored it at."""
 import json
 import subprocess
 import sys
@@ -21,48 +21,92 @@ from nadoo.compiler.pipeline import CompileOptions, compile_model  # noqa: E402
 from nadoo.compiler.quant_grid import source_grids  # noqa: E402
 from nadoo.compiler.quantize import quantize_payload  # noqa: E402
 from nadoo.runtime import Policy, Session  # noqa: E402
+from nadoo.runtime.errors import CompileError  # noqa: E402
 from nadoo.runtime.reader import Bundle  # noqa: E402
 from nadoo.runtime.tiers import ZERO_POINT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory):
-    d = tmp_path_factory.mktemp("q56_mlp")
+    """One trained digits MLP compiled twice: with the default tiers (mlp.ndc) and with 8, 6, 5, 4 (wide.ndc)."""
+    d = tmp_path_factory.mktemp("tier_mlp")
     Xtr, _, Xte, yte = digits_data()
     net = train_digits_mlp(act_l1=0.0)
     torch.jit.save(torch.jit.trace(net, torch.zeros(1, 64)), d / "mlp.pt")
     np.savez(d / "calib.npz", input=Xtr[:128])
-    compile_model(str(d / "mlp.pt"), str(d / "mlp.ndc"),
-                  CompileOptions(calib=str(d / "calib.npz"), keep_float=True, chunks=4, tiers=("q8", "q6", "q5", "q4")),
-                  quiet=True)
+    for name, tiers in (("mlp.ndc", None), ("wide.ndc", ("q8", "q6", "q5", "q4"))):
+        opts = CompileOptions(calib=str(d / "calib.npz"), keep_float=True, chunks=4, **({"tiers": tiers} if tiers else {}))
+        compile_model(str(d / "mlp.pt"), str(d / name), opts, quiet=True)
     return d, net, Xte[:200], yte[:200]
+
+
+def _weight(net):
+    return next(p for p in net.parameters() if p.ndim == 2).detach().numpy()
+
+
+def _tiers_used(st) -> set:
+    return {t for layer in st["layers"].values() for t in layer["tiers"]}
+
+
+def test_each_width_errs_between_its_neighbours(mlp):
+    w = _weight(mlp[1])
+    errs = {b: quantize_payload(w, b, 16, codec="zp")[1]["mse"] for b in (8, 6, 5, 4, 3, 2)}
+    assert errs[8] < errs[6] < errs[5] < errs[4] < errs[3] < errs[2]
+    for bits in (6, 5, 3):
+        p, e = quantize_payload(w, bits, 16, codec="zp")
+        wh = ZERO_POINT[f"q{bits}"].decode(f"q{bits}", [p], *w.shape, 16)
+        assert e["mse"] == pytest.approx(float(np.mean((w - wh) ** 2)), rel=1e-6)  # errors are of the decode
+        with pytest.raises(CompileError, match=f"no {bits}-bit tier"):
+            quantize_payload(w, bits, 16, codec="minmax")
+
+
+def test_default_bundle_stores_q3_not_q6_q5_and_runs_q3(mlp):
+    d, net, X, y = mlp
+    with Bundle.open(d / "mlp.ndc") as b:
+        assert b.preamble.minor == 3
+        assert all(set(e.tiers) == {"f32", "q8", "q4", "q3", "q2"} for e in b.tensors.values())
+    with torch.no_grad():
+        ref = net(torch.from_numpy(X)).numpy()
+    err = {}
+    for bits in ("4", "3", "2"):
+        with Session(d / "mlp.ndc", Policy(bits=bits)) as s:
+            out, st = s.run_with_stats(None, {"input": X})
+        assert _tiers_used(st) == {f"q{bits}"}
+        err[bits] = float(np.abs(out[0] - ref).max() / np.abs(ref).max())
+        if bits == "3":
+            assert np.mean(out[0].argmax(1) == y) > 0.9
+    assert err["4"] < err["3"] < err["2"]
+    with Session(d / "mlp.ndc", Policy(bits="float", bits_for=["*=3"])) as s:  # --bits-for selects it per tensor
+        _, st = s.run_with_stats(None, {"input": X})
+    assert _tiers_used(st) == {"q3"}
 
 
 def test_bundle_stores_the_tiers_asked_for_and_runs_them(mlp):
     d, net, X, y = mlp
-    with Bundle.open(d / "mlp.ndc") as b:
+    with Bundle.open(d / "wide.ndc") as b:
         assert b.preamble.minor == 4
         assert all(set(e.tiers) == {"f32", "q8", "q6", "q5", "q4"} for e in b.tensors.values())
     with torch.no_grad():
         ref = net(torch.from_numpy(X)).numpy()
     err = {}
     for bits in ("8", "6", "5", "4"):
-        with Session(d / "mlp.ndc", Policy(bits=bits)) as s:
+        with Session(d / "wide.ndc", Policy(bits=bits)) as s:
             out, st = s.run_with_stats(None, {"input": X})
         assert {t for layer in st["layers"].values() for t in layer["tiers"]} == {f"q{bits}"}
         err[bits] = float(np.abs(out[0] - ref).max() / np.abs(ref).max())
     assert err["8"] < err["6"] < err["5"] < err["4"]
-    with Session(d / "mlp.ndc", Policy(bits="4", bits_for=["*=5"])) as s:
+    with Session(d / "wide.ndc", Policy(bits="4", bits_for=["*=5"])) as s:
         _, st = s.run_with_stats(None, {"input": X})
     assert {t for layer in st["layers"].values() for t in layer["tiers"]} == {"q5"}
 
 
-def test_ort_engine_takes_q5_as_8_bit_codes(mlp):
+@pytest.mark.parametrize("name,bits", [("wide.ndc", "5"), ("wide.ndc", "6"), ("mlp.ndc", "3")])
+def test_ort_engine_takes_widths_it_lacks_as_8_bit_codes(mlp, name, bits):
     pytest.importorskip("onnxruntime")
     d, _, X, _ = mlp
     got = {}
     for engine, int8 in (("numpy", False), ("ort", False), ("ort", True)):
-        with Session(d / "mlp.ndc", Policy(bits="5"), engine=engine, ort_int8=int8) as s:
+        with Session(d / name, Policy(bits=bits), engine=engine, ort_int8=int8) as s:
             got[engine, int8] = (s.run(None, {"input": X})[0], s.resident_weight_bytes)
     ref = got["numpy", False][0]
     np.testing.assert_allclose(got["ort", False][0], ref, rtol=1e-4, atol=1e-4)  # exact: float weights
@@ -70,13 +114,18 @@ def test_ort_engine_takes_q5_as_8_bit_codes(mlp):
     assert got["ort", True][1] < got["ort", False][1]
 
 
-def test_cli_bits_6_and_bad_tiers(mlp, tmp_path):
+@pytest.mark.parametrize("name,bits", [("wide.ndc", "6"), ("mlp.ndc", "3")])
+def test_cli_bits(mlp, tmp_path, name, bits):
     d, _, X, _ = mlp
     np.save(tmp_path / "x.npy", X[:3])
-    r = subprocess.run([sys.executable, "-m", "nadoo.runtime.cli", "run", str(d / "mlp.ndc"), "--input",
-                        str(tmp_path / "x.npy"), "--bits", "6", "--json"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "nadoo.runtime.cli", "run", str(d / name), "--input",
+                        str(tmp_path / "x.npy"), "--bits", bits, "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "q6" in json.dumps(json.loads(r.stdout))
+    assert f"q{bits}" in json.dumps(json.loads(r.stdout))
+
+
+def test_cli_bad_tiers(mlp, tmp_path):
+    d = mlp[0]
     r = subprocess.run([sys.executable, "-m", "nadoo.runtime.cli", "compile", str(d / "mlp.pt"), "-o",
                         str(tmp_path / "x.ndc"), "--calib", str(d / "calib.npz"), "--tiers", "8,7"],
                        capture_output=True, text=True, timeout=120)
