@@ -60,44 +60,29 @@ def test_each_width_errs_between_its_neighbours(mlp):
             quantize_payload(w, bits, 16, codec="minmax")
 
 
-def test_default_bundle_stores_q3_not_q6_q5_and_runs_q3(mlp):
+@pytest.mark.parametrize("name,minor,stored,widths,override", [
+    ("mlp.ndc", 3, {"f32", "q8", "q4", "q3", "q2"}, ("4", "3", "2"), ("float", "3")),  # the default tiers
+    ("wide.ndc", 4, {"f32", "q8", "q6", "q5", "q4"}, ("8", "6", "5", "4"), ("4", "5")),  # --tiers 8,6,5,4
+])
+def test_bundle_stores_its_tiers_and_runs_each(mlp, name, minor, stored, widths, override):
     d, net, X, y = mlp
-    with Bundle.open(d / "mlp.ndc") as b:
-        assert b.preamble.minor == 3
-        assert all(set(e.tiers) == {"f32", "q8", "q4", "q3", "q2"} for e in b.tensors.values())
+    with Bundle.open(d / name) as b:
+        assert b.preamble.minor == minor
+        assert all(set(e.tiers) == stored for e in b.tensors.values())
     with torch.no_grad():
         ref = net(torch.from_numpy(X)).numpy()
-    err = {}
-    for bits in ("4", "3", "2"):
-        with Session(d / "mlp.ndc", Policy(bits=bits)) as s:
+    err = []
+    for bits in widths:
+        with Session(d / name, Policy(bits=bits)) as s:
             out, st = s.run_with_stats(None, {"input": X})
         assert _tiers_used(st) == {f"q{bits}"}
-        err[bits] = float(np.abs(out[0] - ref).max() / np.abs(ref).max())
-        if bits == "3":
-            assert np.mean(out[0].argmax(1) == y) > 0.9
-    assert err["4"] < err["3"] < err["2"]
-    with Session(d / "mlp.ndc", Policy(bits="float", bits_for=["*=3"])) as s:  # --bits-for selects it per tensor
+        err.append(float(np.abs(out[0] - ref).max() / np.abs(ref).max()))
+        assert np.mean(out[0].argmax(1) == y) > 0.9
+    assert err == sorted(err)  # fewer bits, more error
+    base, chosen = override  # --bits-for selects a width per tensor over --bits
+    with Session(d / name, Policy(bits=base, bits_for=[f"*={chosen}"])) as s:
         _, st = s.run_with_stats(None, {"input": X})
-    assert _tiers_used(st) == {"q3"}
-
-
-def test_bundle_stores_the_tiers_asked_for_and_runs_them(mlp):
-    d, net, X, y = mlp
-    with Bundle.open(d / "wide.ndc") as b:
-        assert b.preamble.minor == 4
-        assert all(set(e.tiers) == {"f32", "q8", "q6", "q5", "q4"} for e in b.tensors.values())
-    with torch.no_grad():
-        ref = net(torch.from_numpy(X)).numpy()
-    err = {}
-    for bits in ("8", "6", "5", "4"):
-        with Session(d / "wide.ndc", Policy(bits=bits)) as s:
-            out, st = s.run_with_stats(None, {"input": X})
-        assert {t for layer in st["layers"].values() for t in layer["tiers"]} == {f"q{bits}"}
-        err[bits] = float(np.abs(out[0] - ref).max() / np.abs(ref).max())
-    assert err["8"] < err["6"] < err["5"] < err["4"]
-    with Session(d / "wide.ndc", Policy(bits="4", bits_for=["*=5"])) as s:
-        _, st = s.run_with_stats(None, {"input": X})
-    assert {t for layer in st["layers"].values() for t in layer["tiers"]} == {"q5"}
+    assert _tiers_used(st) == {f"q{chosen}"}
 
 
 @pytest.mark.parametrize("name,bits", [("wide.ndc", "5"), ("wide.ndc", "6"), ("mlp.ndc", "3")])
