@@ -115,3 +115,16 @@ def _chunk_error(proxy: list[float], c: int, bounds: list[int], measured: float 
     if total > 0:
         return measured * proxy[c] / total
     return measured * (bounds[c + 1] - bounds[c]) / (bounds[-1] - bounds[0])
+
+
+def store_allocation(index: dict, payload_bytes, bits_per_weight: float, measured: dict | None = None) -> str:
+    """bundle_allocation over `index["tensors"]`, written into the index (NDC 1.1 "alloc", and each
+    allocated tensor's own `alloc` list, which the reader checks against its stored tiers); returns the
+    compile note."""
+    alloc = bundle_allocation(index["tensors"], payload_bytes, bits_per_weight, measured)
+    index["alloc"] = alloc
+    for e in index["tensors"]:
+        if e["name"] in alloc["tiers"]:
+            e["alloc"] = alloc["tiers"][e["name"]]
+    return (f"allocation at <= {bits_per_weight} bits/weight: {alloc['achieved_bits_per_weight']:.3f} bits/weight "
+            f"(run with --bits alloc)")

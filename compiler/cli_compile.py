@@ -34,6 +34,7 @@ def _command(friendly):
     @click.option("--min-elements", default=1024, show_default=True, help="Weights smaller than this stay inline (not chunked).")
     @click.option("--bits-per-weight", type=float, default=None, callback=lambda c, p, v: _bits_per_weight(v), help="Also store a mixed-precision allocation (one tier per chunk) within this average bits/weight budget (scales included); run it with --bits alloc.")
     @click.option("--quant-method", type=click.Choice(["gptq", "search", "rtn"]), default="gptq", show_default=True, help="gptq: error feedback through the calibration inputs' second moments + clipping search; search: clipping search only; rtn: plain min/max.")
+    @click.option("--tiers", default="8,4,3,2", show_default=True, callback=lambda c, p, v: _tiers(v), help="Quantized tiers to store, as bit widths from 8, 6, 5, 4, 3, 2 (e.g. 8,6,5,4,3,2: 6 and 5 bits are stored only when asked for).")
     @click.option("--nested", is_flag=True, help="Store 8/4 bits as nested bit-planes of one 8-bit quantization (~8.5 bits/weight for both; a b-bit read reads b bits per weight).")
     @click.option("--no-awq", is_flag=True, help="Do not apply activation-aware per-channel scaling before quantizing (on by default for models other than language models; exact: a float run is unchanged).")
     @click.option("--calib-text", type=click.Path(dir_okay=False), help="Language models: calibration text (UTF-8), tokenized with the model's tokenizer.")
@@ -41,8 +42,8 @@ def _command(friendly):
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @friendly
     def compile_cmd(model, out, calib, chunks, embedding_rows, group_size, keep_float, prune_tau, input_shape,
-                    model_class, allow_pickle, route_threshold, min_elements, bits_per_weight, quant_method, nested,
-                    no_awq, calib_text, calib_len, quiet):
+                    model_class, allow_pickle, route_threshold, min_elements, bits_per_weight, quant_method, tiers,
+                    nested, no_awq, calib_text, calib_len, quiet):
         """Compile MODEL (.onnx, TorchScript .pt, torch.export .pt2, state_dict + --model-class; a language
         model as a .gguf file or a Hugging Face folder with config.json) into a bundle."""
         from nadoo.runtime.errors import CompileError
@@ -62,7 +63,7 @@ def _command(friendly):
                               input_shapes=parse_input_shapes(list(input_shape)) if input_shape else None,
                               model_class=model_class, allow_pickle=allow_pickle, route_threshold=route_threshold,
                               bits_per_weight=bits_per_weight, quant_method=quant_method, nested=nested,
-                              calib_text=calib_text, calib_len=calib_len, awq=not no_awq)
+                              tiers=tiers, calib_text=calib_text, calib_len=calib_len, awq=not no_awq)
         if is_lm_source(model):
             report = compile_lm(model, out, opts, quiet=quiet)
         elif calib_text:
@@ -71,6 +72,13 @@ def _command(friendly):
             report = compile_model(model, out, opts, quiet=quiet)
         click.echo(report.summary())
 
+
+    def _tiers(value):
+        from nadoo.runtime.tiers import parse_tiers
+        try:
+            return parse_tiers(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
 
     def _bits_per_weight(value):
         # the allocation picks among the 8/4/3/2-bit tiers (with their scales): below 2 nothing fits, and

@@ -17,6 +17,7 @@ from nadoo.runtime.tiers import ZERO_POINT_T, TierLayout, ZeroPointTier
 
 from .calibrate import OutputActivity
 from .ffn import coactivation_order
+from .quant_grid import source_grids
 from .rewrite import Weight
 
 GROUP_ROWS = 32  # neurons per chunk of down: small enough that whole groups fall below the threshold
@@ -131,14 +132,27 @@ def gated_builder(weights: dict, stats: dict | None):
     return build
 
 
-def reorder_neurons(weights: list[Weight], stats: dict, consts: dict, bounds: dict) -> None:
+def whole_blocks(perm: np.ndarray, block: int) -> np.ndarray:
+    """The permutation nearest `perm` that moves only whole blocks of `block` consecutive neurons: blocks
+    ordered by their neurons' mean position in `perm`."""
+    rank = np.empty(len(perm), np.float64)
+    rank[perm] = np.arange(len(perm))
+    order = np.argsort(rank.reshape(-1, block).mean(1), kind="stable")
+    return (order[:, None] * block + np.arange(block)).reshape(-1)
+
+
+def reorder_neurons(weights: list[Weight], stats: dict, consts: dict, bounds: dict, block: int | None = None) -> None:
     """Permute every gated MLP's neurons (gate and up rows and biases, down's stored rows) by its
     down projection's calibration (DownStats.neuron_order): exact for the dense output, and it turns
-    scattered small activations into whole groups of down that a token can skip."""
+    scattered small activations into whole groups of down that a token can skip. Where down's weights
+    lie on a source's quantization grid along its inputs in blocks of `block` (a GGUF file's Q8_0/Q5_0,
+    compiler/quant_grid.py:source_grids), only whole blocks move, so a tier can still take them exactly."""
     by_name = {w.name: w for w in weights}
     for d in [w for w in weights if w.kind == "ffn_down"]:
         prefix = d.name[: -len("down")]
         perm = stats[d.name].neuron_order(len(bounds[d.name]) - 1)
+        if block and d.rows % block == 0 and source_grids(d.array.T.reshape(d.array.shape[1], -1, block), 255):
+            perm = whole_blocks(perm, block)
         stats[d.name].permute(perm)
         d.array = np.ascontiguousarray(d.array[perm])
         for t in ("gate", "up"):

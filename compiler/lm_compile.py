@@ -275,8 +275,7 @@ def _head_layout(src, stats, opts: CompileOptions):
 _NOT_FOR_LMS = (("calib", "a language model calibrates on text: use --calib-text FILE"),
                 ("input_shapes", "--input-shape applies to torch models only"),
                 ("model_class", "--model-class applies to state_dict files only"),
-                ("prune_tau", "--prune-tau is not supported for language models yet"),
-                ("bits_per_weight", "--bits-per-weight is not supported for language models yet"))
+                ("prune_tau", "--prune-tau is not supported for language models yet"))
 
 
 def compile_lm(model_path, out_path, opts: CompileOptions | None = None, quiet: bool = False) -> CompileReport:
@@ -322,7 +321,7 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
 
     bounds = {wt.name: down_bounds(wt.rows) if wt.kind == "ffn_down" else _bounds(wt.rows, n_chunks(wt))
               for wt in weights}
-    reorder_neurons(weights, stats, consts, bounds)
+    reorder_neurons(weights, stats, consts, bounds, block=opts.group_size)
     # LM layers are not routed yet (activation None in the stats): no layer is marked routable.
     layers = {w.name: stats[w.name].summary(np.asarray(bounds[w.name])) for w in weights}
     alias = {"embed": "head"} if c["tied_head"] else {}
@@ -337,7 +336,7 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
             kw.pop("hessian", None)
         return (st.importance() if st.w.kind == "linear" else None), kw
 
-    layouts = compile_layouts(opts.keep_float, opts.nested, opts.codec)
+    layouts = compile_layouts(opts.keep_float, opts.nested, opts.codec, opts.tiers)
     tier_bytes = {layout.key: 0 for layout in layouts}
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with BundleWriter(out_path, alignment=opts.alignment) as wr:
@@ -354,6 +353,9 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
             notes.append(tok_note)
             tables_pid = wr.add_payload(tables, compress="always") if tables is not None else None
         per_tensor = {w.name: _entry(w, bounds[w.name], opts, layers[w.name]) for w in weights}
+        for name, fmt in (src.source_formats or {}).items():
+            if name in per_tensor:  # NDC 1.4, optional: the format the source file stored the tensor in
+                per_tensor[name]["source_format"] = str(fmt)
         for w in weights:
             if w.kind == "ffn_down":
                 per_tensor[w.name]["group_size"] = down_group(layouts, opts.group_size)
@@ -382,6 +384,12 @@ def compile_lm_source(src, out_path, opts: CompileOptions | None = None, quiet: 
         }
         if moe_entries:  # NDC 1.1 index key (§4.5)
             index["moe"] = moe_entries
+        if opts.bits_per_weight:  # mixed precision under a budget (NDC 1.1 "alloc"), by the quantizer's own
+            # error per layer (a language model has no measured sensitivity yet: compiler/sensitivity.py runs
+            # graphs of calibration samples); a chunk a tier takes exactly (a GGUF's own grid) costs nothing there
+            from .allocate import store_allocation
+
+            notes.append(store_allocation(index, lambda p: wr.stored_length(p) if p >= 0 else 0, opts.bits_per_weight))
         wr.finish(index)
     if src.tokenizer_json is None:
         notes.append("note: the source has no tokenizer; generate with --prompt-ids")

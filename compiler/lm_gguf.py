@@ -177,7 +177,7 @@ def _tensors(reader, arch: str, config: dict) -> dict:
     from gguf import dequantize
 
     per_layer = _ARCHES[arch][1]
-    weights = {}
+    weights, formats = {}, {}
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         mlayer = _LAYER_RE.fullmatch(t.name)
@@ -201,6 +201,7 @@ def _tensors(reader, arch: str, config: dict) -> dict:
             w = _unpermute(w, config["heads"] if ".attn.q" in canon else config["kv_heads"])
         # F32 tensors come back as views of the file's memory map: copy so the description owns its data
         weights[canon] = np.array(w, dtype=np.float32, order="C", copy=not w.flags.owndata)
+        formats[canon] = t.tensor_type.name
     factors = weights.pop("rope_freqs", None)
     if factors is not None:
         # llama.cpp divides each rotary frequency by its factor (how Llama 3 GGUFs carry rope scaling)
@@ -210,7 +211,7 @@ def _tensors(reader, arch: str, config: dict) -> dict:
         base = rope_inv_freq(config["head_dim"], config["rope"][kind]["theta"])
         weights[f"rope.{kind}.inv_freq"] = (base / factors).astype(np.float32)
         config["rope"][kind] = {**config["rope"][kind], "type": "freq_factors"}
-    return weights
+    return weights, formats
 
 
 # ------------------------------------------------------------------ entry point
@@ -221,12 +222,14 @@ def load_gguf(path, via: str = "gguf", with_tokenizer: bool = True):
     if via == "gguf":
         shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
         arch, config = _config(reader, path, shapes)
-        weights = _tensors(reader, arch, config)
+        weights, formats = _tensors(reader, arch, config)
     elif via == "transformers":
-        config, weights = _via_transformers(path)
+        (config, weights), formats = _via_transformers(path), {}
     else:
         raise CompileError(f"unknown GGUF reader {via!r} (gguf or transformers)")
-    return finish(config, weights, tok_json, chat, add_bos, extra_eos)
+    src = finish(config, weights, tok_json, chat, add_bos, extra_eos)
+    src.source_formats = {k: v for k, v in formats.items() if k in src.weights}
+    return src
 
 
 def _via_transformers(path: Path):

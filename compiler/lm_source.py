@@ -36,6 +36,9 @@ class LMSource:
     weights: dict
     tokenizer_json: str | None = None
     chat_template: str | None = None
+    # weight name -> the format the source file stored it in (a GGUF's "Q5_0", "Q8_0", "F32", ...): the
+    # bundle keeps it so `--bits source` can run each tensor at the precision the file gave it
+    source_formats: dict | None = None
 
     def __post_init__(self):
         check_config(self.config)

@@ -16,7 +16,7 @@ from nadoo.runtime import __version__
 from nadoo.runtime.errors import CompileError
 from nadoo.runtime.format import MAX_GROUP_SIZE
 from nadoo.runtime.qcodec import ZP_GROUPS
-from nadoo.runtime.tiers import CODECS, DEFAULT_CODEC, compile_layouts
+from nadoo.runtime.tiers import CODECS, DEFAULT_CODEC, DEFAULT_TIERS, compile_layouts
 
 from .calib_data import load_calibration, synthetic_calibration
 from .calibrate import IMPORTANCE_KINDS, calibrate, dense_builders
@@ -56,6 +56,7 @@ class CompileOptions:
     calib_len: int = 128  # tokens per calibration window of a language model
     calib_windows: int = 32  # at most this many windows, spread over the text
     codec: str = DEFAULT_CODEC  # separate quantized tiers: "zp" (integer zero points, NDC 1.2) | "minmax" (1.1)
+    tiers: tuple = DEFAULT_TIERS  # quantized tiers to store, of those the codec has (e.g. ("q8", "q5", "q4"))
     lm_head_sketch: float = 0.3  # language models: the routed head's basis, a share of the hidden size
     awq: bool = True  # activation-aware per-channel scaling of linear inputs before quantizing (compiler/awq.py)
 
@@ -103,6 +104,9 @@ def check_layout_options(opts: CompileOptions) -> None:
         raise CompileError(f"--group-size must be at most {MAX_GROUP_SIZE} (the format's cap)")
     if opts.codec not in CODECS:
         raise CompileError(f"unknown quantization codec {opts.codec!r} ({' or '.join(CODECS)})")
+    if not opts.nested and not any(t in CODECS[opts.codec] for t in opts.tiers):
+        raise CompileError(f"the {opts.codec} codec stores none of the tiers {', '.join(opts.tiers) or '(none)'} "
+                           f"(it has {', '.join(CODECS[opts.codec])})")
     if opts.codec == "zp" and opts.group_size not in ZP_GROUPS:
         raise CompileError(f"--group-size must be one of {', '.join(map(str, ZP_GROUPS))} for the zp codec "
                            f"(got {opts.group_size})")
@@ -184,7 +188,7 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
         kept += int(np.count_nonzero(w.array))
         total += w.array.size
 
-    layouts = compile_layouts(opts.keep_float, opts.nested, opts.codec)
+    layouts = compile_layouts(opts.keep_float, opts.nested, opts.codec, opts.tiers)
     tier_bytes = {layout.key: 0 for layout in layouts}
     entries = []
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -224,16 +228,10 @@ def compile_model(model_path: str, out_path: str, opts: CompileOptions | None = 
                       "prune_tau": opts.prune_tau, "calibration_samples": n},
         }
         if opts.bits_per_weight:  # mixed precision under a budget (NDC 1.1 key "alloc")
-            from .allocate import bundle_allocation
+            from .allocate import store_allocation
 
-            alloc = bundle_allocation(entries, lambda p: wr.stored_length(p) if p >= 0 else 0, opts.bits_per_weight,
-                                      probe.errors if probe is not None else None)
-            index["alloc"] = alloc
-            for e in entries:
-                if e["name"] in alloc["tiers"]:
-                    e["alloc"] = alloc["tiers"][e["name"]]
-            notes.append(f"allocation at <= {opts.bits_per_weight} bits/weight: "
-                         f"{alloc['achieved_bits_per_weight']:.3f} bits/weight (run with --bits alloc)")
+            notes.append(store_allocation(index, lambda p: wr.stored_length(p) if p >= 0 else 0, opts.bits_per_weight,
+                                          probe.errors if probe is not None else None))
         if moe_entries:  # NDC 1.1 index key, ignored by readers that do not know it
             index["moe"] = moe_entries
         wr.finish(index)

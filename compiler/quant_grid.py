@@ -25,9 +25,41 @@ def shrink_grid(bits: int) -> np.ndarray:
     """Default clipping-search shrink factors per tier (first entry 1.0 = no clipping)."""
     if bits == 8:
         return np.array([1.0, 0.97, 0.94, 0.9], np.float32)
+    if bits in (6, 5):
+        return np.linspace(1.0, 0.8, 9, dtype=np.float32)
     if bits == 4:
         return np.linspace(1.0, 0.7, 11, dtype=np.float32)
     return np.linspace(1.0, 0.5, 21, dtype=np.float32)
+
+
+GRID_SAMPLE = 64  # groups of a block tested for lying on a source grid
+
+
+def source_grids(W: np.ndarray, qmax: int) -> list[int]:
+    """The divisors n for which most of the groups of W [n_rows, ng, G] lie on a symmetric grid
+    k·absmax/n (integer k): weights that were quantized before, as a GGUF file's Q8_0 (n = 127) and
+    Q4_0/Q5_0 (n = 8, 16) blocks are. A tier with at least the source's bits can take such a group
+    exactly (scale absmax/n, zero point in the middle of its codes), where the min/max search would
+    re-round it onto a shifted grid and add a second quantization error on top of the file's. Only the
+    divisors a zp grid of qmax + 1 codes holds are tested (n <= (qmax + 1) / 2); float weights match
+    none, and the test costs one pass over GRID_SAMPLE groups per divisor."""
+    half = (int(qmax) + 1) // 2
+    cands = sorted({n for k in range(2, half.bit_length() + 1) for n in (1 << (k - 1), (1 << (k - 1)) - 1)
+                    if 2 < n <= half}, reverse=True)
+    sample = W.reshape(-1, W.shape[-1])[:GRID_SAMPLE]
+    amax = np.abs(sample).max(-1)
+    live = amax > 0
+    if not live.any():
+        return []
+    out = []
+    for n in cands:
+        s = _f16_near(amax / np.float32(n))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = sample / s[:, None]
+        on = (np.abs(r - np.rint(r)) <= 1e-3).all(-1) & live & (s > 0)
+        if on.sum() >= 0.5 * live.sum():
+            out.append(n)
+    return out
 
 
 def _f16_down(x: np.ndarray) -> np.ndarray:
@@ -191,6 +223,14 @@ def _quantize_block(W, A, qmax, shrinks, lsq_each, refine_iters, zp=False):
         if lsq_each:
             s2, m2 = blk.lsq(blk.q)   # blk.q holds this candidate's codes (zp: the best so far)
             best = blk.try_params(_f16_near(s2), m2 if zp else _f16_near(m2), best)
+    if zp:  # a source's own grid, where the block lies on one (source_grids): exact, so error 0 wins
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        neg = -lo >= hi  # the extreme is negative: the grid needs its extra level below zero
+        for n in source_grids(W, qmax):
+            s = _f16_near(amax / np.float32(n))
+            half = np.float32((int(qmax) + 1) // 2)
+            best = blk.try_params(s, np.where(neg, half, half - 1).astype(np.float32), best)
+            best = blk.try_params(s, np.full_like(s, half), best)
     for _ in range(refine_iters):
         bs, bm, _ = best
         q = blk.codes(bs, bm, blk.q)

@@ -32,10 +32,11 @@ def dumps_json(obj) -> bytes:
 
 KINDS_1_1 = ("conv_transpose", "recurrent_input", "recurrent")  # tensors read by ops added in 1.1
 TIERS_1_3 = ("q3",)  # tiers added in 1.3
+TIERS_1_4 = ("q6", "q5")  # tiers added in 1.4
 
 
 def minor_version(index: dict) -> int:
-    """The lowest minor version that describes a bundle: 3 once a tensor has `zp_t`-coded tiers or stores a tier of
+    """The lowest minor version that describes a bundle: 4 once a tensor stores a tier of TIERS_1_4; 3 once a tensor has `zp_t`-coded tiers or stores a tier of
     TIERS_1_3 (1.3); 2 once it uses the 1.2 addition (`zp`-coded tiers of a tensor or MoE expert matrix); else 1 once it
     uses a 1.1 addition (moe, alloc, nested planes, lm,
     tensors of KINDS_1_1, inline_reason on constants); else 0, so files without them stay readable as 1.0."""
@@ -47,6 +48,8 @@ def minor_version(index: dict) -> int:
     mats = [m for layer in objects(index.get("moe")) for ex in objects(layer.get("experts"))
             for m in (ex["tensors"].values() if isinstance(ex.get("tensors"), dict) else []) if isinstance(m, dict)]
     tier_maps = [m for t in tensors + mats for m in (t.get("tiers"), t.get("zp"), t.get("zp_t")) if isinstance(m, dict)]
+    if any(t in m for m in tier_maps for t in TIERS_1_4):
+        return 4
     if any("zp_t" in t for t in tensors) or any(t in m for m in tier_maps for t in TIERS_1_3):
         return 3
     if any("zp" in t for t in tensors + mats):

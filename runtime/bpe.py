@@ -277,7 +277,7 @@ class CompactBPE:
 
     def _bpe(self, ids: list[int]) -> list[int]:
         n = len(ids)
-        if n < 2:
+        if n < 2 or not len(self._keys):  # a vocabulary without merges (single characters) has nothing to merge
             return ids
         prev, nxt = list(range(-1, n - 1)), list(range(1, n + 1))
         alive = [True] * n

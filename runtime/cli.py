@@ -179,7 +179,7 @@ def _encoder_attention(fn):
 @click.option("--input", "input_path", type=click.Path(), help="Inputs: .npz keyed by graph input name, or .npy for a single-input model. Without it, the sample stored at compile time is run and checked against the source model's output.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
 @click.option("--policy", type=click.Choice(["dense", "topk"]), default="dense", show_default=True, help="dense: every chunk; topk: only the most active chunks of routable layers.")
-@click.option("--bits", type=click.Choice(["8", "4", "3", "2", "float", "auto", "alloc"]), default="8", show_default=True, help="Weight precision; float needs a bundle compiled with --keep-float; auto: hot chunks 8, warm 4, cold 2 bits; alloc: the allocation stored by compile --bits-per-weight.")
+@click.option("--bits", type=click.Choice(["8", "6", "5", "4", "3", "2", "float", "auto", "alloc", "source"]), default="8", show_default=True, help="Weight precision; float needs a bundle compiled with --keep-float; auto: hot chunks 8, warm 4, cold 2 bits; alloc: the allocation stored by compile --bits-per-weight; source: each tensor at the precision its GGUF file stored it (Q8_0 at 8 bits, Q5_0 at 5, ...).")
 @click.option("--topk", "topk", help="With --policy topk: chunks kept per routable layer, a count (4) or a fraction (0.5).")
 @click.option("--predictor", type=click.Choice(["auto", "sketch", "static", "oracle"]), default="auto", show_default=True, help="How topk ranks chunks: sketch = low-rank predictor stored in the bundle (per input); static = calibration profile; oracle = exact product (reads all, for measuring recall); auto = sketch where available.")
 @click.option("--tau", default=0.0, show_default=True, help="Boundary pruning at run time: |w| < tau*max|W| dropped; chunks below it never read.")
@@ -261,7 +261,7 @@ def run(bundle, input_path, output_path, policy, bits, topk, predictor, tau, fal
         click.echo(format_stats(st))
 
 
-_BITS = click.option("--bits", type=click.Choice(["8", "4", "3", "2", "float", "auto", "alloc"]), default="8", show_default=True,
+_BITS = click.option("--bits", type=click.Choice(["8", "6", "5", "4", "3", "2", "float", "auto", "alloc", "source"]), default="8", show_default=True,
                      help="Weight precision, as for run.")
 _BUDGET = click.option("--memory-budget", help="Hard bound on cached (decoded) weight bytes, e.g. 64MB.")
 _LM_HEAD = [click.option("--lm-head", type=click.Choice(["dense", "topk"]), default="dense", show_default=True,
@@ -397,7 +397,7 @@ def perplexity(bundle, text_file, context, score, bits, bits_for, memory_budget,
 @main.command("export")
 @click.argument("bundle", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
-@click.option("--bits", type=click.Choice(["8", "4", "3", "2", "float"]), default="8", show_default=True,
+@click.option("--bits", type=click.Choice(["8", "6", "5", "4", "3", "2", "float"]), default="8", show_default=True,
               help="Tier whose (dequantized) weights the ONNX model gets.")
 @_friendly
 def export_cmd(bundle, out, bits):

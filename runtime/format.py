@@ -18,7 +18,7 @@ from .errors import BundleError
 
 MAGIC = b"\x89NDC\r\n\x1a\n"  # PNG-style: catches text-mode and 7-bit transfer damage
 MAJOR = 1
-MINOR = 3  # the newest minor this code reads and writes; files say the lowest minor that describes them
+MINOR = 4  # the newest minor this code reads and writes; files say the lowest minor that describes them
 
 # <8s magic, H major, H minor, I preamble_size, I alignment, I flags,
 #  Q index_offset, Q index_length, Q table_offset, Q table_count, I index_crc32>, then I preamble_crc32
@@ -70,7 +70,7 @@ WORK_PER_ELEMENT = 1024
 
 # Precision tiers a chunk may be stored at, the names the index uses (their bits, layouts and --bits
 # spellings: runtime/tiers.py).
-TIERS = ("f32", "q8", "q4", "q3", "q2")
+TIERS = ("f32", "q8", "q6", "q5", "q4", "q3", "q2")
 
 DTYPES = frozenset(
     ["float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"]

@@ -114,6 +114,8 @@ def check_tensor_facts(d: dict, n_chunks: int, tiers: Collection[str], what: str
         check_numbers(d["chunk_absmax"], n_chunks, f"{what} chunk_absmax", w)
         if d.get("absmax") is None:
             w.fail(f"{what}: chunk_absmax needs absmax")
+    if d.get("source_format") is not None and not isinstance(d["source_format"], str):
+        w.fail(f"{what}: source_format must be a string")
     alloc = d.get("alloc")
     if alloc is not None and (not isinstance(alloc, list) or len(alloc) != n_chunks
                               or any(not isinstance(t, str) or t not in tiers for t in alloc)):

@@ -68,14 +68,18 @@ class SegmentExporter(Exporter):
         permutation): packed row j is stored row rows[j]."""
         read = getattr(self.bundle, "read_packed", None)
         tier = self.tiers[name]
-        if read is None or self.shapes_only or TIER_BITS.get(tier) not in bits:
+        # a width ORT's kernels lack (6, 5, 3 bits) goes in as 8-bit codes where 8 bits is asked for
+        widen = 8 in bits and TIER_BITS.get(tier, 32) < 8 and TIER_BITS.get(tier) not in MATMUL_NBITS_BITS
+        if read is None or self.shapes_only or (TIER_BITS.get(tier) not in bits and not widen):
             return None
         order = None
         if rows is not None:  # where each stored row goes: Gemma's head packed in vocabulary order, once
             order = np.empty(len(rows), np.intp)
             order[rows] = np.arange(len(rows))
         p = read(name, tier, order)
-        return p if p is not None and p.of_transpose == of_transpose else None
+        if p is None or p.of_transpose != of_transpose:
+            return None
+        return p.widened() if widen else p
 
     def _pack_inits(self, name: str, p) -> tuple[str, str, str]:
         """Initializers of codes, scales and zero points (flat, as MatMulNBits takes them) of `p`; their names."""

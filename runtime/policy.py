@@ -10,6 +10,8 @@
 - `tau`: boundary pruning at run time: |w| < tau·max|W| is dropped, and chunks whose largest weight
   is below that are never read.
 - `bits="alloc"`: the per-chunk tiers chosen at compile time under a bits/weight budget.
+- `bits="source"`: each tensor at the tier that holds the precision its source file stored it at
+  (a GGUF's Q8_0 at 8 bits, Q5_0 at 5, …; runtime/tiers.py SOURCE_BITS).
 - `bits="auto"`: precision by activity: the hottest quarter of a layer's chunks at 8 bits, the
   coldest quarter at 2, the rest at 4.
 - `bits_for`: per-tensor precision over `bits`, "PATTERN=BITS,..." with shell-style patterns over
@@ -40,7 +42,7 @@ import numpy as np
 
 from .errors import InputError
 from .ffn_sparsity import check_fallback, check_target
-from .tiers import BITS_TO_TIER, FLOAT_TIER, NEAREST, QUANT_TIERS, tier_within
+from .tiers import BITS_TO_TIER, FLOAT_TIER, NEAREST, QUANT_TIERS, source_tier, tier_within
 
 HI, MID, LO = "q8", "q4", "q2"  # --bits auto: the hot, the ordinary and the cold chunks' tiers
 MODES = ("dense", "subset", "predict", "oracle", "empty")
@@ -113,8 +115,8 @@ class Policy:
         self.only_experts = _pairs(self.only_experts)
         if self.kind not in ("dense", "topk"):
             raise InputError(f"unknown policy {self.kind!r} (dense or topk)")
-        if self.bits not in ("auto", "alloc") and self.bits not in BITS_TO_TIER:
-            raise InputError(f"unknown --bits {self.bits!r} (8, 4, 3, 2, float, auto or alloc)")
+        if self.bits not in ("auto", "alloc", "source") and self.bits not in BITS_TO_TIER:
+            raise InputError(f"unknown --bits {self.bits!r} (8, 6, 5, 4, 3, 2, float, auto, alloc or source)")
         if self.predictor not in ("auto", "sketch", "static", "oracle"):
             raise InputError(f"unknown predictor {self.predictor!r} (auto, sketch, static or oracle)")
         if self.kind == "topk":
@@ -197,6 +199,12 @@ class Policy:
             if any(t not in available for t in alloc):
                 raise InputError(f"allocation of {entry.name} names a tier the bundle does not store")
             return list(alloc)
+        if self.bits == "source":  # the precision the source file stored the tensor at (a GGUF's format)
+            fmt = entry.meta.get("source_format")
+            if fmt is None:
+                raise InputError(f"bundle records no source format for {entry.name} (--bits source is for "
+                                 "bundles compiled from a GGUF file)")
+            return [_stored(source_tier(fmt), available, entry.name)] * n
         if self.bits != "auto":
             return [_stored(BITS_TO_TIER[self.bits], available, entry.name)] * n
         order = np.argsort(-activity) if activity is not None else np.arange(n)
@@ -219,6 +227,8 @@ class Policy:
             hi = HI if HI in entry.tiers else entry.tiers[-1]
             lo = MID if MID in entry.tiers else entry.tiers[-1]
             return np.where(weights >= self.auto_threshold, hi, lo).tolist()
+        if self.bits == "source":  # MoE GGUFs are refused at compile: experts never carry a source format
+            raise InputError(f"--bits source: MoE layer {entry.name} records no source format")
         t = self._alloc_expert_tier(entry, alloc) if self.bits == "alloc" else BITS_TO_TIER[self.bits]
         return [_stored(t, set(entry.tiers), f"MoE layer {entry.name}")] * len(weights)
 
@@ -238,12 +248,12 @@ class Policy:
     @staticmethod
     def _alloc_expert_tier(entry, alloc) -> str:
         """The compile-time allocation (--bits-per-weight B) covers the chunked tensors, not experts:
-        under --bits alloc experts run at the largest quantized tier whose bits fit B (q8 from 8
-        bits/weight, q4 from 4, q3 from 3, else q2), or the nearest one the layer stores."""
+        under --bits alloc experts run at the largest quantized tier the layer stores whose bits fit B (q8 from 8
+        bits/weight, q4 from 4 when no q6/q5 is stored, …), else its lowest."""
         budget = alloc.get("bits_per_weight") if isinstance(alloc, dict) else None
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise InputError("bundle stores no allocation (compile with --bits-per-weight)")
-        want = tier_within(budget)
+        want = tier_within(budget, entry.tiers)
         return next((t for t in NEAREST[want] if t in entry.tiers and t in QUANT_TIERS), want)
 
     def check_experts(self, layers: dict) -> None:
@@ -303,7 +313,7 @@ def _overrides(value) -> list[tuple[str, str]]:
             raise InputError(f"--bits-for {raw!r}: use PATTERN=BITS, e.g. embed=8")
         pat, bits = pair[0].strip(), str(pair[1]).strip()
         if bits not in BITS_TO_TIER:
-            raise InputError(f"--bits-for {pat}={bits}: bits must be 8, 4, 2 or float")
+            raise InputError(f"--bits-for {pat}={bits}: bits must be 8, 6, 5, 4, 3, 2 or float")
         out.append((pat, bits))
     return out
 

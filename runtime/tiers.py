@@ -27,21 +27,50 @@ from . import qcodec
 from .errors import BundleError
 from .format import TIERS  # the index's tier names, highest precision first
 
-TIER_BITS = {"f32": 32, "q8": 8, "q4": 4, "q3": 3, "q2": 2}
-QUANT_TIERS = tuple(t for t in TIERS if TIER_BITS[t] < 32)  # ("q8", "q4", "q3", "q2")
+TIER_BITS = {"f32": 32, "q8": 8, "q6": 6, "q5": 5, "q4": 4, "q3": 3, "q2": 2}
+QUANT_TIERS = tuple(t for t in TIERS if TIER_BITS[t] < 32)  # ("q8", "q6", "q5", "q4", "q3", "q2")
 FLOAT_TIER = "f32"
+# the quantized tiers a compile stores unless told otherwise (`--tiers`): q6 and q5 (1.4) are asked for,
+# since most models get what they need from 8 and 4 bits and every stored tier costs compile time and file
+DEFAULT_TIERS = ("q8", "q4", "q3", "q2")
 # user-facing --bits spellings (run, export) -> tier
-BITS_TO_TIER = {"8": "q8", "4": "q4", "3": "q3", "2": "q2", "float": "f32", "32": "f32", "f32": "f32"}
-# a tier the bundle lacks is replaced by the nearest one it has: more bits first, never silently by float32
-NEAREST = {"q8": ("q8", "q4", "q3", "q2", "f32"), "q4": ("q4", "q8", "q3", "q2", "f32"),
-           "q3": ("q3", "q4", "q8", "q2", "f32"), "q2": ("q2", "q3", "q4", "q8", "f32")}
+BITS_TO_TIER = {"8": "q8", "6": "q6", "5": "q5", "4": "q4", "3": "q3", "2": "q2", "float": "f32", "32": "f32",
+                "f32": "f32"}
+
+
+def _nearest(tier: str) -> tuple[str, ...]:
+    # more bits first (the closest above, then upwards), then fewer (the closest below first); float32 last,
+    # so a missing tier is never silently replaced by float32 while a quantized one is stored
+    b = TIER_BITS[tier]
+    up = sorted((t for t in QUANT_TIERS if TIER_BITS[t] > b), key=TIER_BITS.get)
+    down = sorted((t for t in QUANT_TIERS if TIER_BITS[t] < b), key=TIER_BITS.get, reverse=True)
+    return (tier, *up, *down, FLOAT_TIER)
+
+
+# a tier the bundle lacks is replaced by the nearest one it has
+NEAREST = {t: _nearest(t) for t in QUANT_TIERS}
 # the widths ONNX Runtime's MatMulNBits takes (a 3-bit tier is handed over dequantized)
 MATMUL_NBITS_BITS = (2, 4, 8)
 
 
-def tier_within(bits_per_weight: float) -> str:
-    """The quantized tier with the most bits that fit a bits/weight budget (the lowest if none does)."""
-    return next((t for t in QUANT_TIERS if TIER_BITS[t] <= bits_per_weight), QUANT_TIERS[-1])
+# --bits source: the bits a tier needs to hold a GGUF format's values (the compiler records each tensor's
+# format, NDC 1.4 `source_format`). Symmetric blocks (Q8_0, Q5_0, Q4_0, Q6_K's codes) fit a zp tier of their
+# bits; formats with float minimums (Q4_1, Q5_1, the K-quants' mins) or sub-block scales cannot sit on an
+# integer zero point exactly, so they take a tier one step up, where re-rounding costs a quarter of the
+# file's own step. A float or unknown format: 8 bits.
+SOURCE_BITS = {"Q8_0": 8, "Q8_1": 8, "Q8_K": 8, "Q6_K": 6, "Q5_0": 5, "Q5_1": 6, "Q5_K": 6, "Q4_0": 4,
+               "Q4_1": 5, "Q4_K": 5, "Q3_K": 4, "Q2_K": 3}
+
+
+def source_tier(fmt: str) -> str:
+    """The tier that runs a tensor the source stored in format `fmt` at the file's precision."""
+    return BITS_TO_TIER[str(SOURCE_BITS.get(str(fmt), 8))]
+
+
+def tier_within(bits_per_weight: float, stored=QUANT_TIERS) -> str:
+    """The quantized tier of `stored` with the most bits that fit a bits/weight budget (the lowest if none does)."""
+    have = [t for t in QUANT_TIERS if t in stored] or list(QUANT_TIERS)
+    return next((t for t in have if TIER_BITS[t] <= bits_per_weight), have[-1])
 
 
 class TierLayout:
@@ -156,6 +185,19 @@ class PackedWeight:
     rows: int
     row_len: int
     of_transpose: bool = False  # the matrix packed is the stored tensor's transpose (x·W, not x·Wᵀ)
+
+    def widened(self) -> "PackedWeight":
+        """The same values with 8-bit codes and zero points: ONNX Runtime's kernels take 2, 4 and 8 bits,
+        so a 6-, 5- or 3-bit tier runs as 8-bit MatMulNBits (exact: the codes and scales are unchanged,
+        the resident bytes those of 8 bits instead of float32's)."""
+        if self.bits == 8:
+            return self
+        rows, ng = self.scales.shape
+        codes = qcodec.unpack_stream(np.ascontiguousarray(self.codes).reshape(-1), self.bits,
+                                     rows * ng * self.block_size).reshape(rows, ng, self.block_size)
+        zps = qcodec.unpack_zero_points(self.zero_points, ng, self.bits)
+        return PackedWeight(codes, self.scales, np.ascontiguousarray(zps), 8, self.block_size, self.rows,
+                            self.row_len, self.of_transpose)
 
 
 class ZeroPointTier(SeparateTier):
@@ -306,8 +348,9 @@ ZERO_POINT = {t: ZeroPointTier(t) for t in QUANT_TIERS}
 ZERO_POINT_T = {t: TransposedZeroPointTier(t) for t in QUANT_TIERS}
 NESTED = NestedTiers()
 # The codecs of separate quantized tiers: "zp" (1.2, the default of compiles) and the scale+min "minmax".
-# The legacy scale+min codec keeps the 1.1 tiers (q3 came with 1.3), so its bundles stay readable by 1.1 readers.
-CODECS = {"zp": ZERO_POINT, "minmax": {t: SEPARATE[t] for t in QUANT_TIERS if t != "q3"}}
+# The legacy scale+min codec keeps the 1.1 tiers (q3 came with 1.3, q6 and q5 with 1.4), so its bundles stay
+# readable by 1.1 readers.
+CODECS = {"zp": ZERO_POINT, "minmax": {t: SEPARATE[t] for t in ("q8", "q4", "q2")}}
 DEFAULT_CODEC = "zp"
 
 
@@ -325,10 +368,22 @@ def layouts_of(entry: dict) -> dict[str, tuple[TierLayout, list]]:
     return found
 
 
-def compile_layouts(keep_float: bool, nested: bool, codec: str = DEFAULT_CODEC) -> list[TierLayout]:
-    """The layouts a compile writes, in write order: float32 if kept, then nested planes or q8, q4, q2 in
-    `codec` (a key of CODECS)."""
+def compile_layouts(keep_float: bool, nested: bool, codec: str = DEFAULT_CODEC,
+                    tiers: tuple[str, ...] = DEFAULT_TIERS) -> list[TierLayout]:
+    """The layouts a compile writes, in write order: float32 if kept, then nested planes or the quantized
+    `tiers` (highest first) that `codec` (a key of CODECS) has."""
     if codec not in CODECS:
         raise ValueError(f"unknown quantization codec {codec!r} (one of {', '.join(CODECS)})")
     out = [SEPARATE[FLOAT_TIER]] if keep_float else []
-    return out + ([NESTED] if nested else [CODECS[codec][t] for t in QUANT_TIERS if t in CODECS[codec]])
+    return out + ([NESTED] if nested else [CODECS[codec][t] for t in QUANT_TIERS if t in tiers and t in CODECS[codec]])
+
+
+def parse_tiers(spec: str) -> tuple[str, ...]:
+    """`--tiers 8,6,5,4` -> ("q8", "q6", "q5", "q4"); a ValueError names what is wrong."""
+    names = [p.strip() for p in str(spec).split(",") if p.strip()]
+    bad = [p for p in names if BITS_TO_TIER.get(p) not in QUANT_TIERS]
+    if not names or bad:
+        raise ValueError(f"--tiers {spec!r}: give quantized widths separated by commas, from "
+                         f"{', '.join(str(TIER_BITS[t]) for t in QUANT_TIERS)} (e.g. 8,6,5,4)")
+    want = {BITS_TO_TIER[p] for p in names}
+    return tuple(t for t in QUANT_TIERS if t in want)

@@ -179,9 +179,10 @@ def _llama3_rope_factors(rp: dict, dim: int) -> np.ndarray:
     return np.array(out, np.float32)
 
 
-def write_gguf(path, model, quant: str | None = None, name: str = "tiny"):
+def write_gguf(path, model, quant: str | None = None, name: str = "tiny", quant_for: dict | None = None):
     """Write `model` (a tiny Gemma3/Llama/Qwen2 HF model) as a GGUF file. quant="Q8_0" stores the 2-D
-    weights quantized, as a real file would."""
+    weights quantized, as a real file would; quant_for {substring of the HF name: format} overrides it per
+    tensor (a mixed file, as llama.cpp's Q4_K_M is)."""
     import gguf
 
     cfg = model.config
@@ -226,8 +227,9 @@ def write_gguf(path, model, quant: str | None = None, name: str = "tiny"):
             a = _permute(a, cfg.num_attention_heads)
         if arch == "llama" and ".k_proj." in hf_name:
             a = _permute(a, cfg.num_key_value_heads)
-        if quant and a.ndim == 2:
-            qt = gguf.GGMLQuantizationType[quant]
+        fmt = next((f for key, f in (quant_for or {}).items() if key in hf_name), quant)
+        if fmt and a.ndim == 2:
+            qt = gguf.GGMLQuantizationType[fmt]
             w.add_tensor(gname, gguf.quants.quantize(a, qt), raw_dtype=qt)
         else:
             w.add_tensor(gname, a)

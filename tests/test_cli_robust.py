@@ -263,7 +263,7 @@ def test_compile_refuses_to_overwrite_its_model_or_calibration(tmp_path):
 
 # --- usage errors -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [["run"], ["run", TINY, "--bits", "5"], ["run", TINY, "--nope"], ["frobnicate"],
+@pytest.mark.parametrize("args", [["run"], ["run", TINY, "--bits", "7"], ["run", TINY, "--nope"], ["frobnicate"],
                                   ["run", TINY, "--repeat", "many"], ["compile", "m.onnx"]])
 def test_usage_errors_are_one_line_exit_2(args):
     line = one_line_error(nadoo(*args))

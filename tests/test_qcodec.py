@@ -105,7 +105,7 @@ def test_hand_checked_4bit_padding():
     assert qcodec.payload_nbytes(3, 5, 5, 2) == 4 + 12
 
 
-@pytest.mark.parametrize("args", [(0, 4, 4, 8), (1, 0, 4, 8), (1, 4, 0, 8), (1, 4, 4, 5),
+@pytest.mark.parametrize("args", [(0, 4, 4, 8), (1, 0, 4, 8), (1, 4, 0, 8), (1, 4, 4, 7),
                                   (1, 4, 4, 16), (1.5, 4, 4, 8), (True, 4, 4, 8)])
 def test_bad_dims_raise(args):
     with pytest.raises(BundleError):

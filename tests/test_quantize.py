@@ -148,7 +148,7 @@ def test_bad_weights_raise(bad):
 def test_bad_args_raise():
     w = np.ones((2, 4), np.float32)
     with pytest.raises(CompileError):
-        quantize(w, 5, 4)
+        quantize(w, 7, 4)
     with pytest.raises(CompileError):
         quantize(w, 3, 4, codec="minmax")  # the legacy codec has no 3-bit tier
     with pytest.raises(CompileError):

@@ -6,7 +6,7 @@ import pytest
 from nadoo.runtime import qcodec
 from nadoo.runtime.errors import BundleError
 from nadoo.runtime.format import TIERS as INDEX_TIERS
-from nadoo.runtime.tiers import (BITS_TO_TIER, NEAREST, NESTED, QUANT_TIERS, SEPARATE, TIER_BITS, TIERS,
+from nadoo.runtime.tiers import (BITS_TO_TIER, DEFAULT_TIERS, NEAREST, NESTED, QUANT_TIERS, SEPARATE, TIER_BITS, TIERS,
                                  compile_layouts, layouts_of, tier_within)
 
 
@@ -20,9 +20,16 @@ def test_table_covers_every_index_tier_once():
         assert order[0] == t and sorted(order) == sorted(TIERS) and order[-1] == "f32"
 
 
-@pytest.mark.parametrize("budget,want", [(16, "q8"), (8, "q8"), (7.9, "q4"), (4, "q4"), (3, "q3"), (2.9, "q2"), (1, "q2")])
+@pytest.mark.parametrize("budget,want", [(16, "q8"), (8, "q8"), (7.9, "q6"), (5.5, "q5"), (4, "q4"), (3, "q3"),
+                                         (2.9, "q2"), (1, "q2")])
 def test_tier_within_budget(budget, want):
     assert tier_within(budget) == want
+
+
+@pytest.mark.parametrize("budget,want", [(7.9, "q4"), (5.5, "q4"), (8, "q8"), (1, "q2")])
+def test_tier_within_budget_counts_only_stored_tiers(budget, want):
+    # a bundle compiled with the default tiers has no q6/q5: 7.9 bits/weight must not pick a tier it lacks
+    assert tier_within(budget, ("q8", "q4", "q3", "q2")) == want
 
 
 def _grouped(rng, R, K, G, bits):
@@ -82,4 +89,5 @@ def test_record_round_trips_through_layouts_of():
     assert entry == {"tiers": {"f32": [7]}, "nested": {"planes": [[1], [2], [3]]}}
     assert {t: layout.chunk_pids(ids, t, 0) for t, (layout, ids) in layouts_of(entry).items()} == \
         {"f32": [7], "q8": [1, 2, 3], "q4": [1, 2]}
-    assert [lay.key for lay in compile_layouts(False, False)] == list(QUANT_TIERS)
+    assert [lay.key for lay in compile_layouts(False, False)] == list(DEFAULT_TIERS)
+    assert [lay.key for lay in compile_layouts(False, False, tiers=("q2", "q5", "q8"))] == ["q8", "q5", "q2"]

@@ -36,7 +36,7 @@ def _naive_pack(values: np.ndarray, bits: int) -> bytes:
 
 @st.composite
 def zp_chunks(draw):
-    bits = draw(st.sampled_from([8, 4, 3, 2]))
+    bits = draw(st.sampled_from([8, 6, 5, 4, 3, 2]))
     rows = draw(st.integers(1, 7))
     row_len = draw(st.integers(1, 300))
     G = qcodec.zp_group(row_len, draw(st.sampled_from(qcodec.ZP_GROUPS)))
@@ -101,7 +101,7 @@ def test_corrupt_scales_and_bad_arguments():
     with pytest.raises(BundleError, match="group size"):
         qcodec.dequantize_zp(bytes(p), 3, 40, 8, 4)     # not a zp group size
     with pytest.raises(BundleError, match="bits"):
-        qcodec.zp_payload_nbytes(3, 40, 16, 5)
+        qcodec.zp_payload_nbytes(3, 40, 16, 7)
     with pytest.raises(ValueError):
         qcodec.pack_zp(codes, scales, zps + 16, 4, 16)  # zero point out of range
     with pytest.raises(ValueError):
@@ -243,6 +243,27 @@ def test_read_packed_feeds_onnxruntime_matmulnbits(tmp_path, tier, K, G):
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(_matmul_nbits(pk, 5), so, providers=["CPUExecutionProvider"])
     (y,) = sess.run(None, {"A": A})
+    ref = A @ w.T
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("tier", ["q6", "q5", "q3"])
+def test_widths_ort_lacks_feed_matmulnbits_as_8_bit_codes(tmp_path, tier):
+    """6, 5 and 3 bits are handed to ONNX Runtime as 8-bit codes with the same scales and zero points
+    (PackedWeight.widened): the same matrix, at 8 bits' resident bytes."""
+    ort = pytest.importorskip("onnxruntime")
+    p = tmp_path / "z.ndc"
+    _zp_bundle(p, tiers=(tier,), R=24, K=100, G=32, bounds=(0, 7, 24))
+    with Bundle.open(p) as b:
+        pk = b.read_packed("w", tier)
+        w = b.read_weight("w", tier)
+    wide = pk.widened()
+    assert wide.bits == 8 and wide.codes.nbytes == pk.codes.nbytes * 8 // pk.bits
+    np.testing.assert_array_equal(wide.scales, pk.scales)
+    A = np.random.default_rng(7).standard_normal((5, 100)).astype(np.float32)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    (y,) = ort.InferenceSession(_matmul_nbits(wide, 5), so, providers=["CPUExecutionProvider"]).run(None, {"A": A})
     ref = A @ w.T
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
 
