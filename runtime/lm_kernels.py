@@ -287,7 +287,7 @@ def _partial_scores(r, qg, g, view, full, scale):
     keep = np.broadcast_to(keep[:, None], (kvh, g, rows, d)).reshape(kvh, gr, d)
     qm = np.where(keep, qg, np.float32(0))
     # SparQ's temperature: sqrt of the share of each head's |q| (L1) in the coordinates kept
-    tau = np.sqrt(np.abs(qm).sum(-1) / np.maximum(np.abs(qg).sum(-1), np.float32(1e-30)))[..., None]
+    tau = np.sqrt(np.maximum(np.abs(qm).sum(-1) / np.maximum(np.abs(qg).sum(-1), np.float32(1e-30)), 1e-12))[..., None]
     if full is not None or rows > 1:
         keys = full[0] if full is not None else view.take(values=False)[0]
         return _scores(qm, keys, scale, None) / tau, per_key

@@ -159,6 +159,17 @@ def test_sparq_equals_its_reference(chunks):
     assert np.abs(got - dense).max() > 1e-2
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.int8])
+@pytest.mark.parametrize("kind", ["pages", "sparq"])
+def test_two_stage_prefill_equals_decoding_on_compact_caches(kind, dtype):
+    # a prefill scores decoded keys; a decode step gathers the stored ones (and int8 scales): same choice
+    pol = AttentionPolicy(kind, B, sink=S, window=W, candidates=C, **({"page": P} if kind == "pages" else
+                                                                      {"components": R}))
+    (x, c1), (y, c2) = run(pol, [N], dtype=dtype), run(pol, [1] * N, dtype=dtype)
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    assert c1.bytes_read == c2.bytes_read
+
+
 def test_heavy_hitters_decoded_token_by_token_equal_the_reference():
     pol = AttentionPolicy("heavy", B, sink=S, window=W)
     got, cache = run(pol, [1] * N)
