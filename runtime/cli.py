@@ -281,15 +281,21 @@ def _lm_head_options(fn):
     return fn
 
 _ATTENTION_OPTIONS = [
-    click.option("--attention", type=click.Choice(["dense", "window", "pages", "heavy", "oracle"]), default="dense",
-                 show_default=True, help="Which cached keys each query reads: dense all; window sinks + recent (evicts); "
-                 "pages the best pages by their min/max bounds + sinks + recent; heavy sinks + recent + most attended "
-                 "(evicts); oracle the exact top keys (measuring)."),
+    click.option("--attention", type=click.Choice(["dense", "window", "pages", "sparq", "heavy", "oracle"]),
+                 default="dense", show_default=True, help="Which cached keys each query reads: dense all; window sinks "
+                 "+ recent (evicts); pages the best pages by their min/max bounds + sinks + recent; sparq the best keys "
+                 "by exact score among candidates scored on a few coordinates + sinks + recent; heavy sinks + recent + "
+                 "most attended (evicts); oracle the exact top keys (measuring)."),
     click.option("--kv-budget", type=int, help="With a sparse --attention: keys one query reads per layer."),
     click.option("--sink", type=int, help="First positions always read (default 4)."),
     click.option("--window", type=int, help="Most recent keys always read (default: window budget-sink, pages "
                  "budget/8, heavy budget/2)."),
     click.option("--page", type=int, help="With --attention pages: keys per page (default 16)."),
+    click.option("--candidates", type=int, help="With --attention pages: keys the bound's pages offer (beyond sinks "
+                 "and window); their keys are read and scored exactly, and the best of them are attended. sparq: "
+                 "keys its first stage passes on (default 1.5 x budget)."),
+    click.option("--components", type=int, help="With --attention sparq: coordinates of each key its first stage "
+                 "reads (default 16)."),
     click.option("--attention-scope", type=click.Choice(["global", "all"]), default="global", show_default=True,
                  help="global: only full-attention layers (native sliding windows stay exact); all: every layer."),
     click.option("--kv-dtype", type=click.Choice(["float32", "float16", "int8"]), default="float32",
@@ -309,10 +315,11 @@ def _lm_options(fn):
     return _BITS(_BITS_FOR(_BUDGET(_attention_options(_ffn_sparsity(_engine_options(fn))))))
 
 
-def _attention_policy(attention, kv_budget, sink, window, page, attention_scope, kv_dtype):
+def _attention_policy(attention, kv_budget, sink, window, page, candidates, components, attention_scope, kv_dtype):
     from .sparse_attention import AttentionPolicy
 
-    return AttentionPolicy(attention, kv_budget, sink, window, page, attention_scope, kv_dtype)
+    return AttentionPolicy(attention, kv_budget, sink, window, page, attention_scope, kv_dtype, candidates,
+                           components)
 
 
 def _parse_ids(text):

@@ -41,10 +41,14 @@ class KVView:
     def __len__(self) -> int:
         return self.positions.size
 
-    def take(self, cols: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """float32 keys and values [kv_heads, len(cols), D] of columns `cols` (None: all)."""
+    def take(self, cols: np.ndarray | None = None, keys: bool = True, values: bool = True) -> tuple:
+        """float32 keys and values [kv_heads, len(cols), D] of columns `cols` (None: all); the one not
+        asked for is None."""
         out = []
-        for x, s in ((self.k, self.k_scale), (self.v, self.v_scale)):
+        for x, s, want in ((self.k, self.k_scale, keys), (self.v, self.v_scale, values)):
+            if not want:
+                out.append(None)
+                continue
             x = x if cols is None else x[:, cols]
             if s is not None:
                 x = x.astype(np.float32) * (s if cols is None else s[:, cols])[..., None]

@@ -13,7 +13,8 @@ import numpy as np
 from .errors import InputError
 from .ops.elementwise import _sigmoid, gelu
 from .ops.rmsnorm import rms_normalize
-from .sparse_attention import HEAVY_BLOCK, heavy_keep, oracle_mask, page_bounds, page_mask, window_mask
+from .sparse_attention import (HEAVY_BLOCK, heavy_keep, oracle_mask, page_bounds, page_mask, rerank_mask, sparq_mask,
+                               window_mask)
 
 __all__ = ["ACTIVATIONS", "RopeTable", "apply_rope", "attention", "rms_norm", "rope_inv_freq", "silu"]
 
@@ -213,6 +214,20 @@ def _attend(q4, view, qstart, cache, out, *, g, scale, window, softcap, sparse) 
                 sel, scored = page_mask(sparse, qg, g, lo, hi, kpos, qpos, scale, softcap)
                 mask = np.where(over[None, :, None], sel & allowed[None], allowed[None])
                 extra_bytes = int(scored[over].sum()) * kvh * 2 * d * lo.itemsize  # the page bounds scored
+                if sparse.candidates:
+                    mask, scores, more = _rerank(sparse, qg, g, view, full, mask, allowed, over, kpos, qpos, cache,
+                                                 scale, softcap)
+                    extra_bytes += more
+            elif sparse.kind == "sparq":
+                # first stage: every visible key scored on the `components` coordinates where the group's
+                # queries are largest (reads those coordinates of each key); the best `candidates` go on
+                approx, per_key = _partial_scores(sparse.components, qg, g, view, full, scale)
+                sel = sparq_mask(sparse, approx, g, allowed, kpos, qpos)
+                mask = np.where(over[None, :, None], sel, allowed[None])
+                extra_bytes = int(allowed[over].sum()) * kvh * per_key
+                mask, scores, more = _rerank(sparse, qg, g, view, full, mask, allowed, over, kpos, qpos, cache,
+                                             scale, softcap)
+                extra_bytes += more
             else:  # oracle: score everything, keep each query's top keys
                 scores = _scores(qg, full[0], scale, softcap)
                 probs = _softmax(scores, np.broadcast_to(allowed, (kvh, g, rows, m)).reshape(kvh, g * rows, m))
@@ -221,7 +236,7 @@ def _attend(q4, view, qstart, cache, out, *, g, scale, window, softcap, sparse) 
         cols = np.flatnonzero(mask.any(axis=tuple(range(mask.ndim - 1))))
         sub = None if cols.size == m else cols
         if full is None:
-            keys, values = view.take(sub)
+            keys, values = view.take(sub, keys=scores is None)  # keys already scored are not read again
         else:
             keys, values = full if sub is None else (full[0][:, sub], full[1][:, sub])
         if scores is None:
@@ -237,6 +252,50 @@ def _attend(q4, view, qstart, cache, out, *, g, scale, window, softcap, sparse) 
         cache.bytes_read += int(mask.sum()) * (1 if per_head else kvh) * cache.key_bytes + extra_bytes
         if cache.track_attention and not cache.ring:
             cache.acc[slice(0, m) if sub is None else sub] += probs.sum(axis=(0, 1))  # view columns are slots
+
+
+def _rerank(sparse, qg, g, view, full, mask, allowed, over, kpos, qpos, cache, scale, softcap):
+    """Second stage of a two-stage selection: the candidates' keys (not their values) are read and scored
+    exactly, and the best of them by exact weight (rerank_mask) are the keys attended. Returns the final
+    mask, the scores [kv_heads, g*rows, m] (-inf outside the candidates) and the bytes of the keys read
+    but not attended."""
+    kvh, m = qg.shape[0], kpos.size
+    ccols = np.flatnonzero(mask.any(axis=(0, 1)))
+    ck = full[0][:, ccols] if full is not None else view.take(ccols, values=False)[0]
+    cs = _scores(qg, ck, scale, softcap)
+    base = window_mask(sparse, kpos[ccols], qpos) & allowed[:, ccols]
+    cand = mask[..., ccols]
+    final = np.where(over[None, :, None], rerank_mask(sparse, cs, g, cand, base), cand)
+    out = np.zeros_like(mask)
+    out[..., ccols] = final
+    scores = np.full((kvh, qg.shape[1], m), -np.inf, np.float32)
+    scores[..., ccols] = cs
+    return out, scores, int(cand.sum() - final.sum()) * (cache.key_bytes // 2)
+
+
+def _partial_scores(r, qg, g, view, full, scale):
+    """([kv_heads, g*rows, m] scores from the r coordinates where the |q| of each query, summed over its
+    group's heads, is largest; bytes read per key and KV head). A prefill has every key decoded already,
+    so it zeroes the other coordinates of q (the same sum); a decode step gathers the r coordinates."""
+    kvh, gr, d = qg.shape
+    rows = gr // g
+    r = min(r, d)
+    idx = np.argpartition(-np.abs(qg.reshape(kvh, g, rows, d)).sum(axis=1), r - 1, axis=-1)[..., :r]  # [kvh, rows, r]
+    per_key = r * view.k.itemsize + (4 if view.k_scale is not None else 0)
+    keep = np.zeros((kvh, rows, d), bool)
+    np.put_along_axis(keep, idx, True, axis=-1)
+    keep = np.broadcast_to(keep[:, None], (kvh, g, rows, d)).reshape(kvh, gr, d)
+    qm = np.where(keep, qg, np.float32(0))
+    # SparQ's temperature: sqrt of the share of each head's |q| (L1) in the coordinates kept
+    tau = np.sqrt(np.maximum(np.abs(qm).sum(-1) / np.maximum(np.abs(qg).sum(-1), np.float32(1e-30)), 1e-12))[..., None]
+    if full is not None or rows > 1:
+        keys = full[0] if full is not None else view.take(values=False)[0]
+        return _scores(qm, keys, scale, None) / tau, per_key
+    cols = np.take_along_axis(view.k, idx[:, 0][:, None, :], axis=2).astype(np.float32)  # [kvh, m, r]
+    if view.k_scale is not None:
+        cols *= view.k_scale[..., None]
+    qi = np.take_along_axis(qg, idx[:, 0][:, None, :], axis=2)  # [kvh, g, r]
+    return _scores(qi, cols, scale, None) / tau, per_key
 
 
 def _scores(qg, keys, scale, softcap):

@@ -7,6 +7,12 @@
             of q.k over the page) and reads the best pages that fit the budget, plus the sinks and a
             local window (grouped heads: the heads' softmax weights of the bound, summed). Nothing is
             evicted: the cache stays whole, only less of it is read.
+            With `candidates` C, two stages: the bound's pages offer C keys, whose keys (not values) are
+            read and scored exactly, and the best budget - sink - window of them are attended.
+    sparq   SparQ (Ribar et al. 2024), two stages: every key scored on the `components` coordinates
+            where the queries are largest (reads only those), the best `candidates` keys scored exactly
+            (reads their keys), the best of those attended (reads their values). Key-level, where a page
+            selection is limited by how attention spreads over pages (see README).
     heavy   H2O: the sinks, a recent window and the "heavy hitters" (keys with the largest attention
             they have received so far, summed over queries and heads); the rest is evicted.
     oracle  the `budget` keys with the largest exact attention weight, per query (for measuring: it
@@ -28,7 +34,7 @@ from .errors import InputError
 
 __all__ = ["ATTENTION_KINDS", "AttentionPolicy", "KV_DTYPES", "SCOPES"]
 
-ATTENTION_KINDS = ("dense", "window", "pages", "heavy", "oracle")
+ATTENTION_KINDS = ("dense", "window", "pages", "sparq", "heavy", "oracle")
 SCOPES = ("global", "all")
 KV_DTYPES = ("float32", "float16", "int8")
 EVICTING = ("window", "heavy")
@@ -52,6 +58,10 @@ class AttentionPolicy:
     page: int | None = None  # pages: keys per page, default 16
     scope: str = "global"  # "global": only full-attention layers; "all": native-window layers too
     kv_dtype: str = "float32"
+    # pages: keys (beyond sinks and window) the bound picks as candidates; their exact scores then choose
+    # the budget's keys among them (None: the bound's pages are read as they are)
+    candidates: int | None = None
+    components: int | None = None  # sparq: coordinates of each key the first stage reads (default 16)
 
     def __post_init__(self):
         if self.kind not in ATTENTION_KINDS:
@@ -62,30 +72,43 @@ class AttentionPolicy:
             raise InputError(f"unknown --kv-dtype {self.kv_dtype!r} ({', '.join(KV_DTYPES)})")
         budget = _count("kv-budget", self.budget, 1)
         sink, window, page = _count("sink", self.sink, 0), _count("window", self.window, 1), _count("page", self.page, 1)
-        given = [n for n, v in (("kv-budget", budget), ("sink", sink), ("window", window), ("page", page))
-                 if v is not None]
+        candidates = _count("candidates", self.candidates, 1)
+        components = _count("components", self.components, 1)
+        given = [n for n, v in (("kv-budget", budget), ("sink", sink), ("window", window), ("page", page),
+                                ("candidates", candidates), ("components", components)) if v is not None]
         if self.kind == "dense":
             if given:
-                raise InputError(f"--{given[0]} needs a sparse --attention (window, pages, heavy or oracle)")
+                raise InputError(f"--{given[0]} needs a sparse --attention (window, pages, sparq, heavy or oracle)")
         else:
             if budget is None:
                 raise InputError(f"--attention {self.kind} needs --kv-budget N (keys read per query)")
             if page is not None and self.kind != "pages":
                 raise InputError(f"--page applies to --attention pages, not {self.kind}")
+            if candidates is not None and self.kind not in ("pages", "sparq"):
+                raise InputError(f"--candidates applies to --attention pages or sparq, not {self.kind}")
+            if components is not None and self.kind != "sparq":
+                raise InputError(f"--components applies to --attention sparq, not {self.kind}")
             if self.kind == "oracle" and (sink is not None or window is not None):
                 raise InputError("--attention oracle picks the exact top keys: --sink and --window do not apply")
         sink = 0 if self.kind == "oracle" else 4 if sink is None else sink
         page = 16 if page is None else page
         if window is None and budget is not None:
-            window = {"window": budget - sink, "pages": max(page, budget // 8), "heavy": max(1, budget // 2)}.get(
-                self.kind, 0)
+            window = {"window": budget - sink, "pages": max(page, budget // 8), "sparq": max(1, budget // 8),
+                      "heavy": max(1, budget // 2)}.get(self.kind, 0)
         if budget is not None and self.kind != "oracle" and (window is None or window < 1 or sink + window > budget):
             raise InputError(f"--sink {sink} + --window {window} must leave room within --kv-budget {budget} "
                              "(the window needs at least 1 key)")
         if self.kind == "pages" and window < page:
             # a page is scored only once it lies wholly in the past, which needs the window to span a page
             raise InputError(f"--attention pages needs --window >= --page ({window} < {page})")
-        for name, v in (("budget", budget), ("sink", sink), ("window", window), ("page", page)):
+        if self.kind == "sparq":
+            candidates = budget + budget // 2 if candidates is None else candidates  # see sparq_mask
+            components = 16 if components is None else components
+        if candidates is not None and candidates < budget - sink - window:
+            raise InputError(f"--candidates {candidates} must be at least the keys it chooses from, --kv-budget "
+                             f"{budget} - --sink {sink} - --window {window} = {budget - sink - window}")
+        for name, v in (("budget", budget), ("sink", sink), ("window", window), ("page", page),
+                        ("candidates", candidates), ("components", components)):
             object.__setattr__(self, name, v)
 
     @property
@@ -107,7 +130,7 @@ class AttentionPolicy:
     def describe(self) -> dict:
         """The settings, as `--json` reports them."""
         return {"kind": self.kind, "budget": self.budget, "sink": self.sink, "window": self.window,
-                "page": self.page if self.kind == "pages" else None, "scope": self.scope, "kv_dtype": self.kv_dtype}
+                "page": self.page if self.kind == "pages" else None, "candidates": self.candidates, "components": self.components, "scope": self.scope, "kv_dtype": self.kv_dtype}
 
 
 # ------------------------------------------------------------------ selections
@@ -177,7 +200,7 @@ def page_mask(policy: AttentionPolicy, qg: np.ndarray, g: int, lo: np.ndarray, h
     top_bound = bound.max(axis=-1, keepdims=True)
     weight = np.exp(bound - np.where(np.isfinite(top_bound), top_bound, 0)).sum(axis=1)  # [kvh, rows, pages]
     score = np.where(out, -np.inf, weight)
-    n_top = (policy.budget - policy.sink - policy.window) // policy.page
+    n_top = (policy.candidates or policy.budget - policy.sink - policy.window) // policy.page
     chosen = np.zeros((kvh, rows, n_pages), bool)
     if n_top > 0:
         k = min(n_top, n_pages)
@@ -187,6 +210,50 @@ def page_mask(policy: AttentionPolicy, qg: np.ndarray, g: int, lo: np.ndarray, h
         chosen &= ~out
     base = window_mask(policy, kpos, qpos)
     return base[None] | chosen[:, :, kpos // policy.page], (~useless).sum(axis=1)
+
+
+def sparq_mask(policy: AttentionPolicy, approx: np.ndarray, g: int, allowed: np.ndarray,
+               kpos: np.ndarray, qpos: np.ndarray) -> np.ndarray:
+    """[kv_heads, rows, keys]: the first stage of `sparq` (SparQ attention, Ribar et al. 2024): sinks +
+    window + the `candidates` keys with the largest approximate weight. approx [kv_heads, g*rows, keys]
+    are the scores from the r coordinates of largest |q|, divided by SparQ's temperature
+    (lm_kernels._partial_scores); each head's softmax of them is summed over the heads of a KV head.
+    Softcapping is left out of the estimate (it is monotone and Gemma 3 does not use it)."""
+    kvh, gr, m = approx.shape
+    rows = gr // g
+    base = window_mask(policy, kpos, qpos) & allowed
+    s = np.where(allowed[None, None], approx.reshape(kvh, g, rows, m), -np.inf)
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    free = allowed & ~base
+    weight = np.where(free[None], s.sum(axis=1), -1.0)
+    k = min(policy.candidates, m)
+    chosen = np.zeros((kvh, rows, m), bool)
+    np.put_along_axis(chosen, np.argpartition(-weight, k - 1, axis=-1)[..., :k], True, axis=-1)
+    return base[None] | (chosen & free[None])
+
+
+def rerank_mask(policy: AttentionPolicy, scores: np.ndarray, g: int, cand: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """[kv_heads, rows, c]: the second stage of `pages` with candidates: of the candidate keys the bound's
+    pages hold, the budget - sink - window with the largest exact attention weight (each query head's
+    softmax over the candidates, summed over the heads sharing the KV head, as the oracle does), plus
+    the sinks and window. scores [kv_heads, g*rows, c] are the exact scores of the candidate columns,
+    cand [kv_heads, rows, c] the candidates (sinks and window included), base [rows, c] sinks + window."""
+    kvh, _, c = scores.shape
+    rows = cand.shape[1]
+    s = np.where(cand[:, None], scores.reshape(kvh, g, rows, c), -np.inf)
+    s -= s.max(axis=-1, keepdims=True)  # every row has its own key among the candidates: finite
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    free = cand & ~base[None]
+    weight = np.where(free, s.sum(axis=1), -1.0)
+    k = policy.budget - policy.sink - policy.window
+    if k >= c:
+        return cand
+    chosen = np.zeros((kvh, rows, c), bool)
+    np.put_along_axis(chosen, np.argpartition(-weight, k - 1, axis=-1)[..., :k], True, axis=-1)
+    return (cand & base[None]) | (chosen & free)
 
 
 def oracle_mask(budget: int, probs: np.ndarray, g: int, allowed: np.ndarray) -> np.ndarray:

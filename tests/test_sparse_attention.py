@@ -54,7 +54,11 @@ def _probs(qh, keys):
     return e / e.sum()
 
 
-def reference(kind, n=N, seed=0, window=None):
+C = 16  # pages with candidates: keys the bound's pages offer beyond sinks and window (sparq: its first stage)
+R = 3  # sparq: coordinates of each key its first stage reads
+
+
+def reference(kind, n=N, seed=0, window=None, candidates=None):
     """Per query, per KV head: the keys the policy selects, then plain float64 attention over them."""
     q, k, v = data(seed, n)
     g = H // KV
@@ -77,6 +81,18 @@ def reference(kind, n=N, seed=0, window=None):
             elif len(vis) > B and kind == "oracle":
                 mass = sum(_probs(q[p, hh], k[vis, h]) for hh in heads)
                 sel = sorted(np.array(vis)[np.argsort(-mass)[:B]].tolist())
+            elif len(vis) > B and kind == "sparq":
+                base = {j for j in vis if j < S or j > p - W}
+                idx = np.argsort(-sum(np.abs(q[p, hh]) for hh in heads))[:R]  # the group's largest |q|
+                est = 0
+                for hh in heads:
+                    tau = np.sqrt(np.abs(q[p, hh, idx]).sum() / np.abs(q[p, hh]).sum())
+                    est = est + _probs(q[p, hh, idx] / tau, k[vis][:, h, idx])
+                rest = sorted((j for j in vis if j not in base), key=lambda j: -est[vis.index(j)])
+                sel = sorted(base | set(rest[:C]))
+                mass = sum(_probs(q[p, hh], k[sel, h]) for hh in heads)
+                rest = sorted((j for j in sel if j not in base), key=lambda j: -mass[sel.index(j)])
+                sel = sorted(base | set(rest[:B - S - W]))
             elif len(vis) > B and kind == "pages":
                 base = {j for j in vis if j < S or j > p - W}
                 bounds = {}  # page -> each head's scaled Quest bound
@@ -90,8 +106,12 @@ def reference(kind, n=N, seed=0, window=None):
                 # a page's score: the softmax weights its bound gets from each head, summed over the heads
                 best = np.max(list(bounds.values()), axis=0)
                 scores = {pg: np.exp(b - best).sum() for pg, b in bounds.items()}
-                top = sorted(scores, key=lambda pg: -scores[pg])[:(B - S - W) // P]
+                top = sorted(scores, key=lambda pg: -scores[pg])[:(candidates or B - S - W) // P]
                 sel = sorted(base | {j for j in vis if j // P in top})
+                if candidates:  # the candidates' exact weights (each head's softmax over them, summed) choose
+                    mass = sum(_probs(q[p, hh], k[sel, h]) for hh in heads)
+                    rest = sorted((j for j in sel if j not in base), key=lambda j: -mass[sel.index(j)])
+                    sel = sorted(base | set(rest[:B - S - W]))
             for hh in heads:
                 pr = _probs(q[p, hh], k[sel, h])
                 out[p, hh] = pr @ v[sel, h]
@@ -119,6 +139,37 @@ def test_policy_equals_its_reference(kind, chunks):
     assert np.abs(got - dense).max() > 1e-2  # the budget really cut something
 
 
+@pytest.mark.parametrize("chunks", [[N], [17] + [1] * 23, [1] * N])
+def test_pages_with_candidates_equal_the_reference_and_read_their_keys(chunks):
+    pol = AttentionPolicy("pages", B, sink=S, window=W, page=P, candidates=C)
+    got, cache = run(pol, chunks)
+    np.testing.assert_allclose(got, reference("pages", candidates=C), rtol=1e-5, atol=1e-5)
+    plain, pcache = run(AttentionPolicy("pages", B, sink=S, window=W, page=P), chunks)
+    assert np.abs(got - plain).max() > 1e-3  # the exact scores chose other keys than the bound's pages
+    # the same bounds scored and values read, plus the keys of the candidates not attended (half a key each)
+    assert cache.bytes_read > pcache.bytes_read
+
+
+@pytest.mark.parametrize("chunks", [[N], [17] + [1] * 23, [1] * N])
+def test_sparq_equals_its_reference(chunks):
+    pol = AttentionPolicy("sparq", B, sink=S, window=W, candidates=C, components=R)
+    got, cache = run(pol, chunks)
+    np.testing.assert_allclose(got, reference("sparq"), rtol=1e-5, atol=1e-5)
+    dense, dcache = run(AttentionPolicy(), chunks)
+    assert np.abs(got - dense).max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int8])
+@pytest.mark.parametrize("kind", ["pages", "sparq"])
+def test_two_stage_prefill_equals_decoding_on_compact_caches(kind, dtype):
+    # a prefill scores decoded keys; a decode step gathers the stored ones (and int8 scales): same choice
+    pol = AttentionPolicy(kind, B, sink=S, window=W, candidates=C, **({"page": P} if kind == "pages" else
+                                                                      {"components": R}))
+    (x, c1), (y, c2) = run(pol, [N], dtype=dtype), run(pol, [1] * N, dtype=dtype)
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    assert c1.bytes_read == c2.bytes_read
+
+
 def test_heavy_hitters_decoded_token_by_token_equal_the_reference():
     pol = AttentionPolicy("heavy", B, sink=S, window=W)
     got, cache = run(pol, [1] * N)
@@ -128,7 +179,7 @@ def test_heavy_hitters_decoded_token_by_token_equal_the_reference():
     assert set(range(S)) <= held and set(range(N - W + 1, N)) <= held  # sinks and the recent window stay
 
 
-@pytest.mark.parametrize("kind", ["window", "pages", "heavy", "oracle"])
+@pytest.mark.parametrize("kind", ["window", "pages", "sparq", "heavy", "oracle"])
 @pytest.mark.parametrize("chunks", [[N], [9, 1, 1, 20, 1, 8], [1] * N])
 @pytest.mark.parametrize("window", [None, 6])
 def test_every_policy_is_dense_when_the_budget_covers_every_key(kind, chunks, window):
@@ -136,10 +187,16 @@ def test_every_policy_is_dense_when_the_budget_covers_every_key(kind, chunks, wi
     got, cache = run(AttentionPolicy(kind, N, scope="all"), chunks, window=window)
     np.testing.assert_allclose(got, dense, rtol=1e-6, atol=1e-6)
     assert cache.bytes_read == dcache.bytes_read
+    if kind == "pages":
+        got, cache = run(AttentionPolicy(kind, N, scope="all", candidates=N), chunks, window=window)
+        np.testing.assert_allclose(got, dense, rtol=1e-6, atol=1e-6)
+        assert cache.bytes_read == dcache.bytes_read
 
 
 def test_prefill_in_row_blocks_equals_one_block(monkeypatch):
     pols = [AttentionPolicy(), AttentionPolicy("window", B), AttentionPolicy("pages", B, page=P),
+            AttentionPolicy("pages", B, sink=S, window=W, page=P, candidates=C),
+            AttentionPolicy("sparq", B, sink=S, window=W, candidates=C, components=R),
             AttentionPolicy("oracle", B)]
     whole = [run(pol, [N])[0] for pol in pols]
     monkeypatch.setattr(K, "_ROW_BLOCK", 3)
@@ -248,6 +305,10 @@ def test_half_precision_cache_keeps_float16_page_bounds_that_bound_its_keys():
     (dict(kind="heavy", budget=8, page=4), "--page applies to --attention pages"),
     (dict(kind="oracle", budget=8, sink=2), "do not apply"),
     (dict(kind="pages", budget=64, page=16, window=8), "window >= --page"),
+    (dict(kind="window", budget=8, candidates=8), "--candidates applies to --attention pages or sparq"),
+    (dict(kind="pages", budget=64, components=8), "--components applies to --attention sparq"),
+    (dict(kind="sparq", budget=64, candidates=8), "at least the keys it chooses from"),
+    (dict(kind="pages", budget=64, page=4, window=8, sink=4, candidates=40), "at least the keys it chooses from"),
     (dict(kind="window", budget=8, window=True), "must be an integer"),
     (dict(scope="some"), "attention-scope"),
     (dict(kv_dtype="int4"), "kv-dtype"),
@@ -295,13 +356,15 @@ def test_session_policies_match_dense_with_a_covering_budget_and_differ_without(
     with sess(bundle) as s:
         dense = s.generate(prompt_ids=PROMPT, max_new_tokens=8, stop_at_eos=False)
         dppl = perplexity(s, ids=PROMPT * 2, context=100)
-    for kind in ("window", "pages", "heavy", "oracle"):
+    for kind in ("window", "pages", "sparq", "heavy", "oracle"):
         with sess(bundle, kind=kind, budget=128) as s:
             r = s.generate(prompt_ids=PROMPT, max_new_tokens=8, stop_at_eos=False)
             assert r.token_ids == dense.token_ids
             assert r.stats["kv_bytes_read_per_token"] == dense.stats["kv_bytes_read_per_token"]
             assert perplexity(s, ids=PROMPT * 2, context=100)["perplexity"] == pytest.approx(dppl["perplexity"], 1e-5)
-        with sess(bundle, kind=kind, budget=24, **({"page": 2} if kind == "pages" else {})) as s:
+        # sparq: 2 of the tiny model's head coordinates (its default 16 would be whole keys here)
+        extra = {"pages": {"page": 2}, "sparq": {"components": 2, "candidates": 24}}.get(kind, {})
+        with sess(bundle, kind=kind, budget=24, **extra) as s:
             r = s.generate(prompt_ids=PROMPT, max_new_tokens=8, stop_at_eos=False)
             p = perplexity(s, ids=PROMPT * 2, context=100)
             assert p["perplexity"] != pytest.approx(dppl["perplexity"], 1e-3)

@@ -32,8 +32,12 @@ TEXT = "/usr/share/common-licenses/GPL-3"  # the perplexity text of tools/gemma_
 FACTS = [("blue door", "4817"), ("old lighthouse", "2093"), ("garden shed", "7351"), ("red bicycle", "6624")]
 
 
-def policy(kind: str, budget: int, kv_dtype: str) -> AttentionPolicy:
-    return AttentionPolicy(kv_dtype=kv_dtype) if kind == "dense" else AttentionPolicy(kind, budget, kv_dtype=kv_dtype)
+def policy(spec: str, budget: int, kv_dtype: str) -> AttentionPolicy:
+    """A policy from its name, optionally with settings: "pages", "pages:candidates=1536:page=32"."""
+    kind, *opts = spec.split(":")
+    kw = {k: int(v) for k, v in (o.split("=") for o in opts)}
+    return AttentionPolicy(kv_dtype=kv_dtype) if kind == "dense" else AttentionPolicy(kind, budget, kv_dtype=kv_dtype,
+                                                                                      **kw)
 
 
 def mark(state):
@@ -126,7 +130,8 @@ def main():
     ap.add_argument("--text", default=TEXT, help="comma list of text files, joined (GPL-3's 7563 tokens end "
                     "short of 8k: e.g. GPL-2,GPL-3 for 8192; both unseen by the bundle's calibration)")
     ap.add_argument("--budget", type=int, default=1024)
-    ap.add_argument("--policies", default="dense,window,pages,heavy,oracle")
+    ap.add_argument("--policies", default="dense,window,pages,heavy,oracle",
+                    help="comma list; settings after colons, e.g. pages:candidates=1536:page=32")
     ap.add_argument("--kv-dtype", default="float16")
     ap.add_argument("--cont", type=int, default=128, help="continuation tokens scored at the end of each context")
     ap.add_argument("--decode", type=int, default=6, help="decode steps timed after each prefill")
