@@ -54,9 +54,9 @@ def source_grids(W: np.ndarray, qmax: int) -> list[int]:
     out = []
     for n in cands:
         s = _f16_near(amax / np.float32(n))
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # s = 0 (an all-zero group): inf, never on a grid
             r = sample / s[:, None]
-        on = (np.abs(r - np.rint(r)) <= 1e-3).all(-1) & live & (s > 0)
+            on = (np.abs(r - np.rint(r)) <= 1e-3).all(-1) & live & (s > 0)
         if on.sum() >= 0.5 * live.sum():
             out.append(n)
     return out

@@ -210,7 +210,7 @@ def test_cli_bits_for(built, tmp_path):
     assert "matches no tensor" in one_line_error(cli("generate", bundle, "--prompt-ids", "5", "--bits-for", "emb=8"))
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
-    assert "8, 4, 2 or float" in one_line_error(cli("perplexity", bundle, "--text-file", text, "--bits-for", "embed=7"))
+    assert "8, 6, 5, 4, 3, 2 or float" in one_line_error(cli("perplexity", bundle, "--text-file", text, "--bits-for", "embed=7"))
     assert "PATTERN=BITS" in one_line_error(cli("run", bundle, "--bits-for", "embed"))
     bare = tmp_path / "bare.ndc"  # no float tier
     compile_lm_source(lm_source_from_model(built["llama"][0]), bare, quiet=True)

@@ -132,9 +132,9 @@ def test_bytes_read_is_the_sum_of_payloads_read(mlp, digits, monkeypatch):
     decoded = []
     orig = Bundle._decode
 
-    def spy(self, pid, stored, counted=True):
+    def spy(self, pid, stored, counted=True, **kw):
         decoded.append((pid, len(stored)))
-        return orig(self, pid, stored, counted)
+        return orig(self, pid, stored, counted, **kw)
 
     monkeypatch.setattr(Bundle, "_decode", spy)
     with Session(d / "mlp.ndc", Policy("topk", bits="4", topk=0.5)) as s:
